@@ -1,0 +1,92 @@
+//! no_new_conn: refuse connect() to a destination whose rule forbids new connections. Both
+//! hooks are needed: an AF_INET6 socket connecting to `::ffff:a.b.c.d` only runs connect6.
+use aya_ebpf::{
+    bindings::{bpf_sock, bpf_sock_addr},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use tcpmgm_common::flags;
+
+use crate::decide::{Conn, decide, is_v4_mapped};
+
+const SOCK_STREAM: u32 = 1;
+const ALLOW: i32 = 1;
+/// connect() fails with EPERM.
+const REFUSE: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn tcpmgm_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: ctx field loads; `sk` is a verifier-checked socket pointer of the context.
+    let conn = unsafe {
+        if core::ptr::read_volatile(&(*sa).type_) != SOCK_STREAM {
+            return ALLOW;
+        }
+        let sk: *const bpf_sock = (*sa).__bindgen_anon_1.sk;
+        Conn {
+            v6: false,
+            remote: [core::ptr::read_volatile(&(*sa).user_ip4), 0, 0, 0],
+            remote_port: u32::from_be(core::ptr::read_volatile(&(*sa).user_port)) as u16,
+            local: [core::ptr::read_volatile(&(*sk).src_ip4), 0, 0, 0],
+            local_port: core::ptr::read_volatile(&(*sk).src_port) as u16,
+            passive: false,
+        }
+    };
+    verdict(&conn)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn tcpmgm_connect6(ctx: SockAddrContext) -> i32 {
+    let sa: *const bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: as in connect4; every address word is its own fixed-offset load.
+    let conn = unsafe {
+        if core::ptr::read_volatile(&(*sa).type_) != SOCK_STREAM {
+            return ALLOW;
+        }
+        let rd = |p: *const u32| core::ptr::read_volatile(p);
+        let sk: *const bpf_sock = (*sa).__bindgen_anon_1.sk;
+        let remote = [
+            rd(&(*sa).user_ip6[0]),
+            rd(&(*sa).user_ip6[1]),
+            rd(&(*sa).user_ip6[2]),
+            rd(&(*sa).user_ip6[3]),
+        ];
+        let local = [
+            rd(&(*sk).src_ip6[0]),
+            rd(&(*sk).src_ip6[1]),
+            rd(&(*sk).src_ip6[2]),
+            rd(&(*sk).src_ip6[3]),
+        ];
+        let remote_port = u32::from_be(rd(&(*sa).user_port)) as u16;
+        let local_port = rd(&(*sk).src_port) as u16;
+        if is_v4_mapped(&remote) {
+            let local4 = if is_v4_mapped(&local) { local[3] } else { 0 };
+            Conn {
+                v6: false,
+                remote: [remote[3], 0, 0, 0],
+                remote_port,
+                local: [local4, 0, 0, 0],
+                local_port,
+                passive: false,
+            }
+        } else {
+            Conn {
+                v6: true,
+                remote,
+                remote_port,
+                local,
+                local_port,
+                passive: false,
+            }
+        }
+    };
+    verdict(&conn)
+}
+
+#[inline(always)]
+fn verdict(conn: &Conn) -> i32 {
+    match decide(conn) {
+        Some(p) if p.flags & flags::NO_NEW_CONN != 0 => REFUSE,
+        _ => ALLOW,
+    }
+}

@@ -1,0 +1,22 @@
+//! tcpmgm's kernel side: look up the winning rule for a connection, then act on it.
+//!
+//! - `sock_ops`: keepalive options at establishment, connect timeout during the handshake.
+//! - `connect`: refuse new outbound connections where the rule says no_new_conn.
+//! - `decide`: the shared lookup over the maps the loader compiled.
+#![no_std]
+#![no_main]
+
+mod connect;
+mod decide;
+mod maps;
+mod sock_ops;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

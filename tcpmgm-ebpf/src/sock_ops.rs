@@ -1,0 +1,155 @@
+//! Socket options on matching connections, set from the TCP state machine's own callbacks.
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_SYN_SENT, bpf_sock_ops,
+    },
+    helpers::generated::bpf_setsockopt,
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use tcpmgm_common::{Profile, flags};
+
+use crate::decide::{Conn, decide, is_v4_mapped};
+
+const AF_INET6: u32 = 10;
+const SOL_SOCKET: i32 = 1;
+const SO_KEEPALIVE: i32 = 9;
+const SOL_TCP: i32 = 6;
+const TCP_KEEPIDLE: i32 = 4;
+const TCP_KEEPINTVL: i32 = 5;
+const TCP_KEEPCNT: i32 = 6;
+const TCP_USER_TIMEOUT: i32 = 18;
+
+/// The kernel ignores `reply` unless a sock_ops program returns 1, so every path returns 1.
+#[sock_ops]
+pub fn tcpmgm_sock_ops(ctx: SockOpsContext) -> u32 {
+    let op = ctx.op();
+    match op {
+        BPF_SOCK_OPS_TIMEOUT_INIT => timeout_init(&ctx),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => connect_started(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, false),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(&ctx, true),
+        _ => {}
+    }
+    1
+}
+
+/// Reads the addresses with one fixed-offset load per field. Left to itself LLVM may merge the
+/// v4 and v6 loads into one load at a variable ctx offset, which the verifier refuses; for a
+/// v4-mapped peer the kernel fills `remote_ip4`/`local_ip4` too, so those are read instead.
+#[inline(always)]
+fn conn(ops: *const bpf_sock_ops, passive: bool) -> Conn {
+    // SAFETY: `ops` is the program's context; each read is a plain ctx field load.
+    unsafe {
+        let rd = |p: *const u32| core::ptr::read_volatile(p);
+        let family = rd(&(*ops).family);
+        let remote_port = u32::from_be(rd(&(*ops).remote_port)) as u16;
+        let local_port = rd(&(*ops).local_port) as u16;
+        let remote4 = rd(&(*ops).remote_ip4);
+        let local4 = rd(&(*ops).local_ip4);
+        let remote6 = [
+            rd(&(*ops).remote_ip6[0]),
+            rd(&(*ops).remote_ip6[1]),
+            rd(&(*ops).remote_ip6[2]),
+            rd(&(*ops).remote_ip6[3]),
+        ];
+        let local6 = [
+            rd(&(*ops).local_ip6[0]),
+            rd(&(*ops).local_ip6[1]),
+            rd(&(*ops).local_ip6[2]),
+            rd(&(*ops).local_ip6[3]),
+        ];
+        if family == AF_INET6 && !is_v4_mapped(&remote6) {
+            Conn {
+                v6: true,
+                remote: remote6,
+                remote_port,
+                local: local6,
+                local_port,
+                passive,
+            }
+        } else {
+            Conn {
+                v6: false,
+                remote: [remote4, 0, 0, 0],
+                remote_port,
+                local: [local4, 0, 0, 0],
+                local_port,
+                passive,
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn set(ctx: &SockOpsContext, level: i32, name: i32, value: u32) {
+    let mut v = value as i32;
+    // SAFETY: a full socket in a sock_ops callback; the option value is a 4-byte int on the stack.
+    // A failure leaves that one option at its previous value; there is nothing better to do here.
+    unsafe {
+        bpf_setsockopt(
+            ctx.ops as *mut c_void,
+            level,
+            name,
+            &mut v as *mut i32 as *mut c_void,
+            4,
+        );
+    }
+}
+
+/// The SYN's first retransmission timeout, so that the connect timeout is not held back by the
+/// default 1 s RTO. Only for active opens: passive request sockets come here too.
+fn timeout_init(ctx: &SockOpsContext) {
+    // SAFETY: plain ctx field load.
+    let state = unsafe { core::ptr::read_volatile(&(*ctx.ops).state) };
+    if state != BPF_TCP_SYN_SENT {
+        return;
+    }
+    if let Some(p) = decide(&conn(ctx.ops, false))
+        && p.syn_rto_jiffies != 0
+    {
+        ctx.set_reply(p.syn_rto_jiffies);
+    }
+}
+
+/// TCP_USER_TIMEOUT bounds the whole handshake; `established` lifts it again.
+fn connect_started(ctx: &SockOpsContext) {
+    if let Some(p) = decide(&conn(ctx.ops, false))
+        && p.connect_timeout_ms != 0
+    {
+        set(ctx, SOL_TCP, TCP_USER_TIMEOUT, p.connect_timeout_ms);
+    }
+}
+
+fn established(ctx: &SockOpsContext, passive: bool) {
+    let Some(p) = decide(&conn(ctx.ops, passive)) else {
+        return;
+    };
+    if !passive && p.connect_timeout_ms != 0 {
+        set(ctx, SOL_TCP, TCP_USER_TIMEOUT, 0);
+    }
+    apply_keepalive(ctx, p);
+}
+
+fn apply_keepalive(ctx: &SockOpsContext, p: &Profile) {
+    if p.flags & flags::KEEPALIVE_OFF != 0 {
+        set(ctx, SOL_SOCKET, SO_KEEPALIVE, 0);
+        return;
+    }
+    if p.flags & flags::KEEPALIVE_ON == 0 {
+        return;
+    }
+    set(ctx, SOL_SOCKET, SO_KEEPALIVE, 1);
+    if p.keepidle != 0 {
+        set(ctx, SOL_TCP, TCP_KEEPIDLE, p.keepidle);
+    }
+    if p.keepintvl != 0 {
+        set(ctx, SOL_TCP, TCP_KEEPINTVL, p.keepintvl);
+    }
+    if p.keepcnt != 0 {
+        set(ctx, SOL_TCP, TCP_KEEPCNT, p.keepcnt);
+    }
+}

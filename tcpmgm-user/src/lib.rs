@@ -1,0 +1,14 @@
+//! tcpmgm: the OpenSIPS `tcp_mgm` table, enforced in the kernel for every process of a cgroup.
+//!
+//! The data path, one module a step:
+//! `source` (rows from the database) -> `rule` (validated rules) -> `matcher` (the reference
+//! order) -> `compile` (map contents) -> `kernel` (maps, programs, cgroup attachment).
+//! `listener` resolves a connection's protocol and local side for both `matcher` and `compile`.
+pub mod compile;
+pub mod kernel;
+pub mod listener;
+pub mod matcher;
+pub mod pipeline;
+pub mod rule;
+pub mod source;
+pub mod system;

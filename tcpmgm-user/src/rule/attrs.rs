@@ -1,0 +1,51 @@
+//! The `attrs` column: `key=int;key=int`.
+
+/// Parses `key=int;key=int`. Empty pairs (a trailing `;`) are allowed; everything else that is
+/// not `key=integer` is an error naming the piece at fault.
+pub fn parse_attrs(s: &str) -> Result<Vec<(String, i64)>, String> {
+    let mut out = Vec::new();
+    for piece in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = piece
+            .split_once('=')
+            .ok_or_else(|| format!("'{piece}' is not key=integer"))?;
+        let key = key.trim();
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("'{piece}': key must be letters, digits or '_'"));
+        }
+        let value: i64 = value
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{piece}': value is not an integer"))?;
+        if out.iter().any(|(k, _)| k == key) {
+            return Err(format!("'{key}' is given twice"));
+        }
+        out.push((key.to_owned(), value));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_pairs_and_rejects_the_rest() {
+        assert_eq!(
+            parse_attrs("max_msg_chunks=8; x_y=-2;").unwrap(),
+            vec![("max_msg_chunks".into(), 8), ("x_y".into(), -2)]
+        );
+        assert_eq!(parse_attrs("").unwrap(), vec![]);
+        assert!(
+            parse_attrs("max_msg_chunks")
+                .unwrap_err()
+                .contains("key=integer")
+        );
+        assert!(
+            parse_attrs("max_msg_chunks=eight")
+                .unwrap_err()
+                .contains("not an integer")
+        );
+        assert!(parse_attrs("=3").unwrap_err().contains("key must be"));
+        assert!(parse_attrs("a=1;a=2").unwrap_err().contains("twice"));
+    }
+}

@@ -1,0 +1,417 @@
+//! Where a row becomes a rule: every column is checked, and every fault is reported with the
+//! row's id, the column and the reason, so an operator can fix the whole table in one pass.
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+
+use super::{Cell, LocalMatch, Profile, Proto, Row, Rule, fold_v4_mapped_net, parse_attrs};
+use crate::listener::Listeners;
+
+/// One fault in one row.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct RowError {
+    /// The row's id, or None when the id itself is unusable.
+    pub id: Option<i64>,
+    pub column: &'static str,
+    pub reason: String,
+}
+
+impl fmt::Display for RowError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.id {
+            Some(id) => write!(f, "id {id}: {}: {}", self.column, self.reason),
+            None => write!(f, "id ?: {}: {}", self.column, self.reason),
+        }
+    }
+}
+
+/// Validates every row. Returns the good rules and one error per fault (a row may have several).
+pub fn validate_rows(rows: &[Row], listeners: &Listeners) -> (Vec<Rule>, Vec<RowError>) {
+    let mut rules = Vec::with_capacity(rows.len());
+    let mut errors = Vec::new();
+    for row in rows {
+        match validate_row(row, listeners) {
+            Ok(rule) => rules.push(rule),
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    (rules, errors)
+}
+
+/// Collects the faults of one row while its columns are read.
+struct Checker<'a> {
+    row: &'a Row,
+    id: Option<i64>,
+    errors: Vec<RowError>,
+}
+
+impl Checker<'_> {
+    fn fail(&mut self, column: &'static str, reason: String) {
+        self.errors.push(RowError {
+            id: self.id,
+            column,
+            reason,
+        });
+    }
+
+    /// An integer column within `min..=max`; a missing column takes `default`.
+    fn int(&mut self, column: &'static str, default: i64, min: i64, max: i64) -> Option<i64> {
+        let value = match self.row.get(column) {
+            None => default,
+            Some(Cell::Int(i)) => *i,
+            Some(Cell::Text(s)) if s.trim().parse::<i64>().is_ok() => s.trim().parse().ok()?,
+            Some(Cell::Null) => {
+                self.fail(column, "must not be NULL".into());
+                return None;
+            }
+            Some(other) => {
+                self.fail(column, format!("{other} is not an integer"));
+                return None;
+            }
+        };
+        if value < min || value > max {
+            let what = match (min, max) {
+                (0, 65535) => "is not a port (0 to 65535, 0 = any)".to_owned(),
+                (0, i64::MAX) | (0, 0x7fff_ffff) if value < 0 => "must not be negative".to_owned(),
+                _ => format!("is out of range ({min} to {max})"),
+            };
+            self.fail(column, format!("{value} {what}"));
+            return None;
+        }
+        Some(value)
+    }
+
+    /// A text column that may be NULL.
+    fn text(&mut self, column: &'static str) -> Option<Option<String>> {
+        match self.row.get(column) {
+            None | Some(Cell::Null) => Some(None),
+            Some(Cell::Text(s)) => Some(Some(s.clone())),
+            Some(other) => {
+                self.fail(column, format!("{other} is not text"));
+                None
+            }
+        }
+    }
+}
+
+const U31: i64 = 0x7fff_ffff;
+
+fn validate_row(row: &Row, listeners: &Listeners) -> Result<Rule, Vec<RowError>> {
+    let mut c = Checker {
+        row,
+        id: None,
+        errors: Vec::new(),
+    };
+    let id = c.int("id", 0, 1, i64::from(u32::MAX));
+    c.id = match row.get("id") {
+        Some(Cell::Int(i)) => Some(*i),
+        _ => None,
+    };
+
+    let proto = match c.text("proto") {
+        Some(p) => match Proto::parse(p.as_deref().unwrap_or("any")) {
+            Ok(p) => Some(p),
+            Err(reason) => {
+                c.fail("proto", reason);
+                None
+            }
+        },
+        None => None,
+    };
+    let remote = c
+        .text("remote_addr")
+        .and_then(|v| match parse_net(v.as_deref()) {
+            Ok(net) => Some(net),
+            Err(reason) => {
+                c.fail("remote_addr", reason);
+                None
+            }
+        });
+    let local = c
+        .text("local_addr")
+        .and_then(|v| match parse_local(v.as_deref(), listeners) {
+            Ok(local) => Some(local),
+            Err(reason) => {
+                c.fail("local_addr", reason);
+                None
+            }
+        });
+    if let (Some(Some(r)), Some(Some(l))) = (&remote, &local)
+        && r.addr().is_ipv4() != l.net.addr().is_ipv4()
+    {
+        let fam = |n: &IpNet| if n.addr().is_ipv4() { "IPv4" } else { "IPv6" };
+        c.fail(
+            "local_addr",
+            format!(
+                "{} local {} cannot meet {} remote {r}",
+                fam(&l.net),
+                l.net,
+                fam(r)
+            ),
+        );
+    }
+
+    let remote_port = c.int("remote_port", 0, 0, 65535);
+    let local_port = c.int("local_port", 0, 0, 65535);
+    let priority = c.int("priority", 0, i64::from(i32::MIN), i64::from(i32::MAX));
+    let connect_timeout = c.int("connect_timeout", 100, 0, U31);
+    let con_lifetime = c.int("con_lifetime", 120, 0, U31);
+    let msg_read_timeout = c.int("msg_read_timeout", 4, 0, U31);
+    let send_threshold = c.int("send_threshold", 0, 0, U31);
+    let no_new_conn = c.int("no_new_conn", 0, 0, 1);
+    let alias_mode = c.int("alias_mode", 0, 0, 2);
+    let parallel_read = match row.get("parallel_read") {
+        None => Some(None),
+        Some(_) => c.int("parallel_read", 0, 0, 2).map(Some),
+    };
+    let keepalive = c.int("keepalive", 1, 0, 1);
+    // Linux's own limits for TCP_KEEPCNT and TCP_KEEPIDLE/TCP_KEEPINTVL; 0 keeps the system value.
+    let keepcount = c.int("keepcount", 9, 0, 127);
+    let keepidle = c.int("keepidle", 7200, 0, 32767);
+    let keepinterval = c.int("keepinterval", 75, 0, 32767);
+    let attrs = c
+        .text("attrs")
+        .and_then(|a| match parse_attrs(a.as_deref().unwrap_or("")) {
+            Ok(a) => Some(a),
+            Err(reason) => {
+                c.fail("attrs", reason);
+                None
+            }
+        });
+
+    if !c.errors.is_empty() {
+        return Err(c.errors);
+    }
+    let (Some(id), Some(proto), Some(remote), Some(local)) = (id, proto, remote, local) else {
+        unreachable!("a column that failed recorded an error");
+    };
+    let n = |v: Option<i64>| v.expect("checked above");
+    Ok(Rule {
+        id: id as u32,
+        priority: n(priority) as i32,
+        proto,
+        remote,
+        remote_port: n(remote_port) as u16,
+        local,
+        local_port: n(local_port) as u16,
+        profile: Profile {
+            connect_timeout_ms: n(connect_timeout) as u32,
+            con_lifetime_s: n(con_lifetime) as u32,
+            msg_read_timeout_s: n(msg_read_timeout) as u32,
+            send_threshold_us: n(send_threshold) as u32,
+            no_new_conn: n(no_new_conn) == 1,
+            alias_mode: n(alias_mode) as u8,
+            parallel_read: parallel_read.expect("checked above").map(|p| p as u8),
+            keepalive: n(keepalive) == 1,
+            keepcount: n(keepcount) as u32,
+            keepidle: n(keepidle) as u32,
+            keepinterval: n(keepinterval) as u32,
+            attrs: attrs.expect("checked above"),
+        },
+    })
+}
+
+/// `NULL`, `any`, or `ip[/len]` (IPv6 optionally in brackets). Host bits are masked off with a
+/// warning, as OpenSIPS does.
+pub fn parse_net(value: Option<&str>) -> Result<Option<IpNet>, String> {
+    let Some(raw) = value.map(str::trim) else {
+        return Ok(None);
+    };
+    if raw.is_empty() || raw.eq_ignore_ascii_case("any") {
+        return Ok(None);
+    }
+    let (addr, len) = match raw.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (raw, None),
+    };
+    let addr = addr
+        .strip_prefix('[')
+        .and_then(|a| a.strip_suffix(']'))
+        .unwrap_or(addr);
+    let ip = IpAddr::from_str(addr).map_err(|_| format!("'{raw}' is not an IP address or CIDR"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        None => max,
+        Some(l) => l
+            .parse::<u8>()
+            .map_err(|_| format!("'{raw}': prefix length '{l}' is not a number"))?,
+    };
+    let net = IpNet::new(ip, len)
+        .map_err(|_| format!("'{raw}': prefix length /{len} is longer than /{max}"))?;
+    let masked = net.trunc();
+    if masked != net {
+        tracing::warn!("{raw}: host bits set, using {masked}");
+    }
+    Ok(Some(fold_v4_mapped_net(masked)))
+}
+
+/// local_addr: an address or prefix as for remote_addr, or the tag (or `proto:addr:port` name)
+/// of a declared listener, which stands for that listener's address.
+fn parse_local(value: Option<&str>, listeners: &Listeners) -> Result<Option<LocalMatch>, String> {
+    match parse_net(value) {
+        Ok(net) => Ok(net.map(|net| LocalMatch { net, tag: None })),
+        Err(not_an_ip) => {
+            let name = value.unwrap_or_default().trim();
+            let looks_like_ip = name.contains('/') || name.parse::<IpAddr>().is_ok();
+            if looks_like_ip {
+                return Err(not_an_ip);
+            }
+            let listener = listeners.by_name(name).ok_or_else(|| {
+                if listeners.is_empty() {
+                    format!("unknown listener tag '{name}' (no listeners are declared)")
+                } else {
+                    format!(
+                        "unknown listener tag '{name}' (declared: {})",
+                        listeners.names()
+                    )
+                }
+            })?;
+            if listener.addr.is_unspecified() {
+                return Err(format!(
+                    "listener '{name}' listens on a wildcard address, which names no local address"
+                ));
+            }
+            Ok(Some(LocalMatch {
+                net: IpNet::from(listener.addr),
+                tag: Some(name.to_owned()),
+            }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: i64) -> Row {
+        Row::default().with("id", Cell::Int(id))
+    }
+
+    fn errors(row: Row, listeners: &Listeners) -> Vec<String> {
+        let (_, errs) = validate_rows(&[row], listeners);
+        errs.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn defaults_make_an_any_rule() {
+        let (rules, errs) = validate_rows(&[row(1)], &Listeners::default());
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(rules[0].proto, None);
+        assert_eq!(rules[0].remote, None);
+        assert_eq!(rules[0].profile, Profile::default());
+    }
+
+    #[test]
+    fn each_bad_column_is_named() {
+        let l = Listeners::parse_all(["tls:10.0.0.1:5061 tag trunks"]).unwrap();
+        let cases: &[(&str, Cell, &str)] = &[
+            (
+                "remote_addr",
+                Cell::Text("10.0.0.300/24".into()),
+                "id 1: remote_addr: '10.0.0.300/24' is not an IP",
+            ),
+            (
+                "remote_addr",
+                Cell::Text("10.0.0.0/33".into()),
+                "id 1: remote_addr: '10.0.0.0/33': prefix length /33 is longer than /32",
+            ),
+            (
+                "remote_port",
+                Cell::Int(70000),
+                "id 1: remote_port: 70000 is not a port",
+            ),
+            (
+                "connect_timeout",
+                Cell::Int(-5),
+                "id 1: connect_timeout: -5 must not be negative",
+            ),
+            (
+                "proto",
+                Cell::Text("udp".into()),
+                "id 1: proto: 'udp' is not a TCP-based protocol",
+            ),
+            (
+                "proto",
+                Cell::Text("quic".into()),
+                "id 1: proto: unknown protocol 'quic'",
+            ),
+            (
+                "keepalive",
+                Cell::Int(2),
+                "id 1: keepalive: 2 is out of range (0 to 1)",
+            ),
+            (
+                "local_addr",
+                Cell::Text("nosuch".into()),
+                "id 1: local_addr: unknown listener tag 'nosuch' (declared: trunks",
+            ),
+            (
+                "attrs",
+                Cell::Text("max_msg_chunks".into()),
+                "id 1: attrs: 'max_msg_chunks' is not key=integer",
+            ),
+            (
+                "keepidle",
+                Cell::Text("soon".into()),
+                "id 1: keepidle: 'soon' is not an integer",
+            ),
+            ("proto", Cell::Null, "id 1: proto: must not be NULL"),
+        ];
+        for (column, cell, want) in cases {
+            let got = errors(row(1).with(column, cell.clone()), &l);
+            assert!(
+                got.len() == 1 && got[0].starts_with(want),
+                "{column}={cell}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn family_mismatch_and_tags() {
+        let l =
+            Listeners::parse_all(["tls:10.0.0.1:5061 tag trunks", "tcp:*:5060 tag all"]).unwrap();
+        let bad = row(4)
+            .with("remote_addr", Cell::Text("192.0.2.0/24".into()))
+            .with("local_addr", Cell::Text("[2001:db8::1]".into()));
+        assert!(
+            errors(bad, &l)[0].starts_with(
+                "id 4: local_addr: IPv6 local 2001:db8::1/128 cannot meet IPv4 remote"
+            )
+        );
+        let wild = row(5).with("local_addr", Cell::Text("all".into()));
+        assert!(errors(wild, &l)[0].contains("wildcard"));
+        let (rules, _) = validate_rows(
+            &[row(6).with("local_addr", Cell::Text("trunks".into()))],
+            &l,
+        );
+        assert_eq!(rules[0].local_net(), Some("10.0.0.1/32".parse().unwrap()));
+    }
+
+    #[test]
+    fn several_faults_in_one_row_are_all_reported() {
+        let bad = row(9)
+            .with("remote_port", Cell::Int(-1))
+            .with("alias_mode", Cell::Int(3));
+        assert_eq!(errors(bad, &Listeners::default()).len(), 2);
+    }
+
+    #[test]
+    fn nets_are_masked_and_v4_mapped_folded() {
+        assert_eq!(
+            parse_net(Some("10.1.2.3/8")).unwrap(),
+            Some("10.0.0.0/8".parse().unwrap())
+        );
+        assert_eq!(
+            parse_net(Some("[2001:db8::1]")).unwrap(),
+            Some("2001:db8::1/128".parse().unwrap())
+        );
+        assert_eq!(
+            parse_net(Some("::ffff:192.0.2.0/120")).unwrap(),
+            Some("192.0.2.0/24".parse().unwrap())
+        );
+        assert_eq!(parse_net(Some("ANY")).unwrap(), None);
+        assert_eq!(parse_net(None).unwrap(), None);
+    }
+}

@@ -1,0 +1,276 @@
+//! Where rows come from: the OpenSIPS `tcp_mgm` table, through sqlx. SQLite is built in; the
+//! layer speaks to sqlx's `Any` driver so other databases plug in by URL.
+mod schema;
+
+use std::fmt;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Column, Row as _};
+
+pub use schema::{COLUMNS, EXAMPLES, TableVersion};
+
+use crate::rule::{Cell, Row};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("database {url}: {source}")]
+    Connect { url: Redacted, source: sqlx::Error },
+    #[error("database {url}: {what}: {source}")]
+    Query {
+        url: Redacted,
+        what: &'static str,
+        source: sqlx::Error,
+    },
+    #[error(
+        "database {url}: table tcp_mgm has no column '{column}': is it OpenSIPS's tcp_mgm table?"
+    )]
+    MissingColumn { url: Redacted, column: &'static str },
+    #[error("database {url}: {reason}")]
+    Unsupported { url: Redacted, reason: String },
+}
+
+/// A database URL with any password hidden, for logs and errors.
+#[derive(Clone, Debug)]
+pub struct Redacted(String);
+
+impl Redacted {
+    pub fn new(url: &str) -> Self {
+        Redacted(match (url.find("://"), url.rfind('@')) {
+            (Some(s), Some(at)) if at > s => {
+                let creds = &url[s + 3..at];
+                match creds.split_once(':') {
+                    Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                    None => url.to_owned(),
+                }
+            }
+            _ => url.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What was read from the table.
+#[derive(Debug)]
+pub struct Table {
+    pub rows: Vec<Row>,
+    /// From OpenSIPS's `version` table, when it has a `tcp_mgm` row.
+    pub version: Option<i64>,
+    pub has_parallel_read: bool,
+}
+
+/// An open rule database.
+pub struct Source {
+    pool: AnyPool,
+    url: Redacted,
+}
+
+/// Accepts a plain file path for SQLite, as well as a URL.
+pub fn normalize_url(url: &str) -> String {
+    if url.contains("://") || url.starts_with("sqlite:") {
+        url.to_owned()
+    } else {
+        format!("sqlite://{url}")
+    }
+}
+
+impl Source {
+    /// Opens the database. `create` makes a missing SQLite file; otherwise a missing file is an
+    /// error (so a typo does not silently give an empty rule set).
+    pub async fn open(url: &str, create: bool) -> Result<Source, SourceError> {
+        sqlx::any::install_default_drivers();
+        let mut url = normalize_url(url);
+        let redacted = Redacted::new(&url);
+        if url.starts_with("sqlite:") && !url.contains("mode=") {
+            url.push_str(if url.contains('?') { "&" } else { "?" });
+            url.push_str(if create { "mode=rwc" } else { "mode=rw" });
+        } else if !url.starts_with("sqlite:") {
+            return Err(SourceError::Unsupported {
+                url: redacted,
+                reason: "only SQLite (sqlite://PATH) is supported so far".into(),
+            });
+        }
+        let pool = AnyPoolOptions::new()
+            .max_connections(2)
+            .connect(&url)
+            .await
+            .map_err(|source| SourceError::Connect {
+                url: redacted.clone(),
+                source,
+            })?;
+        Ok(Source {
+            pool,
+            url: redacted,
+        })
+    }
+
+    fn query_err(&self, what: &'static str) -> impl FnOnce(sqlx::Error) -> SourceError + '_ {
+        move |source| SourceError::Query {
+            url: self.url.clone(),
+            what,
+            source,
+        }
+    }
+
+    /// Reads every row of `tcp_mgm`, in id order, as raw cells.
+    pub async fn read(&self) -> Result<Table, SourceError> {
+        let rows: Vec<AnyRow> = sqlx::query("SELECT * FROM tcp_mgm ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.query_err("reading table tcp_mgm"))?;
+        let version = sqlx::query_scalar::<_, i64>(
+            "SELECT table_version FROM version WHERE table_name = 'tcp_mgm'",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .ok()
+        .flatten();
+        let names: Vec<String> = match rows.first() {
+            Some(r) => r
+                .columns()
+                .iter()
+                .map(|c| c.name().to_ascii_lowercase())
+                .collect(),
+            None => self.column_names().await?,
+        };
+        for column in COLUMNS.iter().chain(&["id"]) {
+            if !names.iter().any(|n| n == column) {
+                return Err(SourceError::MissingColumn {
+                    url: self.url.clone(),
+                    column,
+                });
+            }
+        }
+        let has_parallel_read = names.iter().any(|n| n == "parallel_read");
+        let rows = rows.iter().map(|r| read_row(r, &names)).collect();
+        Ok(Table {
+            rows,
+            version,
+            has_parallel_read,
+        })
+    }
+
+    /// Column names of an empty table.
+    async fn column_names(&self) -> Result<Vec<String>, SourceError> {
+        let rows: Vec<AnyRow> = sqlx::query("SELECT name FROM pragma_table_info('tcp_mgm')")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.query_err("reading the columns of tcp_mgm"))?;
+        let names: Vec<String> = rows
+            .iter()
+            .filter_map(|r| r.try_get::<String, _>(0).ok())
+            .collect();
+        if names.is_empty() {
+            return Err(SourceError::Unsupported {
+                url: self.url.clone(),
+                reason: "there is no table tcp_mgm (create it with `tcpmgm db init`)".into(),
+            });
+        }
+        Ok(names.into_iter().map(|n| n.to_ascii_lowercase()).collect())
+    }
+
+    /// Creates `tcp_mgm` and OpenSIPS's `version` row for it, unless the table exists.
+    /// Returns false when it already existed.
+    pub async fn init(&self, version: TableVersion) -> Result<bool, SourceError> {
+        let exists: Option<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'tcp_mgm'",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(self.query_err("looking for table tcp_mgm"))?;
+        if exists.is_some() {
+            return Ok(false);
+        }
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(self.query_err("starting a transaction"))?;
+        for sql in [
+            schema::SQLITE_VERSION_TABLE.to_owned(),
+            schema::sqlite_create(version),
+        ] {
+            sqlx::query(&sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(self.query_err("creating tables"))?;
+        }
+        sqlx::query(
+            "INSERT OR REPLACE INTO version (table_name, table_version) VALUES ('tcp_mgm', $1)",
+        )
+        .bind(version.number())
+        .execute(&mut *tx)
+        .await
+        .map_err(self.query_err("recording the table version"))?;
+        tx.commit().await.map_err(self.query_err("committing"))?;
+        Ok(true)
+    }
+
+    /// Runs SQL statements (separated by `;`) in one transaction.
+    pub async fn execute_script(&self, sql: &str) -> Result<(), SourceError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(self.query_err("starting a transaction"))?;
+        for stmt in sql.split(';').map(strip_comments).filter(|s| !s.is_empty()) {
+            sqlx::query(&stmt)
+                .execute(&mut *tx)
+                .await
+                .map_err(self.query_err("running SQL"))?;
+        }
+        tx.commit().await.map_err(self.query_err("committing"))
+    }
+
+    pub fn url(&self) -> &Redacted {
+        &self.url
+    }
+}
+
+fn strip_comments(stmt: &str) -> String {
+    let lines: Vec<&str> = stmt
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("--"))
+        .collect();
+    lines.join("\n").trim().to_owned()
+}
+
+fn read_row(row: &AnyRow, names: &[String]) -> Row {
+    let mut out = Row::default();
+    for (i, name) in names.iter().enumerate() {
+        out.cells.insert(name.clone(), read_cell(row, i));
+    }
+    out
+}
+
+/// The cell's value whatever its storage type: databases do not always hold what the schema says.
+fn read_cell(row: &AnyRow, i: usize) -> Cell {
+    if let Ok(v) = row.try_get::<Option<i64>, _>(i) {
+        return v.map_or(Cell::Null, Cell::Int);
+    }
+    if let Ok(v) = row.try_get::<Option<String>, _>(i) {
+        return v.map_or(Cell::Null, Cell::Text);
+    }
+    if let Ok(v) = row.try_get::<Option<f64>, _>(i) {
+        return v.map_or(Cell::Null, Cell::Real);
+    }
+    Cell::Text("<unreadable value>".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(
+            Redacted::new("postgres://opensips:s3cret@db:5432/opensips").to_string(),
+            "postgres://opensips:***@db:5432/opensips"
+        );
+        assert_eq!(Redacted::new("sqlite://x.db").to_string(), "sqlite://x.db");
+    }
+}

@@ -1,0 +1,159 @@
+//! Facts about the running system tcpmgm needs: where cgroup v2 and bpffs are mounted, and the
+//! kernel's tick rate (the TIMEOUT_INIT reply is in jiffies).
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SystemError {
+    #[error(
+        "no cgroup v2 filesystem is mounted (tcpmgm attaches to a cgroup v2; see /proc/self/mountinfo)"
+    )]
+    NoCgroup2,
+    #[error(
+        "cgroup {0} does not exist (create it with mkdir, then move processes into its cgroup.procs)"
+    )]
+    NoSuchCgroup(PathBuf),
+    #[error("mounting bpffs at {path}: {source}")]
+    MountBpffs { path: PathBuf, source: nix::Error },
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot tell the kernel's HZ: no CONFIG_HZ in /proc/config.gz or /boot/config-*, and /proc/timer_list {0}"
+    )]
+    Hz(String),
+}
+
+/// Mount points of a filesystem type, from /proc/self/mountinfo.
+fn mounts_of(fstype: &str) -> Result<Vec<PathBuf>, SystemError> {
+    let path = Path::new("/proc/self/mountinfo");
+    let text = std::fs::read_to_string(path).map_err(|source| SystemError::Read {
+        path: path.into(),
+        source,
+    })?;
+    Ok(text
+        .lines()
+        .filter_map(|line| {
+            // Fields: id parent major:minor root mountpoint options [optional...] - fstype source
+            let (left, right) = line.split_once(" - ")?;
+            let mount_point = left.split(' ').nth(4)?;
+            (right.split(' ').next()? == fstype).then(|| PathBuf::from(unescape(mount_point)))
+        })
+        .collect())
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// The cgroup v2 mount point (`/sys/fs/cgroup` on most hosts, `/sys/fs/cgroup/unified` on hybrid).
+pub fn cgroup2_root() -> Result<PathBuf, SystemError> {
+    mounts_of("cgroup2")?
+        .into_iter()
+        .next()
+        .ok_or(SystemError::NoCgroup2)
+}
+
+/// Resolves a `--cgroup` argument: an existing absolute path, or a path below the cgroup2 root.
+pub fn resolve_cgroup(arg: &Path) -> Result<PathBuf, SystemError> {
+    let root = cgroup2_root()?;
+    let path = if arg.is_absolute() && arg.starts_with(&root) {
+        arg.to_path_buf()
+    } else {
+        root.join(arg.strip_prefix("/").unwrap_or(arg))
+    };
+    if !path.join("cgroup.procs").exists() {
+        return Err(SystemError::NoSuchCgroup(path));
+    }
+    Ok(path)
+}
+
+/// Where bpffs is, mounting it at /sys/fs/bpf when no bpffs is mounted.
+pub fn bpffs() -> Result<PathBuf, SystemError> {
+    if let Some(path) = mounts_of("bpf")?.into_iter().next() {
+        return Ok(path);
+    }
+    let path = PathBuf::from("/sys/fs/bpf");
+    nix::mount::mount(
+        Some("bpf"),
+        &path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|source| SystemError::MountBpffs {
+        path: path.clone(),
+        source,
+    })?;
+    tracing::info!("mounted bpffs at {}", path.display());
+    Ok(path)
+}
+
+/// The default pin directory for a cgroup: `<bpffs>/tcpmgm/<cgroup path with / as .>`.
+pub fn default_pin_dir(cgroup: &Path) -> Result<PathBuf, SystemError> {
+    let root = cgroup2_root()?;
+    let rel = cgroup
+        .strip_prefix(&root)
+        .unwrap_or(cgroup)
+        .to_string_lossy()
+        .replace('/', ".");
+    let name = if rel.is_empty() {
+        "root".to_owned()
+    } else {
+        rel
+    };
+    Ok(bpffs()?.join("tcpmgm").join(name))
+}
+
+/// The kernel's tick rate, from its config, else measured from /proc/timer_list.
+pub fn kernel_hz() -> Result<u32, SystemError> {
+    if let Some(hz) = config_hz() {
+        return Ok(hz);
+    }
+    measure_hz()
+}
+
+fn config_hz() -> Option<u32> {
+    let mut text = String::new();
+    if let Ok(f) = std::fs::File::open("/proc/config.gz") {
+        flate2::read::GzDecoder::new(f)
+            .read_to_string(&mut text)
+            .ok()?;
+    } else {
+        let release = nix::sys::utsname::uname()
+            .ok()?
+            .release()
+            .to_string_lossy()
+            .into_owned();
+        text = std::fs::read_to_string(format!("/boot/config-{release}")).ok()?;
+    }
+    text.lines()
+        .find_map(|l| l.strip_prefix("CONFIG_HZ=")?.parse().ok())
+}
+
+/// Counts jiffies over 200 ms and rounds to the nearest rate Linux offers.
+fn measure_hz() -> Result<u32, SystemError> {
+    let sample = || -> Result<(u64, std::time::Instant), SystemError> {
+        let text = std::fs::read_to_string("/proc/timer_list")
+            .map_err(|e| SystemError::Hz(format!("is unreadable: {e}")))?;
+        let jiffies = text
+            .lines()
+            .find_map(|l| l.strip_prefix("jiffies: ")?.trim().parse().ok())
+            .ok_or_else(|| SystemError::Hz("has no jiffies line".into()))?;
+        Ok((jiffies, std::time::Instant::now()))
+    };
+    let (j0, t0) = sample()?;
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (j1, t1) = sample()?;
+    let rate = (j1 - j0) as f64 / (t1 - t0).as_secs_f64();
+    Ok(*[100u32, 250, 300, 1000]
+        .iter()
+        .min_by_key(|hz| (f64::from(**hz) - rate).abs() as u64)
+        .expect("non-empty"))
+}
