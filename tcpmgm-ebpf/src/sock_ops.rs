@@ -6,7 +6,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_SYN_SENT, bpf_sock_ops,
     },
-    helpers::generated::bpf_setsockopt,
+    helpers::generated::{bpf_getsockopt, bpf_setsockopt},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -100,6 +100,23 @@ fn set(ctx: &SockOpsContext, level: i32, name: i32, value: u32) {
     }
 }
 
+/// An int socket option, or None when the kernel would not say.
+#[inline(always)]
+fn get(ctx: &SockOpsContext, level: i32, name: i32) -> Option<u32> {
+    let mut v: i32 = 0;
+    // SAFETY: as in `set`.
+    let r = unsafe {
+        bpf_getsockopt(
+            ctx.ops as *mut c_void,
+            level,
+            name,
+            &mut v as *mut i32 as *mut c_void,
+            4,
+        )
+    };
+    (r == 0).then_some(v as u32)
+}
+
 /// The SYN's first retransmission timeout, so that the connect timeout is not held back by the
 /// default 1 s RTO. Only for active opens: passive request sockets come here too.
 fn timeout_init(ctx: &SockOpsContext) {
@@ -115,10 +132,12 @@ fn timeout_init(ctx: &SockOpsContext) {
     }
 }
 
-/// TCP_USER_TIMEOUT bounds the whole handshake; `established` lifts it again.
+/// TCP_USER_TIMEOUT bounds the whole handshake; `established` lifts it again. An application
+/// that set its own TCP_USER_TIMEOUT keeps it.
 fn connect_started(ctx: &SockOpsContext) {
     if let Some(p) = decide(&conn(ctx.ops, false))
         && p.connect_timeout_ms != 0
+        && get(ctx, SOL_TCP, TCP_USER_TIMEOUT) == Some(0)
     {
         set(ctx, SOL_TCP, TCP_USER_TIMEOUT, p.connect_timeout_ms);
     }
@@ -128,7 +147,12 @@ fn established(ctx: &SockOpsContext, passive: bool) {
     let Some(p) = decide(&conn(ctx.ops, passive)) else {
         return;
     };
-    if !passive && p.connect_timeout_ms != 0 {
+    // Lift the handshake bound, or it would keep cutting the connection whenever data stays
+    // unacknowledged that long; a value that is not ours is the application's and stays.
+    if !passive
+        && p.connect_timeout_ms != 0
+        && get(ctx, SOL_TCP, TCP_USER_TIMEOUT) == Some(p.connect_timeout_ms)
+    {
         set(ctx, SOL_TCP, TCP_USER_TIMEOUT, 0);
     }
     apply_keepalive(ctx, p);

@@ -39,6 +39,9 @@ enum Command {
         /// bpffs directory for the pinned maps [default: <bpffs>/tcpmgm/<cgroup>].
         #[arg(long)]
         pin_dir: Option<PathBuf>,
+        /// Create the cgroup when it does not exist (and remove it at exit if it is empty).
+        #[arg(long)]
+        create_cgroup: bool,
     },
     /// Validate every row; print one line per fault; exit 1 when any row is bad.
     Check {
@@ -154,7 +157,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cgroup,
             skip_invalid,
             pin_dir,
-        } => enforce(rules, cgroup, skip_invalid, pin_dir).await,
+            create_cgroup,
+        } => {
+            let created = if create_cgroup {
+                system::create_cgroup(&cgroup)?
+            } else {
+                None
+            };
+            let result = enforce(rules, cgroup, skip_invalid, pin_dir).await;
+            if let Some(path) = created
+                && std::fs::remove_dir(&path).is_ok()
+            {
+                tracing::info!("removed cgroup {}", path.display());
+            }
+            result
+        }
     }
 }
 
@@ -211,6 +228,10 @@ async fn enforce(
         enforcer.cgroup().display(),
         enforcer.pin_dir().display(),
         enforcer.pin_dir().display(),
+    );
+    tracing::info!(
+        "to put a process under this policy: echo PID > {}/cgroup.procs",
+        enforcer.cgroup().display()
     );
     wait_for_stop().await?;
     drop(enforcer);

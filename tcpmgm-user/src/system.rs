@@ -15,7 +15,7 @@ pub enum SystemError {
     NoSuchCgroup(PathBuf),
     #[error("mounting bpffs at {path}: {source}")]
     MountBpffs { path: PathBuf, source: nix::Error },
-    #[error("reading {path}: {source}")]
+    #[error("{path}: {source}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -60,18 +60,37 @@ pub fn cgroup2_root() -> Result<PathBuf, SystemError> {
         .ok_or(SystemError::NoCgroup2)
 }
 
-/// Resolves a `--cgroup` argument: an existing absolute path, or a path below the cgroup2 root.
-pub fn resolve_cgroup(arg: &Path) -> Result<PathBuf, SystemError> {
+/// A cgroup argument as a path: absolute below the cgroup2 root, or relative to that root.
+fn cgroup_path(arg: &Path) -> Result<PathBuf, SystemError> {
     let root = cgroup2_root()?;
-    let path = if arg.is_absolute() && arg.starts_with(&root) {
+    Ok(if arg.is_absolute() && arg.starts_with(&root) {
         arg.to_path_buf()
     } else {
         root.join(arg.strip_prefix("/").unwrap_or(arg))
-    };
+    })
+}
+
+/// Resolves a `--cgroup` argument: an existing absolute path, or a path below the cgroup2 root.
+pub fn resolve_cgroup(arg: &Path) -> Result<PathBuf, SystemError> {
+    let path = cgroup_path(arg)?;
     if !path.join("cgroup.procs").exists() {
         return Err(SystemError::NoSuchCgroup(path));
     }
     Ok(path)
+}
+
+/// Creates a cgroup below the cgroup2 root unless it exists; returns its path when it made it.
+pub fn create_cgroup(arg: &Path) -> Result<Option<PathBuf>, SystemError> {
+    let path = cgroup_path(arg)?;
+    if path.exists() {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(&path).map_err(|source| SystemError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    tracing::info!("created cgroup {}", path.display());
+    Ok(Some(path))
 }
 
 /// Where bpffs is, mounting it at /sys/fs/bpf when no bpffs is mounted.

@@ -1,1 +1,260 @@
+//! The test harness: each test gets a sandbox of its own (a child cgroup, a network namespace
+//! and a bpffs pin directory) that is removed when it is dropped, failing test or not. Sockets
+//! are opened by `tcpmgm-probe` processes that join the sandbox's cgroup and namespace, so tests
+//! running in parallel never share a cgroup.
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 
+use tcpmgm::compile::{Policy, compile};
+use tcpmgm::kernel::Enforcer;
+use tcpmgm::listener::Listeners;
+use tcpmgm::rule::{Cell, Row, Rule, validate_rows};
+use tcpmgm::system;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command, panicking with its output when it fails.
+pub fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "the kernel tests load BPF programs and need root: run them with `cargo xtask test` as root"
+    );
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!(
+            "tcpmgm-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        sh(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns { name };
+        ns.ip("link set lo up");
+        ns
+    }
+
+    pub fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    /// `ip -n NAME ARGS...`
+    pub fn ip(&self, args: &str) -> String {
+        sh(Command::new("ip")
+            .args(["-n", &self.name])
+            .args(args.split_whitespace()))
+    }
+
+    /// Adds addresses to the namespace's loopback.
+    pub fn add_local(&self, addrs: &[&str]) {
+        for a in addrs {
+            if a.contains(':') {
+                self.ip(&format!("addr add {a}/128 dev lo nodad"));
+            } else {
+                self.ip(&format!("addr add {a}/32 dev lo"));
+            }
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A cgroup, a network namespace and a pin directory of the test's own.
+pub struct Sandbox {
+    pub cgroup: PathBuf,
+    pub netns: Netns,
+    pub pin_dir: PathBuf,
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        require_root();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("tcpmgm-test-{}-{n}", std::process::id());
+        let cgroup = system::cgroup2_root().expect("cgroup2").join(&name);
+        std::fs::create_dir(&cgroup).unwrap_or_else(|e| panic!("mkdir {}: {e}", cgroup.display()));
+        let pin_dir = system::bpffs().expect("bpffs").join(&name);
+        Sandbox {
+            cgroup,
+            netns: Netns::new("t"),
+            pin_dir,
+        }
+    }
+
+    /// Compiles and attaches rules to this sandbox's cgroup.
+    pub fn enforce(&self, rules: Vec<Rule>, listeners: &Listeners) -> (Policy, Enforcer) {
+        let hz = system::kernel_hz().expect("HZ");
+        let policy = compile(rules, listeners, hz).expect("compile");
+        let enforcer = Enforcer::attach(&policy, &self.cgroup, &self.pin_dir).expect("attach");
+        (policy, enforcer)
+    }
+
+    /// A probe inside this sandbox's cgroup and namespace.
+    pub fn probe(&self) -> Probe {
+        Probe::spawn(Some(&self.cgroup), &self.netns.path())
+    }
+
+    /// What `bpftool cgroup show` lists for the sandbox's cgroup.
+    pub fn attached_programs(&self) -> String {
+        sh(Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(&self.cgroup))
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        // Processes that just exited may take a moment to leave the cgroup.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        eprintln!("could not remove {}", self.cgroup.display());
+    }
+}
+
+/// The path of a binary next to the test executable's directory (target/<profile>/NAME).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run the tests with `cargo xtask test`",
+        path.display()
+    );
+    path
+}
+
+/// A running `tcpmgm-probe`; killed (by its pid) if still running when dropped.
+pub struct Probe {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+/// One reply line of the probe, as key=value pairs.
+#[derive(Debug, Clone)]
+pub struct Reply(pub HashMap<String, String>);
+
+impl Reply {
+    pub fn get(&self, key: &str) -> i64 {
+        self.0
+            .get(key)
+            .unwrap_or_else(|| panic!("no {key} in {:?}", self.0))
+            .parse()
+            .unwrap_or_else(|_| panic!("{key} is not a number in {:?}", self.0))
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.0.contains_key(key)
+    }
+
+    /// (keepalive, idle, intvl, cnt) of one side.
+    pub fn keepalive(&self, side: &str) -> (i64, i64, i64, i64) {
+        (
+            self.get(&format!("{side}_keepalive")),
+            self.get(&format!("{side}_idle")),
+            self.get(&format!("{side}_intvl")),
+            self.get(&format!("{side}_cnt")),
+        )
+    }
+}
+
+impl Probe {
+    pub fn spawn(cgroup: Option<&Path>, netns: &str) -> Probe {
+        let mut cmd = Command::new(env_probe());
+        if let Some(cg) = cgroup {
+            cmd.arg("--cgroup").arg(cg);
+        }
+        cmd.args(["--netns", netns]);
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn probe");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        Probe {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Sends one line and reads one reply line.
+    pub fn ask(&mut self, line: &str) -> Reply {
+        writeln!(self.stdin, "{line}").expect("write to probe");
+        self.stdin.flush().expect("flush");
+        let mut reply = String::new();
+        self.stdout.read_line(&mut reply).expect("read from probe");
+        assert!(!reply.is_empty(), "the probe exited on '{line}'");
+        let map = reply
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Reply(map)
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn env_probe() -> PathBuf {
+    binary("tcpmgm-probe")
+}
+
+/// A table row from (column, value) pairs; values that parse as integers become integers.
+pub fn row(id: i64, cols: &[(&str, &str)]) -> Row {
+    cols.iter()
+        .fold(Row::default().with("id", Cell::Int(id)), |r, (c, v)| {
+            r.with(
+                c,
+                v.parse::<i64>()
+                    .map_or_else(|_| Cell::Text((*v).to_owned()), Cell::Int),
+            )
+        })
+}
+
+/// Validates rows, failing the test on any fault.
+pub fn rules(rows: &[Row], listeners: &Listeners) -> Vec<Rule> {
+    let (rules, errors) = validate_rows(rows, listeners);
+    assert!(errors.is_empty(), "{errors:?}");
+    rules
+}

@@ -1,1 +1,213 @@
-fn main() {}
+//! `cargo xtask run` and `cargo xtask test`: set up what a fresh machine lacks, then build and run.
+//!
+//! This crate depends on nothing of tcpmgm's own, so it builds before the eBPF toolchain exists
+//! and can install it.
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "tcpmgm's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Set up, build, seed an example SQLite database and run tcpmgm on a demo cgroup.
+    /// Arguments after `--` go to `tcpmgm run`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run the whole test suite (the kernel tests need root).
+    /// Arguments after `--` go to `cargo test`.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Only install what is missing.
+    Setup,
+}
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM: &str = "22";
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let root = workspace_root();
+    match cli.task {
+        Task::Setup => setup(),
+        Task::Test { args } => {
+            setup()?;
+            let mut cmd = cargo(&root);
+            cmd.args(["test", "--workspace"]).args(&args);
+            status(&mut cmd)
+        }
+        Task::Run { args } => {
+            setup()?;
+            status(cargo(&root).args(["build", "--release", "--package", "tcpmgm-user"]))?;
+            let tcpmgm = root.join("target/release/tcpmgm");
+            let has = |flag: &str| {
+                args.iter()
+                    .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+            };
+            let mut cmd = Command::new(&tcpmgm);
+            cmd.arg("run");
+            if !has("--db") {
+                let db = "tcpmgm.db";
+                if !Path::new(db).exists() {
+                    status(Command::new(&tcpmgm).args(["db", "init", "--examples", "--db", db]))?;
+                }
+                cmd.args(["--db", &format!("sqlite://{db}")]);
+            }
+            if !has("--cgroup") {
+                cmd.args(["--cgroup", "tcpmgm-demo", "--create-cgroup"]);
+            }
+            cmd.args(&args);
+            eprintln!("xtask: {cmd:?}");
+            status(&mut cmd)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(root);
+    cmd
+}
+
+fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn output(cmd: &mut Command) -> String {
+    cmd.output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+fn on_path(tool: &str) -> bool {
+    succeeds(Command::new("sh").args(["-c", &format!("command -v {tool}")]))
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).trim() == "0"
+}
+
+/// Installs whatever is missing: nightly rust-src, bpf-linker on LLVM 22, bpftool, iproute2.
+fn setup() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]));
+    if installed.is_empty() {
+        bail!(
+            "the `nightly` toolchain is missing: the eBPF programs build with it \
+             (rustup toolchain install nightly --component rust-src)"
+        );
+    }
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: installing rust-src for the nightly toolchain");
+        status(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    let mut apt = Vec::new();
+    let linker_ok =
+        output(Command::new("bpf-linker").arg("--version")).contains(BPF_LINKER_VERSION);
+    if !linker_ok {
+        let llvm_dev = format!("llvm-{LLVM}-dev");
+        if !Path::new(&format!("/usr/lib/llvm-{LLVM}/bin/llvm-config")).exists() {
+            apt.extend([
+                llvm_dev,
+                format!("libpolly-{LLVM}-dev"),
+                "libzstd-dev".into(),
+                "zlib1g-dev".into(),
+            ]);
+        }
+    }
+    if !on_path("bpftool") {
+        apt.push("bpftool".into());
+    }
+    if !on_path("ip") {
+        apt.push("iproute2".into());
+    }
+    if !apt.is_empty() {
+        if !is_root() {
+            bail!(
+                "missing Debian packages {}: run as root, or `apt-get install -y {}`",
+                apt.join(" "),
+                apt.join(" ")
+            );
+        }
+        eprintln!("xtask: apt-get install {}", apt.join(" "));
+        status(Command::new("apt-get").arg("update").arg("-qq"))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq"])
+                .args(&apt)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    if !linker_ok {
+        eprintln!(
+            "xtask: building bpf-linker {BPF_LINKER_VERSION} on LLVM {LLVM} (about a minute)"
+        );
+        let prefix = format!("/usr/lib/llvm-{LLVM}");
+        let path = format!("{prefix}/bin:{}", std::env::var("PATH").unwrap_or_default());
+        status(
+            Command::new("cargo")
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--locked",
+                    "--no-default-features",
+                ])
+                .args(["--features", &format!("llvm-{LLVM}")])
+                .env("LLVM_PREFIX", &prefix)
+                .env("PATH", path),
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! A test peer that joins a cgroup and a network namespace, then opens the connections it is
+//! told on stdin and reports what a user would check on each socket.
+//!
+//! Input lines:
+//! - `serve LISTEN`: listen on LISTEN (kept open; the kernel completes handshakes unaccepted).
+//! - `pair LISTEN CONNECT [BIND] [ka]`: listen on LISTEN (kept open for later lines), connect to
+//!   CONNECT from BIND, accept, and report both sockets. `ka`: the application itself turns
+//!   SO_KEEPALIVE on, on the listening socket and on the client before connect().
+//! - `connect CONNECT BIND|- WAIT_MS`: non-blocking connect, wait up to WAIT_MS, report.
+//! - `hold CONNECT [USER_TIMEOUT_MS]`: connect (optionally setting TCP_USER_TIMEOUT itself),
+//!   report, then read a line (the test cuts the network meanwhile), send data, wait 1 s and
+//!   report whether the connection survived.
+//!
+//! Output: one line per input line, `key=value` words.
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use socket2::{Domain, Socket, Type};
+
+#[derive(Parser)]
+struct Args {
+    /// Network namespace to join (a /var/run/netns path).
+    #[arg(long)]
+    netns: Option<String>,
+    /// Cgroup directory to join.
+    #[arg(long)]
+    cgroup: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(cg) = &args.cgroup {
+        std::fs::write(format!("{cg}/cgroup.procs"), std::process::id().to_string())?;
+    }
+    if let Some(ns) = &args.netns {
+        let f = std::fs::File::open(ns)?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    }
+    let mut listeners: HashMap<SocketAddr, TcpListener> = HashMap::new();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    let mut out = std::io::stdout();
+    while let Some(line) = lines.next() {
+        let line = line?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let reply = match words.as_slice() {
+            ["serve", listen] => {
+                listen_on(&mut listeners, listen.parse()?, false)?;
+                "listening=1".to_owned()
+            }
+            ["pair", listen, connect, rest @ ..] => {
+                let bind = rest.iter().find_map(|w| w.parse::<SocketAddr>().ok());
+                let ka = rest.contains(&"ka");
+                pair(&mut listeners, listen.parse()?, connect.parse()?, bind, ka)?
+            }
+            ["connect", connect, bind, wait] => {
+                connect_wait(connect.parse()?, parse_bind(bind)?, wait.parse()?)?
+            }
+            ["hold", connect, rest @ ..] => {
+                let user_timeout = rest.first().map(|t| t.parse::<i32>()).transpose()?;
+                let s = match open(connect.parse()?, None, false, user_timeout) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        writeln!(out, "errno={}", e.raw_os_error().unwrap_or(-1))?;
+                        continue;
+                    }
+                };
+                writeln!(out, "{}", report("client", &s))?;
+                out.flush()?;
+                let _ = lines.next();
+                let _ = (&s).write_all(&[0u8; 100]);
+                std::thread::sleep(Duration::from_millis(1000));
+                format!(
+                    "alive={} so_error={}",
+                    tcp_state(&s) == 1,
+                    s.take_error()?
+                        .map_or(0, |e| e.raw_os_error().unwrap_or(-1))
+                )
+            }
+            _ => format!("bad_input=1 line={}", line.replace(' ', "_")),
+        };
+        writeln!(out, "{reply}")?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+fn parse_bind(s: &str) -> anyhow::Result<Option<SocketAddr>> {
+    Ok(if s == "-" { None } else { Some(s.parse()?) })
+}
+
+fn open(
+    connect: SocketAddr,
+    bind: Option<SocketAddr>,
+    keepalive: bool,
+    user_timeout_ms: Option<i32>,
+) -> std::io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(connect), Type::STREAM, None)?;
+    if let Some(b) = bind {
+        s.bind(&b.into())?;
+    }
+    s.set_keepalive(keepalive)?;
+    if let Some(ms) = user_timeout_ms {
+        s.set_tcp_user_timeout(Some(Duration::from_millis(ms as u64)))?;
+    }
+    s.connect(&connect.into())?;
+    Ok(s)
+}
+
+fn listen_on(
+    listeners: &mut HashMap<SocketAddr, TcpListener>,
+    listen: SocketAddr,
+    keepalive: bool,
+) -> anyhow::Result<()> {
+    if !listeners.contains_key(&listen) {
+        let s = Socket::new(Domain::for_address(listen), Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        if listen.is_ipv6() {
+            s.set_only_v6(false)?;
+        }
+        s.set_keepalive(keepalive)?;
+        s.bind(&listen.into())?;
+        s.listen(64)?;
+        listeners.insert(listen, s.into());
+    }
+    Ok(())
+}
+
+fn pair(
+    listeners: &mut HashMap<SocketAddr, TcpListener>,
+    listen: SocketAddr,
+    connect: SocketAddr,
+    bind: Option<SocketAddr>,
+    keepalive: bool,
+) -> anyhow::Result<String> {
+    listen_on(listeners, listen, keepalive)?;
+    let client = match open(connect, bind, keepalive, None) {
+        Ok(c) => c,
+        Err(e) => return Ok(format!("errno={}", e.raw_os_error().unwrap_or(-1))),
+    };
+    let (server, _) = listeners[&listen].accept()?;
+    let local = client.local_addr()?.as_socket().expect("inet");
+    Ok(format!(
+        "client_port={} {} {}",
+        local.port(),
+        report("client", &client),
+        report("server", &Socket::from(server))
+    ))
+}
+
+fn connect_wait(
+    connect: SocketAddr,
+    bind: Option<SocketAddr>,
+    wait_ms: u64,
+) -> anyhow::Result<String> {
+    let s = Socket::new(Domain::for_address(connect), Type::STREAM, None)?;
+    if let Some(b) = bind {
+        s.bind(&b.into())?;
+    }
+    s.set_nonblocking(true)?;
+    let start = Instant::now();
+    match s.connect(&connect.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => {
+            return Ok(format!(
+                "errno={} ms={}",
+                e.raw_os_error().unwrap_or(-1),
+                start.elapsed().as_millis()
+            ));
+        }
+    }
+    let mut pfd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, wait_ms as i32) };
+    let ms = start.elapsed().as_millis();
+    if n == 0 {
+        return Ok(format!("pending=1 ms={ms}"));
+    }
+    match s.take_error()? {
+        Some(e) => Ok(format!("errno={} ms={ms}", e.raw_os_error().unwrap_or(-1))),
+        None => Ok(format!("connected ms={ms} {}", report("client", &s))),
+    }
+}
+
+fn getsockopt(s: &Socket, level: i32, name: i32) -> i32 {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: an int-sized option into an int.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 { v } else { -1 }
+}
+
+fn tcp_state(s: &Socket) -> u8 {
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel fills at most `len` bytes of the tcp_info.
+    unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    info.tcpi_state
+}
+
+fn report(side: &str, s: &Socket) -> String {
+    let tcp = libc::IPPROTO_TCP;
+    format!(
+        "{side}_keepalive={} {side}_idle={} {side}_intvl={} {side}_cnt={} {side}_user_timeout={}",
+        getsockopt(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+        getsockopt(s, tcp, libc::TCP_KEEPIDLE),
+        getsockopt(s, tcp, libc::TCP_KEEPINTVL),
+        getsockopt(s, tcp, libc::TCP_KEEPCNT),
+        getsockopt(s, tcp, libc::TCP_USER_TIMEOUT),
+    )
+}

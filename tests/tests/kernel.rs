@@ -1,0 +1,299 @@
+//! The programs in the kernel, checked the way a user would: real connections in a cgroup and
+//! network namespace of the test's own, then getsockopt, errno and elapsed time.
+use tcpmgm::listener::Listeners;
+use tcpmgm_tests::{Sandbox, row, rules};
+
+const EPERM: i64 = 1;
+const ETIMEDOUT: i64 = 110;
+
+/// The kernel's own defaults in a fresh network namespace.
+const DEFAULTS: (i64, i64, i64, i64) = (0, 7200, 75, 9);
+
+#[test]
+fn keepalive_on_both_ends_for_ipv4_ipv6_and_v4_mapped() {
+    let sb = Sandbox::new();
+    sb.netns.add_local(&["2001:db8::1"]);
+    let none = Listeners::default();
+    let table = [
+        row(
+            1,
+            &[
+                ("remote_addr", "127.0.0.0/8"),
+                ("keepidle", "31"),
+                ("keepinterval", "11"),
+                ("keepcount", "4"),
+            ],
+        ),
+        row(
+            2,
+            &[
+                ("remote_addr", "2001:db8::/64"),
+                ("keepidle", "32"),
+                ("keepinterval", "12"),
+                ("keepcount", "5"),
+            ],
+        ),
+    ];
+    let _e = sb.enforce(rules(&table, &none), &none);
+    let mut p = sb.probe();
+
+    let v4 = p.ask("pair 127.0.0.1:7001 127.0.0.1:7001");
+    assert_eq!(v4.keepalive("client"), (1, 31, 11, 4), "{v4:?}");
+    assert_eq!(v4.keepalive("server"), (1, 31, 11, 4), "{v4:?}");
+
+    let v6 = p.ask("pair [2001:db8::1]:7002 [2001:db8::1]:7002");
+    assert_eq!(v6.keepalive("client"), (1, 32, 12, 5), "{v6:?}");
+    assert_eq!(v6.keepalive("server"), (1, 32, 12, 5), "{v6:?}");
+
+    // An AF_INET6 client and a dual-stack listener: both sockets see ::ffff:127.0.0.1.
+    let mapped = p.ask("pair [::]:7003 [::ffff:127.0.0.1]:7003");
+    assert_eq!(mapped.keepalive("client"), (1, 31, 11, 4), "{mapped:?}");
+    assert_eq!(mapped.keepalive("server"), (1, 31, 11, 4), "{mapped:?}");
+}
+
+#[test]
+fn unmatched_connections_keep_the_system_defaults() {
+    let sb = Sandbox::new();
+    sb.netns.add_local(&["2001:db8::1"]);
+    let none = Listeners::default();
+    let table = [
+        row(1, &[("remote_addr", "198.51.100.0/24"), ("keepidle", "31")]),
+        row(
+            2,
+            &[
+                ("remote_addr", "2001:db8:ffff::/48"),
+                ("keepidle", "32"),
+                ("no_new_conn", "1"),
+            ],
+        ),
+        row(3, &[("remote_port", "9999"), ("keepidle", "33")]),
+    ];
+    let _e = sb.enforce(rules(&table, &none), &none);
+    let mut p = sb.probe();
+    for (listen, connect) in [
+        ("127.0.0.1:7001", "127.0.0.1:7001"),
+        ("[2001:db8::1]:7002", "[2001:db8::1]:7002"),
+        ("[::]:7003", "[::ffff:127.0.0.1]:7003"),
+    ] {
+        let r = p.ask(&format!("pair {listen} {connect}"));
+        assert_eq!(r.keepalive("client"), DEFAULTS, "{connect}: {r:?}");
+        assert_eq!(r.keepalive("server"), DEFAULTS, "{connect}: {r:?}");
+        assert_eq!(r.get("client_user_timeout"), 0, "{r:?}");
+    }
+}
+
+#[test]
+fn keepalive_zero_turns_keepalive_off() {
+    let sb = Sandbox::new();
+    let none = Listeners::default();
+    let table = [row(1, &[("remote_addr", "127.0.0.2"), ("keepalive", "0")])];
+    let _e = sb.enforce(rules(&table, &none), &none);
+    let mut p = sb.probe();
+    // The application turns SO_KEEPALIVE on itself (client before connect, and the listener).
+    let off = p.ask("pair 127.0.0.2:7001 127.0.0.2:7001 127.0.0.2:0 ka");
+    assert_eq!(off.get("client_keepalive"), 0, "{off:?}");
+    assert_eq!(off.get("server_keepalive"), 0, "{off:?}");
+    // The same application towards an address without a rule keeps its keepalive.
+    let on = p.ask("pair 127.0.0.3:7001 127.0.0.3:7001 127.0.0.3:0 ka");
+    assert_eq!(on.get("client_keepalive"), 1, "{on:?}");
+    assert_eq!(on.get("server_keepalive"), 1, "{on:?}");
+}
+
+#[test]
+fn no_new_conn_refuses_connect_but_not_accepted_connections() {
+    let sb = Sandbox::new();
+    sb.netns.add_local(&["2001:db8::1", "2001:db8::2"]);
+    let none = Listeners::default();
+    let table = [
+        row(
+            1,
+            &[
+                ("remote_addr", "127.0.0.2"),
+                ("no_new_conn", "1"),
+                ("keepidle", "41"),
+            ],
+        ),
+        row(
+            2,
+            &[
+                ("remote_addr", "2001:db8::2"),
+                ("no_new_conn", "1"),
+                ("keepidle", "42"),
+            ],
+        ),
+    ];
+    let _e = sb.enforce(rules(&table, &none), &none);
+    let mut p = sb.probe();
+
+    assert_eq!(
+        p.ask("pair 127.0.0.2:7001 127.0.0.2:7001").get("errno"),
+        EPERM
+    );
+    assert_eq!(
+        p.ask("pair [2001:db8::2]:7002 [2001:db8::2]:7002")
+            .get("errno"),
+        EPERM
+    );
+    assert_eq!(
+        p.ask("pair [::]:7003 [::ffff:127.0.0.2]:7003").get("errno"),
+        EPERM
+    );
+
+    // The refused peer connecting in: accepted, with its rule's keepalive on the server side.
+    let inbound = p.ask("pair 127.0.0.1:7004 127.0.0.1:7004 127.0.0.2:0");
+    assert!(!inbound.has("errno"), "{inbound:?}");
+    assert_eq!(inbound.get("server_idle"), 41, "{inbound:?}");
+    assert_eq!(inbound.keepalive("client"), DEFAULTS, "{inbound:?}");
+    let inbound6 = p.ask("pair [2001:db8::1]:7005 [2001:db8::1]:7005 [2001:db8::2]:0");
+    assert_eq!(inbound6.get("server_idle"), 42, "{inbound6:?}");
+}
+
+#[test]
+fn bpftool_dump_shows_field_names() {
+    let sb = Sandbox::new();
+    let none = Listeners::default();
+    let table = [row(
+        7,
+        &[("remote_addr", "192.0.2.0/24"), ("keepidle", "1234")],
+    )];
+    let _e = sb.enforce(rules(&table, &none), &none);
+    let dump = |map: &str| {
+        tcpmgm_tests::sh(
+            std::process::Command::new("bpftool")
+                .args(["map", "dump", "pinned"])
+                .arg(sb.pin_dir.join(map)),
+        )
+    };
+    let profiles = dump("TCPMGM_PROFILES");
+    for field in [
+        "\"rule_id\": 7",
+        "\"keepidle\": 1234",
+        "\"connect_timeout_ms\": 100",
+        "\"flags\"",
+    ] {
+        assert!(profiles.contains(field), "{field} not in:\n{profiles}");
+    }
+    let trie = dump("TCPMGM_REMOTE_V4");
+    for field in ["\"prefix_len\": 24", "\"first\"", "\"len\""] {
+        assert!(trie.contains(field), "{field} not in:\n{trie}");
+    }
+    let candidates = dump("TCPMGM_CANDIDATES");
+    assert!(
+        candidates.contains("\"remote_port\"") && candidates.contains("\"local_mask\""),
+        "{candidates}"
+    );
+}
+
+mod timeout {
+    use super::*;
+    use tcpmgm_tests::{Netns, Probe};
+
+    /// Namespace A (the sandbox's, in the cgroup) joined to namespace B by a veth pair.
+    /// B owns 192.0.2.2; 192.0.2.3 resolves to a MAC nobody has, so SYNs to it vanish.
+    /// Returns B and A's veth device.
+    fn two_hosts(sb: &Sandbox) -> (Netns, String) {
+        let b = Netns::new("b");
+        let n = b.name.rsplit('-').next().unwrap().to_owned();
+        let (va, vb) = (
+            format!("tva{}x{n}", std::process::id() % 100_000),
+            format!("tvb{n}"),
+        );
+        sb.netns.ip(&format!(
+            "link add {va} type veth peer name {vb} netns {}",
+            b.name
+        ));
+        sb.netns.ip(&format!("addr add 192.0.2.1/24 dev {va}"));
+        sb.netns.ip(&format!("link set {va} up"));
+        b.ip(&format!("addr add 192.0.2.2/24 dev {vb}"));
+        b.ip(&format!("link set {vb} up"));
+        sb.netns.ip(&format!(
+            "neigh replace 192.0.2.3 lladdr 02:00:00:00:00:99 dev {va} nud permanent"
+        ));
+        (b, va)
+    }
+
+    #[test]
+    fn connect_timeout_bounds_a_silent_handshake() {
+        let sb = Sandbox::new();
+        let _b = two_hosts(&sb);
+        let none = Listeners::default();
+        let table = [row(
+            1,
+            &[
+                ("remote_addr", "192.0.2.3"),
+                ("remote_port", "5060"),
+                ("connect_timeout", "150"),
+            ],
+        )];
+        let _e = sb.enforce(rules(&table, &none), &none);
+        let mut p = sb.probe();
+
+        let r = p.ask("connect 192.0.2.3:5060 - 3000");
+        assert_eq!(r.get("errno"), ETIMEDOUT, "{r:?}");
+        let ms = r.get("ms");
+        assert!(
+            (140..400).contains(&ms),
+            "failed after {ms} ms, expected about 150: {r:?}"
+        );
+
+        // The same silent peer on another port has no rule: still trying after 1.5 s.
+        let control = p.ask("connect 192.0.2.3:5070 - 1500");
+        assert_eq!(control.get("pending"), 1, "{control:?}");
+    }
+
+    #[test]
+    fn an_established_connection_is_not_cut_by_the_connect_timeout() {
+        let sb = Sandbox::new();
+        let (b, dev) = two_hosts(&sb);
+        let none = Listeners::default();
+        let table = [row(
+            1,
+            &[("remote_addr", "192.0.2.2"), ("connect_timeout", "150")],
+        )];
+        let _e = sb.enforce(rules(&table, &none), &none);
+        let mut server = Probe::spawn(None, &b.path());
+        assert!(
+            server
+                .ask("serve 192.0.2.2:5060")
+                .0
+                .contains_key("listening")
+        );
+        let cut = || {
+            sb.netns.ip(&format!(
+                "neigh replace 192.0.2.2 lladdr 02:00:00:00:00:99 dev {dev} nud permanent"
+            ))
+        };
+        let heal = || sb.netns.ip(&format!("neigh del 192.0.2.2 dev {dev}"));
+
+        // Established, then the peer goes silent while data is outstanding: the connection
+        // must outlive the 150 ms connect timeout.
+        let mut p = sb.probe();
+        let r = p.ask("hold 192.0.2.2:5060");
+        assert_eq!(
+            r.get("client_user_timeout"),
+            0,
+            "TCP_USER_TIMEOUT left set after the handshake: {r:?}"
+        );
+        cut();
+        let after = p.ask("go");
+        assert_eq!(
+            (after.0["alive"].as_str(), after.get("so_error")),
+            ("true", 0),
+            "{after:?}"
+        );
+        heal();
+
+        // An application's own TCP_USER_TIMEOUT is left alone, and this same check catches it
+        // cutting the connection.
+        let mut q = sb.probe();
+        let r = q.ask("hold 192.0.2.2:5060 200");
+        assert_eq!(r.get("client_user_timeout"), 200, "{r:?}");
+        cut();
+        let after = q.ask("go");
+        assert_eq!(
+            (after.0["alive"].as_str(), after.get("so_error")),
+            ("false", ETIMEDOUT),
+            "{after:?}"
+        );
+    }
+}
