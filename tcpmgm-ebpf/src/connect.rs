@@ -26,7 +26,7 @@ pub fn tcpmgm_connect4(ctx: SockAddrContext) -> i32 {
         Conn {
             v6: false,
             remote: [core::ptr::read_volatile(&(*sa).user_ip4), 0, 0, 0],
-            remote_port: u32::from_be(core::ptr::read_volatile(&(*sa).user_port)) as u16,
+            remote_port: port(core::ptr::read_volatile(&(*sa).user_port)),
             local: [core::ptr::read_volatile(&(*sk).src_ip4), 0, 0, 0],
             local_port: core::ptr::read_volatile(&(*sk).src_port) as u16,
             passive: false,
@@ -57,7 +57,7 @@ pub fn tcpmgm_connect6(ctx: SockAddrContext) -> i32 {
             rd(&(*sk).src_ip6[2]),
             rd(&(*sk).src_ip6[3]),
         ];
-        let remote_port = u32::from_be(rd(&(*sa).user_port)) as u16;
+        let remote_port = port(rd(&(*sa).user_port));
         let local_port = rd(&(*sk).src_port) as u16;
         if is_v4_mapped(&remote) {
             let local4 = if is_v4_mapped(&local) { local[3] } else { 0 };
@@ -81,6 +81,13 @@ pub fn tcpmgm_connect6(ctx: SockAddrContext) -> i32 {
         }
     };
     verdict(&conn)
+}
+
+/// `user_port` holds the port in network order in its low 16 bits (unlike sock_ops, whose
+/// `remote_port` the kernel shifts into the high 16 bits).
+#[inline(always)]
+fn port(user_port: u32) -> u16 {
+    u16::from_be(user_port as u16)
 }
 
 #[inline(always)]
