@@ -19,7 +19,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tc
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error("loading the eBPF object: {0}")]
-    Load(#[source] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error("map {map}: {what}: {source}")]
     Map {
         map: &'static str,
@@ -40,7 +40,7 @@ pub enum KernelError {
         kind: &'static str,
         min_kernel: &'static str,
         what: &'static str,
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("opening cgroup {path}: {source}")]
     Cgroup {
@@ -97,7 +97,9 @@ impl Enforcer {
         for (name, len) in sizes {
             loader.map_max_entries(name, len.max(1) as u32);
         }
-        let mut ebpf = loader.load(OBJECT).map_err(KernelError::Load)?;
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|e| KernelError::Load(Box::new(e)))?;
         write_maps(&mut ebpf, policy)?;
 
         let cgroup_file = File::open(cgroup).map_err(|source| KernelError::Cgroup {
@@ -167,7 +169,7 @@ fn attach_hook(ebpf: &mut Ebpf, hook: &Hook, cgroup: &File) -> Result<(), Kernel
                 kind: hook.kind,
                 min_kernel: hook.min_kernel,
                 what,
-                source,
+                source: Box::new(source),
             },
         }
     };

@@ -91,6 +91,12 @@ pub struct Sandbox {
     pub pin_dir: PathBuf,
 }
 
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Sandbox {
     pub fn new() -> Sandbox {
         require_root();

@@ -207,7 +207,8 @@ fn each_key_of_the_match_order_decides_in_the_kernel() {
     let sb = Sandbox::new();
     sb.netns.add_local(&["192.0.2.1", "198.51.100.7"]);
     let (server, bind) = ("198.51.100.7:5061", "192.0.2.1:0");
-    let cases: [(&str, &[(&str, &str)], &[(&str, &str)]); 9] = [
+    type Columns<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(&str, Columns, Columns); 9] = [
         ("lower priority", &[("priority", "-1")], &[("proto", "tcp")]),
         ("a specific proto", &[("proto", "tcp")], &[]),
         ("a set remote_addr", &[("remote_addr", "0.0.0.0/0")], &[]),

@@ -29,6 +29,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// rustfmt and clippy (-D warnings) on every crate, the eBPF one on its own target.
+    Lint,
     /// Only install what is missing.
     Setup,
 }
@@ -50,10 +52,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let root = workspace_root();
     match cli.task {
         Task::Setup => setup(),
+        Task::Lint => {
+            setup()?;
+            status(cargo(&root).args(["fmt", "--all", "--", "--check"]))?;
+            status(cargo(&root).args([
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "tcpmgm-ebpf",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            status(
+                Command::new("rustup")
+                    .args([
+                        "run",
+                        "nightly",
+                        "cargo",
+                        "clippy",
+                        "--target",
+                        "bpfel-unknown-none",
+                        "-Z",
+                        "build-std=core",
+                        "--",
+                        "-D",
+                        "warnings",
+                    ])
+                    .current_dir(root.join("tcpmgm-ebpf")),
+            )
+        }
         Task::Test { args } => {
             setup()?;
             let mut cmd = cargo(&root);
-            cmd.args(["test", "--workspace"]).args(&args);
+            cmd.args(["test", "--workspace", "--exclude", "tcpmgm-ebpf"])
+                .args(&args);
             status(&mut cmd)
         }
         Task::Run { args } => {

@@ -111,6 +111,10 @@ fn validate_row(row: &Row, listeners: &Listeners) -> Result<Rule, Vec<RowError>>
     };
 
     let proto = match c.text("proto") {
+        Some(None) if row.get("proto").is_some() => {
+            c.fail("proto", "must not be NULL".into());
+            None
+        }
         Some(p) => match Proto::parse(p.as_deref().unwrap_or("any")) {
             Ok(p) => Some(p),
             Err(reason) => {
@@ -300,7 +304,13 @@ mod tests {
         assert!(errs.is_empty(), "{errs:?}");
         assert_eq!(rules[0].proto, None);
         assert_eq!(rules[0].remote, None);
-        assert_eq!(rules[0].profile, Profile::default());
+        assert_eq!(
+            rules[0].profile,
+            Profile {
+                parallel_read: None,
+                ..Profile::default()
+            }
+        );
     }
 
     #[test]

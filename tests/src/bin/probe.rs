@@ -116,7 +116,7 @@ fn listen_on(
     listen: SocketAddr,
     keepalive: bool,
 ) -> anyhow::Result<()> {
-    if !listeners.contains_key(&listen) {
+    if let std::collections::hash_map::Entry::Vacant(slot) = listeners.entry(listen) {
         let s = Socket::new(Domain::for_address(listen), Type::STREAM, None)?;
         s.set_reuse_address(true)?;
         if listen.is_ipv6() {
@@ -125,7 +125,7 @@ fn listen_on(
         s.set_keepalive(keepalive)?;
         s.bind(&listen.into())?;
         s.listen(64)?;
-        listeners.insert(listen, s.into());
+        slot.insert(s.into());
     }
     Ok(())
 }

@@ -1,0 +1,276 @@
+//! The `tcpmgm` command as an operator uses it: check a table, refuse a bad one, run and detach.
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use tcpmgm::source::{Source, TableVersion};
+use tcpmgm_tests::{Sandbox, binary};
+
+/// A SQLite database in a temporary directory, created as `tcpmgm db init` does, with rows.
+struct Db {
+    dir: PathBuf,
+}
+
+impl Db {
+    async fn new(version: TableVersion, inserts: &str) -> Db {
+        let dir = std::env::temp_dir().join(format!(
+            "tcpmgm-cli-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = Db { dir };
+        let source = Source::open(&db.url(), true).await.unwrap();
+        assert!(source.init(version).await.unwrap());
+        source.execute_script(inserts).await.unwrap();
+        db
+    }
+
+    fn url(&self) -> String {
+        format!("sqlite://{}", self.dir.join("rules.db").display())
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn tcpmgm(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary("tcpmgm")).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const BAD_ROWS: &str = "
+INSERT INTO tcp_mgm (id, remote_addr) VALUES (1, '10.0.0.300/24');
+INSERT INTO tcp_mgm (id, remote_addr) VALUES (2, '10.0.0.0/33');
+INSERT INTO tcp_mgm (id, remote_port) VALUES (3, 70000);
+INSERT INTO tcp_mgm (id, connect_timeout) VALUES (4, -5);
+INSERT INTO tcp_mgm (id, proto) VALUES (5, 'udp');
+INSERT INTO tcp_mgm (id, proto) VALUES (6, 'quic');
+INSERT INTO tcp_mgm (id, keepalive) VALUES (7, 2);
+INSERT INTO tcp_mgm (id, local_addr) VALUES (8, 'nosuch');
+INSERT INTO tcp_mgm (id, remote_addr, local_addr) VALUES (9, '192.0.2.0/24', '[2001:db8::1]');
+INSERT INTO tcp_mgm (id, attrs) VALUES (10, 'max_msg_chunks');
+INSERT INTO tcp_mgm (id, remote_addr, local_addr, keepidle) VALUES (11, '127.0.0.0/8', 'trunks', 55);
+";
+
+const LISTENER: &str = "tls:10.0.0.1:5061 tag trunks";
+
+#[tokio::test]
+async fn check_names_every_bad_row() {
+    let db = Db::new(TableVersion::V1, BAD_ROWS).await;
+    let (code, stdout, _) = tcpmgm(&["check", "--db", &db.url(), "--listener", LISTENER]);
+    assert_eq!(code, 1, "{stdout}");
+    let want = [
+        "id 1: remote_addr: '10.0.0.300/24' is not an IP address or CIDR",
+        "id 2: remote_addr: '10.0.0.0/33': prefix length /33 is longer than /32",
+        "id 3: remote_port: 70000 is not a port",
+        "id 4: connect_timeout: -5 must not be negative",
+        "id 5: proto: 'udp' is not a TCP-based protocol",
+        "id 6: proto: unknown protocol 'quic'",
+        "id 7: keepalive: 2 is out of range (0 to 1)",
+        "id 8: local_addr: unknown listener tag 'nosuch' (declared: trunks)",
+        "id 9: local_addr: IPv6 local 2001:db8::1/128 cannot meet IPv4 remote 192.0.2.0/24",
+        "id 10: attrs: 'max_msg_chunks' is not key=integer",
+    ];
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), want.len(), "{stdout}");
+    for (line, want) in lines.iter().zip(want) {
+        assert!(line.starts_with(want), "got '{line}', want '{want}...'");
+    }
+}
+
+#[tokio::test]
+async fn both_table_versions_are_read() {
+    for (version, extra) in [
+        (TableVersion::V1, ", parallel_read"),
+        (TableVersion::V2, ""),
+    ] {
+        let insert = format!(
+            "INSERT INTO tcp_mgm (id, remote_addr, keepidle{extra}) VALUES (1, '192.0.2.0/24', 60{});",
+            if extra.is_empty() { "" } else { ", 2" }
+        );
+        let db = Db::new(version, &insert).await;
+        let (code, stdout, stderr) = tcpmgm(&["check", "--db", &db.url()]);
+        assert_eq!(code, 0, "{version:?}: {stdout}{stderr}");
+        let (_, stdout, _) = tcpmgm(&[
+            "match",
+            "--db",
+            &db.url(),
+            "--remote",
+            "192.0.2.9:5060",
+            "--proto",
+            "tcp",
+        ]);
+        assert!(
+            stdout.contains("rule 1:") && stdout.contains("keepidle=60s"),
+            "{version:?}: {stdout}"
+        );
+    }
+    let db = Db::new(
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, parallel_read) VALUES (4, 3);",
+    )
+    .await;
+    let (code, stdout, _) = tcpmgm(&["check", "--db", &db.url()]);
+    assert_eq!(
+        (code, stdout.trim()),
+        (1, "id 4: parallel_read: 3 is out of range (0 to 2)")
+    );
+}
+
+#[tokio::test]
+async fn match_explains_the_winner_and_the_protocol() {
+    let db = Db::new(
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, proto, remote_addr, keepidle) VALUES (1, 'tls', '203.0.113.0/24', 60);
+         INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (2, '203.0.113.0/24', 70);",
+    )
+    .await;
+    let url = db.url();
+    let (_, out, _) = tcpmgm(&[
+        "match",
+        "--db",
+        &url,
+        "--remote",
+        "203.0.113.5:5061",
+        "--proto",
+        "tls",
+    ]);
+    assert!(
+        out.contains("rule 1: priority 0, proto tls, remote 203.0.113.0/24"),
+        "{out}"
+    );
+    assert!(
+        out.contains("also matches rule 2, which loses: rule 1 has a specific proto"),
+        "{out}"
+    );
+    let (_, out, _) = tcpmgm(&[
+        "match",
+        "--db",
+        &url,
+        "--remote",
+        "198.51.100.1:5060",
+        "--proto",
+        "tcp",
+    ]);
+    assert!(out.contains("no rule"), "{out}");
+    // Outbound from a listener's address takes that listener's protocol.
+    let (_, out, _) = tcpmgm(&[
+        "match",
+        "--db",
+        &url,
+        "--remote",
+        "[::ffff:203.0.113.5]:5061",
+        "--local",
+        "10.0.0.1:40000",
+        "--listener",
+        LISTENER,
+    ]);
+    assert!(
+        out.contains("connection: proto tls, remote 203.0.113.5:5061, local 10.0.0.1 port 5061"),
+        "{out}"
+    );
+    assert!(
+        out.contains("attributed to tls:10.0.0.1:5061 tag trunks") && out.contains("rule 1:"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn a_rejected_table_reaches_nothing_in_the_kernel() {
+    let sb = Sandbox::new();
+    let db = Db::new(TableVersion::V1, BAD_ROWS).await;
+    let cgroup = sb.cgroup.to_str().unwrap();
+    let pins = sb.pin_dir.to_str().unwrap();
+    let (code, _, stderr) = tcpmgm(&[
+        "run",
+        "--db",
+        &db.url(),
+        "--cgroup",
+        cgroup,
+        "--pin-dir",
+        pins,
+        "--listener",
+        LISTENER,
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("id 3: remote_port") && stderr.contains("nothing was loaded"),
+        "{stderr}"
+    );
+    assert!(
+        !sb.attached_programs().contains("tcpmgm"),
+        "{}",
+        sb.attached_programs()
+    );
+    assert!(!Path::new(pins).exists());
+}
+
+#[tokio::test]
+async fn run_enforces_skips_bad_rows_on_request_and_detaches_on_sigterm() {
+    let sb = Sandbox::new();
+    let db = Db::new(TableVersion::V1, BAD_ROWS).await;
+    let mut run = Command::new(binary("tcpmgm"))
+        .args([
+            "run",
+            "--db",
+            &db.url(),
+            "--skip-invalid",
+            "--listener",
+            LISTENER,
+        ])
+        .arg("--cgroup")
+        .arg(&sb.cgroup)
+        .arg("--pin-dir")
+        .arg(&sb.pin_dir)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(run.id() as i32);
+    let mut log = BufReader::new(run.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("rules enforced") {
+        let mut line = String::new();
+        if log.read_line(&mut line).unwrap() == 0 {
+            let _ = run.kill();
+            panic!("tcpmgm run exited: {seen}");
+        }
+        seen.push_str(&line);
+    }
+    assert!(
+        seen.contains("id 1: remote_addr") && seen.contains("1 rules enforced"),
+        "{seen}"
+    );
+    let programs = sb.attached_programs();
+    for p in ["tcpmgm_sock_ops", "tcpmgm_connect4", "tcpmgm_connect6"] {
+        assert_eq!(programs.matches(p).count(), 1, "{programs}");
+    }
+    // Rule 11 (local_addr names the listener tag 'trunks', 10.0.0.1) applies from that address.
+    sb.netns.add_local(&["10.0.0.1"]);
+    let mut probe = sb.probe();
+    let r = probe.ask("pair 127.0.0.1:7001 127.0.0.1:7001 10.0.0.1:0");
+    assert_eq!(r.get("client_idle"), 55, "{r:?}");
+
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = run.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        !sb.attached_programs().contains("tcpmgm"),
+        "{}",
+        sb.attached_programs()
+    );
+    assert!(!sb.pin_dir.exists());
+    let r = probe.ask("pair 127.0.0.1:7002 127.0.0.1:7002 10.0.0.1:0");
+    assert_eq!(r.keepalive("client"), (0, 7200, 75, 9), "{r:?}");
+}
