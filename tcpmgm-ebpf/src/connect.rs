@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use tcpmgm_common::flags;
 
-use crate::decide::{Conn, decide, is_v4_mapped};
+use crate::decide::{Conn, decide, is_v4_mapped, load_words};
 
 const SOCK_STREAM: u32 = 1;
 const ALLOW: i32 = 1;
@@ -45,18 +45,8 @@ pub fn tcpmgm_connect6(ctx: SockAddrContext) -> i32 {
         }
         let rd = |p: *const u32| core::ptr::read_volatile(p);
         let sk: *const bpf_sock = (*sa).__bindgen_anon_1.sk;
-        let remote = [
-            rd(&(*sa).user_ip6[0]),
-            rd(&(*sa).user_ip6[1]),
-            rd(&(*sa).user_ip6[2]),
-            rd(&(*sa).user_ip6[3]),
-        ];
-        let local = [
-            rd(&(*sk).src_ip6[0]),
-            rd(&(*sk).src_ip6[1]),
-            rd(&(*sk).src_ip6[2]),
-            rd(&(*sk).src_ip6[3]),
-        ];
+        let remote = load_words(&(*sa).user_ip6);
+        let local = load_words(&(*sk).src_ip6);
         let remote_port = port(rd(&(*sa).user_port));
         let local_port = rd(&(*sk).src_port) as u16;
         if is_v4_mapped(&remote) {

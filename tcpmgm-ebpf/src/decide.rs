@@ -24,6 +24,25 @@ pub struct Conn {
     pub passive: bool,
 }
 
+/// Reads an IPv6 address field of a context as four fixed-offset loads. Left to itself LLVM may
+/// merge neighbouring ctx loads into one at a variable offset, which the verifier refuses.
+///
+/// # Safety
+/// `p` must point at a readable `[u32; 4]` field of the program's context.
+#[inline(always)]
+pub unsafe fn load_words(p: *const [u32; 4]) -> [u32; 4] {
+    let w = p as *const u32;
+    // SAFETY: the caller's contract; each read stays inside the field.
+    unsafe {
+        [
+            core::ptr::read_volatile(w),
+            core::ptr::read_volatile(w.add(1)),
+            core::ptr::read_volatile(w.add(2)),
+            core::ptr::read_volatile(w.add(3)),
+        ]
+    }
+}
+
 /// `::ffff:a.b.c.d` as network-order words: 0, 0, 0x0000ffff.
 #[inline(always)]
 pub fn is_v4_mapped(w: &[u32; 4]) -> bool {

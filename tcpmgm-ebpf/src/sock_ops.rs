@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use tcpmgm_common::{Profile, flags};
 
-use crate::decide::{Conn, decide, is_v4_mapped};
+use crate::decide::{Conn, decide, is_v4_mapped, load_words};
 
 const AF_INET6: u32 = 10;
 const SOL_SOCKET: i32 = 1;
@@ -37,9 +37,9 @@ pub fn tcpmgm_sock_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// Reads the addresses with one fixed-offset load per field. Left to itself LLVM may merge the
-/// v4 and v6 loads into one load at a variable ctx offset, which the verifier refuses; for a
-/// v4-mapped peer the kernel fills `remote_ip4`/`local_ip4` too, so those are read instead.
+/// Reads the addresses with one fixed-offset load per field (see `load_words`); for a v4-mapped
+/// peer the kernel fills `remote_ip4`/`local_ip4` too, so those are read instead of picking
+/// words out of the v6 fields.
 #[inline(always)]
 fn conn(ops: *const bpf_sock_ops, passive: bool) -> Conn {
     // SAFETY: `ops` is the program's context; each read is a plain ctx field load.
@@ -50,18 +50,8 @@ fn conn(ops: *const bpf_sock_ops, passive: bool) -> Conn {
         let local_port = rd(&(*ops).local_port) as u16;
         let remote4 = rd(&(*ops).remote_ip4);
         let local4 = rd(&(*ops).local_ip4);
-        let remote6 = [
-            rd(&(*ops).remote_ip6[0]),
-            rd(&(*ops).remote_ip6[1]),
-            rd(&(*ops).remote_ip6[2]),
-            rd(&(*ops).remote_ip6[3]),
-        ];
-        let local6 = [
-            rd(&(*ops).local_ip6[0]),
-            rd(&(*ops).local_ip6[1]),
-            rd(&(*ops).local_ip6[2]),
-            rd(&(*ops).local_ip6[3]),
-        ];
+        let remote6 = load_words(&(*ops).remote_ip6);
+        let local6 = load_words(&(*ops).local_ip6);
         if family == AF_INET6 && !is_v4_mapped(&remote6) {
             Conn {
                 v6: true,

@@ -194,7 +194,7 @@ fn map_err(map: &'static str, what: impl Into<String>) -> impl FnOnce(MapError) 
 }
 
 fn write_maps(ebpf: &mut Ebpf, policy: &Policy) -> Result<(), KernelError> {
-    use tcpmgm_common::{Candidate, CandidateRange, ListenerInfo, ListenerKey, Profile};
+    use tcpmgm_common::{Candidate, ListenerInfo, ListenerKey, Profile};
     fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> &'a mut aya::maps::Map {
         ebpf.map_mut(name).expect("the object defines every map")
     }
@@ -220,33 +220,37 @@ fn write_maps(ebpf: &mut Ebpf, policy: &Policy) -> Result<(), KernelError> {
             .insert(k, v, 0)
             .map_err(map_err(names::LISTENERS, format!("{k:?}")))?;
     }
-    let mut v4: LpmTrie<_, [u8; 4], CandidateRange> =
-        LpmTrie::try_from(map(ebpf, names::REMOTE_V4))
-            .map_err(map_err(names::REMOTE_V4, "open"))?;
-    for (net, range) in &policy.remote_v4 {
-        let IpNet::V4(n) = net else {
-            unreachable!("the v4 trie holds v4 prefixes")
+    fill_trie::<4>(
+        map(ebpf, names::REMOTE_V4),
+        names::REMOTE_V4,
+        &policy.remote_v4,
+    )?;
+    fill_trie::<16>(
+        map(ebpf, names::REMOTE_V6),
+        names::REMOTE_V6,
+        &policy.remote_v6,
+    )?;
+    Ok(())
+}
+
+/// Fills a remote-prefix trie whose key data is the `N`-byte address.
+fn fill_trie<const N: usize>(
+    map: &mut aya::maps::Map,
+    name: &'static str,
+    entries: &[(IpNet, tcpmgm_common::CandidateRange)],
+) -> Result<(), KernelError> {
+    let mut trie: LpmTrie<_, [u8; N], tcpmgm_common::CandidateRange> =
+        LpmTrie::try_from(map).map_err(map_err(name, "open"))?;
+    for (net, range) in entries {
+        let octets = match net.network() {
+            std::net::IpAddr::V4(a) => a.octets().to_vec(),
+            std::net::IpAddr::V6(a) => a.octets().to_vec(),
         };
-        v4.insert(
-            &Key::new(u32::from(n.prefix_len()), n.network().octets()),
-            range,
-            0,
-        )
-        .map_err(map_err(names::REMOTE_V4, net.to_string()))?;
-    }
-    let mut v6: LpmTrie<_, [u8; 16], CandidateRange> =
-        LpmTrie::try_from(map(ebpf, names::REMOTE_V6))
-            .map_err(map_err(names::REMOTE_V6, "open"))?;
-    for (net, range) in &policy.remote_v6 {
-        let IpNet::V6(n) = net else {
-            unreachable!("the v6 trie holds v6 prefixes")
-        };
-        v6.insert(
-            &Key::new(u32::from(n.prefix_len()), n.network().octets()),
-            range,
-            0,
-        )
-        .map_err(map_err(names::REMOTE_V6, net.to_string()))?;
+        let data: [u8; N] = octets
+            .try_into()
+            .expect("the compiler keeps each family in its trie");
+        trie.insert(&Key::new(u32::from(net.prefix_len()), data), range, 0)
+            .map_err(map_err(name, net.to_string()))?;
     }
     Ok(())
 }
