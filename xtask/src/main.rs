@@ -85,6 +85,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             setup()?;
+            // The CLI tests run the `tcpmgm` binary, which `cargo test` alone does not build.
+            status(cargo(&root).args([
+                "build",
+                "--workspace",
+                "--exclude",
+                "tcpmgm-ebpf",
+                "--bins",
+            ]))?;
             let mut cmd = cargo(&root);
             cmd.args(["test", "--workspace", "--exclude", "tcpmgm-ebpf"])
                 .args(&args);
