@@ -9,19 +9,36 @@
 pub mod names {
     pub const REMOTE_V4: &str = "TCPMGM_REMOTE_V4";
     pub const REMOTE_V6: &str = "TCPMGM_REMOTE_V6";
-    pub const CANDIDATES: &str = "TCPMGM_CANDIDATES";
+    pub const ROOTS: &str = "TCPMGM_ROOTS";
+    pub const BUCKETS: &str = "TCPMGM_BUCKETS";
+    pub const LOCAL_V4: &str = "TCPMGM_LOCAL_V4";
+    pub const LOCAL_V6: &str = "TCPMGM_LOCAL_V6";
     pub const PROFILES: &str = "TCPMGM_PROFILES";
     pub const LISTENERS: &str = "TCPMGM_LISTENERS";
+    /// Per-socket decisions; shared by every generation of the programs.
+    pub const SOCKETS: &str = "TCPMGM_SOCKETS";
     pub const SOCK_OPS: &str = "tcpmgm_sock_ops";
     pub const CONNECT4: &str = "tcpmgm_connect4";
     pub const CONNECT6: &str = "tcpmgm_connect6";
-    /// All maps, in the order the loader writes them.
-    pub const MAPS: [&str; 5] = [PROFILES, CANDIDATES, LISTENERS, REMOTE_V4, REMOTE_V6];
+    /// The policy maps, made anew for every rule set, in the order the loader writes them.
+    pub const POLICY_MAPS: [&str; 8] = [
+        PROFILES, LOCAL_V4, LOCAL_V6, BUCKETS, LISTENERS, ROOTS, REMOTE_V4, REMOTE_V6,
+    ];
 }
 
-/// Longest candidate list the programs walk for one remote prefix. The compiler refuses a rule set
-/// that would need more, rather than truncating it.
-pub const MAX_CANDIDATES: u32 = 256;
+/// A rank (a rule's position in match order, its index in `PROFILES`) meaning "no rule".
+pub const NO_RULE: u32 = u32::MAX;
+/// `Bucket::local` when no candidate of the bucket names a local address.
+pub const NO_LOCAL: u32 = u32::MAX;
+
+/// The shapes of a bucket key: which of proto, remote_port and local_port are set (non-zero).
+pub mod shape {
+    pub const PROTO: u32 = 1;
+    pub const REMOTE_PORT: u32 = 2;
+    pub const LOCAL_PORT: u32 = 4;
+    /// Shapes are 0..COUNT; a `ListRef::shapes` bit per shape.
+    pub const COUNT: u32 = 8;
+}
 
 /// Protocol ids. `PROTO_ANY` in a candidate matches every connection; a connection whose protocol
 /// is unknown (no listener) carries `PROTO_ANY` too and so only meets `any` rules.
@@ -31,8 +48,6 @@ pub const PROTOCOLS: [&str; 11] = [
     "tcp", "tls", "ws", "wss", "bin", "bins", "hep_tcp", "hep_tls", "msrp", "msrps", "smpp",
 ];
 
-/// `Candidate::local_family`: the rule names no local address.
-pub const LOCAL_ANY: u8 = 0;
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
@@ -51,35 +66,66 @@ pub type Addr4 = [u8; 4];
 /// LPM trie key data for IPv6 prefixes.
 pub type Addr6 = [u8; 16];
 
-/// The value of a remote-prefix trie entry: the slice of `CANDIDATES` holding, in match order,
-/// every rule whose remote side contains this prefix.
+/// A candidate list: the value of a remote-prefix trie entry, and of each family's root (the
+/// rules whose remote side is any or /0). `shapes` has a bit for each bucket shape the list has.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CandidateRange {
-    pub first: u32,
-    pub len: u32,
+pub struct ListRef {
+    pub list: u32,
+    pub shapes: u32,
 }
 
-/// One rule as seen from a remote prefix: the remaining match keys, pre-masked.
+/// A bucket: the rules of one list with one (proto, remote_port, local_port), 0 meaning any.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BucketKey {
+    pub list: u32,
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The best rank of a bucket's rules that name no local address (`NO_RULE` if none), and the id
+/// of its local-address tries (`NO_LOCAL` if no rule of it names one).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Candidate {
-    /// Local address, already masked, network order words.
-    pub local_addr: [u32; 4],
-    /// Local prefix mask, network order words.
-    pub local_mask: [u32; 4],
-    /// Index into `PROFILES`.
-    pub profile: u32,
-    /// 0 = any.
-    pub remote_port: u16,
-    /// 0 = any.
-    pub local_port: u16,
-    /// `PROTO_ANY` or a protocol id.
-    pub proto: u8,
-    /// `LOCAL_ANY`, `FAMILY_V4` or `FAMILY_V6`.
-    pub local_family: u8,
-    pub _pad: [u8; 2],
+pub struct Bucket {
+    pub best: u32,
+    pub local: u32,
 }
+
+/// LPM key data of the local tries: a bucket's local id, then the address. Every entry covers
+/// the id whole, so its byte order does not matter; the value is the best rank of the bucket's
+/// rules whose local side contains the entry's prefix (local any included).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalKey4 {
+    pub local: u32,
+    pub addr: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalKey6 {
+    pub local: u32,
+    pub addr: [u8; 16],
+}
+
+/// What a socket was decided: stored per socket at the first hook that sees it, so that every
+/// later hook, whatever rule set is loaded by then, applies the same decision.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockPolicy {
+    /// `SOCK_UNDECIDED` (a fresh storage), `SOCK_NO_RULE` or `SOCK_RULE`.
+    pub state: u32,
+    pub _pad: u32,
+    pub profile: Profile,
+}
+
+pub const SOCK_UNDECIDED: u32 = 0;
+pub const SOCK_NO_RULE: u32 = 1;
+pub const SOCK_RULE: u32 = 2;
 
 /// What the programs apply for a rule. Every column of the OpenSIPS profile is carried so that
 /// `bpftool map dump` shows the whole profile; the programs act on the keepalive and connect
@@ -132,8 +178,12 @@ pub struct ListenerInfo {
 mod pod {
     use super::*;
     // SAFETY: all of these are repr(C) with explicit padding fields and no pointers.
-    unsafe impl aya::Pod for CandidateRange {}
-    unsafe impl aya::Pod for Candidate {}
+    unsafe impl aya::Pod for ListRef {}
+    unsafe impl aya::Pod for BucketKey {}
+    unsafe impl aya::Pod for Bucket {}
+    unsafe impl aya::Pod for LocalKey4 {}
+    unsafe impl aya::Pod for LocalKey6 {}
+    unsafe impl aya::Pod for SockPolicy {}
     unsafe impl aya::Pod for Profile {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for ListenerInfo {}

@@ -1,5 +1,6 @@
 //! no_new_conn: refuse connect() to a destination whose rule forbids new connections. Both
 //! hooks are needed: an AF_INET6 socket connecting to `::ffff:a.b.c.d` only runs connect6.
+//! The decision is stored with the socket (see `sockets`), so sock_ops applies the same rule.
 use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
     macros::cgroup_sock_addr,
@@ -7,7 +8,8 @@ use aya_ebpf::{
 };
 use tcpmgm_common::flags;
 
-use crate::decide::{Conn, decide, is_v4_mapped, load_words};
+use crate::decide::{Conn, is_v4_mapped, load_words};
+use crate::sockets;
 
 const SOCK_STREAM: u32 = 1;
 const ALLOW: i32 = 1;
@@ -16,40 +18,39 @@ const REFUSE: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn tcpmgm_connect4(ctx: SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
-    // SAFETY: ctx field loads; `sk` is a verifier-checked socket pointer of the context.
-    let conn = unsafe {
+    let sa: *const bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: ctx field loads; `sk` is the context's socket, never null in this hook.
+    unsafe {
         if core::ptr::read_volatile(&(*sa).type_) != SOCK_STREAM {
             return ALLOW;
         }
-        let sk: *const bpf_sock = (*sa).__bindgen_anon_1.sk;
-        Conn {
+        let sk: *mut bpf_sock = (*sa).__bindgen_anon_1.sk;
+        let conn = Conn {
             v6: false,
             remote: [core::ptr::read_volatile(&(*sa).user_ip4), 0, 0, 0],
             remote_port: port(core::ptr::read_volatile(&(*sa).user_port)),
             local: [core::ptr::read_volatile(&(*sk).src_ip4), 0, 0, 0],
             local_port: core::ptr::read_volatile(&(*sk).src_port) as u16,
             passive: false,
-        }
-    };
-    verdict(&conn)
+        };
+        verdict(sk, conn)
+    }
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn tcpmgm_connect6(ctx: SockAddrContext) -> i32 {
     let sa: *const bpf_sock_addr = ctx.sock_addr;
-    // SAFETY: as in connect4; every address word is its own fixed-offset load.
-    let conn = unsafe {
+    // SAFETY: as in connect4; the address fields are read with fixed-offset loads.
+    unsafe {
         if core::ptr::read_volatile(&(*sa).type_) != SOCK_STREAM {
             return ALLOW;
         }
-        let rd = |p: *const u32| core::ptr::read_volatile(p);
-        let sk: *const bpf_sock = (*sa).__bindgen_anon_1.sk;
+        let sk: *mut bpf_sock = (*sa).__bindgen_anon_1.sk;
         let remote = load_words(&(*sa).user_ip6);
         let local = load_words(&(*sk).src_ip6);
-        let remote_port = port(rd(&(*sa).user_port));
-        let local_port = rd(&(*sk).src_port) as u16;
-        if is_v4_mapped(&remote) {
+        let remote_port = port(core::ptr::read_volatile(&(*sa).user_port));
+        let local_port = core::ptr::read_volatile(&(*sk).src_port) as u16;
+        let conn = if is_v4_mapped(&remote) {
             let local4 = if is_v4_mapped(&local) { local[3] } else { 0 };
             Conn {
                 v6: false,
@@ -68,9 +69,9 @@ pub fn tcpmgm_connect6(ctx: SockAddrContext) -> i32 {
                 local_port,
                 passive: false,
             }
-        }
-    };
-    verdict(&conn)
+        };
+        verdict(sk, conn)
+    }
 }
 
 /// `user_port` holds the port in network order in its low 16 bits (unlike sock_ops, whose
@@ -81,8 +82,8 @@ fn port(user_port: u32) -> u16 {
 }
 
 #[inline(always)]
-fn verdict(conn: &Conn) -> i32 {
-    match decide(conn) {
+fn verdict(sk: *mut bpf_sock, conn: Conn) -> i32 {
+    match sockets::policy(sk, || conn) {
         Some(p) if p.flags & flags::NO_NEW_CONN != 0 => REFUSE,
         _ => ALLOW,
     }

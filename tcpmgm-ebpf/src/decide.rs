@@ -1,13 +1,23 @@
-//! Which rule, if any, governs a connection. The loader did the hard part: each remote prefix in
-//! the tries points at the rules that contain it, already in match order, so this walks that
-//! list and takes the first rule whose other keys match.
+//! Which rule, if any, governs a connection, in a bounded number of map lookups whatever the
+//! number of rules (the layout is built and explained in tcpmgm-user's `compile.rs`):
+//!
+//! 1. the remote-prefix trie gives the list of the longest rule prefix holding the peer; the
+//!    family's root list holds the rules for any remote;
+//! 2. in each list, for each shape of (proto, remote_port, local_port) the list has, one hash
+//!    lookup gives the bucket of rules with exactly those values;
+//! 3. a bucket knows the best rank of its rules without a local address, and, if some have one,
+//!    a local-address trie gives the best rank for the socket's local address.
+//!
+//! The lowest rank found is the winner: ranks are positions in the match order.
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use tcpmgm_common::{
-    Candidate, FAMILY_V4, FAMILY_V6, LOCAL_ANY, ListenerKey, MAX_CANDIDATES, PROTO_ANY, Profile,
+    BucketKey, FAMILY_V4, FAMILY_V6, ListRef, ListenerKey, LocalKey4, LocalKey6, NO_LOCAL, NO_RULE,
+    PROTO_ANY, shape,
 };
 
 use crate::maps::{
-    TCPMGM_CANDIDATES, TCPMGM_LISTENERS, TCPMGM_PROFILES, TCPMGM_REMOTE_V4, TCPMGM_REMOTE_V6,
+    TCPMGM_BUCKETS, TCPMGM_LISTENERS, TCPMGM_LOCAL_V4, TCPMGM_LOCAL_V6, TCPMGM_REMOTE_V4,
+    TCPMGM_REMOTE_V6, TCPMGM_ROOTS,
 };
 
 /// A connection as the hooks see it. Addresses are network-order words; an IPv4-mapped IPv6
@@ -22,6 +32,16 @@ pub struct Conn {
     /// bound or ephemeral port, or 0 before the kernel picked one.
     pub local_port: u16,
     pub passive: bool,
+}
+
+impl Conn {
+    fn local_known(&self) -> bool {
+        (self.local[0] | self.local[1] | self.local[2] | self.local[3]) != 0
+    }
+
+    fn family(&self) -> u8 {
+        if self.v6 { FAMILY_V6 } else { FAMILY_V4 }
+    }
 }
 
 /// Reads an IPv6 address field of a context as four fixed-offset loads. Left to itself LLVM may
@@ -49,9 +69,17 @@ pub fn is_v4_mapped(w: &[u32; 4]) -> bool {
     w[0] == 0 && w[1] == 0 && w[2] == u32::from_be(0x0000_ffff)
 }
 
+fn v6_bytes(w: &[u32; 4]) -> [u8; 16] {
+    let mut data = [0u8; 16];
+    for (i, word) in w.iter().enumerate() {
+        data[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    data
+}
+
 #[inline(always)]
 fn listener(key: ListenerKey) -> Option<(u8, u16)> {
-    // SAFETY: the value is copied out at once; the entry may be replaced concurrently.
+    // SAFETY: the value is copied out at once.
     unsafe { TCPMGM_LISTENERS.get(key) }.map(|l| (l.proto, l.port))
 }
 
@@ -61,7 +89,7 @@ fn listener(key: ListenerKey) -> Option<(u8, u16)> {
 /// the loader attributed to their local address (port 0 entries), else to none.
 #[inline(always)]
 fn protocol_and_port(c: &Conn) -> (u8, u16) {
-    let family = if c.v6 { FAMILY_V6 } else { FAMILY_V4 };
+    let family = c.family();
     let key = |addr: [u32; 4], port: u16| ListenerKey {
         addr,
         port,
@@ -73,8 +101,7 @@ fn protocol_and_port(c: &Conn) -> (u8, u16) {
             .or_else(|| listener(key([0; 4], c.local_port)))
             .unwrap_or((PROTO_ANY, c.local_port));
     }
-    let local_known = (c.local[0] | c.local[1] | c.local[2] | c.local[3]) != 0;
-    let bound = if local_known && c.local_port != 0 {
+    let bound = if c.local_known() && c.local_port != 0 {
         listener(key(c.local, c.local_port))
     } else {
         None
@@ -85,63 +112,107 @@ fn protocol_and_port(c: &Conn) -> (u8, u16) {
         .unwrap_or((PROTO_ANY, 0))
 }
 
+/// The best rank in one list for this connection.
 #[inline(always)]
-fn candidate_matches(cand: &Candidate, c: &Conn, proto: u8, local_port: u16) -> bool {
-    if cand.proto != PROTO_ANY && cand.proto != proto {
-        return false;
+fn best_in(list: &ListRef, c: &Conn, proto: u8, local_port: u16) -> u32 {
+    let mut best = NO_RULE;
+    for s in 0..shape::COUNT {
+        if list.shapes & (1 << s) == 0
+            || (s & shape::PROTO != 0 && proto == PROTO_ANY)
+            || (s & shape::LOCAL_PORT != 0 && local_port == 0)
+        {
+            continue;
+        }
+        let key = BucketKey {
+            list: list.list,
+            remote_port: if s & shape::REMOTE_PORT != 0 {
+                c.remote_port
+            } else {
+                0
+            },
+            local_port: if s & shape::LOCAL_PORT != 0 {
+                local_port
+            } else {
+                0
+            },
+            proto: if s & shape::PROTO != 0 {
+                proto
+            } else {
+                PROTO_ANY
+            },
+            _pad: [0; 3],
+        };
+        // SAFETY: the value is copied out at once.
+        let Some(bucket) = (unsafe { TCPMGM_BUCKETS.get(key) }).copied() else {
+            continue;
+        };
+        let mut rank = bucket.best;
+        if bucket.local != NO_LOCAL && c.local_known() {
+            let found = if c.v6 {
+                let data = LocalKey6 {
+                    local: bucket.local,
+                    addr: v6_bytes(&c.local),
+                };
+                TCPMGM_LOCAL_V6
+                    .get(&Key {
+                        prefix_len: 32 + 128,
+                        data,
+                    })
+                    .copied()
+            } else {
+                let data = LocalKey4 {
+                    local: bucket.local,
+                    addr: c.local[0].to_ne_bytes(),
+                };
+                TCPMGM_LOCAL_V4
+                    .get(&Key {
+                        prefix_len: 32 + 32,
+                        data,
+                    })
+                    .copied()
+            };
+            if let Some(r) = found {
+                rank = r;
+            }
+        }
+        if rank < best {
+            best = rank;
+        }
     }
-    if cand.remote_port != 0 && cand.remote_port != c.remote_port {
-        return false;
-    }
-    if cand.local_port != 0 && cand.local_port != local_port {
-        return false;
-    }
-    if cand.local_family == LOCAL_ANY {
-        return true;
-    }
-    let family = if c.v6 { FAMILY_V6 } else { FAMILY_V4 };
-    let local_known = (c.local[0] | c.local[1] | c.local[2] | c.local[3]) != 0;
-    cand.local_family == family
-        && local_known
-        && c.local[0] & cand.local_mask[0] == cand.local_addr[0]
-        && c.local[1] & cand.local_mask[1] == cand.local_addr[1]
-        && c.local[2] & cand.local_mask[2] == cand.local_addr[2]
-        && c.local[3] & cand.local_mask[3] == cand.local_addr[3]
+    best
 }
 
-/// The profile of the winning rule, or None: no rule matches and the system's settings stay.
+/// The rank of the winning rule (its index in `TCPMGM_PROFILES`), or None: no rule matches and
+/// the system's settings stay.
 #[inline(always)]
-pub fn decide(c: &Conn) -> Option<&'static tcpmgm_common::Profile> {
-    let range = if c.v6 {
-        let mut data = [0u8; 16];
-        for (i, w) in c.remote.iter().enumerate() {
-            data[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        TCPMGM_REMOTE_V6.get(&Key {
-            prefix_len: 128,
-            data,
-        })?
-    } else {
-        TCPMGM_REMOTE_V4.get(&Key {
-            prefix_len: 32,
-            data: c.remote[0].to_ne_bytes(),
-        })?
-    };
-    let (first, len) = (range.first, range.len);
+pub fn decide(c: &Conn) -> Option<u32> {
     let (proto, local_port) = protocol_and_port(c);
-    for i in 0..MAX_CANDIDATES {
-        if i >= len {
-            break;
-        }
-        let cand = TCPMGM_CANDIDATES.get(first.wrapping_add(i))?;
-        if candidate_matches(cand, c, proto, local_port) {
-            return profile(cand.profile);
+    let prefix = if c.v6 {
+        TCPMGM_REMOTE_V6
+            .get(&Key {
+                prefix_len: 128,
+                data: v6_bytes(&c.remote),
+            })
+            .copied()
+    } else {
+        TCPMGM_REMOTE_V4
+            .get(&Key {
+                prefix_len: 32,
+                data: c.remote[0].to_ne_bytes(),
+            })
+            .copied()
+    };
+    // Two plain steps rather than a loop over [prefix, root]: an array of Options on the stack
+    // made LLVM spill a register in halves, which the verifier refuses.
+    let mut best = NO_RULE;
+    if let Some(list) = prefix {
+        best = best_in(&list, c, proto, local_port);
+    }
+    if let Some(root) = TCPMGM_ROOTS.get(u32::from(c.v6)) {
+        let rank = best_in(root, c, proto, local_port);
+        if rank < best {
+            best = rank;
         }
     }
-    None
-}
-
-#[inline(always)]
-fn profile(index: u32) -> Option<&'static Profile> {
-    TCPMGM_PROFILES.get(index)
+    (best != NO_RULE).then_some(best)
 }

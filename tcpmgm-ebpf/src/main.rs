@@ -3,6 +3,7 @@
 //! - `sock_ops`: keepalive options at establishment, connect timeout during the handshake.
 //! - `connect`: refuse new outbound connections where the rule says no_new_conn.
 //! - `decide`: the shared lookup over the maps the loader compiled.
+//! - `sockets`: one decision per socket, kept in socket-local storage.
 #![no_std]
 #![no_main]
 
@@ -10,6 +11,7 @@ mod connect;
 mod decide;
 mod maps;
 mod sock_ops;
+mod sockets;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -1,22 +1,39 @@
-//! The policy maps. Sizes here are placeholders: the loader sets each map's max_entries to the
-//! size of what it compiled before loading.
+//! The maps. The policy maps are made anew for every rule set and sized to it by the loader (the
+//! sizes here are placeholders); `TCPMGM_SOCKETS` is shared by every generation of the programs.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie},
+    btf_maps::{Array, HashMap, LpmTrie, SkStorage},
     macros::btf_map,
 };
-use tcpmgm_common::{Addr4, Addr6, Candidate, CandidateRange, ListenerInfo, ListenerKey, Profile};
+use tcpmgm_common::{
+    Addr4, Addr6, Bucket, BucketKey, ListRef, ListenerInfo, ListenerKey, LocalKey4, LocalKey6,
+    Profile, SockPolicy,
+};
 
 #[btf_map]
-pub static TCPMGM_REMOTE_V4: LpmTrie<Addr4, CandidateRange, 1> = LpmTrie::new();
+pub static TCPMGM_REMOTE_V4: LpmTrie<Addr4, ListRef, 1> = LpmTrie::new();
 
 #[btf_map]
-pub static TCPMGM_REMOTE_V6: LpmTrie<Addr6, CandidateRange, 1> = LpmTrie::new();
+pub static TCPMGM_REMOTE_V6: LpmTrie<Addr6, ListRef, 1> = LpmTrie::new();
+
+/// [IPv4 root, IPv6 root]: the lists of rules whose remote side is any (or /0).
+#[btf_map]
+pub static TCPMGM_ROOTS: Array<ListRef, 2> = Array::new();
 
 #[btf_map]
-pub static TCPMGM_CANDIDATES: Array<Candidate, 1> = Array::new();
+pub static TCPMGM_BUCKETS: HashMap<BucketKey, Bucket, 1> = HashMap::new();
 
+#[btf_map]
+pub static TCPMGM_LOCAL_V4: LpmTrie<LocalKey4, u32, 1> = LpmTrie::new();
+
+#[btf_map]
+pub static TCPMGM_LOCAL_V6: LpmTrie<LocalKey6, u32, 1> = LpmTrie::new();
+
+/// Profiles by rank (position in match order).
 #[btf_map]
 pub static TCPMGM_PROFILES: Array<Profile, 1> = Array::new();
 
 #[btf_map]
 pub static TCPMGM_LISTENERS: HashMap<ListenerKey, ListenerInfo, 1> = HashMap::new();
+
+#[btf_map]
+pub static TCPMGM_SOCKETS: SkStorage<SockPolicy> = SkStorage::new();

@@ -12,7 +12,8 @@ use aya_ebpf::{
 };
 use tcpmgm_common::{Profile, flags};
 
-use crate::decide::{Conn, decide, is_v4_mapped, load_words};
+use crate::decide::{Conn, is_v4_mapped, load_words};
+use crate::sockets;
 
 const AF_INET6: u32 = 10;
 const SOL_SOCKET: i32 = 1;
@@ -74,6 +75,17 @@ fn conn(ops: *const bpf_sock_ops, passive: bool) -> Conn {
     }
 }
 
+/// The profile of this socket (see `sockets`), or None: no rule, or no full socket.
+#[inline(always)]
+fn policy(ctx: &SockOpsContext, passive: bool) -> Option<&'static Profile> {
+    // SAFETY: ctx field load; the kernel gives a socket pointer or null.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return None;
+    }
+    sockets::policy(sk, || conn(ctx.ops, passive))
+}
+
 #[inline(always)]
 fn set(ctx: &SockOpsContext, level: i32, name: i32, value: u32) {
     let mut v = value as i32;
@@ -115,7 +127,7 @@ fn timeout_init(ctx: &SockOpsContext) {
     if state != BPF_TCP_SYN_SENT {
         return;
     }
-    if let Some(p) = decide(&conn(ctx.ops, false))
+    if let Some(p) = policy(ctx, false)
         && p.syn_rto_jiffies != 0
     {
         ctx.set_reply(p.syn_rto_jiffies);
@@ -125,7 +137,7 @@ fn timeout_init(ctx: &SockOpsContext) {
 /// TCP_USER_TIMEOUT bounds the whole handshake; `established` lifts it again. An application
 /// that set its own TCP_USER_TIMEOUT keeps it.
 fn connect_started(ctx: &SockOpsContext) {
-    if let Some(p) = decide(&conn(ctx.ops, false))
+    if let Some(p) = policy(ctx, false)
         && p.connect_timeout_ms != 0
         && get(ctx, SOL_TCP, TCP_USER_TIMEOUT) == Some(0)
     {
@@ -134,7 +146,7 @@ fn connect_started(ctx: &SockOpsContext) {
 }
 
 fn established(ctx: &SockOpsContext, passive: bool) {
-    let Some(p) = decide(&conn(ctx.ops, passive)) else {
+    let Some(p) = policy(ctx, passive) else {
         return;
     };
     // Lift the handshake bound, or it would keep cutting the connection whenever data stays

@@ -1,48 +1,82 @@
 //! Where validated rules become the kernel's policy: the contents of every map, computed here so
-//! that the programs only look up and act.
+//! that the programs only look up and act, in a bounded number of lookups however many rules
+//! there are.
 //!
-//! Remote matching is the expensive part, so it is precomputed per remote prefix: for every
-//! distinct remote prefix P of the rule set (plus the /0 of each family, which stands for rules
-//! with remote_addr any), the candidate list of P holds, in match order, every rule whose remote
-//! side contains P. A peer address's rules are exactly the candidates of the longest P holding
-//! it (every rule prefix holding the address also holds that P), so an LPM trie lookup and a walk
-//! of that list for the first rule whose other keys match gives the reference matcher's answer.
-use std::collections::BTreeSet;
+//! Rules are sorted into match order (`matcher`); a rule's position is its rank, and the lowest
+//! rank among the rules that match wins. The layout:
+//!
+//! - Lists. The rules whose remote side is any (or the family's /0) form the family's root list.
+//!   Every other distinct remote prefix P gets a list holding the rules of P and of every rule
+//!   prefix containing P. A peer's rules are its family's root list plus the list of the longest
+//!   rule prefix holding the peer (every rule prefix holding the peer holds that one), which the
+//!   remote LPM tries find.
+//! - Buckets. A list is split by (proto, remote_port, local_port), each 0 for any: a connection
+//!   meets at most 8 buckets per list, one per shape (which of the three are set), found by hash.
+//!   Each list records the shapes it has, so absent ones cost nothing.
+//! - Local tries. In a bucket, rules differ only by local address and rank. The bucket keeps the
+//!   best rank of its rules without a local address; if some name one, a local LPM trie entry per
+//!   distinct local prefix Q holds the best rank of the bucket's rules whose local side contains
+//!   Q (local any included), so the longest match for the socket's address is the bucket's answer.
+//!
+//! Thousands of rules on one prefix that differ by port fall into separate buckets, and those that
+//! differ by local address into one trie: no lookup walks a list. The price is that a rule is
+//! repeated in the list of every rule prefix nested under its own; a rule set whose lists would
+//! exceed `MAX_ENTRIES` entries is refused with the prefix that needs the most.
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use tcpmgm_common::{
-    Candidate, CandidateRange, FAMILY_V4, FAMILY_V6, LOCAL_ANY, ListenerInfo, ListenerKey,
-    MAX_CANDIDATES, PROTO_ANY, Profile, flags,
+    Bucket, BucketKey, FAMILY_V4, FAMILY_V6, ListRef, ListenerInfo, ListenerKey, NO_LOCAL,
+    PROTO_ANY, Profile, flags, shape,
 };
 
 use crate::listener::{Listener, Listeners};
 use crate::matcher;
 use crate::rule::Rule;
 
+/// The most bucket and local-trie entries a policy may need.
+pub const MAX_ENTRIES: usize = 1 << 25;
+
+/// List ids of the two roots; prefix lists follow.
+pub const ROOT_V4: u32 = 0;
+pub const ROOT_V6: u32 = 1;
+
 /// Everything the kernel maps will hold.
 #[derive(Clone, Debug, Default)]
 pub struct Policy {
-    /// The rules in match order; `profiles[i]` belongs to `rules[i]`.
+    /// The rules in match order; `profiles[rank]` belongs to `rules[rank]`.
     pub rules: Vec<Rule>,
     pub profiles: Vec<Profile>,
-    pub candidates: Vec<Candidate>,
-    pub remote_v4: Vec<(IpNet, CandidateRange)>,
-    pub remote_v6: Vec<(IpNet, CandidateRange)>,
+    pub remote_v4: Vec<(IpNet, ListRef)>,
+    pub remote_v6: Vec<(IpNet, ListRef)>,
+    /// [IPv4 root, IPv6 root].
+    pub roots: [ListRef; 2],
+    pub buckets: Vec<(BucketKey, Bucket)>,
+    /// (local id, prefix, best rank).
+    pub local_v4: Vec<(u32, IpNet, u32)>,
+    pub local_v6: Vec<(u32, IpNet, u32)>,
     pub listeners: Vec<(ListenerKey, ListenerInfo)>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
     #[error(
-        "{count} rules apply to remote prefix {prefix} (rule ids {sample}...), more than the {max} one lookup may walk"
+        "the rule set needs more than {max} bucket and local entries; the largest list is that of \
+         remote prefix {prefix} ({count} rules, its own and those of the prefixes containing it)"
     )]
-    TooManyCandidates {
+    TooLarge {
+        max: usize,
         prefix: IpNet,
         count: usize,
-        max: u32,
-        sample: String,
     },
+}
+
+/// One rule as a member of one list.
+struct Member {
+    key: BucketKey,
+    local: Option<IpNet>,
+    rank: u32,
 }
 
 /// Compiles rules (any order) for a kernel whose tick rate is `hz`.
@@ -52,59 +86,166 @@ pub fn compile(
     hz: u32,
 ) -> Result<Policy, CompileError> {
     matcher::sort(&mut rules);
-    let profiles = rules.iter().map(|r| kernel_profile(r, hz)).collect();
     let mut policy = Policy {
-        profiles,
+        profiles: rules.iter().map(|r| kernel_profile(r, hz)).collect(),
         listeners: listener_entries(listeners),
         ..Policy::default()
     };
-    for v4 in [true, false] {
+    let member = |list: u32, rank: usize| {
+        let r = &rules[rank];
+        Member {
+            key: BucketKey {
+                list,
+                remote_port: r.remote_port,
+                local_port: r.local_port,
+                proto: r.proto.map_or(PROTO_ANY, |p| p.id()),
+                _pad: [0; 3],
+            },
+            local: r.local_net(),
+            rank: rank as u32,
+        }
+    };
+
+    let mut members: Vec<Member> = Vec::new();
+    let mut next_list = ROOT_V6 + 1;
+    let mut largest: Option<(IpNet, usize)> = None;
+    for (v4, root) in [(true, ROOT_V4), (false, ROOT_V6)] {
         let zero: IpNet = if v4 { "0.0.0.0/0" } else { "::/0" }
             .parse()
             .expect("literal");
-        let prefixes: BTreeSet<IpNet> = rules
-            .iter()
-            .filter_map(|r| r.remote)
-            .filter(|n| n.addr().is_ipv4() == v4)
-            .chain([zero])
-            .collect();
-        for prefix in prefixes {
-            let list: Vec<usize> = (0..rules.len())
-                .filter(|&i| rules[i].remote.is_none_or(|n| n.contains(&prefix)))
-                .collect();
-            if list.is_empty() {
-                continue;
+        let is_root = |r: &Rule| r.remote.is_none_or(|n| n == zero);
+        members.extend(
+            (0..rules.len())
+                .filter(|&i| is_root(&rules[i]))
+                .map(|i| member(root, i)),
+        );
+
+        // Distinct prefixes of the family in (network, length) order: a prefix's ancestors come
+        // before it, so a stack of the open ancestors gives each prefix its nesting chain.
+        let mut by_prefix: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
+        for (i, r) in rules.iter().enumerate() {
+            if let Some(n) = r.remote.filter(|n| n.addr().is_ipv4() == v4 && !is_root(r)) {
+                by_prefix.entry(n).or_default().push(i);
             }
-            if list.len() > MAX_CANDIDATES as usize {
-                let sample: Vec<String> = list
-                    .iter()
-                    .take(5)
-                    .map(|&i| rules[i].id.to_string())
-                    .collect();
-                return Err(CompileError::TooManyCandidates {
+        }
+        let mut stack: Vec<(IpNet, Vec<usize>)> = Vec::new();
+        for (prefix, own) in by_prefix {
+            while stack.last().is_some_and(|(top, _)| !top.contains(&prefix)) {
+                stack.pop();
+            }
+            let mut chain = stack.last().map(|(_, c)| c.clone()).unwrap_or_default();
+            chain.extend(own);
+            let list = next_list;
+            next_list += 1;
+            members.extend(chain.iter().map(|&i| member(list, i)));
+            if largest.is_none_or(|(_, n)| chain.len() > n) {
+                largest = Some((prefix, chain.len()));
+            }
+            if members.len() > MAX_ENTRIES {
+                let (prefix, count) = largest.expect("set above");
+                return Err(CompileError::TooLarge {
+                    max: MAX_ENTRIES,
                     prefix,
-                    count: list.len(),
-                    max: MAX_CANDIDATES,
-                    sample: sample.join(", "),
+                    count,
                 });
             }
-            let range = CandidateRange {
-                first: policy.candidates.len() as u32,
-                len: list.len() as u32,
-            };
-            policy
-                .candidates
-                .extend(list.iter().map(|&i| candidate(&rules[i], i as u32)));
+            let entry = (prefix, ListRef { list, shapes: 0 });
             if v4 {
                 &mut policy.remote_v4
             } else {
                 &mut policy.remote_v6
             }
-            .push((prefix, range));
+            .push(entry);
+            stack.push((prefix, chain));
         }
+    }
+
+    let mut shapes = vec![0u32; next_list as usize];
+    build_buckets(members, &mut policy, &mut shapes);
+    policy.roots = [
+        ListRef {
+            list: ROOT_V4,
+            shapes: shapes[0],
+        },
+        ListRef {
+            list: ROOT_V6,
+            shapes: shapes[1],
+        },
+    ];
+    for (_, l) in policy
+        .remote_v4
+        .iter_mut()
+        .chain(policy.remote_v6.iter_mut())
+    {
+        l.shapes = shapes[l.list as usize];
     }
     policy.rules = rules;
     Ok(policy)
+}
+
+fn shape_of(key: &BucketKey) -> u32 {
+    let mut s = 0;
+    if key.proto != PROTO_ANY {
+        s |= shape::PROTO;
+    }
+    if key.remote_port != 0 {
+        s |= shape::REMOTE_PORT;
+    }
+    if key.local_port != 0 {
+        s |= shape::LOCAL_PORT;
+    }
+    s
+}
+
+/// Groups members into buckets and their local tries, recording each list's shapes.
+fn build_buckets(mut members: Vec<Member>, policy: &mut Policy, shapes: &mut [u32]) {
+    // Local any (None) sorts first; within one local, the best rank first.
+    members.sort_unstable_by_key(|m| (m.key, m.local, m.rank));
+    let mut next_local = 0u32;
+    for run in members.chunk_by(|a, b| a.key == b.key) {
+        let key = run[0].key;
+        shapes[key.list as usize] |= 1 << shape_of(&key);
+        let best_any = run
+            .iter()
+            .find(|m| m.local.is_none())
+            .map_or(tcpmgm_common::NO_RULE, |m| m.rank);
+        let mut locals: Vec<(IpNet, u32)> = Vec::new();
+        for same in run.chunk_by(|a, b| a.local == b.local) {
+            if let Some(net) = same[0].local {
+                locals.push((net, same[0].rank));
+            }
+        }
+        let local = if locals.is_empty() {
+            NO_LOCAL
+        } else {
+            let id = next_local;
+            next_local += 1;
+            // Sorted by (network, length): fold each prefix's ancestors' best into its own.
+            let mut stack: Vec<(IpNet, u32)> = Vec::new();
+            for (net, own) in locals {
+                while stack.last().is_some_and(|(top, _)| !top.contains(&net)) {
+                    stack.pop();
+                }
+                let inherited = stack.last().map_or(best_any, |(_, r)| *r);
+                let best = own.min(inherited).min(best_any);
+                if net.addr().is_ipv4() {
+                    &mut policy.local_v4
+                } else {
+                    &mut policy.local_v6
+                }
+                .push((id, net, best));
+                stack.push((net, best));
+            }
+            id
+        };
+        policy.buckets.push((
+            key,
+            Bucket {
+                best: best_any,
+                local,
+            },
+        ));
+    }
 }
 
 /// An address as the kernel hands it to BPF: network-order words, IPv4 in word 0.
@@ -123,27 +264,6 @@ pub fn addr_words(ip: IpAddr) -> [u32; 4] {
 
 fn family(ip: IpAddr) -> u8 {
     if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 }
-}
-
-fn candidate(rule: &Rule, profile: u32) -> Candidate {
-    let (local_family, local_addr, local_mask) = match rule.local_net() {
-        None => (LOCAL_ANY, [0; 4], [0; 4]),
-        Some(net) => (
-            family(net.addr()),
-            addr_words(net.network()),
-            addr_words(net.netmask()),
-        ),
-    };
-    Candidate {
-        local_addr,
-        local_mask,
-        profile,
-        remote_port: rule.remote_port,
-        local_port: rule.local_port,
-        proto: rule.proto.map_or(PROTO_ANY, |p| p.id()),
-        local_family,
-        _pad: [0; 2],
-    }
 }
 
 /// The initial SYN retransmission timeout for a connect timeout: a third of it, so that the SYN

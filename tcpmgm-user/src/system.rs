@@ -114,14 +114,16 @@ pub fn bpffs() -> Result<PathBuf, SystemError> {
     Ok(path)
 }
 
-/// The default pin directory for a cgroup: `<bpffs>/tcpmgm/<cgroup path with / as .>`.
+/// The default pin directory for a cgroup: `<bpffs>/tcpmgm/<cgroup path, / as _ and . as ->`
+/// (bpffs refuses names with a dot).
 pub fn default_pin_dir(cgroup: &Path) -> Result<PathBuf, SystemError> {
     let root = cgroup2_root()?;
     let rel = cgroup
         .strip_prefix(&root)
         .unwrap_or(cgroup)
         .to_string_lossy()
-        .replace('/', ".");
+        .replace('.', "-")
+        .replace('/', "_");
     let name = if rel.is_empty() {
         "root".to_owned()
     } else {

@@ -174,13 +174,13 @@ fn bpftool_dump_shows_field_names() {
         assert!(profiles.contains(field), "{field} not in:\n{profiles}");
     }
     let trie = dump("TCPMGM_REMOTE_V4");
-    for field in ["\"prefix_len\": 24", "\"first\"", "\"len\""] {
+    for field in ["\"prefix_len\": 24", "\"list\"", "\"shapes\""] {
         assert!(trie.contains(field), "{field} not in:\n{trie}");
     }
-    let candidates = dump("TCPMGM_CANDIDATES");
+    let buckets = dump("TCPMGM_BUCKETS");
     assert!(
-        candidates.contains("\"remote_port\"") && candidates.contains("\"local_mask\""),
-        "{candidates}"
+        buckets.contains("\"remote_port\"") && buckets.contains("\"best\""),
+        "{buckets}"
     );
 }
 

@@ -1,0 +1,263 @@
+//! Where the compiled policy is written to the kernel.
+//!
+//! Every rule set is a generation: the eBPF object loaded anew with each policy map sized to its
+//! contents, the maps filled, and the programs loaded. The first generation is attached to the
+//! cgroup as three bpf_links; a reload loads the next generation aside and swaps each link's
+//! program with BPF_LINK_UPDATE. A program run uses one generation's maps only, and a socket is
+//! decided once and remembers it (`TCPMGM_SOCKETS`, shared by all generations), so every
+//! connection is governed by the old rule set or by the new one, never a mix. If anything fails
+//! before the swap, the running generation is untouched.
+mod generation;
+mod sys;
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use aya::programs::links::FdLink;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps};
+use tcpmgm_common::names;
+
+use crate::compile::Policy;
+pub use generation::Generation;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("map {map}: {what}: {reason}")]
+    Map {
+        map: &'static str,
+        what: String,
+        reason: String,
+    },
+    #[error(
+        "program {program}: the verifier refused it ({io_error}); last lines of its log:\n{tail}"
+    )]
+    Verifier {
+        program: &'static str,
+        io_error: std::io::Error,
+        tail: String,
+    },
+    #[error("program {program} ({kind}, needs Linux {min_kernel}): {what}: {source}")]
+    Program {
+        program: &'static str,
+        kind: &'static str,
+        min_kernel: &'static str,
+        what: &'static str,
+        source: Box<ProgramError>,
+    },
+    #[error(
+        "replacing the program of the {program} link (BPF_LINK_UPDATE, needs Linux 5.7): {source}"
+    )]
+    LinkUpdate {
+        program: &'static str,
+        source: std::io::Error,
+    },
+    #[error("the {program} link: {what}: {reason}")]
+    Link {
+        program: &'static str,
+        what: &'static str,
+        reason: String,
+    },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("pinning in {path}: {reason}")]
+    Pin { path: PathBuf, reason: String },
+}
+
+/// The programs and what each needs from the kernel.
+pub(crate) struct Hook {
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub min_kernel: &'static str,
+}
+
+pub(crate) const HOOKS: [Hook; 3] = [
+    Hook {
+        name: names::SOCK_OPS,
+        kind: "BPF_PROG_TYPE_SOCK_OPS",
+        min_kernel: "5.3 (sk_storage)",
+    },
+    Hook {
+        name: names::CONNECT4,
+        kind: "BPF_PROG_TYPE_CGROUP_SOCK_ADDR connect4",
+        min_kernel: "5.10",
+    },
+    Hook {
+        name: names::CONNECT6,
+        kind: "BPF_PROG_TYPE_CGROUP_SOCK_ADDR connect6",
+        min_kernel: "5.10",
+    },
+];
+
+/// The layout version of the shared socket map: part of its pin name, so that a pin left by an
+/// incompatible build is never reused.
+const SOCKETS_PIN: &str = "TCPMGM_SOCKETS_V1";
+
+/// A policy enforced on a cgroup. Dropping it detaches the programs and removes the pins.
+pub struct Enforcer {
+    current: Generation,
+    /// The cgroup links, one per hook in `HOOKS` order, and an fd of each for BPF_LINK_UPDATE.
+    links: Vec<(FdLink, OwnedFd)>,
+    pin_dir: PathBuf,
+    cgroup: PathBuf,
+    generation: u64,
+}
+
+impl Enforcer {
+    /// Loads `policy` and attaches it to `cgroup`, pinning the maps in `pin_dir`.
+    pub fn attach(policy: &Policy, cgroup: &Path, pin_dir: &Path) -> Result<Enforcer, KernelError> {
+        let fail_pin = |reason: String| KernelError::Pin {
+            path: pin_dir.to_path_buf(),
+            reason,
+        };
+        std::fs::create_dir_all(pin_dir).map_err(|e| fail_pin(e.to_string()))?;
+        let mut current = Generation::load(policy, &pin_dir.join(SOCKETS_PIN))?;
+        let cgroup_file = File::open(cgroup).map_err(|source| KernelError::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
+        let mut links = Vec::new();
+        for hook in &HOOKS {
+            links.push(attach_hook(current.ebpf_mut(), hook, &cgroup_file)?);
+        }
+        let enforcer = Enforcer {
+            current,
+            links,
+            pin_dir: pin_dir.to_path_buf(),
+            cgroup: cgroup.to_path_buf(),
+            generation: 1,
+        };
+        enforcer.current.pin_maps(pin_dir)?;
+        tracing::info!(
+            cgroup = %cgroup.display(),
+            pins = %pin_dir.display(),
+            rules = policy.rules.len(),
+            "policy attached"
+        );
+        Ok(enforcer)
+    }
+
+    /// Switches the cgroup to `policy`. On error the running policy stays as it was.
+    pub fn replace(&mut self, policy: &Policy) -> Result<(), KernelError> {
+        let next = Generation::load(policy, &self.pin_dir.join(SOCKETS_PIN))?;
+        self.swap_to(next)
+    }
+
+    fn swap_to(&mut self, next: Generation) -> Result<(), KernelError> {
+        for (i, (hook, (_, link_fd))) in HOOKS.iter().zip(&self.links).enumerate() {
+            if let Err(source) = sys::link_update(link_fd.as_fd(), next.program_fd(hook.name)) {
+                // Put back the hooks already switched, so the cgroup stays on one generation.
+                for (back, (_, fd)) in HOOKS.iter().zip(&self.links).take(i) {
+                    let _ = sys::link_update(fd.as_fd(), self.current.program_fd(back.name));
+                }
+                return Err(KernelError::LinkUpdate {
+                    program: hook.name,
+                    source,
+                });
+            }
+        }
+        self.current = next;
+        self.generation += 1;
+        if let Err(e) = self.current.pin_maps(&self.pin_dir) {
+            tracing::warn!("the new policy is enforced, but its maps could not be pinned: {e}");
+        }
+        Ok(())
+    }
+
+    /// How many rule sets this enforcer has applied (1 after attach).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+}
+
+impl Drop for Enforcer {
+    fn drop(&mut self) {
+        // Dropping the links detaches the programs; then the pins go.
+        self.links.clear();
+        for name in names::POLICY_MAPS.iter().chain(&[SOCKETS_PIN]) {
+            let _ = std::fs::remove_file(self.pin_dir.join(name));
+        }
+        let _ = std::fs::remove_dir(&self.pin_dir);
+    }
+}
+
+fn program_error(hook: &'static Hook, what: &'static str) -> impl Fn(ProgramError) -> KernelError {
+    move |source| match source {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = format!("{verifier_log:?}");
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+            KernelError::Verifier {
+                program: hook.name,
+                io_error,
+                tail,
+            }
+        }
+        source => KernelError::Program {
+            program: hook.name,
+            kind: hook.kind,
+            min_kernel: hook.min_kernel,
+            what,
+            source: Box::new(source),
+        },
+    }
+}
+
+/// Attaches one hook as a bpf_link, takes the link out of aya's keeping (so it lives as long as
+/// the enforcer, not the generation) and opens an fd of it for later program swaps.
+fn attach_hook(
+    ebpf: &mut aya::Ebpf,
+    hook: &'static Hook,
+    cgroup: &File,
+) -> Result<(FdLink, OwnedFd), KernelError> {
+    let program = ebpf
+        .program_mut(hook.name)
+        .expect("the object defines every hook");
+    let fail = program_error(hook, "attach");
+    // The kernel refuses link flags (EINVAL for AllowMultiple), and a link always runs beside the
+    // cgroup's other programs whatever the mode.
+    let mode = CgroupAttachMode::Single;
+    let link: FdLink = if hook.name == names::SOCK_OPS {
+        let p: &mut SockOps = program.try_into().map_err(&fail)?;
+        let id = p.attach(cgroup, mode).map_err(&fail)?;
+        p.take_link(id).map_err(&fail)?.try_into()
+    } else {
+        let p: &mut CgroupSockAddr = program.try_into().map_err(&fail)?;
+        let id = p.attach(cgroup, mode).map_err(&fail)?;
+        p.take_link(id).map_err(&fail)?.try_into()
+    }
+    .map_err(|e: aya::programs::links::LinkError| KernelError::Link {
+        program: hook.name,
+        what: "taking it",
+        reason: e.to_string(),
+    })?;
+    let id = link
+        .info()
+        .map_err(|e| KernelError::Link {
+            program: hook.name,
+            what: "reading its id",
+            reason: e.to_string(),
+        })?
+        .id();
+    let fd = sys::link_fd_by_id(id).map_err(|source| KernelError::LinkUpdate {
+        program: hook.name,
+        source,
+    })?;
+    Ok((link, fd))
+}
