@@ -25,27 +25,57 @@ const TCP_KEEPCNT: i32 = 6;
 const TCP_USER_TIMEOUT: i32 = 18;
 
 /// The kernel ignores `reply` unless a sock_ops program returns 1, so every path returns 1.
+///
+/// The policy is looked up in one place, and `op` is read again afterwards rather than carried
+/// across the lookup: the verifier walks the lookup once per distinct known value it carries, so
+/// holding `op` (or an inlined lookup per callback) multiplied the time a reload spends in it.
 #[sock_ops]
 pub fn tcpmgm_sock_ops(ctx: SockOpsContext) -> u32 {
-    let op = ctx.op();
-    match op {
-        BPF_SOCK_OPS_TIMEOUT_INIT => timeout_init(&ctx),
-        BPF_SOCK_OPS_TCP_CONNECT_CB => connect_started(&ctx),
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, false),
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(&ctx, true),
-        _ => {}
+    let wanted = match op(&ctx) {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+        | BPF_SOCK_OPS_TCP_CONNECT_CB
+        | BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => true,
+        // Passive request sockets come here too: only active opens get a shorter SYN timeout.
+        BPF_SOCK_OPS_TIMEOUT_INIT => state(&ctx) == BPF_TCP_SYN_SENT,
+        _ => false,
+    };
+    if !wanted {
+        return 1;
+    }
+    let Some(p) = policy(&ctx) else {
+        return 1;
+    };
+    match op(&ctx) {
+        BPF_SOCK_OPS_TIMEOUT_INIT => timeout_init(&ctx, p),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => connect_started(&ctx, p),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, p, false),
+        _ => established(&ctx, p, true),
     }
     1
+}
+
+#[inline(always)]
+fn state(ctx: &SockOpsContext) -> u32 {
+    // SAFETY: plain ctx field load.
+    unsafe { core::ptr::read_volatile(&(*ctx.ops).state) }
+}
+
+/// The callback, read from the context each time it is needed.
+#[inline(always)]
+fn op(ctx: &SockOpsContext) -> u32 {
+    // SAFETY: plain ctx field load.
+    unsafe { core::ptr::read_volatile(&(*ctx.ops).op) }
 }
 
 /// Reads the addresses with one fixed-offset load per field (see `load_words`); for a v4-mapped
 /// peer the kernel fills `remote_ip4`/`local_ip4` too, so those are read instead of picking
 /// words out of the v6 fields.
 #[inline(always)]
-fn conn(ops: *const bpf_sock_ops, passive: bool) -> Conn {
+fn conn(ops: *const bpf_sock_ops) -> Conn {
     // SAFETY: `ops` is the program's context; each read is a plain ctx field load.
     unsafe {
         let rd = |p: *const u32| core::ptr::read_volatile(p);
+        let passive = rd(&(*ops).op) == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
         let family = rd(&(*ops).family);
         let remote_port = u32::from_be(rd(&(*ops).remote_port)) as u16;
         let local_port = rd(&(*ops).local_port) as u16;
@@ -77,13 +107,13 @@ fn conn(ops: *const bpf_sock_ops, passive: bool) -> Conn {
 
 /// The profile of this socket (see `sockets`), or None: no rule, or no full socket.
 #[inline(always)]
-fn policy(ctx: &SockOpsContext, passive: bool) -> Option<&'static Profile> {
+fn policy(ctx: &SockOpsContext) -> Option<&'static Profile> {
     // SAFETY: ctx field load; the kernel gives a socket pointer or null.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     if sk.is_null() {
         return None;
     }
-    sockets::policy(sk, || conn(ctx.ops, passive))
+    sockets::policy(sk, || conn(ctx.ops))
 }
 
 #[inline(always)]
@@ -120,35 +150,22 @@ fn get(ctx: &SockOpsContext, level: i32, name: i32) -> Option<u32> {
 }
 
 /// The SYN's first retransmission timeout, so that the connect timeout is not held back by the
-/// default 1 s RTO. Only for active opens: passive request sockets come here too.
-fn timeout_init(ctx: &SockOpsContext) {
-    // SAFETY: plain ctx field load.
-    let state = unsafe { core::ptr::read_volatile(&(*ctx.ops).state) };
-    if state != BPF_TCP_SYN_SENT {
-        return;
-    }
-    if let Some(p) = policy(ctx, false)
-        && p.syn_rto_jiffies != 0
-    {
+/// default 1 s RTO.
+fn timeout_init(ctx: &SockOpsContext, p: &Profile) {
+    if p.syn_rto_jiffies != 0 {
         ctx.set_reply(p.syn_rto_jiffies);
     }
 }
 
 /// TCP_USER_TIMEOUT bounds the whole handshake; `established` lifts it again. An application
 /// that set its own TCP_USER_TIMEOUT keeps it.
-fn connect_started(ctx: &SockOpsContext) {
-    if let Some(p) = policy(ctx, false)
-        && p.connect_timeout_ms != 0
-        && get(ctx, SOL_TCP, TCP_USER_TIMEOUT) == Some(0)
-    {
+fn connect_started(ctx: &SockOpsContext, p: &Profile) {
+    if p.connect_timeout_ms != 0 && get(ctx, SOL_TCP, TCP_USER_TIMEOUT) == Some(0) {
         set(ctx, SOL_TCP, TCP_USER_TIMEOUT, p.connect_timeout_ms);
     }
 }
 
-fn established(ctx: &SockOpsContext, passive: bool) {
-    let Some(p) = policy(ctx, passive) else {
-        return;
-    };
+fn established(ctx: &SockOpsContext, p: &Profile, passive: bool) {
     // Lift the handshake bound, or it would keep cutting the connection whenever data stays
     // unacknowledged that long; a value that is not ours is the application's and stays.
     if !passive

@@ -3,10 +3,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tcpmgm::compile::compile;
-use tcpmgm::kernel::Enforcer;
+use tcpmgm::daemon::{self, Daemon};
 use tcpmgm::listener::{Direction, Lookup};
 use tcpmgm::matcher;
 use tcpmgm::pipeline::RuleArgs;
@@ -42,6 +41,19 @@ enum Command {
         /// Create the cgroup when it does not exist (and remove it at exit if it is empty).
         #[arg(long)]
         create_cgroup: bool,
+        /// Control socket for `tcpmgm reload` [default: /run/tcpmgm/<cgroup>.sock].
+        #[arg(long)]
+        control: Option<PathBuf>,
+    },
+    /// Ask the running `tcpmgm run` to re-read the table and switch to it atomically. Exits 1
+    /// (with the reason) when the reload failed; the previous policy then stays in force.
+    Reload {
+        /// The cgroup the daemon governs (finds its default control socket).
+        #[arg(long, required_unless_present = "control")]
+        cgroup: Option<PathBuf>,
+        /// The daemon's control socket.
+        #[arg(long)]
+        control: Option<PathBuf>,
     },
     /// Validate every row; print one line per fault; exit 1 when any row is bad.
     Check {
@@ -158,19 +170,50 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             skip_invalid,
             pin_dir,
             create_cgroup,
+            control,
         } => {
             let created = if create_cgroup {
                 system::create_cgroup(&cgroup)?
             } else {
                 None
             };
-            let result = enforce(rules, cgroup, skip_invalid, pin_dir).await;
+            let options = daemon::Options {
+                rules,
+                cgroup,
+                skip_invalid,
+                pin_dir,
+                control,
+            };
+            let result = match Daemon::start(options).await {
+                Ok(d) => d.serve().await,
+                Err(e) => Err(e),
+            };
             if let Some(path) = created
                 && std::fs::remove_dir(&path).is_ok()
             {
                 tracing::info!("removed cgroup {}", path.display());
             }
-            result
+            result?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reload { cgroup, control } => {
+            let control = match (control, cgroup) {
+                (Some(c), _) => c,
+                (None, Some(cg)) => system::default_control_socket(&system::resolve_cgroup(&cg)?)?,
+                (None, None) => unreachable!("clap requires one"),
+            };
+            match daemon::request_reload(&control).await {
+                Ok(report) => {
+                    println!("reloaded: {report}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(reason) => {
+                    eprintln!(
+                        "tcpmgm: reload failed, the previous policy stays in force: {reason}"
+                    );
+                    Ok(ExitCode::from(1))
+                }
+            }
         }
     }
 }
@@ -187,67 +230,6 @@ async fn check(args: RuleArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
-}
-
-async fn enforce(
-    args: RuleArgs,
-    cgroup: PathBuf,
-    skip_invalid: bool,
-    pin_dir: Option<PathBuf>,
-) -> anyhow::Result<ExitCode> {
-    let cgroup = system::resolve_cgroup(&cgroup)?;
-    let set = args.read().await?;
-    if !set.errors.is_empty() {
-        for e in &set.errors {
-            tracing::error!("{e}");
-        }
-        if !skip_invalid {
-            bail!(
-                "{} faults in the table; nothing was loaded (fix them, or pass --skip-invalid)",
-                set.errors.len()
-            );
-        }
-        tracing::warn!(
-            "skipping the bad rows, loading {} valid rules",
-            set.rules.len()
-        );
-    }
-    let hz = system::kernel_hz()?;
-    let policy = compile(set.rules, &set.listeners, hz)?;
-    let pin_dir = match pin_dir {
-        Some(p) => p,
-        None => system::default_pin_dir(&cgroup)?,
-    };
-    let enforcer = Enforcer::attach(&policy, &cgroup, &pin_dir)?;
-    for l in set.listeners.iter() {
-        tracing::info!("listener {l}");
-    }
-    tracing::info!(
-        "{} rules enforced on {}; maps pinned in {} (bpftool map dump pinned {}/TCPMGM_PROFILES)",
-        policy.rules.len(),
-        enforcer.cgroup().display(),
-        enforcer.pin_dir().display(),
-        enforcer.pin_dir().display(),
-    );
-    tracing::info!(
-        "to put a process under this policy: echo PID > {}/cgroup.procs",
-        enforcer.cgroup().display()
-    );
-    wait_for_stop().await?;
-    drop(enforcer);
-    tracing::info!("detached; the cgroup is back to the system's TCP settings");
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn wait_for_stop() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
-    }
-    Ok(())
 }
 
 async fn explain(

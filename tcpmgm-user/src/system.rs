@@ -117,19 +117,30 @@ pub fn bpffs() -> Result<PathBuf, SystemError> {
 /// The default pin directory for a cgroup: `<bpffs>/tcpmgm/<cgroup path, / as _ and . as ->`
 /// (bpffs refuses names with a dot).
 pub fn default_pin_dir(cgroup: &Path) -> Result<PathBuf, SystemError> {
+    Ok(bpffs()?.join("tcpmgm").join(cgroup_slug(cgroup)?))
+}
+
+/// A cgroup's path below the cgroup2 root as one file name: `/` as `_`, `.` as `-`, `root` for
+/// the root itself.
+pub fn cgroup_slug(cgroup: &Path) -> Result<String, SystemError> {
     let root = cgroup2_root()?;
     let rel = cgroup
         .strip_prefix(&root)
         .unwrap_or(cgroup)
         .to_string_lossy()
+        .trim_matches('/')
         .replace('.', "-")
         .replace('/', "_");
-    let name = if rel.is_empty() {
+    Ok(if rel.is_empty() {
         "root".to_owned()
     } else {
         rel
-    };
-    Ok(bpffs()?.join("tcpmgm").join(name))
+    })
+}
+
+/// The default control socket of the daemon governing a cgroup: `/run/tcpmgm/<slug>.sock`.
+pub fn default_control_socket(cgroup: &Path) -> Result<PathBuf, SystemError> {
+    Ok(PathBuf::from("/run/tcpmgm").join(format!("{}.sock", cgroup_slug(cgroup)?)))
 }
 
 /// The kernel's tick rate, from its config, else measured from /proc/timer_list.

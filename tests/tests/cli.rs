@@ -205,7 +205,7 @@ async fn a_rejected_table_reaches_nothing_in_the_kernel() {
     ]);
     assert_eq!(code, 2, "{stderr}");
     assert!(
-        stderr.contains("id 3: remote_port") && stderr.contains("nothing was loaded"),
+        stderr.contains("id 3: remote_port") && stderr.contains("nothing of it was loaded"),
         "{stderr}"
     );
     assert!(

@@ -42,17 +42,21 @@ impl Generation {
             loader.map_max_entries(name, len.max(1) as u32);
         }
         loader.map_pin_path(names::SOCKETS, sockets_pin);
+        let started = std::time::Instant::now();
         let ebpf = loader
             .load(OBJECT)
             .map_err(|e| KernelError::Load(Box::new(e)))?;
         let mut generation = Generation { ebpf };
+        let loaded = started.elapsed();
         generation.fill(policy)?;
+        let filled = started.elapsed();
         for hook in &HOOKS {
             let program = generation
                 .ebpf
                 .program_mut(hook.name)
                 .expect("the object defines every hook");
             let fail = program_error(hook, "load");
+            let t = std::time::Instant::now();
             if hook.name == names::SOCK_OPS {
                 let p: &mut SockOps = program.try_into().map_err(&fail)?;
                 p.load().map_err(&fail)?;
@@ -60,7 +64,18 @@ impl Generation {
                 let p: &mut CgroupSockAddr = program.try_into().map_err(&fail)?;
                 p.load().map_err(&fail)?;
             }
+            tracing::debug!(
+                program = hook.name,
+                ms = t.elapsed().as_millis(),
+                "verified"
+            );
         }
+        tracing::debug!(
+            object_ms = loaded.as_millis(),
+            maps_ms = (filled - loaded).as_millis(),
+            programs_ms = (started.elapsed() - filled).as_millis(),
+            "generation loaded"
+        );
         Ok(generation)
     }
 

@@ -1,0 +1,244 @@
+//! `tcpmgm run`: enforce the table on a cgroup and keep it current. A reload (SIGHUP, or a
+//! `reload` request on the control socket) re-reads the table, validates, compiles and swaps the
+//! kernel to the new rule set in one step; when any of that fails, the running policy stays and
+//! the caller and the log are told why.
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::compile::{CompileError, Policy, compile};
+use crate::kernel::{Enforcer, KernelError};
+use crate::pipeline::{PipelineError, RuleArgs, RuleSet};
+use crate::system::{self, SystemError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Rules(#[from] PipelineError),
+    #[error(
+        "{count} faults in the table, so nothing of it was loaded (fix them, or run with --skip-invalid):\n{list}"
+    )]
+    Invalid { count: usize, list: String },
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    System(#[from] SystemError),
+    #[error("control socket {path}: {source}")]
+    Control {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What `run` was asked to do.
+pub struct Options {
+    pub rules: RuleArgs,
+    pub cgroup: PathBuf,
+    pub skip_invalid: bool,
+    pub pin_dir: Option<PathBuf>,
+    pub control: Option<PathBuf>,
+}
+
+/// The running daemon: what it was asked (options) and what it enforces.
+pub struct Daemon {
+    options: Options,
+    hz: u32,
+    enforcer: Enforcer,
+    control: PathBuf,
+}
+
+/// Reads and validates the table, refusing it on any fault unless `skip_invalid`.
+async fn read_valid(args: &RuleArgs, skip_invalid: bool) -> Result<RuleSet, DaemonError> {
+    let set = args.read().await?;
+    if !set.errors.is_empty() {
+        for e in &set.errors {
+            tracing::error!("{e}");
+        }
+        if !skip_invalid {
+            let list: Vec<String> = set.errors.iter().map(ToString::to_string).collect();
+            return Err(DaemonError::Invalid {
+                count: set.errors.len(),
+                list: list.join("\n"),
+            });
+        }
+        tracing::warn!(
+            "skipping the bad rows, loading {} valid rules",
+            set.rules.len()
+        );
+    }
+    Ok(set)
+}
+
+impl Daemon {
+    /// Loads the table and attaches it. Nothing reaches the kernel unless every step succeeds.
+    pub async fn start(options: Options) -> Result<Daemon, DaemonError> {
+        let cgroup = system::resolve_cgroup(&options.cgroup)?;
+        let set = read_valid(&options.rules, options.skip_invalid).await?;
+        let hz = system::kernel_hz()?;
+        let policy = compile(set.rules, &set.listeners, hz)?;
+        let pin_dir = match &options.pin_dir {
+            Some(p) => p.clone(),
+            None => system::default_pin_dir(&cgroup)?,
+        };
+        let control = match &options.control {
+            Some(p) => p.clone(),
+            None => system::default_control_socket(&cgroup)?,
+        };
+        let enforcer = Enforcer::attach(&policy, &cgroup, &pin_dir)?;
+        for l in set.listeners.iter() {
+            tracing::info!("listener {l}");
+        }
+        tracing::info!(
+            "{} rules enforced on {}; maps pinned in {}",
+            policy.rules.len(),
+            cgroup.display(),
+            pin_dir.display(),
+        );
+        tracing::info!(
+            "to put a process under this policy: echo PID > {}/cgroup.procs",
+            cgroup.display()
+        );
+        Ok(Daemon {
+            options,
+            hz,
+            enforcer,
+            control,
+        })
+    }
+
+    /// Re-reads the table and switches the kernel to it; on error nothing changes.
+    pub async fn reload(&mut self) -> Result<String, DaemonError> {
+        let started = Instant::now();
+        let set = read_valid(&self.options.rules, self.options.skip_invalid).await?;
+        let policy: Policy = compile(set.rules, &set.listeners, self.hz)?;
+        self.enforcer.replace(&policy)?;
+        Ok(format!(
+            "generation {}: {} rules enforced ({} ms)",
+            self.enforcer.generation(),
+            policy.rules.len(),
+            started.elapsed().as_millis()
+        ))
+    }
+
+    /// Serves SIGHUP and the control socket until SIGINT or SIGTERM, then detaches.
+    pub async fn serve(mut self) -> Result<(), DaemonError> {
+        let listener = bind_control(&self.control)?;
+        tracing::info!(
+            "reload with SIGHUP or `tcpmgm reload --control {}`",
+            self.control.display()
+        );
+        let mut term = signal(SignalKind::terminate()).map_err(|e| self.control_err(e))?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| self.control_err(e))?;
+        let mut hup = signal(SignalKind::hangup()).map_err(|e| self.control_err(e))?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM"); break; }
+                _ = int.recv() => { tracing::info!("SIGINT"); break; }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading");
+                    // Logged inside; there is no caller to answer.
+                    let _ = self.log_reload().await;
+                }
+                conn = listener.accept() => match conn {
+                    Ok((stream, _)) => self.answer(stream).await,
+                    Err(e) => tracing::warn!("control socket: {e}"),
+                },
+            }
+        }
+        let _ = std::fs::remove_file(&self.control);
+        drop(self.enforcer);
+        tracing::info!("detached; the cgroup is back to the system's TCP settings");
+        Ok(())
+    }
+
+    fn control_err(&self, source: std::io::Error) -> DaemonError {
+        DaemonError::Control {
+            path: self.control.clone(),
+            source,
+        }
+    }
+
+    async fn log_reload(&mut self) -> Result<String, String> {
+        match self.reload().await {
+            Ok(report) => {
+                tracing::info!("reload: {report}");
+                Ok(report)
+            }
+            Err(e) => {
+                tracing::error!("reload failed, the previous policy stays in force: {e}");
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// One request a connection: `reload`. The answer is `ok <report>` or `error <reason>`
+    /// (which may span lines), then the connection closes.
+    async fn answer(&mut self, stream: UnixStream) {
+        let (read, mut write) = stream.into_split();
+        let mut line = String::new();
+        if BufReader::new(read).read_line(&mut line).await.is_err() {
+            return;
+        }
+        let reply = match line.trim() {
+            "reload" => match self.log_reload().await {
+                Ok(report) => format!("ok {report}\n"),
+                Err(e) => format!("error {e}\n"),
+            },
+            other => format!("error unknown request '{other}' (expected: reload)\n"),
+        };
+        let _ = write.write_all(reply.as_bytes()).await;
+    }
+}
+
+/// A root-only unix socket: its directory is 0700 and the socket 0600.
+fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
+    let fail = |source| DaemonError::Control {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+        if dir == Path::new("/run/tcpmgm") {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
+        }
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(fail(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another tcpmgm run answers there (one daemon per cgroup)",
+        )));
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(fail)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
+    Ok(listener)
+}
+
+/// `tcpmgm reload`: asks the daemon at `control` to reload; Ok(report) or Err(reason).
+pub async fn request_reload(control: &Path) -> Result<String, String> {
+    let mut stream = UnixStream::connect(control)
+        .await
+        .map_err(|e| format!("no tcpmgm run answers on {}: {e}", control.display()))?;
+    stream
+        .write_all(b"reload\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut reply)
+        .await
+        .map_err(|e| e.to_string())?;
+    match reply.strip_prefix("ok ") {
+        Some(report) => Ok(report.trim_end().to_owned()),
+        None => Err(reply
+            .strip_prefix("error ")
+            .unwrap_or(&reply)
+            .trim_end()
+            .to_owned()),
+    }
+}

@@ -1,0 +1,240 @@
+//! Reloads: through the daemon (control socket and SIGHUP), failed reloads that must change
+//! nothing, and reloads under a stream of new connections.
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tcpmgm::compile::compile;
+use tcpmgm::listener::Listeners;
+use tcpmgm::source::{Source, TableVersion};
+use tcpmgm::system;
+use tcpmgm_tests::{Sandbox, binary, row, rules};
+
+struct Daemon {
+    child: Child,
+    control: PathBuf,
+}
+
+impl Daemon {
+    fn start(sb: &Sandbox, db: &str, control: PathBuf) -> Daemon {
+        let mut child = Command::new(binary("tcpmgm"))
+            .args(["run", "--db", db])
+            .arg("--cgroup")
+            .arg(&sb.cgroup)
+            .arg("--pin-dir")
+            .arg(&sb.pin_dir)
+            .arg("--control")
+            .arg(&control)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut log = BufReader::new(child.stderr.take().unwrap());
+        let mut seen = String::new();
+        while !seen.contains("reload with SIGHUP") {
+            let mut line = String::new();
+            if log.read_line(&mut line).unwrap() == 0 {
+                let _ = child.kill();
+                panic!("tcpmgm run exited: {seen}");
+            }
+            seen.push_str(&line);
+        }
+        // Keep draining the log so the daemon never blocks on a full pipe.
+        std::thread::spawn(move || for _ in log.lines() {});
+        Daemon { child, control }
+    }
+
+    fn reload(&self) -> (i32, String) {
+        let out = Command::new(binary("tcpmgm"))
+            .arg("reload")
+            .arg("--control")
+            .arg(&self.control)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn sql(url: &str, statements: &str) {
+    Source::open(url, false)
+        .await
+        .unwrap()
+        .execute_script(statements)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn reload_switches_atomically_and_a_failed_reload_changes_nothing() {
+    let sb = Sandbox::new();
+    let dir = std::env::temp_dir().join(format!("tcpmgm-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db_path = dir.join("rules.db");
+    let url = format!("sqlite://{}", db_path.display());
+    let source = Source::open(&url, true).await.unwrap();
+    source.init(TableVersion::V1).await.unwrap();
+    source
+        .execute_script(
+            "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (1, '127.0.0.0/8', 61);",
+        )
+        .await
+        .unwrap();
+    drop(source);
+    let daemon = Daemon::start(&sb, &url, dir.join("control.sock"));
+    let mut probe = sb.probe();
+    let idle = |probe: &mut tcpmgm_tests::Probe, port: u16| {
+        let r = probe.ask(&format!("pair 127.0.0.1:{port} 127.0.0.1:{port}"));
+        (r.get("client_idle"), r.get("server_idle"))
+    };
+    assert_eq!(idle(&mut probe, 7001), (61, 61));
+
+    sql(&url, "UPDATE tcp_mgm SET keepidle = 62 WHERE id = 1;").await;
+    let (code, text) = daemon.reload();
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("reloaded: generation 2: 1 rules enforced"),
+        "{text}"
+    );
+    assert_eq!(idle(&mut probe, 7002), (62, 62));
+    let programs = sb.attached_programs();
+    assert_eq!(
+        programs.matches("tcpmgm_").count(),
+        3,
+        "one program a hook after a reload: {programs}"
+    );
+
+    // A bad row: the reload fails, says why, and the kernel keeps the previous rules.
+    sql(&url, "UPDATE tcp_mgm SET keepidle = 63 WHERE id = 1; INSERT INTO tcp_mgm (id, remote_port) VALUES (2, 70000);").await;
+    let (code, text) = daemon.reload();
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("id 2: remote_port: 70000 is not a port")
+            && text.contains("previous policy stays"),
+        "{text}"
+    );
+    assert_eq!(idle(&mut probe, 7003), (62, 62));
+
+    // The database gone: the same.
+    std::fs::remove_file(&db_path).unwrap();
+    let (code, text) = daemon.reload();
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("rules.db"), "{text}");
+    assert_eq!(idle(&mut probe, 7004), (62, 62));
+
+    // A good table again, by SIGHUP.
+    let source = Source::open(&url, true).await.unwrap();
+    source.init(TableVersion::V1).await.unwrap();
+    source
+        .execute_script(
+            "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (1, '127.0.0.0/8', 64);",
+        )
+        .await
+        .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let mut seen = (0, 0);
+    for port in 7010..7110 {
+        seen = idle(&mut probe, port);
+        if seen == (64, 64) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(seen, (64, 64), "SIGHUP did not reload within 5 s");
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Two rule sets differing in every keepalive value. Connections keep coming while the kernel
+/// is switched between them 100 times: every socket must carry exactly one of the two profiles.
+#[test]
+fn reload_under_churn_never_mixes_profiles() {
+    const A: (i64, i64, i64, i64) = (1, 101, 11, 3);
+    const B: (i64, i64, i64, i64) = (1, 202, 22, 5);
+    let sb = Sandbox::new();
+    let none = Listeners::default();
+    let hz = system::kernel_hz().unwrap();
+    let set = |(_, idle, intvl, cnt): (i64, i64, i64, i64)| {
+        let (idle, intvl, cnt) = (idle.to_string(), intvl.to_string(), cnt.to_string());
+        let table = [row(
+            1,
+            &[
+                ("remote_addr", "127.0.0.0/8"),
+                ("keepidle", &idle),
+                ("keepinterval", &intvl),
+                ("keepcount", &cnt),
+            ],
+        )];
+        compile(rules(&table, &none), &none, hz).unwrap()
+    };
+    let (a, b) = (set(A), set(B));
+    let (_, mut enforcer) = sb.enforce(a.rules.clone(), &none);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut probe = sb.probe();
+    let worker = {
+        let (stop, seen) = (stop.clone(), seen.clone());
+        std::thread::spawn(move || {
+            let mut port = 20000u16;
+            while !stop.load(Ordering::Relaxed) {
+                let r = probe.ask(&format!("pair 127.0.0.1:{port} 127.0.0.1:{port}"));
+                seen.lock()
+                    .unwrap()
+                    .push((r.keepalive("client"), r.keepalive("server")));
+                port = if port == 29999 { 20000 } else { port + 1 };
+            }
+        })
+    };
+    for i in 0..100 {
+        enforcer
+            .replace(if i % 2 == 0 { &b } else { &a })
+            .expect("reload");
+    }
+    stop.store(true, Ordering::Relaxed);
+    worker.join().unwrap();
+    assert_eq!(enforcer.generation(), 101);
+
+    let seen = seen.lock().unwrap();
+    let bad: Vec<_> = seen
+        .iter()
+        .filter(|(c, s)| ![A, B].contains(c) || ![A, B].contains(s))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{} of {} connections carry neither profile: {:?}",
+        bad.len(),
+        seen.len(),
+        &bad[..bad.len().min(5)]
+    );
+    let count = |p| seen.iter().filter(|(c, _)| *c == p).count();
+    assert!(
+        seen.len() >= 200 && count(A) > 0 && count(B) > 0,
+        "{} connections, {} A, {} B",
+        seen.len(),
+        count(A),
+        count(B)
+    );
+    eprintln!(
+        "{} connections during 100 reloads: {} A, {} B",
+        seen.len(),
+        count(A),
+        count(B)
+    );
+}
