@@ -264,3 +264,92 @@ pub fn rules(rows: &[Row], listeners: &Listeners) -> Vec<Rule> {
     assert!(errors.is_empty(), "{errors:?}");
     rules
 }
+
+/// The outcome of comparing the kernel with the reference matcher over many connections.
+#[derive(Debug, Default)]
+pub struct Comparison {
+    pub disagreements: Vec<String>,
+    pub decisions: usize,
+    pub refused: usize,
+    pub unmatched: usize,
+    /// Distinct rule ids that won a decision.
+    pub winners: std::collections::BTreeSet<u32>,
+}
+
+impl Comparison {
+    pub fn add(&mut self, other: Comparison) {
+        self.disagreements.extend(other.disagreements);
+        self.decisions += other.decisions;
+        self.refused += other.refused;
+        self.unmatched += other.unmatched;
+        self.winners.extend(other.winners);
+    }
+}
+
+/// What a socket should show: the winner's keepidle, or the system default without a rule.
+/// The rule sets these tests compare give every rule keepalive=1 and its own keepidle.
+pub fn idle_of(winner: Option<&Rule>) -> (i64, i64) {
+    winner.map_or((0, 7200), |r| (1, i64::from(r.profile.keepidle)))
+}
+
+/// Opens each (server, client bind) connection with `probe` and checks both sockets against the
+/// reference matcher's decisions over `sorted` (the compiled policy's rules): EPERM where the
+/// outbound winner has no_new_conn, otherwise each side's keepalive and keepidle.
+pub fn compare_with_reference(
+    probe: &mut Probe,
+    listeners: &Listeners,
+    sorted: &[Rule],
+    pairs: &[(std::net::SocketAddr, std::net::SocketAddr)],
+) -> Comparison {
+    use tcpmgm::listener::Direction;
+    use tcpmgm::matcher::first_match;
+    let mut c = Comparison::default();
+    for &(server, bind) in pairs {
+        let reply = probe.ask(&format!("pair {server} {server} {bind}"));
+        let out = first_match(
+            sorted,
+            &listeners.lookup(Direction::Outbound, server, Some(bind)),
+        );
+        c.decisions += 1;
+        c.winners.extend(out.map(|r| r.id));
+        if let Some(rule) = out.filter(|r| r.profile.no_new_conn) {
+            c.refused += 1;
+            if reply.0.get("errno").map(String::as_str) != Some("1") {
+                c.disagreements.push(format!(
+                    "{bind} -> {server}: expected EPERM (rule {}), got {reply:?}",
+                    rule.id
+                ));
+            }
+            continue;
+        }
+        if reply.has("errno") {
+            c.disagreements.push(format!(
+                "{bind} -> {server}: expected a connection (rule {:?}), got {reply:?}",
+                out.map(|r| r.id)
+            ));
+            continue;
+        }
+        let client = std::net::SocketAddr::new(bind.ip(), reply.get("client_port") as u16);
+        let inbound = first_match(
+            sorted,
+            &listeners.lookup(Direction::Inbound, client, Some(server)),
+        );
+        c.decisions += 1;
+        c.winners.extend(inbound.map(|r| r.id));
+        c.unmatched += usize::from(out.is_none()) + usize::from(inbound.is_none());
+        for (side, winner) in [("client", out), ("server", inbound)] {
+            let got = (
+                reply.get(&format!("{side}_keepalive")),
+                reply.get(&format!("{side}_idle")),
+            );
+            let want = idle_of(winner);
+            if got != want {
+                c.disagreements.push(format!(
+                    "{bind} -> {server} {side}: kernel (keepalive, idle) {got:?}, reference {want:?} (rule {:?})",
+                    winner.map(|r| r.id)
+                ));
+            }
+        }
+    }
+    c
+}

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use tcpmgm::listener::{Direction, Listeners};
 use tcpmgm::matcher;
 use tcpmgm::rule::{Row, Rule};
-use tcpmgm_tests::{Probe, Sandbox, row, rules};
+use tcpmgm_tests::{Probe, Sandbox, compare_with_reference, idle_of, row, rules};
 
 /// A small deterministic generator (xorshift64*), so a failing run can be replayed by seed.
 struct Gen(u64);
@@ -92,11 +92,6 @@ fn table(seed: u64, count: i64) -> Vec<Row> {
         .collect()
 }
 
-/// What a socket should show: the winner's keepidle, or the system default without a rule.
-fn idle_of(winner: Option<&Rule>) -> (i64, i64) {
-    winner.map_or((0, 7200), |r| (1, i64::from(r.profile.keepidle)))
-}
-
 #[test]
 fn kernel_agrees_with_the_reference_matcher_on_a_mixed_rule_set() {
     let seed = 0x7c9_2026;
@@ -137,65 +132,30 @@ fn kernel_agrees_with_the_reference_matcher_on_a_mixed_rule_set() {
         }
     }
 
-    let mut disagreements = Vec::new();
-    let (mut refused, mut unmatched, mut checked) = (0, 0, 0);
+    let mut total = tcpmgm_tests::Comparison::default();
     for run in &runs {
         // A fresh probe per run: the v4-mapped listeners take the same addresses as the v4 ones.
         let mut probe: Probe = sb.probe();
-        for (server, bind) in run {
-            let server_addr: SocketAddr = server.parse().unwrap();
-            let bind_addr: SocketAddr = bind.parse().unwrap();
-            let reply = probe.ask(&format!("pair {server} {server} {bind}"));
-
-            let out_key = listeners.lookup(Direction::Outbound, server_addr, Some(bind_addr));
-            let out = matcher::first_match(sorted, &out_key);
-            checked += 1;
-            if out.is_some_and(|r| r.profile.no_new_conn) {
-                refused += 1;
-                if reply.0.get("errno").map(String::as_str) != Some("1") {
-                    disagreements.push(format!(
-                        "{bind} -> {server}: expected EPERM (rule {}), got {reply:?}",
-                        out.unwrap().id
-                    ));
-                }
-                continue;
-            }
-            if reply.has("errno") {
-                disagreements.push(format!(
-                    "{bind} -> {server}: expected a connection, got {reply:?}"
-                ));
-                continue;
-            }
-            let client = SocketAddr::new(bind_addr.ip(), reply.get("client_port") as u16);
-            let in_key = listeners.lookup(Direction::Inbound, client, Some(server_addr));
-            let inbound = matcher::first_match(sorted, &in_key);
-            checked += 1;
-            unmatched += usize::from(out.is_none()) + usize::from(inbound.is_none());
-            for (side, want) in [("client", idle_of(out)), ("server", idle_of(inbound))] {
-                let got = (
-                    reply.get(&format!("{side}_keepalive")),
-                    reply.get(&format!("{side}_idle")),
-                );
-                if got != want {
-                    disagreements.push(format!(
-                        "{bind} -> {server} {side}: kernel (keepalive, idle) {got:?}, reference {want:?} (rule {:?})",
-                        if side == "client" { out.map(|r| r.id) } else { inbound.map(|r| r.id) }
-                    ));
-                }
-            }
-        }
+        let pairs: Vec<(SocketAddr, SocketAddr)> = run
+            .iter()
+            .map(|(s, b)| (s.parse().unwrap(), b.parse().unwrap()))
+            .collect();
+        total.add(compare_with_reference(
+            &mut probe, &listeners, sorted, &pairs,
+        ));
     }
+    let t = &total;
     assert!(
-        disagreements.is_empty(),
+        t.disagreements.is_empty(),
         "seed {seed:#x}: {} disagreements:\n{}",
-        disagreements.len(),
-        disagreements.join("\n")
+        t.disagreements.len(),
+        t.disagreements.join("\n")
     );
-    assert!(
-        refused > 0 && unmatched > 0,
-        "refused {refused}, unmatched {unmatched} of {checked}"
+    assert!(t.refused > 0 && t.unmatched > 0, "{t:?}");
+    eprintln!(
+        "{} decisions agree; {} refused, {} without a rule",
+        t.decisions, t.refused, t.unmatched
     );
-    eprintln!("{checked} decisions agree; {refused} refused, {unmatched} without a rule");
 }
 
 /// For each key of the match order, two rules that both match one connection and differ in that
