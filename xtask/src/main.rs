@@ -29,6 +29,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Measure compile/load/reload times, per-invocation kernel cost, connection rates and map
+    /// memory (root); writes BENCHMARKS.md. Arguments after `--` go to the bench.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// rustfmt and clippy (-D warnings) on every crate, the eBPF one on its own target.
     Lint,
     /// Only install what is missing.
@@ -52,6 +58,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let root = workspace_root();
     match cli.task {
         Task::Setup => setup(),
+        Task::Bench { args } => {
+            setup()?;
+            status(cargo(&root).args(["build", "--release", "--package", "tcpmgm-tests", "--bin", "tcpmgm-bench"]))?;
+            status(
+                Command::new(root.join("target/release/tcpmgm-bench"))
+                    .arg("--out")
+                    .arg(root.join("BENCHMARKS.md"))
+                    .args(&args)
+                    .current_dir(&root),
+            )
+        }
         Task::Lint => {
             setup()?;
             status(cargo(&root).args(["fmt", "--all", "--", "--check"]))?;

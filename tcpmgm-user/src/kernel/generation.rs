@@ -83,6 +83,26 @@ impl Generation {
         &mut self.ebpf
     }
 
+    pub(super) fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
+    /// The `memlock` the kernel reports for each policy map (its memory use on Linux 6.4+).
+    pub(super) fn map_memory(&self) -> u64 {
+        use std::os::fd::AsRawFd;
+        names::POLICY_MAPS
+            .iter()
+            .filter_map(|name| {
+                let map: &MapData = match self.ebpf.map(name)? {
+                    aya::maps::Map::Array(m) | aya::maps::Map::HashMap(m) | aya::maps::Map::LpmTrie(m) => m,
+                    _ => return None,
+                };
+                let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", map.fd().as_fd().as_raw_fd())).ok()?;
+                fdinfo.lines().find_map(|l| l.strip_prefix("memlock:")?.trim().parse::<u64>().ok())
+            })
+            .sum()
+    }
+
     pub(super) fn program_fd(&self, name: &str) -> BorrowedFd<'_> {
         self.ebpf
             .program(name)

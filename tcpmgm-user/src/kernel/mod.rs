@@ -169,6 +169,23 @@ impl Enforcer {
         Ok(())
     }
 
+    /// The kernel's own accounting of each hook's current program (`kernel.bpf_stats_enabled`
+    /// must be 1 for it to count): (name, total run time, run count).
+    pub fn program_stats(&self) -> Vec<(&'static str, std::time::Duration, u64)> {
+        HOOKS
+            .iter()
+            .filter_map(|h| {
+                let info = self.current.ebpf().program(h.name)?.info().ok()?;
+                Some((h.name, info.run_time(), info.run_count()))
+            })
+            .collect()
+    }
+
+    /// Kernel memory of the current policy maps, in bytes, as the kernel reports it.
+    pub fn map_memory(&self) -> u64 {
+        self.current.map_memory()
+    }
+
     /// How many rule sets this enforcer has applied (1 after attach).
     pub fn generation(&self) -> u64 {
         self.generation
