@@ -15,6 +15,7 @@ pub mod names {
     pub const LOCAL_V6: &str = "TCPMGM_LOCAL_V6";
     pub const PROFILES: &str = "TCPMGM_PROFILES";
     pub const LISTENERS: &str = "TCPMGM_LISTENERS";
+    pub const SETTINGS: &str = "TCPMGM_SETTINGS";
     /// Per-socket decisions; shared by every generation of the programs.
     pub const SOCKETS: &str = "TCPMGM_SOCKETS";
     pub const SOCK_OPS: &str = "tcpmgm_sock_ops";
@@ -112,6 +113,19 @@ pub struct LocalKey6 {
     pub addr: [u8; 16],
 }
 
+/// Facts about the whole rule set, so that hooks skip work it cannot need.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// `settings::*` bits.
+    pub flags: u32,
+}
+
+pub mod settings {
+    /// Some rule has no_new_conn=1: the connect hooks must decide.
+    pub const NO_NEW_CONN: u32 = 1 << 0;
+}
+
 /// What a socket was decided: stored per socket at the first hook that sees it, so that every
 /// later hook, whatever rule set is loaded by then, applies the same decision.
 #[repr(C)]
@@ -184,6 +198,7 @@ mod pod {
     unsafe impl aya::Pod for LocalKey4 {}
     unsafe impl aya::Pod for LocalKey6 {}
     unsafe impl aya::Pod for SockPolicy {}
+    unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for Profile {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for ListenerInfo {}

@@ -6,9 +6,10 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use tcpmgm_common::flags;
+use tcpmgm_common::{flags, settings};
 
 use crate::decide::{Conn, is_v4_mapped, load_words};
+use crate::maps::TCPMGM_SETTINGS;
 use crate::sockets;
 
 const SOCK_STREAM: u32 = 1;
@@ -81,8 +82,16 @@ fn port(user_port: u32) -> u16 {
     u16::from_be(user_port as u16)
 }
 
+/// Refuses when the socket's rule says no_new_conn. Without such rules in the set, connect()
+/// is left to sock_ops, which decides the socket a moment later anyway.
 #[inline(always)]
 fn verdict(sk: *mut bpf_sock, conn: Conn) -> i32 {
+    let any_refusal = TCPMGM_SETTINGS
+        .get(0)
+        .is_some_and(|s| s.flags & settings::NO_NEW_CONN != 0);
+    if !any_refusal {
+        return ALLOW;
+    }
     match sockets::policy(sk, || conn) {
         Some(p) if p.flags & flags::NO_NEW_CONN != 0 => REFUSE,
         _ => ALLOW,

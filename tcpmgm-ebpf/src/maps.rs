@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use tcpmgm_common::{
     Addr4, Addr6, Bucket, BucketKey, ListRef, ListenerInfo, ListenerKey, LocalKey4, LocalKey6,
-    Profile, SockPolicy,
+    Profile, Settings, SockPolicy,
 };
 
 #[btf_map]
@@ -34,6 +34,9 @@ pub static TCPMGM_PROFILES: Array<Profile, 1> = Array::new();
 
 #[btf_map]
 pub static TCPMGM_LISTENERS: HashMap<ListenerKey, ListenerInfo, 1> = HashMap::new();
+
+#[btf_map]
+pub static TCPMGM_SETTINGS: Array<Settings, 1> = Array::new();
 
 #[btf_map]
 pub static TCPMGM_SOCKETS: SkStorage<SockPolicy> = SkStorage::new();

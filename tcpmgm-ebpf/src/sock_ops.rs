@@ -113,6 +113,10 @@ fn policy(ctx: &SockOpsContext) -> Option<&'static Profile> {
     if sk.is_null() {
         return None;
     }
+    if op(ctx) == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        // An accepted socket meets this program once: nothing to remember.
+        return sockets::decide_profile(&conn(ctx.ops));
+    }
     sockets::policy(sk, || conn(ctx.ops))
 }
 

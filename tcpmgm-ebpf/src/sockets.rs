@@ -1,5 +1,6 @@
-//! One decision per socket. The first hook that sees a socket decides it and stores the winning
-//! profile (or "no rule") in socket-local storage; every later hook applies the stored decision.
+//! One decision per socket. The first hook that sees an outbound socket decides it and stores
+//! the winning profile (or "no rule") in socket-local storage; every later hook applies the
+//! stored decision. (An accepted socket meets one hook only, so it is decided there and then.)
 //! So a socket is governed entirely by one rule set even when a reload lands between its
 //! connect() and its establishment, and a reload never changes existing connections.
 use core::ffi::c_void;
@@ -34,7 +35,7 @@ pub fn policy(sk: *mut bpf_sock, conn: impl FnOnce() -> Conn) -> Option<&'static
     .cast::<SockPolicy>();
     if stored.is_null() {
         // No memory for the storage: decide without remembering.
-        return decide(&conn()).and_then(|rank| TCPMGM_PROFILES.get(rank));
+        return decide_profile(&conn());
     }
     // SAFETY: non-null storage of our value type.
     let stored = unsafe { &mut *stored };
@@ -52,4 +53,10 @@ pub fn policy(sk: *mut bpf_sock, conn: impl FnOnce() -> Conn) -> Option<&'static
     } else {
         None
     }
+}
+
+/// The profile of the winning rule, without remembering it.
+#[inline(always)]
+pub fn decide_profile(conn: &Conn) -> Option<&'static Profile> {
+    decide(conn).and_then(|rank| TCPMGM_PROFILES.get(rank))
 }

@@ -22,13 +22,13 @@
 //! differ by local address into one trie: no lookup walks a list. The price is that a rule is
 //! repeated in the list of every rule prefix nested under its own; a rule set whose lists would
 //! exceed `MAX_ENTRIES` entries is refused with the prefix that needs the most.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use tcpmgm_common::{
     Bucket, BucketKey, FAMILY_V4, FAMILY_V6, ListRef, ListenerInfo, ListenerKey, NO_LOCAL,
-    PROTO_ANY, Profile, flags, shape,
+    PROTO_ANY, Profile, Settings, flags, settings, shape,
 };
 
 use crate::listener::{Listener, Listeners};
@@ -57,6 +57,7 @@ pub struct Policy {
     pub local_v4: Vec<(u32, IpNet, u32)>,
     pub local_v6: Vec<(u32, IpNet, u32)>,
     pub listeners: Vec<(ListenerKey, ListenerInfo)>,
+    pub settings: Settings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,14 +123,19 @@ pub fn compile(
 
         // Distinct prefixes of the family in (network, length) order: a prefix's ancestors come
         // before it, so a stack of the open ancestors gives each prefix its nesting chain.
-        let mut by_prefix: BTreeMap<IpNet, Vec<usize>> = BTreeMap::new();
-        for (i, r) in rules.iter().enumerate() {
-            if let Some(n) = r.remote.filter(|n| n.addr().is_ipv4() == v4 && !is_root(r)) {
-                by_prefix.entry(n).or_default().push(i);
-            }
-        }
+        let mut by_prefix: Vec<(IpNet, usize)> = (0..rules.len())
+            .filter_map(|i| {
+                let r = &rules[i];
+                r.remote
+                    .filter(|n| n.addr().is_ipv4() == v4 && !is_root(r))
+                    .map(|n| (n, i))
+            })
+            .collect();
+        by_prefix.sort_unstable();
         let mut stack: Vec<(IpNet, Vec<usize>)> = Vec::new();
-        for (prefix, own) in by_prefix {
+        for group in by_prefix.chunk_by(|a, b| a.0 == b.0) {
+            let prefix = group[0].0;
+            let own = group.iter().map(|&(_, i)| i);
             while stack.last().is_some_and(|(top, _)| !top.contains(&prefix)) {
                 stack.pop();
             }
@@ -178,6 +184,9 @@ pub fn compile(
         .chain(policy.remote_v6.iter_mut())
     {
         l.shapes = shapes[l.list as usize];
+    }
+    if rules.iter().any(|r| r.profile.no_new_conn) {
+        policy.settings.flags |= settings::NO_NEW_CONN;
     }
     policy.rules = rules;
     Ok(policy)

@@ -11,7 +11,19 @@ use crate::listener::Lookup;
 use crate::rule::Rule;
 
 /// The sort key of a rule in match order.
-fn order_key(r: &Rule) -> impl Ord {
+type OrderKey = (
+    i32,
+    bool,
+    bool,
+    Reverse<u8>,
+    bool,
+    bool,
+    Reverse<u8>,
+    bool,
+    u32,
+);
+
+fn order_key(r: &Rule) -> OrderKey {
     (
         r.priority,
         r.proto.is_none(),
@@ -73,7 +85,7 @@ pub fn deciding_key(a: &Rule, b: &Rule) -> &'static str {
 
 /// Sorts rules into match order.
 pub fn sort(rules: &mut [Rule]) {
-    rules.sort_by(match_order);
+    rules.sort_by_cached_key(order_key);
 }
 
 /// Does `rule` apply to the connection `key` describes? The remote side is all but the remote

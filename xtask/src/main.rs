@@ -60,7 +60,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Task::Setup => setup(),
         Task::Bench { args } => {
             setup()?;
-            status(cargo(&root).args(["build", "--release", "--package", "tcpmgm-tests", "--bin", "tcpmgm-bench"]))?;
+            status(cargo(&root).args([
+                "build",
+                "--release",
+                "--package",
+                "tcpmgm-tests",
+                "--bin",
+                "tcpmgm-bench",
+            ]))?;
             status(
                 Command::new(root.join("target/release/tcpmgm-bench"))
                     .arg("--out")

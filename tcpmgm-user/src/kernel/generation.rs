@@ -94,11 +94,19 @@ impl Generation {
             .iter()
             .filter_map(|name| {
                 let map: &MapData = match self.ebpf.map(name)? {
-                    aya::maps::Map::Array(m) | aya::maps::Map::HashMap(m) | aya::maps::Map::LpmTrie(m) => m,
+                    aya::maps::Map::Array(m)
+                    | aya::maps::Map::HashMap(m)
+                    | aya::maps::Map::LpmTrie(m) => m,
                     _ => return None,
                 };
-                let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", map.fd().as_fd().as_raw_fd())).ok()?;
-                fdinfo.lines().find_map(|l| l.strip_prefix("memlock:")?.trim().parse::<u64>().ok())
+                let fdinfo = std::fs::read_to_string(format!(
+                    "/proc/self/fdinfo/{}",
+                    map.fd().as_fd().as_raw_fd()
+                ))
+                .ok()?;
+                fdinfo
+                    .lines()
+                    .find_map(|l| l.strip_prefix("memlock:")?.trim().parse::<u64>().ok())
             })
             .sum()
     }
@@ -133,6 +141,7 @@ impl Generation {
         let ranks: Vec<u32> = (0..p.profiles.len() as u32).collect();
         self.fill_array(names::PROFILES, &ranks, &p.profiles)?;
         self.fill_array(names::ROOTS, &[0, 1], &p.roots)?;
+        self.fill_array(names::SETTINGS, &[0], &[p.settings])?;
         let (keys, values): (Vec<_>, Vec<_>) = p.buckets.iter().copied().unzip();
         self.fill_hash(names::BUCKETS, &keys, &values)?;
         let (keys, values): (Vec<_>, Vec<_>) = p.listeners.iter().copied().unzip();

@@ -6,8 +6,8 @@
 //! - kernel cost per program invocation, from the kernel's accounting (kernel.bpf_stats_enabled);
 //! - connect+accept rate: no programs, tcpmgm with 100k rules, and OpenSIPS's way in userspace;
 //! - kernel memory of the policy maps.
-use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -33,25 +33,41 @@ struct Args {
 
 const SERVER: &str = "127.0.0.1:7000";
 
-/// `n` rules of a trunk-heavy table: distinct /32 peers in 10.0.0.0/8, every tenth a /24 (so
-/// lists nest), ports, protocols, local addresses and priorities mixed; then one rule for
-/// loopback, last in match order, which the measured connections meet.
+/// `n` rules of a trunk-heavy table: distinct /32 peers in 10.0.0.0/8, one in a hundred a /24
+/// that holds some of them (so lists nest), ports, protocols, local addresses, priorities and
+/// some no_new_conn mixed; then one rule for loopback, last in match order, which the measured
+/// connections meet.
 fn rules(n: usize) -> Vec<Rule> {
-    let protos = [None, Proto::parse("tcp").unwrap(), Proto::parse("tls").unwrap()];
+    let protos = [
+        None,
+        Proto::parse("tcp").unwrap(),
+        Proto::parse("tls").unwrap(),
+    ];
     let mut out: Vec<Rule> = (0..n)
         .map(|i| {
-            let a = (i as u32) + (1 << 24) * 10 + 1;
-            let ip = Ipv4Addr::from(a);
-            let len = if i % 10 == 0 { 24 } else { 32 };
+            let (ip, len) = if i % 100 == 0 {
+                // Every hundredth /24 of 10.0.0.0/8, which holds the /32 peers numbered there.
+                (Ipv4Addr::from((10 << 24) + ((i as u32) << 8)), 24)
+            } else {
+                (Ipv4Addr::from((10 << 24) + i as u32 + 1), 32)
+            };
             Rule {
                 id: i as u32 + 1,
                 priority: (i % 3) as i32,
                 proto: protos[i % 3],
                 remote: Some(ipnet::IpNet::new(IpAddr::V4(ip), len).unwrap().trunc()),
                 remote_port: [0, 0, 5060, 5061][i % 4],
-                local: (i % 7 == 0).then(|| LocalMatch { net: "192.0.2.0/24".parse().unwrap(), tag: None }),
+                local: (i % 7 == 0).then(|| LocalMatch {
+                    net: "192.0.2.0/24".parse().unwrap(),
+                    tag: None,
+                }),
                 local_port: 0,
-                profile: Profile { keepidle: 100 + (i % 1000) as u32, ..Profile::default() },
+                // Some peers must never be dialled: connect4 then has to decide every connect().
+                profile: Profile {
+                    keepidle: 100 + (i % 1000) as u32,
+                    no_new_conn: i % 50 == 7,
+                    ..Profile::default()
+                },
             }
         })
         .collect();
@@ -63,7 +79,10 @@ fn rules(n: usize) -> Vec<Rule> {
         remote_port: 0,
         local: None,
         local_port: 0,
-        profile: Profile { keepidle: 77, ..Profile::default() },
+        profile: Profile {
+            keepidle: 77,
+            ..Profile::default()
+        },
     });
     out
 }
@@ -78,7 +97,9 @@ fn rate(listener: &TcpListener, n: usize, mut on_accept: impl FnMut(&TcpStream))
         let client = TcpStream::connect(addr).expect("connect");
         let (server, _) = listener.accept().expect("accept");
         on_accept(&server);
-        socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO)).unwrap();
+        socket2::SockRef::from(&client)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
     }
     n as f64 / start.elapsed().as_secs_f64()
 }
@@ -86,7 +107,13 @@ fn rate(listener: &TcpListener, n: usize, mut on_accept: impl FnMut(&TcpStream))
 fn setsockopt(s: &TcpStream, level: i32, name: i32, value: i32) {
     // SAFETY: an int option on a live socket.
     unsafe {
-        libc::setsockopt(s.as_raw_fd(), level, name, (&value as *const i32).cast(), size_of::<i32>() as u32);
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            size_of::<i32>() as u32,
+        );
     }
 }
 
@@ -94,12 +121,24 @@ fn setsockopt(s: &TcpStream, level: i32, name: i32, value: i32) {
 /// the four keepalive options.
 fn opensips_way(sorted: &[Rule], listeners: &Listeners) -> impl FnMut(&TcpStream) {
     move |s| {
-        let key = listeners.lookup(Direction::Inbound, s.peer_addr().unwrap(), Some(s.local_addr().unwrap()));
-        let rule = sorted.iter().find(|r| matcher::matches(r, &key)).expect("the loopback rule matches");
+        let key = listeners.lookup(
+            Direction::Inbound,
+            s.peer_addr().unwrap(),
+            Some(s.local_addr().unwrap()),
+        );
+        let rule = sorted
+            .iter()
+            .find(|r| matcher::matches(r, &key))
+            .expect("the loopback rule matches");
         let p = &rule.profile;
         setsockopt(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
         setsockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, p.keepidle as i32);
-        setsockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, p.keepinterval as i32);
+        setsockopt(
+            s,
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPINTVL,
+            p.keepinterval as i32,
+        );
         setsockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, p.keepcount as i32);
     }
 }
@@ -115,7 +154,10 @@ fn cost_per_invocation(enforcer: &Enforcer, listener: &TcpListener, n: usize) ->
     rate(listener, n, |_| {});
     let after = enforcer.program_stats();
     let per = |name: &str| {
-        let (b, a) = (before.iter().find(|s| s.0 == name).unwrap(), after.iter().find(|s| s.0 == name).unwrap());
+        let (b, a) = (
+            before.iter().find(|s| s.0 == name).unwrap(),
+            after.iter().find(|s| s.0 == name).unwrap(),
+        );
         let runs = a.2 - b.2;
         ((a.1 - b.1).as_nanos() as f64 / runs.max(1) as f64, runs)
     };
@@ -136,14 +178,31 @@ struct Row {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())))
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024))
+        .and_then(|m| {
+            m.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    / 1024
+                    / 1024
+            })
+        })
         .unwrap_or(0);
-    let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
     format!("{cpu}, {cores} cores, {mem} GiB, Linux {kernel}")
 }
 
@@ -171,8 +230,14 @@ impl Drop for LeaveCgroup {
 fn run(args: &Args) -> anyhow::Result<()> {
     let sb = Sandbox::new();
     // This process becomes the workload: into the sandbox's namespace and cgroup.
-    nix::sched::setns(std::fs::File::open(sb.netns.path())?, nix::sched::CloneFlags::CLONE_NEWNET)?;
-    std::fs::write(sb.cgroup.join("cgroup.procs"), std::process::id().to_string())?;
+    nix::sched::setns(
+        std::fs::File::open(sb.netns.path())?,
+        nix::sched::CloneFlags::CLONE_NEWNET,
+    )?;
+    std::fs::write(
+        sb.cgroup.join("cgroup.procs"),
+        std::process::id().to_string(),
+    )?;
     let _leave = LeaveCgroup;
     let listener = TcpListener::bind(SERVER)?;
     let listeners = Listeners::parse_all(["tcp:127.0.0.1:7000"])?;
@@ -186,11 +251,20 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let enforcer = Enforcer::attach(&empty, &sb.cgroup, &sb.pin_dir)?;
     let (so, c4, per_conn) = cost_per_invocation(&enforcer, &listener, n);
     drop(enforcer);
-    eprintln!("0 rules: sock_ops {so:.0} ns, connect4 {c4:.0} ns ({per_conn:.1} sock_ops runs a connection)");
-    table.push(Row { rules: 0, compile: Duration::ZERO, load: Duration::ZERO, sock_ops_ns: so, connect4_ns: c4, memory: 0 });
+    eprintln!(
+        "0 rules: sock_ops {so:.0} ns, connect4 {c4:.0} ns ({per_conn:.1} sock_ops runs a connection)"
+    );
+    table.push(Row {
+        rules: 0,
+        compile: Duration::ZERO,
+        load: Duration::ZERO,
+        sock_ops_ns: so,
+        connect4_ns: c4,
+        memory: 0,
+    });
 
     let mut reload = Duration::ZERO;
-    let mut rates = (Vec::new(), Vec::new(), Vec::new());
+    let mut rates = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for size in [1_000, 100_000, 1_000_000] {
         let rules = rules(size);
         let t = Instant::now();
@@ -202,10 +276,15 @@ fn run(args: &Args) -> anyhow::Result<()> {
         let check = TcpStream::connect(SERVER)?;
         let (accepted, _) = listener.accept()?;
         let idle = socket2::SockRef::from(&accepted).keepalive_time()?;
-        anyhow::ensure!(idle == Duration::from_secs(77), "the loopback rule did not apply ({idle:?})");
+        anyhow::ensure!(
+            idle == Duration::from_secs(77),
+            "the loopback rule did not apply ({idle:?})"
+        );
         drop((check, accepted));
         let (so, c4, _) = cost_per_invocation(&enforcer, &listener, n);
-        eprintln!("{size} rules: compile {compile_time:?}, load {load_time:?}, sock_ops {so:.0} ns, connect4 {c4:.0} ns");
+        eprintln!(
+            "{size} rules: compile {compile_time:?}, load {load_time:?}, sock_ops {so:.0} ns, connect4 {c4:.0} ns"
+        );
         table.push(Row {
             rules: size,
             compile: compile_time,
@@ -231,12 +310,22 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 let e = Enforcer::attach(&policy, &sb.cgroup, &sb.pin_dir)?;
                 rates.1.push(rate(&listener, n, |_| {}));
                 drop(e);
-                rates.2.push(rate(&listener, n, opensips_way(&sorted, &listeners)));
+                let e = Enforcer::attach(&empty, &sb.cgroup, &sb.pin_dir)?;
+                rates.3.push(rate(&listener, n, |_| {}));
+                drop(e);
+                rates
+                    .2
+                    .push(rate(&listener, n, opensips_way(&sorted, &listeners)));
             }
         }
     }
 
-    let (none, tcpmgm_rate, opensips) = (median(rates.0), median(rates.1), median(rates.2));
+    let (none, tcpmgm_rate, opensips, attached) = (
+        median(rates.0),
+        median(rates.1),
+        median(rates.2),
+        median(rates.3),
+    );
     let cost = |rules: usize| table.iter().find(|r| r.rules == rules).unwrap();
     let (k1, m1) = (cost(1_000), cost(1_000_000));
     let met = |ok: bool| if ok { "met" } else { "NOT met" };
@@ -244,8 +333,16 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1 << 20) as f64);
 
     writeln!(report, "# tcpmgm benchmarks\n")?;
-    writeln!(report, "Measured by `cargo xtask bench` on {} ({}).\n", machine(), chrono_free_date())?;
-    writeln!(report, "| rules | compile | load (maps + programs + attach) | compile + load | sock_ops ns/run | connect4 ns/run | policy map memory |")?;
+    writeln!(
+        report,
+        "Measured by `cargo xtask bench` on {} ({}).\n",
+        machine(),
+        chrono_free_date()
+    )?;
+    writeln!(
+        report,
+        "| rules | compile | load (maps + programs + attach) | compile + load | sock_ops ns/run | connect4 ns/run | policy map memory |"
+    )?;
     writeln!(report, "|---:|---:|---:|---:|---:|---:|---:|")?;
     for r in &table {
         writeln!(
@@ -257,15 +354,35 @@ fn run(args: &Args) -> anyhow::Result<()> {
             ms(r.compile + r.load),
             r.sock_ops_ns,
             r.connect4_ns,
-            if r.rules == 0 { "-".into() } else { mib(r.memory) }
+            if r.rules == 0 {
+                "-".into()
+            } else {
+                mib(r.memory)
+            }
         )?;
     }
-    writeln!(report, "\nReload at 100k rules (read aside, compile, load, swap): {}.\n", ms(reload))?;
-    writeln!(report, "Connect + accept over loopback, {n} connections a sample, median of 5 interleaved samples:\n")?;
+    writeln!(
+        report,
+        "\nReload at 100k rules (read aside, compile, load, swap): {}.\n",
+        ms(reload)
+    )?;
+    writeln!(
+        report,
+        "Connect + accept over loopback, {n} connections a sample, median of 5 interleaved samples:\n"
+    )?;
     writeln!(report, "| setup | connections/s | ratio to no programs |")?;
     writeln!(report, "|---|---:|---:|")?;
     writeln!(report, "| no programs | {none:.0} | 1.00 |")?;
-    writeln!(report, "| tcpmgm, 100k rules, a matching rule | {tcpmgm_rate:.0} | {:.2} |", tcpmgm_rate / none)?;
+    writeln!(
+        report,
+        "| tcpmgm attached, no rules | {attached:.0} | {:.2} |",
+        attached / none
+    )?;
+    writeln!(
+        report,
+        "| tcpmgm, 100k rules, a matching rule | {tcpmgm_rate:.0} | {:.2} |",
+        tcpmgm_rate / none
+    )?;
     writeln!(
         report,
         "| OpenSIPS's way in userspace (accept, linear scan of the 100k rules in match order, 4 setsockopt) | {opensips:.0} | {:.2} |",
@@ -280,19 +397,37 @@ fn run(args: &Args) -> anyhow::Result<()> {
         m1.connect4_ns / k1.connect4_ns,
         met(m1.sock_ops_ns <= 2.0 * k1.sock_ops_ns && m1.connect4_ns <= 2.0 * k1.connect4_ns)
     )?;
-    writeln!(report, "| connection rate with tcpmgm ≥ 0.95× no programs | {:.2}× | {} |", tcpmgm_rate / none, met(tcpmgm_rate >= 0.95 * none))?;
+    writeln!(
+        report,
+        "| connection rate with tcpmgm ≥ 0.95× no programs | {:.2}× | {} |",
+        tcpmgm_rate / none,
+        met(tcpmgm_rate >= 0.95 * none)
+    )?;
     let c100k = cost(100_000);
-    writeln!(report, "| compile + load of 100k rules ≤ 1 s | {} | {} |", ms(c100k.compile + c100k.load), met(c100k.compile + c100k.load <= Duration::from_secs(1)))?;
-    writeln!(report, "| compile + load of 1M rules ≤ 10 s | {} | {} |", ms(m1.compile + m1.load), met(m1.compile + m1.load <= Duration::from_secs(10)))?;
+    writeln!(
+        report,
+        "| compile + load of 100k rules ≤ 1 s | {} | {} |",
+        ms(c100k.compile + c100k.load),
+        met(c100k.compile + c100k.load <= Duration::from_secs(1))
+    )?;
+    writeln!(
+        report,
+        "| compile + load of 1M rules ≤ 10 s | {} | {} |",
+        ms(m1.compile + m1.load),
+        met(m1.compile + m1.load <= Duration::from_secs(10))
+    )?;
     writeln!(
         report,
         "\nNotes: the sock_ops figure is the mean over every callback the program sees (most return at\n\
          once); the rule lookup itself runs once a socket. The OpenSIPS-way row scans all 100k rules\n\
          (the matching loopback rule is last in match order): its worst case. The rule set is\n\
-         generated (distinct /32 peers in 10.0.0.0/8, every tenth a /24, ports, protocols, priorities)."
+         generated: distinct /32 peers in 10.0.0.0/8, one rule in a hundred a /24 (holding up to 256 of\n\
+         the peers, whose lists then repeat its rule), ports, protocols, local addresses, priorities,\n\
+         one rule in fifty no_new_conn (so connect4 decides every connect())."
     )?;
     print!("{report}");
-    std::fs::write(&args.out, &report).with_context(|| format!("writing {}", args.out.display()))?;
+    std::fs::write(&args.out, &report)
+        .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("written to {}", args.out.display());
     Ok(())
 }
@@ -300,6 +435,6 @@ fn run(args: &Args) -> anyhow::Result<()> {
 /// Today's date from the system clock, as YYYY-MM-DD.
 fn chrono_free_date() -> String {
     let out = std::process::Command::new("date").arg("+%Y-%m-%d").output();
-    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
 }
-
