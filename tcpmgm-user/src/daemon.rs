@@ -43,6 +43,8 @@ pub struct Options {
     pub skip_invalid: bool,
     pub pin_dir: Option<PathBuf>,
     pub control: Option<PathBuf>,
+    /// Detach on SIGINT/SIGTERM instead of leaving the policy in force.
+    pub detach_on_exit: bool,
 }
 
 /// The running daemon: what it was asked (options) and what it enforces.
@@ -91,6 +93,12 @@ impl Daemon {
             None => system::default_control_socket(&cgroup)?,
         };
         let enforcer = Enforcer::attach(&policy, &cgroup, &pin_dir)?;
+        if enforcer.adopted() {
+            tracing::info!(
+                "took over the policy pinned in {} by an earlier run",
+                pin_dir.display()
+            );
+        }
         for l in set.listeners.iter() {
             tracing::info!("listener {l}");
         }
@@ -126,7 +134,8 @@ impl Daemon {
         ))
     }
 
-    /// Serves SIGHUP and the control socket until SIGINT or SIGTERM, then detaches.
+    /// Serves SIGHUP and the control socket until SIGINT or SIGTERM (the policy stays in force,
+    /// unless `detach_on_exit`) or a `detach` request (the policy goes).
     pub async fn serve(mut self) -> Result<(), DaemonError> {
         let listener = bind_control(&self.control)?;
         tracing::info!(
@@ -136,24 +145,40 @@ impl Daemon {
         let mut term = signal(SignalKind::terminate()).map_err(|e| self.control_err(e))?;
         let mut int = signal(SignalKind::interrupt()).map_err(|e| self.control_err(e))?;
         let mut hup = signal(SignalKind::hangup()).map_err(|e| self.control_err(e))?;
-        loop {
+        let detach = loop {
             tokio::select! {
-                _ = term.recv() => { tracing::info!("SIGTERM"); break; }
-                _ = int.recv() => { tracing::info!("SIGINT"); break; }
+                _ = term.recv() => { tracing::info!("SIGTERM"); break self.options.detach_on_exit; }
+                _ = int.recv() => { tracing::info!("SIGINT"); break self.options.detach_on_exit; }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading");
                     // Logged inside; there is no caller to answer.
                     let _ = self.log_reload().await;
                 }
                 conn = listener.accept() => match conn {
-                    Ok((stream, _)) => self.answer(stream).await,
+                    Ok((stream, _)) => {
+                        if self.answer(stream).await == Request::Detach {
+                            break true;
+                        }
+                    }
                     Err(e) => tracing::warn!("control socket: {e}"),
                 },
             }
-        }
+        };
         let _ = std::fs::remove_file(&self.control);
-        drop(self.enforcer);
-        tracing::info!("detached; the cgroup is back to the system's TCP settings");
+        if detach {
+            let cgroup = self.enforcer.cgroup().to_path_buf();
+            self.enforcer.detach()?;
+            tracing::info!(
+                "detached from {}; it is back to the system's TCP settings",
+                cgroup.display()
+            );
+        } else {
+            tracing::info!(
+                "exiting; the policy stays enforced (pinned in {}); `tcpmgm detach --cgroup {}` removes it",
+                self.enforcer.pin_dir().display(),
+                self.enforcer.cgroup().display()
+            );
+        }
         Ok(())
     }
 
@@ -177,23 +202,35 @@ impl Daemon {
         }
     }
 
-    /// One request a connection: `reload`. The answer is `ok <report>` or `error <reason>`
-    /// (which may span lines), then the connection closes.
-    async fn answer(&mut self, stream: UnixStream) {
+    /// One request a connection: `reload` or `detach`. The answer is `ok <report>` or
+    /// `error <reason>` (which may span lines), then the connection closes.
+    async fn answer(&mut self, stream: UnixStream) -> Request {
         let (read, mut write) = stream.into_split();
         let mut line = String::new();
         if BufReader::new(read).read_line(&mut line).await.is_err() {
-            return;
+            return Request::Other;
         }
-        let reply = match line.trim() {
+        let (request, reply) = match line.trim() {
             "reload" => match self.log_reload().await {
-                Ok(report) => format!("ok {report}\n"),
-                Err(e) => format!("error {e}\n"),
+                Ok(report) => (Request::Reload, format!("ok {report}\n")),
+                Err(e) => (Request::Reload, format!("error {e}\n")),
             },
-            other => format!("error unknown request '{other}' (expected: reload)\n"),
+            "detach" => (Request::Detach, "ok detaching\n".to_owned()),
+            other => (
+                Request::Other,
+                format!("error unknown request '{other}' (expected: reload, detach)\n"),
+            ),
         };
         let _ = write.write_all(reply.as_bytes()).await;
+        request
     }
+}
+
+#[derive(PartialEq)]
+enum Request {
+    Reload,
+    Detach,
+    Other,
 }
 
 /// A root-only unix socket: its directory is 0700 and the socket 0600.
@@ -220,13 +257,13 @@ fn bind_control(path: &Path) -> Result<UnixListener, DaemonError> {
     Ok(listener)
 }
 
-/// `tcpmgm reload`: asks the daemon at `control` to reload; Ok(report) or Err(reason).
-pub async fn request_reload(control: &Path) -> Result<String, String> {
+/// Sends one request to the daemon at `control`: Ok(report) or Err(reason).
+pub async fn request(control: &Path, what: &str) -> Result<String, String> {
     let mut stream = UnixStream::connect(control)
         .await
         .map_err(|e| format!("no tcpmgm run answers on {}: {e}", control.display()))?;
     stream
-        .write_all(b"reload\n")
+        .write_all(format!("{what}\n").as_bytes())
         .await
         .map_err(|e| e.to_string())?;
     let mut reply = String::new();

@@ -44,6 +44,22 @@ enum Command {
         /// Control socket for `tcpmgm reload` [default: /run/tcpmgm/<cgroup>.sock].
         #[arg(long)]
         control: Option<PathBuf>,
+        /// On SIGINT/SIGTERM take the policy off the cgroup. By default it stays in force
+        /// (pinned) after the daemon exits, and the next `run` takes it over.
+        #[arg(long)]
+        detach_on_exit: bool,
+    },
+    /// Take tcpmgm off a cgroup: programs and pins go, the system's TCP settings are back. A
+    /// running `tcpmgm run` for it is told to detach and exit.
+    Detach {
+        #[arg(long)]
+        cgroup: PathBuf,
+        /// bpffs directory of the pins [default: <bpffs>/tcpmgm/<cgroup>].
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+        /// The daemon's control socket [default: /run/tcpmgm/<cgroup>.sock].
+        #[arg(long)]
+        control: Option<PathBuf>,
     },
     /// Ask the running `tcpmgm run` to re-read the table and switch to it atomically. Exits 1
     /// (with the reason) when the reload failed; the previous policy then stays in force.
@@ -171,6 +187,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pin_dir,
             create_cgroup,
             control,
+            detach_on_exit,
         } => {
             let created = if create_cgroup {
                 system::create_cgroup(&cgroup)?
@@ -183,6 +200,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 skip_invalid,
                 pin_dir,
                 control,
+                detach_on_exit,
             };
             let result = match Daemon::start(options).await {
                 Ok(d) => d.serve().await,
@@ -196,13 +214,43 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             result?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Detach {
+            cgroup,
+            pin_dir,
+            control,
+        } => {
+            let cgroup = system::resolve_cgroup(&cgroup)?;
+            let control = match control {
+                Some(c) => c,
+                None => system::default_control_socket(&cgroup)?,
+            };
+            if daemon::request(&control, "detach").await.is_ok() {
+                // The daemon detaches as it exits; wait for its socket to go.
+                for _ in 0..100 {
+                    if !control.exists() {
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+            let pin_dir = match pin_dir {
+                Some(p) => p,
+                None => system::default_pin_dir(&cgroup)?,
+            };
+            tcpmgm::kernel::detach_pinned(&pin_dir)?;
+            println!(
+                "detached from {}: the system's TCP settings apply",
+                cgroup.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Reload { cgroup, control } => {
             let control = match (control, cgroup) {
                 (Some(c), _) => c,
                 (None, Some(cg)) => system::default_control_socket(&system::resolve_cgroup(&cg)?)?,
                 (None, None) => unreachable!("clap requires one"),
             };
-            match daemon::request_reload(&control).await {
+            match daemon::request(&control, "reload").await {
                 Ok(report) => {
                     println!("reloaded: {report}");
                     Ok(ExitCode::SUCCESS)

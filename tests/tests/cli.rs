@@ -217,7 +217,7 @@ async fn a_rejected_table_reaches_nothing_in_the_kernel() {
 }
 
 #[tokio::test]
-async fn run_enforces_skips_bad_rows_on_request_and_detaches_on_sigterm() {
+async fn run_enforces_skips_bad_rows_keeps_the_policy_on_sigterm_and_detach_removes_it() {
     let sb = Sandbox::new();
     let db = Db::new(TableVersion::V1, BAD_ROWS).await;
     let mut run = Command::new(binary("tcpmgm"))
@@ -262,15 +262,36 @@ async fn run_enforces_skips_bad_rows_on_request_and_detaches_on_sigterm() {
     let r = probe.ask("pair 127.0.0.1:7001 127.0.0.1:7001 10.0.0.1:0");
     assert_eq!(r.get("client_idle"), 55, "{r:?}");
 
+    // SIGTERM: the daemon exits, the policy stays in force.
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = run.wait().unwrap();
     assert!(status.success(), "{status}");
+    assert_eq!(
+        sb.attached_programs().matches("tcpmgm_").count(),
+        3,
+        "{}",
+        sb.attached_programs()
+    );
+    let r = probe.ask("pair 127.0.0.1:7002 127.0.0.1:7002 10.0.0.1:0");
+    assert_eq!(r.get("client_idle"), 55, "{r:?}");
+
+    // `tcpmgm detach`: the system's settings are back.
+    let (code, out, err) = tcpmgm(&[
+        "detach",
+        "--cgroup",
+        sb.cgroup.to_str().unwrap(),
+        "--pin-dir",
+        sb.pin_dir.to_str().unwrap(),
+        "--control",
+        "/nonexistent/tcpmgm.sock",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
     assert!(
         !sb.attached_programs().contains("tcpmgm"),
         "{}",
         sb.attached_programs()
     );
     assert!(!sb.pin_dir.exists());
-    let r = probe.ask("pair 127.0.0.1:7002 127.0.0.1:7002 10.0.0.1:0");
+    let r = probe.ask("pair 127.0.0.1:7003 127.0.0.1:7003 10.0.0.1:0");
     assert_eq!(r.keepalive("client"), (0, 7200, 75, 9), "{r:?}");
 }

@@ -140,7 +140,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cmd.args(["--db", &format!("sqlite://{db}")]);
             }
             if !has("--cgroup") {
-                cmd.args(["--cgroup", "tcpmgm-demo", "--create-cgroup"]);
+                // A demo: Ctrl-C takes the policy off and removes the demo cgroup.
+                cmd.args([
+                    "--cgroup",
+                    "tcpmgm-demo",
+                    "--create-cgroup",
+                    "--detach-on-exit",
+                ]);
             }
             cmd.args(&args);
             eprintln!("xtask: {cmd:?}");

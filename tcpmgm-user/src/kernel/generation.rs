@@ -252,9 +252,15 @@ fn batch<K, V>(
     if keys.is_empty() {
         return Ok(true);
     }
-    sys::update_batch(map.fd().as_fd(), keys, values).map_err(|e| {
+    let done = sys::update_batch(map.fd().as_fd(), keys, values).map_err(|e| {
         map_err(name, format!("batch update of {} entries", keys.len()))(e.to_string())
-    })
+    })?;
+    if !done {
+        tracing::debug!(
+            "{name}: the kernel has no batch update for this map type; writing one by one"
+        );
+    }
+    Ok(done)
 }
 
 fn octets(net: IpNet) -> Vec<u8> {

@@ -7,6 +7,11 @@
 //! decided once and remembers it (`TCPMGM_SOCKETS`, shared by all generations), so every
 //! connection is governed by the old rule set or by the new one, never a mix. If anything fails
 //! before the swap, the running generation is untouched.
+//!
+//! The links are pinned beside the maps, so the policy outlives the daemon (even SIGKILL). A new
+//! daemon adopts the pinned links and swaps its own programs into them the same way, so the
+//! cgroup never has two sets of tcpmgm programs, nor a moment without one. Only `detach` (or
+//! removing the pins) takes the policy away.
 mod generation;
 mod sys;
 
@@ -14,7 +19,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use aya::programs::links::FdLink;
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps};
 use tcpmgm_common::names;
 
@@ -74,6 +79,8 @@ pub(crate) struct Hook {
     pub name: &'static str,
     pub kind: &'static str,
     pub min_kernel: &'static str,
+    /// The link's pin name in the pin directory.
+    pub pin: &'static str,
 }
 
 pub(crate) const HOOKS: [Hook; 3] = [
@@ -81,16 +88,19 @@ pub(crate) const HOOKS: [Hook; 3] = [
         name: names::SOCK_OPS,
         kind: "BPF_PROG_TYPE_SOCK_OPS",
         min_kernel: "5.3 (sk_storage)",
+        pin: "TCPMGM_LINK_SOCK_OPS",
     },
     Hook {
         name: names::CONNECT4,
         kind: "BPF_PROG_TYPE_CGROUP_SOCK_ADDR connect4",
         min_kernel: "5.10",
+        pin: "TCPMGM_LINK_CONNECT4",
     },
     Hook {
         name: names::CONNECT6,
         kind: "BPF_PROG_TYPE_CGROUP_SOCK_ADDR connect6",
         min_kernel: "5.10",
+        pin: "TCPMGM_LINK_CONNECT6",
     },
 ];
 
@@ -98,7 +108,8 @@ pub(crate) const HOOKS: [Hook; 3] = [
 /// incompatible build is never reused.
 const SOCKETS_PIN: &str = "TCPMGM_SOCKETS_V1";
 
-/// A policy enforced on a cgroup. Dropping it detaches the programs and removes the pins.
+/// A policy enforced on a cgroup through pinned links. Dropping it leaves the policy in force;
+/// `detach` removes it.
 pub struct Enforcer {
     current: Generation,
     /// The cgroup links, one per hook in `HOOKS` order, and an fd of each for BPF_LINK_UPDATE.
@@ -106,40 +117,81 @@ pub struct Enforcer {
     pin_dir: PathBuf,
     cgroup: PathBuf,
     generation: u64,
+    adopted: bool,
 }
 
 impl Enforcer {
-    /// Loads `policy` and attaches it to `cgroup`, pinning the maps in `pin_dir`.
+    /// Enforces `policy` on `cgroup`, pinning links and maps in `pin_dir`. Links pinned there by
+    /// an earlier run are adopted: their programs are swapped for this policy's.
     pub fn attach(policy: &Policy, cgroup: &Path, pin_dir: &Path) -> Result<Enforcer, KernelError> {
         let fail_pin = |reason: String| KernelError::Pin {
             path: pin_dir.to_path_buf(),
             reason,
         };
         std::fs::create_dir_all(pin_dir).map_err(|e| fail_pin(e.to_string()))?;
-        let mut current = Generation::load(policy, &pin_dir.join(SOCKETS_PIN))?;
+        let mut next = Generation::load(policy, &pin_dir.join(SOCKETS_PIN))?;
+        let pinned = adopt_links(pin_dir)?;
+        let adopted = pinned.iter().any(Option::is_some);
+        // Swap the new programs into the adopted links first (undoing on failure), so that a
+        // failure leaves the running policy exactly as it was.
+        let old_programs: Vec<Option<u32>> = pinned
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .and_then(|(link, _)| link.info().ok())
+                    .map(|i| i.program_id())
+            })
+            .collect();
+        for (i, (hook, link)) in HOOKS.iter().zip(&pinned).enumerate() {
+            let Some((_, fd)) = link else { continue };
+            if let Err(source) = sys::link_update(fd.as_fd(), next.program_fd(hook.name)) {
+                restore(&pinned[..i], &old_programs[..i]);
+                return Err(KernelError::LinkUpdate {
+                    program: hook.name,
+                    source,
+                });
+            }
+        }
         let cgroup_file = File::open(cgroup).map_err(|source| KernelError::Cgroup {
             path: cgroup.to_path_buf(),
             source,
         })?;
         let mut links = Vec::new();
-        for hook in &HOOKS {
-            links.push(attach_hook(current.ebpf_mut(), hook, &cgroup_file)?);
+        for (hook, link) in HOOKS.iter().zip(pinned) {
+            let link = match link {
+                Some(l) => l,
+                None => {
+                    let (link, fd) = attach_hook(next.ebpf_mut(), hook, &cgroup_file)?;
+                    let pinned = link
+                        .pin(pin_dir.join(hook.pin))
+                        .map_err(|e| fail_pin(format!("{}: {e}", hook.pin)))?;
+                    (pinned.into(), fd)
+                }
+            };
+            links.push(link);
         }
+        next.pin_maps(pin_dir)?;
         let enforcer = Enforcer {
-            current,
+            current: next,
             links,
             pin_dir: pin_dir.to_path_buf(),
             cgroup: cgroup.to_path_buf(),
             generation: 1,
+            adopted,
         };
-        enforcer.current.pin_maps(pin_dir)?;
         tracing::info!(
             cgroup = %cgroup.display(),
             pins = %pin_dir.display(),
             rules = policy.rules.len(),
+            adopted,
             "policy attached"
         );
         Ok(enforcer)
+    }
+
+    /// Whether `attach` took over links an earlier run had pinned.
+    pub fn adopted(&self) -> bool {
+        self.adopted
     }
 
     /// Switches the cgroup to `policy`. On error the running policy stays as it was.
@@ -166,6 +218,19 @@ impl Enforcer {
         if let Err(e) = self.current.pin_maps(&self.pin_dir) {
             tracing::warn!("the new policy is enforced, but its maps could not be pinned: {e}");
         }
+        Ok(())
+    }
+
+    /// Takes the policy off the cgroup now and removes the pins: back to the system's settings.
+    pub fn detach(self) -> Result<(), KernelError> {
+        for (hook, (_, fd)) in HOOKS.iter().zip(&self.links) {
+            sys::link_detach(fd.as_fd()).map_err(|e| KernelError::Link {
+                program: hook.name,
+                what: "detaching it (BPF_LINK_DETACH, needs Linux 5.9)",
+                reason: e.to_string(),
+            })?;
+        }
+        remove_pins(&self.pin_dir);
         Ok(())
     }
 
@@ -200,15 +265,72 @@ impl Enforcer {
     }
 }
 
-impl Drop for Enforcer {
-    fn drop(&mut self) {
-        // Dropping the links detaches the programs; then the pins go.
-        self.links.clear();
-        for name in names::POLICY_MAPS.iter().chain(&[SOCKETS_PIN]) {
-            let _ = std::fs::remove_file(self.pin_dir.join(name));
+/// Puts the programs `ids` back into the links (undoing a partial swap).
+fn restore(links: &[Option<(FdLink, OwnedFd)>], ids: &[Option<u32>]) {
+    for (link, id) in links.iter().zip(ids) {
+        if let (Some((_, fd)), Some(id)) = (link, id)
+            && let Ok(prog) = sys::prog_fd_by_id(*id)
+        {
+            let _ = sys::link_update(fd.as_fd(), prog.as_fd());
         }
-        let _ = std::fs::remove_dir(&self.pin_dir);
     }
+}
+
+/// The links pinned in `dir` by an earlier run, in `HOOKS` order.
+fn adopt_links(dir: &Path) -> Result<Vec<Option<(FdLink, OwnedFd)>>, KernelError> {
+    HOOKS
+        .iter()
+        .map(|hook| {
+            let path = dir.join(hook.pin);
+            if !path.exists() {
+                return Ok(None);
+            }
+            let fail = |what: &'static str, reason: String| KernelError::Link {
+                program: hook.name,
+                what,
+                reason,
+            };
+            let link: FdLink = PinnedLink::from_pin(&path)
+                .map_err(|e| fail("opening its pin", e.to_string()))?
+                .into();
+            let id = link
+                .info()
+                .map_err(|e| fail("reading its id", e.to_string()))?
+                .id();
+            let fd = sys::link_fd_by_id(id).map_err(|e| fail("opening it", e.to_string()))?;
+            Ok(Some((link, fd)))
+        })
+        .collect()
+}
+
+/// Removes every pin of tcpmgm's in `dir`, then `dir` if empty.
+fn remove_pins(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("TCPMGM_") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// `tcpmgm detach` without a daemon: detaches the links pinned in `dir` and removes its pins.
+/// Returns false when there was nothing pinned.
+pub fn detach_pinned(dir: &Path) -> Result<bool, KernelError> {
+    let links = adopt_links(dir)?;
+    let found = links.iter().any(Option::is_some);
+    for (hook, link) in HOOKS.iter().zip(&links) {
+        if let Some((_, fd)) = link {
+            sys::link_detach(fd.as_fd()).map_err(|e| KernelError::Link {
+                program: hook.name,
+                what: "detaching it (BPF_LINK_DETACH, needs Linux 5.9)",
+                reason: e.to_string(),
+            })?;
+        }
+    }
+    remove_pins(dir);
+    Ok(found)
 }
 
 fn program_error(hook: &'static Hook, what: &'static str) -> impl Fn(ProgramError) -> KernelError {

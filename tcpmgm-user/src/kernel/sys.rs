@@ -7,6 +7,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// `union bpf_attr`'s `batch` member.
 #[repr(C)]
@@ -87,6 +89,23 @@ pub fn link_fd_by_id(id: u32) -> io::Result<OwnedFd> {
     let fd = bpf(BPF_LINK_GET_FD_BY_ID, &mut attr)?;
     // SAFETY: the kernel returned a new fd we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Opens a program by id.
+pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    let mut attr = GetFdByIdAttr {
+        id,
+        ..GetFdByIdAttr::default()
+    };
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?;
+    // SAFETY: the kernel returned a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Detaches a link from its cgroup now, whoever else holds it (Linux 5.9).
+pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = [link.as_raw_fd() as u32, 0];
+    bpf(BPF_LINK_DETACH, &mut attr).map(drop)
 }
 
 /// Replaces the program of a link, atomically for that hook.

@@ -250,7 +250,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let empty = compile(Vec::new(), &listeners, hz)?;
     let enforcer = Enforcer::attach(&empty, &sb.cgroup, &sb.pin_dir)?;
     let (so, c4, per_conn) = cost_per_invocation(&enforcer, &listener, n);
-    drop(enforcer);
+    enforcer.detach()?;
     eprintln!(
         "0 rules: sock_ops {so:.0} ns, connect4 {c4:.0} ns ({per_conn:.1} sock_ops runs a connection)"
     );
@@ -304,15 +304,15 @@ fn run(args: &Args) -> anyhow::Result<()> {
             reload = Duration::from_secs_f64(median(samples));
             // Side by side, interleaved: no programs, tcpmgm, and the userspace scan.
             let sorted = policy.rules.clone();
-            drop(enforcer);
+            enforcer.detach()?;
             for _ in 0..5 {
                 rates.0.push(rate(&listener, n, |_| {}));
                 let e = Enforcer::attach(&policy, &sb.cgroup, &sb.pin_dir)?;
                 rates.1.push(rate(&listener, n, |_| {}));
-                drop(e);
+                e.detach()?;
                 let e = Enforcer::attach(&empty, &sb.cgroup, &sb.pin_dir)?;
                 rates.3.push(rate(&listener, n, |_| {}));
-                drop(e);
+                e.detach()?;
                 rates
                     .2
                     .push(rate(&listener, n, opensips_way(&sorted, &listeners)));
