@@ -220,6 +220,25 @@ fn table(rng: &mut Rng, pools: &Pools, tags: &[String]) -> Vec<Row> {
             .collect();
         rows.push(row(id, &cols));
     }
+    // A few peers that must never be dialled, ahead of everything: every run then has refusals
+    // to check, whatever the draw.
+    for (i, ip) in [pools.servers4[0], pools.servers6[0]]
+        .into_iter()
+        .enumerate()
+    {
+        let id = (RULES + 1 + i) as i64;
+        let remote = ip.to_string();
+        let idle = (1000 + id).to_string();
+        rows.push(row(
+            id,
+            &[
+                ("priority", "-2"),
+                ("remote_addr", &remote),
+                ("no_new_conn", "1"),
+                ("keepidle", &idle),
+            ],
+        ));
+    }
     rows
 }
 
