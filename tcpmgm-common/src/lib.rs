@@ -16,6 +16,7 @@ pub mod names {
     pub const PROFILES: &str = "TCPMGM_PROFILES";
     pub const LISTENERS: &str = "TCPMGM_LISTENERS";
     pub const SETTINGS: &str = "TCPMGM_SETTINGS";
+    pub const COUNTERS: &str = "TCPMGM_COUNTERS";
     /// Per-socket decisions; shared by every generation of the programs.
     pub const SOCKETS: &str = "TCPMGM_SOCKETS";
     pub const SOCK_OPS: &str = "tcpmgm_sock_ops";
@@ -113,6 +114,16 @@ pub struct LocalKey6 {
     pub addr: [u8; 16],
 }
 
+/// What a rule did, counted per CPU by the programs (since its rule set was loaded).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleCounters {
+    /// Sockets the rule was chosen for (accepted or opened connections, refused ones included).
+    pub matched: u64,
+    /// connect() calls refused by the rule's no_new_conn.
+    pub refused: u64,
+}
+
 /// Facts about the whole rule set, so that hooks skip work it cannot need.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -149,6 +160,8 @@ pub const SOCK_RULE: u32 = 2;
 pub struct Profile {
     /// The rule's `id` in the table.
     pub rule_id: u32,
+    /// The rule's position in match order: its index in `PROFILES` and `COUNTERS`.
+    pub rank: u32,
     pub flags: u32,
     /// TCP_KEEPIDLE seconds; 0 leaves the system value.
     pub keepidle: u32,
@@ -199,6 +212,7 @@ mod pod {
     unsafe impl aya::Pod for LocalKey6 {}
     unsafe impl aya::Pod for SockPolicy {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for RuleCounters {}
     unsafe impl aya::Pod for Profile {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for ListenerInfo {}

@@ -93,7 +93,10 @@ fn verdict(sk: *mut bpf_sock, conn: Conn) -> i32 {
         return ALLOW;
     }
     match sockets::policy(sk, || conn) {
-        Some(p) if p.flags & flags::NO_NEW_CONN != 0 => REFUSE,
+        Some(p) if p.flags & flags::NO_NEW_CONN != 0 => {
+            sockets::count(p.rank, |c| c.refused += 1);
+            REFUSE
+        }
         _ => ALLOW,
     }
 }

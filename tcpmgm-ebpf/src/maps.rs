@@ -1,12 +1,12 @@
 //! The maps. The policy maps are made anew for every rule set and sized to it by the loader (the
 //! sizes here are placeholders); `TCPMGM_SOCKETS` is shared by every generation of the programs.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, SkStorage},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, SkStorage},
     macros::btf_map,
 };
 use tcpmgm_common::{
     Addr4, Addr6, Bucket, BucketKey, ListRef, ListenerInfo, ListenerKey, LocalKey4, LocalKey6,
-    Profile, Settings, SockPolicy,
+    Profile, RuleCounters, Settings, SockPolicy,
 };
 
 #[btf_map]
@@ -34,6 +34,10 @@ pub static TCPMGM_PROFILES: Array<Profile, 1> = Array::new();
 
 #[btf_map]
 pub static TCPMGM_LISTENERS: HashMap<ListenerKey, ListenerInfo, 1> = HashMap::new();
+
+/// Per rank, per CPU.
+#[btf_map]
+pub static TCPMGM_COUNTERS: PerCpuArray<RuleCounters, 1> = PerCpuArray::new();
 
 #[btf_map]
 pub static TCPMGM_SETTINGS: Array<Settings, 1> = Array::new();

@@ -9,10 +9,10 @@ use aya_ebpf::{
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
     helpers::generated::bpf_sk_storage_get,
 };
-use tcpmgm_common::{Profile, SOCK_NO_RULE, SOCK_RULE, SOCK_UNDECIDED, SockPolicy};
+use tcpmgm_common::{Profile, RuleCounters, SOCK_NO_RULE, SOCK_RULE, SOCK_UNDECIDED, SockPolicy};
 
 use crate::decide::{Conn, decide};
-use crate::maps::{TCPMGM_PROFILES, TCPMGM_SOCKETS};
+use crate::maps::{TCPMGM_COUNTERS, TCPMGM_PROFILES, TCPMGM_SOCKETS};
 
 /// The profile governing `sk`, deciding it with `conn` if no hook has yet. A reference, not a
 /// copy: with an `Option<Profile>` by value LLVM reads the flags of the None case from an unset
@@ -40,7 +40,7 @@ pub fn policy(sk: *mut bpf_sock, conn: impl FnOnce() -> Conn) -> Option<&'static
     // SAFETY: non-null storage of our value type.
     let stored = unsafe { &mut *stored };
     if stored.state == SOCK_UNDECIDED {
-        match decide(&conn()).and_then(|rank| TCPMGM_PROFILES.get(rank)) {
+        match decide_profile(&conn()) {
             Some(p) => {
                 stored.profile = *p;
                 stored.state = SOCK_RULE;
@@ -55,8 +55,19 @@ pub fn policy(sk: *mut bpf_sock, conn: impl FnOnce() -> Conn) -> Option<&'static
     }
 }
 
-/// The profile of the winning rule, without remembering it.
+/// The profile of the winning rule, counted as matched, without remembering it.
 #[inline(always)]
 pub fn decide_profile(conn: &Conn) -> Option<&'static Profile> {
-    decide(conn).and_then(|rank| TCPMGM_PROFILES.get(rank))
+    let rank = decide(conn)?;
+    count(rank, |c| c.matched += 1);
+    TCPMGM_PROFILES.get(rank)
+}
+
+/// Bumps one of a rule's per-CPU counters.
+#[inline(always)]
+pub fn count(rank: u32, bump: impl FnOnce(&mut RuleCounters)) {
+    if let Some(c) = TCPMGM_COUNTERS.get_ptr_mut(rank) {
+        // SAFETY: this CPU's slot of the per-CPU array; programs do not migrate mid-run.
+        bump(unsafe { &mut *c });
+    }
 }

@@ -88,7 +88,7 @@ pub fn compile(
 ) -> Result<Policy, CompileError> {
     matcher::sort(&mut rules);
     let mut policy = Policy {
-        profiles: rules.iter().map(|r| kernel_profile(r, hz)).collect(),
+        profiles: rules.iter().enumerate().map(|(rank, r)| kernel_profile(r, rank as u32, hz)).collect(),
         listeners: listener_entries(listeners),
         ..Policy::default()
     };
@@ -289,7 +289,7 @@ pub fn syn_rto_jiffies(connect_timeout_ms: u32, hz: u32) -> u32 {
     }
 }
 
-fn kernel_profile(rule: &Rule, hz: u32) -> Profile {
+fn kernel_profile(rule: &Rule, rank: u32, hz: u32) -> Profile {
     let p = &rule.profile;
     let mut f = if p.keepalive {
         flags::KEEPALIVE_ON
@@ -301,6 +301,7 @@ fn kernel_profile(rule: &Rule, hz: u32) -> Profile {
     }
     Profile {
         rule_id: rule.id,
+        rank,
         flags: f,
         keepidle: p.keepidle,
         keepintvl: p.keepinterval,

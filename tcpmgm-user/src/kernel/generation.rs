@@ -30,6 +30,7 @@ impl Generation {
     pub fn load(policy: &Policy, sockets_pin: &Path) -> Result<Generation, KernelError> {
         let sizes = [
             (names::PROFILES, policy.profiles.len()),
+            (names::COUNTERS, policy.profiles.len()),
             (names::LOCAL_V4, policy.local_v4.len()),
             (names::LOCAL_V6, policy.local_v6.len()),
             (names::BUCKETS, policy.buckets.len()),
@@ -95,6 +96,7 @@ impl Generation {
             .filter_map(|name| {
                 let map: &MapData = match self.ebpf.map(name)? {
                     aya::maps::Map::Array(m)
+                    | aya::maps::Map::PerCpuArray(m)
                     | aya::maps::Map::HashMap(m)
                     | aya::maps::Map::LpmTrie(m) => m,
                     _ => return None,
