@@ -23,8 +23,9 @@ pub mod names {
     pub const CONNECT4: &str = "tcpmgm_connect4";
     pub const CONNECT6: &str = "tcpmgm_connect6";
     /// The policy maps, made anew for every rule set, in the order the loader writes them.
-    pub const POLICY_MAPS: [&str; 8] = [
-        PROFILES, LOCAL_V4, LOCAL_V6, BUCKETS, LISTENERS, ROOTS, REMOTE_V4, REMOTE_V6,
+    pub const POLICY_MAPS: [&str; 10] = [
+        PROFILES, LOCAL_V4, LOCAL_V6, BUCKETS, LISTENERS, ROOTS, REMOTE_V4, REMOTE_V6, SETTINGS,
+        COUNTERS,
     ];
 }
 

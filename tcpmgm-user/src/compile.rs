@@ -88,7 +88,11 @@ pub fn compile(
 ) -> Result<Policy, CompileError> {
     matcher::sort(&mut rules);
     let mut policy = Policy {
-        profiles: rules.iter().enumerate().map(|(rank, r)| kernel_profile(r, rank as u32, hz)).collect(),
+        profiles: rules
+            .iter()
+            .enumerate()
+            .map(|(rank, r)| kernel_profile(r, rank as u32, hz))
+            .collect(),
         listeners: listener_entries(listeners),
         ..Policy::default()
     };

@@ -13,6 +13,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::compile::{CompileError, Policy, compile};
 use crate::kernel::{Enforcer, KernelError};
 use crate::pipeline::{PipelineError, RuleArgs, RuleSet};
+use crate::source::{Redacted, normalize_url};
+use crate::status::{self, DaemonState, ReloadRecord};
 use crate::system::{self, SystemError};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,7 @@ pub struct Daemon {
     hz: u32,
     enforcer: Enforcer,
     control: PathBuf,
+    state: DaemonState,
 }
 
 /// Reads and validates the table, refusing it on any fault unless `skip_invalid`.
@@ -112,20 +115,59 @@ impl Daemon {
             "to put a process under this policy: echo PID > {}/cgroup.procs",
             cgroup.display()
         );
-        Ok(Daemon {
+        let state = DaemonState {
+            cgroup: cgroup.clone(),
+            pin_dir: pin_dir.clone(),
+            control: control.clone(),
+            pid: std::process::id(),
+            source: Redacted::new(&normalize_url(&options.rules.db)).to_string(),
+            started_at: status::now(),
+            rules: policy.rules.len(),
+            generation: 1,
+            last_reload: None,
+        };
+        let daemon = Daemon {
             options,
             hz,
             enforcer,
             control,
-        })
+            state,
+        };
+        daemon.save_state();
+        Ok(daemon)
+    }
+
+    fn save_state(&self) {
+        if let Err(e) = self.state.write() {
+            tracing::warn!(
+                "writing {}: {e}",
+                status::state_path(&self.control).display()
+            );
+        }
     }
 
     /// Re-reads the table and switches the kernel to it; on error nothing changes.
     pub async fn reload(&mut self) -> Result<String, DaemonError> {
+        let result = self.try_reload().await;
+        self.state.generation = self.enforcer.generation();
+        self.state.last_reload = Some(ReloadRecord {
+            at: status::now(),
+            ok: result.is_ok(),
+            message: match &result {
+                Ok(report) => report.clone(),
+                Err(e) => e.to_string(),
+            },
+        });
+        self.save_state();
+        result
+    }
+
+    async fn try_reload(&mut self) -> Result<String, DaemonError> {
         let started = Instant::now();
         let set = read_valid(&self.options.rules, self.options.skip_invalid).await?;
         let policy: Policy = compile(set.rules, &set.listeners, self.hz)?;
         self.enforcer.replace(&policy)?;
+        self.state.rules = policy.rules.len();
         Ok(format!(
             "generation {}: {} rules enforced ({} ms)",
             self.enforcer.generation(),
@@ -168,6 +210,7 @@ impl Daemon {
         if detach {
             let cgroup = self.enforcer.cgroup().to_path_buf();
             self.enforcer.detach()?;
+            let _ = std::fs::remove_file(status::state_path(&self.control));
             tracing::info!(
                 "detached from {}; it is back to the system's TCP settings",
                 cgroup.display()

@@ -12,4 +12,5 @@ pub mod matcher;
 pub mod pipeline;
 pub mod rule;
 pub mod source;
+pub mod status;
 pub mod system;

@@ -71,6 +71,22 @@ enum Command {
         #[arg(long)]
         control: Option<PathBuf>,
     },
+    /// What tcpmgm enforces: for each cgroup (or the one given), the daemon, rule source, rule
+    /// count, generation, last reload, programs, and per-rule counters from the kernel.
+    Status {
+        /// Only this cgroup.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// bpffs directory of its pins [default: <bpffs>/tcpmgm/<cgroup>].
+        #[arg(long, requires = "cgroup")]
+        pin_dir: Option<PathBuf>,
+        /// Its daemon's control socket [default: /run/tcpmgm/<cgroup>.sock].
+        #[arg(long, requires = "cgroup")]
+        control: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate every row; print one line per fault; exit 1 when any row is bad.
     Check {
         #[command(flatten)]
@@ -149,6 +165,12 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Check { rules } => check(rules).await,
+        Command::Status {
+            cgroup,
+            pin_dir,
+            control,
+            json,
+        } => status(cgroup, pin_dir, control, json),
         Command::Match {
             rules,
             remote,
@@ -264,6 +286,49 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
     }
+}
+
+fn status(
+    cgroup: Option<PathBuf>,
+    pin_dir: Option<PathBuf>,
+    control: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut found = Vec::new();
+    match cgroup {
+        Some(cg) => {
+            let cg = system::resolve_cgroup(&cg)?;
+            let pins = match pin_dir {
+                Some(p) => p,
+                None => system::default_pin_dir(&cg)?,
+            };
+            let control = match control {
+                Some(c) => c,
+                None => system::default_control_socket(&cg)?,
+            };
+            let mut s = tcpmgm::status::of(&pins, &control);
+            s.cgroup.get_or_insert(cg);
+            found.push(s);
+        }
+        None => {
+            let root = system::bpffs()?.join("tcpmgm");
+            for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+                let slug = entry.file_name().to_string_lossy().into_owned();
+                let control = std::path::Path::new("/run/tcpmgm").join(format!("{slug}.sock"));
+                found.push(tcpmgm::status::of(&entry.path(), &control));
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&found)?);
+    } else if found.is_empty() {
+        println!("tcpmgm governs no cgroup");
+    } else {
+        for s in &found {
+            print!("{s}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn check(args: RuleArgs) -> anyhow::Result<ExitCode> {

@@ -353,3 +353,79 @@ pub fn compare_with_reference(
     }
     c
 }
+
+/// A `tcpmgm run` started for a sandbox, killed (by its pid) when dropped, even when the test
+/// fails. Its log is drained in the background so it never blocks on a full pipe.
+pub struct Daemon {
+    child: Child,
+    pub control: PathBuf,
+    /// The log lines up to "reload with SIGHUP", the end of its start-up.
+    pub startup_log: String,
+}
+
+impl Daemon {
+    pub fn start(sb: &Sandbox, db: &str, control: PathBuf) -> Daemon {
+        let mut child = Command::new(binary("tcpmgm"))
+            .args(["run", "--db", db])
+            .arg("--cgroup")
+            .arg(&sb.cgroup)
+            .arg("--pin-dir")
+            .arg(&sb.pin_dir)
+            .arg("--control")
+            .arg(&control)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn tcpmgm run");
+        let mut log = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut seen = String::new();
+        while !seen.contains("reload with SIGHUP") {
+            let mut line = String::new();
+            if log.read_line(&mut line).unwrap_or(0) == 0 {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("tcpmgm run exited: {seen}");
+            }
+            seen.push_str(&line);
+        }
+        std::thread::spawn(move || for _ in log.lines() {});
+        Daemon {
+            child,
+            control,
+            startup_log: seen,
+        }
+    }
+
+    /// `tcpmgm reload --control ...`: (exit code, stdout + stderr).
+    pub fn reload(&self) -> (i32, String) {
+        let out = Command::new(binary("tcpmgm"))
+            .arg("reload")
+            .arg("--control")
+            .arg(&self.control)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), text)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// SIGKILL, and wait for it to be gone.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

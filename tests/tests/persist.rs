@@ -1,36 +1,9 @@
 //! The policy outlives the daemon: SIGKILL leaves it enforced, and a new daemon takes the pinned
 //! links over instead of attaching a second set.
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use tcpmgm::source::{Source, TableVersion};
-use tcpmgm_tests::{Sandbox, binary};
-
-fn start(sb: &Sandbox, url: &str, control: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(binary("tcpmgm"))
-        .args(["run", "--db", url])
-        .arg("--cgroup")
-        .arg(&sb.cgroup)
-        .arg("--pin-dir")
-        .arg(&sb.pin_dir)
-        .arg("--control")
-        .arg(control)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut log = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    while !seen.contains("reload with SIGHUP") {
-        let mut line = String::new();
-        if log.read_line(&mut line).unwrap() == 0 {
-            let _ = child.kill();
-            panic!("tcpmgm run exited: {seen}");
-        }
-        seen.push_str(&line);
-    }
-    std::thread::spawn(move || for _ in log.lines() {});
-    (child, seen)
-}
+use tcpmgm_tests::{Daemon, Sandbox, binary};
 
 #[tokio::test]
 async fn sigkill_keeps_the_policy_and_a_restart_adopts_it() {
@@ -54,10 +27,9 @@ async fn sigkill_keeps_the_policy_and_a_restart_adopts_it() {
             .get("client_idle")
     };
 
-    let (mut first, _) = start(&sb, &url, &control);
+    let first = Daemon::start(&sb, &url, control.clone());
     assert_eq!(idle(&mut probe, 7001), 71);
-    first.kill().unwrap();
-    first.wait().unwrap();
+    first.kill();
     // No daemon: the pinned links still enforce the policy on new connections.
     assert_eq!(idle(&mut probe, 7002), 71);
     assert_eq!(
@@ -71,8 +43,12 @@ async fn sigkill_keeps_the_policy_and_a_restart_adopts_it() {
         .execute_script("UPDATE tcp_mgm SET keepidle = 72;")
         .await
         .unwrap();
-    let (mut second, log) = start(&sb, &url, &control);
-    assert!(log.contains("took over the policy pinned"), "{log}");
+    let second = Daemon::start(&sb, &url, control.clone());
+    assert!(
+        second.startup_log.contains("took over the policy pinned"),
+        "{}",
+        second.startup_log
+    );
     let programs = sb.attached_programs();
     assert_eq!(programs.matches("tcpmgm_sock_ops").count(), 1, "{programs}");
     assert_eq!(programs.matches("tcpmgm_connect4").count(), 1, "{programs}");
@@ -103,7 +79,99 @@ async fn sigkill_keeps_the_policy_and_a_restart_adopts_it() {
         sb.attached_programs()
     );
 
-    second.kill().unwrap();
-    second.wait().unwrap();
+    second.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn status_counts_exactly_the_connections_made() {
+    let sb = Sandbox::new();
+    let dir = std::env::temp_dir().join(format!("tcpmgm-status-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}", dir.join("rules.db").display());
+    let source = Source::open(&url, true).await.unwrap();
+    source.init(TableVersion::V1).await.unwrap();
+    source
+        .execute_script(
+            "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (1, '127.0.0.2', 81);
+             INSERT INTO tcp_mgm (id, remote_addr, no_new_conn) VALUES (2, '127.0.0.3', 1);
+             INSERT INTO tcp_mgm (id, remote_addr) VALUES (3, '192.0.2.0/24');",
+        )
+        .await
+        .unwrap();
+    let control = dir.join("control.sock");
+    let daemon = Daemon::start(&sb, &url, control.clone());
+    let mut probe = sb.probe();
+    const OPENED: u64 = 7;
+    const REFUSED: u64 = 5;
+    for port in 0..OPENED {
+        // From 127.0.0.1: only the client socket meets a rule (rule 1); the server's peer does not.
+        let r = probe.ask(&format!(
+            "pair 127.0.0.2:{p} 127.0.0.2:{p} 127.0.0.1:0",
+            p = 7000 + port
+        ));
+        assert_eq!(r.get("client_idle"), 81, "{r:?}");
+    }
+    for port in 0..REFUSED {
+        assert_eq!(
+            probe
+                .ask(&format!(
+                    "pair 127.0.0.3:{p} 127.0.0.3:{p}",
+                    p = 7100 + port
+                ))
+                .get("errno"),
+            1
+        );
+    }
+    let status = |json: bool| {
+        let mut cmd = Command::new(binary("tcpmgm"));
+        cmd.arg("status")
+            .arg("--cgroup")
+            .arg(&sb.cgroup)
+            .arg("--pin-dir")
+            .arg(&sb.pin_dir)
+            .arg("--control")
+            .arg(&control);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let report: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
+    let cgroup = &report[0];
+    assert_eq!(cgroup["daemon_running"], true, "{report:#}");
+    assert_eq!(cgroup["state"]["generation"], 1);
+    assert_eq!(cgroup["state"]["rules"], 3);
+    assert_eq!(
+        cgroup["kernel"]["programs"].as_array().map(Vec::len),
+        Some(3),
+        "{report:#}"
+    );
+    let rule = |id: u64| {
+        let rules = cgroup["kernel"]["rules"].as_array().unwrap();
+        let r = rules
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap_or_else(|| panic!("rule {id} in {report:#}"));
+        (
+            r["matched"].as_u64().unwrap(),
+            r["refused"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(rule(1), (OPENED, 0));
+    assert_eq!(rule(2), (REFUSED, REFUSED));
+    assert_eq!(rule(3), (0, 0));
+    let text = status(false);
+    assert!(
+        text.contains("rules: 3 from sqlite://") && text.contains("refused          5"),
+        "{text}"
+    );
+    daemon.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }

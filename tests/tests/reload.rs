@@ -1,8 +1,5 @@
 //! Reloads: through the daemon (control socket and SIGHUP), failed reloads that must change
 //! nothing, and reloads under a stream of new connections.
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -10,67 +7,7 @@ use tcpmgm::compile::compile;
 use tcpmgm::listener::Listeners;
 use tcpmgm::source::{Source, TableVersion};
 use tcpmgm::system;
-use tcpmgm_tests::{Sandbox, binary, row, rules};
-
-struct Daemon {
-    child: Child,
-    control: PathBuf,
-}
-
-impl Daemon {
-    fn start(sb: &Sandbox, db: &str, control: PathBuf) -> Daemon {
-        let mut child = Command::new(binary("tcpmgm"))
-            .args(["run", "--db", db])
-            .arg("--cgroup")
-            .arg(&sb.cgroup)
-            .arg("--pin-dir")
-            .arg(&sb.pin_dir)
-            .arg("--control")
-            .arg(&control)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut log = BufReader::new(child.stderr.take().unwrap());
-        let mut seen = String::new();
-        while !seen.contains("reload with SIGHUP") {
-            let mut line = String::new();
-            if log.read_line(&mut line).unwrap() == 0 {
-                let _ = child.kill();
-                panic!("tcpmgm run exited: {seen}");
-            }
-            seen.push_str(&line);
-        }
-        // Keep draining the log so the daemon never blocks on a full pipe.
-        std::thread::spawn(move || for _ in log.lines() {});
-        Daemon { child, control }
-    }
-
-    fn reload(&self) -> (i32, String) {
-        let out = Command::new(binary("tcpmgm"))
-            .arg("reload")
-            .arg("--control")
-            .arg(&self.control)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code().unwrap_or(-1), text)
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use tcpmgm_tests::{Daemon, Sandbox, row, rules};
 
 async fn sql(url: &str, statements: &str) {
     Source::open(url, false)

@@ -400,3 +400,85 @@ fn attach_hook(
     })?;
     Ok((link, fd))
 }
+
+/// What the pins of a cgroup show: the programs on its links, and each rule's counters.
+#[derive(Debug, serde::Serialize)]
+pub struct Pinned {
+    pub programs: Vec<PinnedProgram>,
+    /// In match order.
+    pub rules: Vec<RuleCount>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct PinnedProgram {
+    pub hook: &'static str,
+    pub link_id: u32,
+    pub program_id: u32,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct RuleCount {
+    pub id: u32,
+    pub matched: u64,
+    pub refused: u64,
+}
+
+/// Reads the links and counters pinned in `dir` (counters summed over CPUs).
+pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
+    use aya::maps::{Array, Map, MapData, PerCpuArray};
+    use tcpmgm_common::{Profile, RuleCounters};
+    let mut programs = Vec::new();
+    for (hook, link) in HOOKS.iter().zip(adopt_links(dir)?) {
+        if let Some((link, _)) = link {
+            let info = link.info().map_err(|e| KernelError::Link {
+                program: hook.name,
+                what: "reading it",
+                reason: e.to_string(),
+            })?;
+            programs.push(PinnedProgram {
+                hook: hook.name,
+                link_id: info.id(),
+                program_id: info.program_id(),
+            });
+        }
+    }
+    let open = |name: &'static str| {
+        MapData::from_pin(dir.join(name)).map_err(|e| KernelError::Map {
+            map: name,
+            what: "opening its pin".into(),
+            reason: e.to_string(),
+        })
+    };
+    let fail = |name: &'static str, e: aya::maps::MapError| KernelError::Map {
+        map: name,
+        what: "reading".into(),
+        reason: e.to_string(),
+    };
+    let profiles: Array<MapData, Profile> = Array::try_from(Map::Array(open(names::PROFILES)?))
+        .map_err(|e| fail(names::PROFILES, e))?;
+    let counters: PerCpuArray<MapData, RuleCounters> =
+        PerCpuArray::try_from(Map::PerCpuArray(open(names::COUNTERS)?))
+            .map_err(|e| fail(names::COUNTERS, e))?;
+    let mut rules = Vec::new();
+    for rank in 0..profiles.len() {
+        let profile = profiles
+            .get(&rank, 0)
+            .map_err(|e| fail(names::PROFILES, e))?;
+        if profile.rule_id == 0 {
+            // The placeholder entry of an empty rule set.
+            continue;
+        }
+        let per_cpu = counters
+            .get(&rank, 0)
+            .map_err(|e| fail(names::COUNTERS, e))?;
+        let (matched, refused) = per_cpu
+            .iter()
+            .fold((0, 0), |(m, r), c| (m + c.matched, r + c.refused));
+        rules.push(RuleCount {
+            id: profile.rule_id,
+            matched,
+            refused,
+        });
+    }
+    Ok(Pinned { programs, rules })
+}

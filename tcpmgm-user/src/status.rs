@@ -1,0 +1,165 @@
+//! What `tcpmgm status` reports: the daemon's record of what it was asked and did (a state file
+//! beside its control socket), and what the kernel shows through the pins (programs, counters).
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::kernel::{self, Pinned};
+
+/// The daemon's record, rewritten at start and after every reload.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DaemonState {
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub control: PathBuf,
+    pub pid: u32,
+    /// The rule database, password hidden.
+    pub source: String,
+    pub started_at: u64,
+    pub rules: usize,
+    pub generation: u64,
+    pub last_reload: Option<ReloadRecord>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReloadRecord {
+    pub at: u64,
+    pub ok: bool,
+    pub message: String,
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The state file of the daemon whose control socket is `control`.
+pub fn state_path(control: &Path) -> PathBuf {
+    control.with_extension("json")
+}
+
+impl DaemonState {
+    pub fn write(&self) -> std::io::Result<()> {
+        let path = state_path(&self.control);
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self).expect("serialisable"))?;
+        std::fs::rename(tmp, path)
+    }
+
+    pub fn read(control: &Path) -> Option<DaemonState> {
+        serde_json::from_slice(&std::fs::read(state_path(control)).ok()?).ok()
+    }
+}
+
+/// One cgroup under tcpmgm.
+#[derive(Debug, Serialize)]
+pub struct CgroupStatus {
+    pub cgroup: Option<PathBuf>,
+    pub pin_dir: PathBuf,
+    pub daemon_running: bool,
+    pub state: Option<DaemonState>,
+    pub kernel: Option<Pinned>,
+    /// Why the pins could not be read, when they could not.
+    pub kernel_error: Option<String>,
+}
+
+/// The status of the cgroup pinned in `pin_dir`, whose daemon (if any) listens on `control`.
+pub fn of(pin_dir: &Path, control: &Path) -> CgroupStatus {
+    let state = DaemonState::read(control);
+    let daemon_running = state
+        .as_ref()
+        .is_some_and(|s| Path::new(&format!("/proc/{}", s.pid)).exists())
+        && std::os::unix::net::UnixStream::connect(control).is_ok();
+    let (kernel, kernel_error) = match kernel::inspect(pin_dir) {
+        Ok(k) => (Some(k), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    CgroupStatus {
+        cgroup: state.as_ref().map(|s| s.cgroup.clone()),
+        pin_dir: pin_dir.to_path_buf(),
+        daemon_running,
+        state,
+        kernel,
+        kernel_error,
+    }
+}
+
+impl std::fmt::Display for CgroupStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.cgroup {
+            Some(c) => writeln!(f, "cgroup {}", c.display())?,
+            None => writeln!(f, "pins {}", self.pin_dir.display())?,
+        }
+        match &self.state {
+            Some(s) => {
+                let run = if self.daemon_running {
+                    "running"
+                } else {
+                    "not running; the pinned policy stays in force"
+                };
+                writeln!(f, "  daemon: pid {} ({run})", s.pid)?;
+                writeln!(
+                    f,
+                    "  rules: {} from {}, generation {}",
+                    s.rules, s.source, s.generation
+                )?;
+                match &s.last_reload {
+                    Some(r) => writeln!(
+                        f,
+                        "  last reload: {} ({} s ago): {}",
+                        if r.ok { "ok" } else { "FAILED" },
+                        now().saturating_sub(r.at),
+                        r.message
+                    )?,
+                    None => writeln!(
+                        f,
+                        "  last reload: none since the start, {} s ago",
+                        now().saturating_sub(s.started_at)
+                    )?,
+                }
+            }
+            None => writeln!(f, "  daemon: no record")?,
+        }
+        match (&self.kernel, &self.kernel_error) {
+            (Some(k), _) => {
+                let programs: Vec<String> = k
+                    .programs
+                    .iter()
+                    .map(|p| format!("{} (prog {}, link {})", p.hook, p.program_id, p.link_id))
+                    .collect();
+                writeln!(
+                    f,
+                    "  programs: {}",
+                    if programs.is_empty() {
+                        "none attached".into()
+                    } else {
+                        programs.join(", ")
+                    }
+                )?;
+                let active: Vec<_> = k
+                    .rules
+                    .iter()
+                    .filter(|r| r.matched + r.refused > 0)
+                    .collect();
+                writeln!(
+                    f,
+                    "  counters since the last load ({} of {} rules used):",
+                    active.len(),
+                    k.rules.len()
+                )?;
+                for r in active {
+                    writeln!(
+                        f,
+                        "    rule {:>8}  matched {:>10}  refused {:>10}",
+                        r.id, r.matched, r.refused
+                    )?;
+                }
+            }
+            (None, Some(e)) => writeln!(f, "  kernel: {e}")?,
+            (None, None) => {}
+        }
+        Ok(())
+    }
+}
