@@ -429,3 +429,124 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// The databases the rule tests run against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+    MariaDb,
+}
+
+/// A database of the test's own, with OpenSIPS's tables made by `tcpmgm db init`'s code; dropped
+/// (or its file removed) when the value is.
+pub struct TestDb {
+    pub backend: Backend,
+    pub url: String,
+    admin: Option<String>,
+    name: String,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend, version: tcpmgm::source::TableVersion, sql: &str) -> TestDb {
+        let name = format!(
+            "tcpmgm_t_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let env = |var: &str| {
+            std::env::var(var).unwrap_or_else(|_| {
+                panic!("{var} is not set: run the tests with `cargo xtask test`, which starts PostgreSQL and MariaDB")
+            })
+        };
+        let (url, admin) = match backend {
+            Backend::Sqlite => {
+                let dir = std::env::temp_dir().join(&name);
+                std::fs::create_dir_all(&dir).unwrap();
+                (format!("sqlite://{}", dir.join("rules.db").display()), None)
+            }
+            Backend::Postgres => {
+                let admin = env("TCPMGM_TEST_POSTGRES");
+                let base = admin
+                    .rsplit_once('/')
+                    .expect("postgres://.../db")
+                    .0
+                    .to_owned();
+                (format!("{base}/{name}"), Some(admin))
+            }
+            Backend::MariaDb => {
+                let admin = env("TCPMGM_TEST_MYSQL");
+                (
+                    format!("{}/{name}", admin.trim_end_matches('/')),
+                    Some(admin),
+                )
+            }
+        };
+        if let Some(admin) = &admin {
+            sqlx::any::install_default_drivers();
+            let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(admin)
+                .await
+                .expect("admin connection");
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&mut conn)
+                .await
+                .expect("CREATE DATABASE");
+        }
+        let db = TestDb {
+            backend,
+            url,
+            admin,
+            name,
+        };
+        let source = tcpmgm::source::Source::open(&db.url, true)
+            .await
+            .expect("open");
+        assert!(source.init(version).await.expect("init"));
+        source.execute_script(sql).await.expect("the test's SQL");
+        db
+    }
+
+    /// Runs SQL on the database.
+    pub async fn sql(&self, sql: &str) {
+        let source = tcpmgm::source::Source::open(&self.url, false)
+            .await
+            .expect("open");
+        source.execute_script(sql).await.expect("the test's SQL");
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        match &self.admin {
+            None => {
+                let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&self.name));
+            }
+            Some(admin) => {
+                let (admin, name, backend) = (admin.clone(), self.name.clone(), self.backend);
+                // Drop runs inside the test's runtime: use a thread with a runtime of its own.
+                let _ = std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async {
+                        let Ok(mut conn) =
+                            <sqlx::AnyConnection as sqlx::Connection>::connect(&admin).await
+                        else {
+                            return;
+                        };
+                        let force = if backend == Backend::Postgres {
+                            " WITH (FORCE)"
+                        } else {
+                            ""
+                        };
+                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}{force}"))
+                            .execute(&mut conn)
+                            .await;
+                    });
+                })
+                .join();
+            }
+        }
+    }
+}

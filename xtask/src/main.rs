@@ -109,6 +109,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             setup()?;
+            let databases = databases()?;
             // The CLI tests run the `tcpmgm` binary, which `cargo test` alone does not build.
             status(cargo(&root).args([
                 "build",
@@ -119,7 +120,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ]))?;
             let mut cmd = cargo(&root);
             cmd.args(["test", "--workspace", "--exclude", "tcpmgm-ebpf"])
-                .args(&args);
+                .args(&args)
+                .envs(databases);
             status(&mut cmd)
         }
         Task::Run { args } => {
@@ -195,6 +197,75 @@ fn on_path(tool: &str) -> bool {
 
 fn is_root() -> bool {
     output(Command::new("id").arg("-u")).trim() == "0"
+}
+
+/// PostgreSQL and MariaDB on loopback for the database tests: installed from Debian's packages
+/// when missing, started when stopped, with a `tcpmgm` login that may create databases (each
+/// test makes its own). Returns the admin URLs the tests read from the environment.
+fn databases() -> anyhow::Result<Vec<(&'static str, String)>> {
+    let have = |path: &str| Path::new(path).exists();
+    let mut apt = Vec::new();
+    if !have("/usr/bin/pg_ctlcluster") {
+        apt.push("postgresql");
+    }
+    if !have("/usr/sbin/mariadbd") {
+        apt.push("mariadb-server");
+    }
+    if !apt.is_empty() {
+        if !is_root() {
+            bail!(
+                "the database tests need {}: run as root, or install them",
+                apt.join(" and ")
+            );
+        }
+        eprintln!("xtask: apt-get install {}", apt.join(" "));
+        status(Command::new("apt-get").arg("update").arg("-qq"))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq"])
+                .args(&apt)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    for service in ["postgresql", "mariadb"] {
+        status(
+            Command::new("service")
+                .args([service, "start"])
+                .stdout(std::process::Stdio::null()),
+        )?;
+    }
+    let sql_ok = |cmd: &mut Command| -> anyhow::Result<()> {
+        // The servers take a moment to accept connections after `service start`.
+        for _ in 0..30 {
+            if succeeds(cmd) {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        status(cmd)
+    };
+    sql_ok(
+        Command::new("runuser")
+            .args(["-u", "postgres", "--", "psql", "-qc"])
+            .arg(
+                "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'tcpmgm') THEN \
+         CREATE ROLE tcpmgm LOGIN PASSWORD 'tcpmgm' CREATEDB; END IF; END$$;",
+            ),
+    )?;
+    sql_ok(Command::new("mysql").arg("-e").arg(
+        "CREATE USER IF NOT EXISTS 'tcpmgm'@'127.0.0.1' IDENTIFIED BY 'tcpmgm'; \
+         GRANT ALL ON `tcpmgm%`.* TO 'tcpmgm'@'127.0.0.1';",
+    ))?;
+    Ok(vec![
+        (
+            "TCPMGM_TEST_POSTGRES",
+            "postgres://tcpmgm:tcpmgm@127.0.0.1:5432/postgres".into(),
+        ),
+        (
+            "TCPMGM_TEST_MYSQL",
+            "mysql://tcpmgm:tcpmgm@127.0.0.1:3306".into(),
+        ),
+    ])
 }
 
 /// Installs whatever is missing: nightly rust-src, bpf-linker on LLVM 22, bpftool, iproute2.

@@ -7,7 +7,7 @@ use std::fmt;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Column, Row as _};
 
-pub use schema::{COLUMNS, EXAMPLES, TableVersion};
+pub use schema::{COLUMNS, Dialect, EXAMPLES, TableVersion};
 
 use crate::rule::{Cell, Row};
 
@@ -67,6 +67,7 @@ pub struct Table {
 pub struct Source {
     pool: AnyPool,
     url: Redacted,
+    dialect: Dialect,
 }
 
 /// Accepts a plain file path for SQLite, as well as a URL.
@@ -85,14 +86,16 @@ impl Source {
         sqlx::any::install_default_drivers();
         let mut url = normalize_url(url);
         let redacted = Redacted::new(&url);
-        if url.starts_with("sqlite:") && !url.contains("mode=") {
+        let dialect = Dialect::of(&url).ok_or_else(|| SourceError::Unsupported {
+            url: redacted.clone(),
+            reason: "expected sqlite://PATH, postgres://... or mysql://... (MariaDB)".into(),
+        })?;
+        if let Some(rest) = url.strip_prefix("mariadb:") {
+            url = format!("mysql:{rest}");
+        }
+        if dialect == Dialect::Sqlite && !url.contains("mode=") {
             url.push_str(if url.contains('?') { "&" } else { "?" });
             url.push_str(if create { "mode=rwc" } else { "mode=rw" });
-        } else if !url.starts_with("sqlite:") {
-            return Err(SourceError::Unsupported {
-                url: redacted,
-                reason: "only SQLite (sqlite://PATH) is supported so far".into(),
-            });
         }
         let pool = AnyPoolOptions::new()
             .max_connections(2)
@@ -105,6 +108,7 @@ impl Source {
         Ok(Source {
             pool,
             url: redacted,
+            dialect,
         })
     }
 
@@ -156,7 +160,7 @@ impl Source {
 
     /// Column names of an empty table.
     async fn column_names(&self) -> Result<Vec<String>, SourceError> {
-        let rows: Vec<AnyRow> = sqlx::query("SELECT name FROM pragma_table_info('tcp_mgm')")
+        let rows: Vec<AnyRow> = sqlx::query(self.dialect.columns_query())
             .fetch_all(&self.pool)
             .await
             .map_err(self.query_err("reading the columns of tcp_mgm"))?;
@@ -176,13 +180,11 @@ impl Source {
     /// Creates `tcp_mgm` and OpenSIPS's `version` row for it, unless the table exists.
     /// Returns false when it already existed.
     pub async fn init(&self, version: TableVersion) -> Result<bool, SourceError> {
-        let exists: Option<String> = sqlx::query_scalar(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'tcp_mgm'",
-        )
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(self.query_err("looking for table tcp_mgm"))?;
-        if exists.is_some() {
+        let columns: Vec<AnyRow> = sqlx::query(self.dialect.columns_query())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.query_err("looking for table tcp_mgm"))?;
+        if !columns.is_empty() {
             return Ok(false);
         }
         let mut tx = self
@@ -190,22 +192,17 @@ impl Source {
             .begin()
             .await
             .map_err(self.query_err("starting a transaction"))?;
+        // MySQL commits DDL implicitly; the transaction still keeps the version row with it.
         for sql in [
-            schema::SQLITE_VERSION_TABLE.to_owned(),
-            schema::sqlite_create(version),
+            self.dialect.create_version_table().to_owned(),
+            self.dialect.create_table(version),
+            self.dialect.record_version(version),
         ] {
             sqlx::query(&sql)
                 .execute(&mut *tx)
                 .await
                 .map_err(self.query_err("creating tables"))?;
         }
-        sqlx::query(
-            "INSERT OR REPLACE INTO version (table_name, table_version) VALUES ('tcp_mgm', $1)",
-        )
-        .bind(version.number())
-        .execute(&mut *tx)
-        .await
-        .map_err(self.query_err("recording the table version"))?;
         tx.commit().await.map_err(self.query_err("committing"))?;
         Ok(true)
     }
@@ -224,6 +221,10 @@ impl Source {
                 .map_err(self.query_err("running SQL"))?;
         }
         tx.commit().await.map_err(self.query_err("committing"))
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
     pub fn url(&self) -> &Redacted {

@@ -40,42 +40,138 @@ pub const COLUMNS: [&str; 17] = [
     "keepinterval",
 ];
 
-/// SQLite DDL, as in OpenSIPS's `scripts/sqlite/tcp_mgm-create.sql`.
-pub fn sqlite_create(version: TableVersion) -> String {
-    let parallel_read = match version {
-        TableVersion::V1 => "    parallel_read INTEGER DEFAULT 0 NOT NULL,\n",
-        TableVersion::V2 => "",
-    };
-    format!(
-        "CREATE TABLE tcp_mgm (
-    id INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL,
-    proto CHAR(8) DEFAULT 'any' NOT NULL,
-    remote_addr CHAR(43) DEFAULT NULL,
-    remote_port INTEGER DEFAULT 0 NOT NULL,
-    local_addr CHAR(43) DEFAULT NULL,
-    local_port INTEGER DEFAULT 0 NOT NULL,
-    priority INTEGER DEFAULT 0 NOT NULL,
-    attrs CHAR(255) DEFAULT NULL,
-    connect_timeout INTEGER DEFAULT 100 NOT NULL,
-    con_lifetime INTEGER DEFAULT 120 NOT NULL,
-    msg_read_timeout INTEGER DEFAULT 4 NOT NULL,
-    send_threshold INTEGER DEFAULT 0 NOT NULL,
-    no_new_conn INTEGER DEFAULT 0 NOT NULL,
-    alias_mode INTEGER DEFAULT 0 NOT NULL,
-{parallel_read}    keepalive INTEGER DEFAULT 1 NOT NULL,
-    keepcount INTEGER DEFAULT 9 NOT NULL,
-    keepidle INTEGER DEFAULT 7200 NOT NULL,
-    keepinterval INTEGER DEFAULT 75 NOT NULL
-)"
-    )
+/// The SQL dialect of a rule database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+    MySql,
 }
 
-/// OpenSIPS's `version` table (standard-create.sql).
-pub const SQLITE_VERSION_TABLE: &str = "CREATE TABLE IF NOT EXISTS version (
+impl Dialect {
+    /// From a (normalised) database URL.
+    pub fn of(url: &str) -> Option<Dialect> {
+        let scheme = url.split(':').next()?;
+        match scheme {
+            "sqlite" => Some(Dialect::Sqlite),
+            "postgres" | "postgresql" => Some(Dialect::Postgres),
+            "mysql" | "mariadb" => Some(Dialect::MySql),
+            _ => None,
+        }
+    }
+
+    /// The table as OpenSIPS's `scripts/<dialect>/tcp_mgm-create.sql` creates it.
+    pub fn create_table(self, version: TableVersion) -> String {
+        let (id, text, int, uint, tail) = match self {
+            Dialect::Sqlite => (
+                "INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL",
+                "CHAR",
+                "INTEGER",
+                "INTEGER",
+                "",
+            ),
+            Dialect::Postgres => (
+                "SERIAL PRIMARY KEY NOT NULL",
+                "VARCHAR",
+                "INTEGER",
+                "INTEGER",
+                "",
+            ),
+            Dialect::MySql => (
+                "INT(10) UNSIGNED AUTO_INCREMENT PRIMARY KEY NOT NULL",
+                "CHAR",
+                "INT",
+                "INT UNSIGNED",
+                " ENGINE=InnoDB",
+            ),
+        };
+        let parallel_read = match version {
+            TableVersion::V1 => format!("    parallel_read {uint} DEFAULT 0 NOT NULL,\n"),
+            TableVersion::V2 => String::new(),
+        };
+        format!(
+            "CREATE TABLE tcp_mgm (
+    id {id},
+    proto {text}(8) DEFAULT 'any' NOT NULL,
+    remote_addr {text}(43) DEFAULT NULL,
+    remote_port {uint} DEFAULT 0 NOT NULL,
+    local_addr {text}(43) DEFAULT NULL,
+    local_port {uint} DEFAULT 0 NOT NULL,
+    priority {int} DEFAULT 0 NOT NULL,
+    attrs {text}(255) DEFAULT NULL,
+    connect_timeout {uint} DEFAULT 100 NOT NULL,
+    con_lifetime {uint} DEFAULT 120 NOT NULL,
+    msg_read_timeout {uint} DEFAULT 4 NOT NULL,
+    send_threshold {uint} DEFAULT 0 NOT NULL,
+    no_new_conn {uint} DEFAULT 0 NOT NULL,
+    alias_mode {uint} DEFAULT 0 NOT NULL,
+{parallel_read}    keepalive {uint} DEFAULT 1 NOT NULL,
+    keepcount {uint} DEFAULT 9 NOT NULL,
+    keepidle {uint} DEFAULT 7200 NOT NULL,
+    keepinterval {uint} DEFAULT 75 NOT NULL
+){tail}"
+        )
+    }
+
+    /// OpenSIPS's `version` table (standard-create.sql).
+    pub fn create_version_table(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => {
+                "CREATE TABLE IF NOT EXISTS version (
     table_name CHAR(32) NOT NULL,
     table_version INTEGER DEFAULT 0 NOT NULL,
     CONSTRAINT version_t_name_idx UNIQUE (table_name)
-)";
+)"
+            }
+            Dialect::Postgres => {
+                "CREATE TABLE IF NOT EXISTS version (
+    table_name VARCHAR(32) NOT NULL,
+    table_version INTEGER DEFAULT 0 NOT NULL,
+    CONSTRAINT version_t_name_idx UNIQUE (table_name)
+)"
+            }
+            Dialect::MySql => {
+                "CREATE TABLE IF NOT EXISTS version (
+    table_name CHAR(32) NOT NULL,
+    table_version INT UNSIGNED DEFAULT 0 NOT NULL,
+    CONSTRAINT t_name_idx UNIQUE (table_name)
+) ENGINE=InnoDB"
+            }
+        }
+    }
+
+    /// Lists the columns of `tcp_mgm` (one text column), whether or not it has rows.
+    pub fn columns_query(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "SELECT name FROM pragma_table_info('tcp_mgm')",
+            Dialect::Postgres => {
+                "SELECT CAST(column_name AS TEXT) FROM information_schema.columns \
+                 WHERE table_schema = current_schema() AND table_name = 'tcp_mgm'"
+            }
+            Dialect::MySql => {
+                "SELECT CAST(column_name AS CHAR) FROM information_schema.columns \
+                 WHERE table_schema = DATABASE() AND table_name = 'tcp_mgm'"
+            }
+        }
+    }
+
+    /// Records the table version, replacing an earlier record.
+    pub fn record_version(self, version: TableVersion) -> String {
+        let v = version.number();
+        match self {
+            Dialect::Sqlite => format!(
+                "INSERT OR REPLACE INTO version (table_name, table_version) VALUES ('tcp_mgm', {v})"
+            ),
+            Dialect::Postgres => format!(
+                "INSERT INTO version (table_name, table_version) VALUES ('tcp_mgm', {v}) \
+                 ON CONFLICT (table_name) DO UPDATE SET table_version = {v}"
+            ),
+            Dialect::MySql => {
+                format!("REPLACE INTO version (table_name, table_version) VALUES ('tcp_mgm', {v})")
+            }
+        }
+    }
+}
 
 /// Example rules for `tcpmgm db init --examples`, from OpenSIPS use cases. Columns not named
 /// keep the table defaults.
