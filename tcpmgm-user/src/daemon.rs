@@ -4,7 +4,7 @@
 //! the caller and the log are told why.
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -16,6 +16,7 @@ use crate::pipeline::{PipelineError, RuleArgs, RuleSet};
 use crate::source::{Redacted, normalize_url};
 use crate::status::{self, DaemonState, ReloadRecord};
 use crate::system::{self, SystemError};
+use crate::watch::{Change, Watcher};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -47,6 +48,8 @@ pub struct Options {
     pub control: Option<PathBuf>,
     /// Detach on SIGINT/SIGTERM instead of leaving the policy in force.
     pub detach_on_exit: bool,
+    /// With SQLite and MariaDB: look for table changes this often (PostgreSQL notifies).
+    pub poll_interval: Option<std::time::Duration>,
 }
 
 /// The running daemon: what it was asked (options) and what it enforces.
@@ -56,6 +59,7 @@ pub struct Daemon {
     enforcer: Enforcer,
     control: PathBuf,
     state: DaemonState,
+    watcher: Option<Watcher>,
 }
 
 /// Reads and validates the table, refusing it on any fault unless `skip_invalid`.
@@ -84,6 +88,8 @@ impl Daemon {
     /// Loads the table and attaches it. Nothing reaches the kernel unless every step succeeds.
     pub async fn start(options: Options) -> Result<Daemon, DaemonError> {
         let cgroup = system::resolve_cgroup(&options.cgroup)?;
+        // Watch before reading, so that no change falls between the two.
+        let watcher = watch(&options).await;
         let set = read_valid(&options.rules, options.skip_invalid).await?;
         let hz = system::kernel_hz()?;
         let policy = compile(set.rules, &set.listeners, hz)?;
@@ -132,6 +138,7 @@ impl Daemon {
             enforcer,
             control,
             state,
+            watcher,
         };
         daemon.save_state();
         Ok(daemon)
@@ -180,14 +187,20 @@ impl Daemon {
     /// unless `detach_on_exit`) or a `detach` request (the policy goes).
     pub async fn serve(mut self) -> Result<(), DaemonError> {
         let listener = bind_control(&self.control)?;
+        let mut term = signal(SignalKind::terminate()).map_err(|e| self.control_err(e))?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| self.control_err(e))?;
+        let mut hup = signal(SignalKind::hangup()).map_err(|e| self.control_err(e))?;
+        let mut watcher = self.watcher.take();
+        // The last line of the start: tests and scripts wait for it.
         tracing::info!(
             "reload with SIGHUP or `tcpmgm reload --control {}`",
             self.control.display()
         );
-        let mut term = signal(SignalKind::terminate()).map_err(|e| self.control_err(e))?;
-        let mut int = signal(SignalKind::interrupt()).map_err(|e| self.control_err(e))?;
-        let mut hup = signal(SignalKind::hangup()).map_err(|e| self.control_err(e))?;
+        // After a failed automatic reload: when to try again (doubling up to a minute), while
+        // the last good policy stays in force.
+        let mut retry: Option<(tokio::time::Instant, Duration)> = None;
         let detach = loop {
+            let retry_at = retry.map(|(at, _)| at);
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM"); break self.options.detach_on_exit; }
                 _ = int.recv() => { tracing::info!("SIGINT"); break self.options.detach_on_exit; }
@@ -195,6 +208,24 @@ impl Daemon {
                     tracing::info!("SIGHUP: reloading");
                     // Logged inside; there is no caller to answer.
                     let _ = self.log_reload().await;
+                }
+                change = async { watcher.as_mut().expect("guarded").changed().await }, if watcher.is_some() => {
+                    match change {
+                        Ok(Change::Table) => tracing::info!("the rule table changed: reloading"),
+                        Ok(Change::Unknown) => tracing::info!("reconnected to the database: reloading in case changes were missed"),
+                        Err(e) => {
+                            tracing::warn!("watching the rule table: {e}; reconnecting");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            watcher = watch(&self.options).await;
+                        }
+                    }
+                    retry = self.auto_reload(None).await;
+                }
+                _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
+                    if watcher.is_none() {
+                        watcher = watch(&self.options).await;
+                    }
+                    retry = self.auto_reload(retry.map(|(_, wait)| wait)).await;
                 }
                 conn = listener.accept() => match conn {
                     Ok((stream, _)) => {
@@ -223,6 +254,24 @@ impl Daemon {
             );
         }
         Ok(())
+    }
+
+    /// A reload the daemon decided on itself. On failure, returns when to try again: after
+    /// `last` doubled (1 s the first time, a minute at most).
+    async fn auto_reload(
+        &mut self,
+        last: Option<Duration>,
+    ) -> Option<(tokio::time::Instant, Duration)> {
+        match self.log_reload().await {
+            Ok(_) => None,
+            Err(_) => {
+                let wait = last.map_or(Duration::from_secs(1), |w| {
+                    (w * 2).min(Duration::from_secs(60))
+                });
+                tracing::info!("retrying in {wait:?}");
+                Some((tokio::time::Instant::now() + wait, wait))
+            }
+        }
     }
 
     fn control_err(&self, source: std::io::Error) -> DaemonError {
@@ -274,6 +323,21 @@ enum Request {
     Reload,
     Detach,
     Other,
+}
+
+/// The table watcher, or None (logged) when there is none or it cannot connect now; the retry
+/// timer then brings it back.
+async fn watch(options: &Options) -> Option<Watcher> {
+    match Watcher::new(&options.rules.db, options.poll_interval).await {
+        Ok(w) => {
+            tracing::info!("{}", w.describe());
+            Some(w)
+        }
+        Err(e) => {
+            tracing::warn!("cannot watch the rule table: {e}");
+            None
+        }
+    }
 }
 
 /// A root-only unix socket: its directory is 0700 and the socket 0600.

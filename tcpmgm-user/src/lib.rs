@@ -14,3 +14,4 @@ pub mod rule;
 pub mod source;
 pub mod status;
 pub mod system;
+pub mod watch;

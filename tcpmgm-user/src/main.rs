@@ -48,6 +48,10 @@ enum Command {
         /// (pinned) after the daemon exits, and the next `run` takes it over.
         #[arg(long)]
         detach_on_exit: bool,
+        /// With SQLite or MariaDB, look for changes to the table every SECONDS and reload when
+        /// it changed (PostgreSQL needs no polling: it notifies).
+        #[arg(long, value_name = "SECONDS")]
+        poll_interval: Option<f64>,
     },
     /// Take tcpmgm off a cgroup: programs and pins go, the system's TCP settings are back. A
     /// running `tcpmgm run` for it is told to detach and exit.
@@ -210,6 +214,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             create_cgroup,
             control,
             detach_on_exit,
+            poll_interval,
         } => {
             let created = if create_cgroup {
                 system::create_cgroup(&cgroup)?
@@ -223,6 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 pin_dir,
                 control,
                 detach_on_exit,
+                poll_interval: poll_interval.map(std::time::Duration::from_secs_f64),
             };
             let result = match Daemon::start(options).await {
                 Ok(d) => d.serve().await,

@@ -365,8 +365,13 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(sb: &Sandbox, db: &str, control: PathBuf) -> Daemon {
+        Daemon::start_with(sb, db, control, &[])
+    }
+
+    pub fn start_with(sb: &Sandbox, db: &str, control: PathBuf, extra: &[&str]) -> Daemon {
         let mut child = Command::new(binary("tcpmgm"))
             .args(["run", "--db", db])
+            .args(extra)
             .arg("--cgroup")
             .arg(&sb.cgroup)
             .arg("--pin-dir")

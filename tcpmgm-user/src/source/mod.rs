@@ -7,7 +7,7 @@ use std::fmt;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Column, Row as _};
 
-pub use schema::{COLUMNS, Dialect, EXAMPLES, TableVersion};
+pub use schema::{COLUMNS, Dialect, EXAMPLES, NOTIFY_CHANNEL, TableVersion};
 
 use crate::rule::{Cell, Row};
 
@@ -179,7 +179,32 @@ impl Source {
 
     /// Creates `tcp_mgm` and OpenSIPS's `version` row for it, unless the table exists.
     /// Returns false when it already existed.
+    /// With PostgreSQL, also installs the trigger that notifies `tcpmgm run` of committed changes
+    /// (on an existing table too, such as one made by OpenSIPS's own scripts).
     pub async fn init(&self, version: TableVersion) -> Result<bool, SourceError> {
+        let created = self.create_tables(version).await?;
+        if self.dialect == Dialect::Postgres {
+            for sql in schema::POSTGRES_NOTIFY {
+                sqlx::query(sql)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(self.query_err("installing the change trigger"))?;
+            }
+        }
+        Ok(created)
+    }
+
+    /// Whether PostgreSQL's change trigger is in place.
+    pub async fn has_notify_trigger(&self) -> Result<bool, SourceError> {
+        let found: Option<i32> =
+            sqlx::query_scalar("SELECT 1 FROM pg_trigger WHERE tgname = 'tcpmgm_notify'")
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(self.query_err("looking for the change trigger"))?;
+        Ok(found.is_some())
+    }
+
+    async fn create_tables(&self, version: TableVersion) -> Result<bool, SourceError> {
         let columns: Vec<AnyRow> = sqlx::query(self.dialect.columns_query())
             .fetch_all(&self.pool)
             .await

@@ -173,6 +173,22 @@ impl Dialect {
     }
 }
 
+/// The channel `tcpmgm run` listens on with PostgreSQL.
+pub const NOTIFY_CHANNEL: &str = "tcpmgm_rules";
+
+/// A statement trigger that notifies `NOTIFY_CHANNEL` of every committed change to tcp_mgm
+/// (PostgreSQL delivers notifications at commit).
+pub const POSTGRES_NOTIFY: [&str; 3] = [
+    "CREATE OR REPLACE FUNCTION tcpmgm_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('tcpmgm_rules', TG_OP);
+    RETURN NULL;
+END $$",
+    "DROP TRIGGER IF EXISTS tcpmgm_notify ON tcp_mgm",
+    "CREATE TRIGGER tcpmgm_notify AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tcp_mgm \
+     FOR EACH STATEMENT EXECUTE FUNCTION tcpmgm_notify()",
+];
+
 /// Example rules for `tcpmgm db init --examples`, from OpenSIPS use cases. Columns not named
 /// keep the table defaults.
 pub const EXAMPLES: &str = "

@@ -1,0 +1,178 @@
+//! Noticing that the rule table changed, so `tcpmgm run` reloads by itself: PostgreSQL tells us
+//! (LISTEN/NOTIFY, through the trigger `tcpmgm db init` installs); SQLite and MariaDB are asked
+//! every `--poll-interval`, with a query that costs little when nothing changed.
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use sqlx::{AnyConnection, Connection};
+
+use crate::source::{Dialect, NOTIFY_CHANNEL, Redacted, SourceError, normalize_url};
+
+/// What a poll compares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    version: String,
+    /// Computed only while the table's update time is recent (MariaDB).
+    checksum: Option<String>,
+}
+
+impl Fingerprint {
+    fn differs(&self, other: &Fingerprint) -> bool {
+        self.version != other.version
+            || matches!((&self.checksum, &other.checksum), (Some(a), Some(b)) if a != b)
+    }
+}
+
+enum How {
+    /// Reload only on request.
+    Manual,
+    Notify(Box<PgListener>),
+    Poll {
+        conn: AnyConnection,
+        dialect: Dialect,
+        every: Duration,
+        last: Option<Fingerprint>,
+    },
+}
+
+pub struct Watcher {
+    how: How,
+}
+
+/// The change detector's verdict.
+pub enum Change {
+    /// The table changed.
+    Table,
+    /// We may have missed changes (the listener's connection dropped): reload to be sure.
+    Unknown,
+}
+
+impl Watcher {
+    /// Watches the table at `url`: notifications with PostgreSQL, else polling when `poll` is set.
+    pub async fn new(url: &str, poll: Option<Duration>) -> Result<Watcher, SourceError> {
+        let url = normalize_url(url);
+        let redacted = Redacted::new(&url);
+        let fail = |source| SourceError::Connect {
+            url: redacted.clone(),
+            source,
+        };
+        let how = match (Dialect::of(&url), poll) {
+            (Some(Dialect::Postgres), _) => {
+                let mut listener = PgListener::connect(&url).await.map_err(fail)?;
+                listener.listen(NOTIFY_CHANNEL).await.map_err(fail)?;
+                How::Notify(Box::new(listener))
+            }
+            (Some(dialect), Some(every)) => {
+                sqlx::any::install_default_drivers();
+                let url = url.replacen("mariadb:", "mysql:", 1);
+                let mut conn = AnyConnection::connect(&url).await.map_err(fail)?;
+                let last = Some(fingerprint(&mut conn, dialect, every).await.map_err(fail)?);
+                How::Poll {
+                    conn,
+                    dialect,
+                    every,
+                    last,
+                }
+            }
+            _ => How::Manual,
+        };
+        Ok(Watcher { how })
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.how {
+            How::Manual => "reloads on request only (SIGHUP, `tcpmgm reload`; --poll-interval to follow the table)".into(),
+            How::Notify(_) => format!("follows the table: PostgreSQL notifies channel {NOTIFY_CHANNEL} at each commit"),
+            How::Poll { every, .. } => format!("follows the table: polls it every {every:?}"),
+        }
+    }
+
+    /// Resolves when the table changed (or may have). Never resolves in manual mode.
+    pub async fn changed(&mut self) -> Result<Change, sqlx::Error> {
+        match &mut self.how {
+            How::Manual => std::future::pending().await,
+            How::Notify(listener) => {
+                let change = match listener.try_recv().await? {
+                    Some(_) => Change::Table,
+                    None => Change::Unknown,
+                };
+                // One reload for a burst of commits: take what arrives in the next 50 ms too.
+                while let Ok(Ok(Some(_))) =
+                    tokio::time::timeout(Duration::from_millis(50), listener.try_recv()).await
+                {
+                }
+                Ok(change)
+            }
+            How::Poll {
+                conn,
+                dialect,
+                every,
+                last,
+            } => loop {
+                tokio::time::sleep(*every).await;
+                let now = fingerprint(conn, *dialect, *every).await?;
+                let changed = last.as_ref().is_none_or(|l| l.differs(&now));
+                *last = Some(now);
+                if changed {
+                    return Ok(Change::Table);
+                }
+            },
+        }
+    }
+}
+
+/// A value that changes when the table does. SQLite: the file's data version (bumped by every
+/// commit of another connection). MariaDB: the table's update time (whole seconds); a change in
+/// the same second as the previous poll's is caught by CHECKSUM TABLE, computed only while the
+/// update time is within one poll interval (and 2 s) of now, so an idle table costs one cheap
+/// query a poll.
+async fn fingerprint(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    every: Duration,
+) -> Result<Fingerprint, sqlx::Error> {
+    match dialect {
+        Dialect::Sqlite => {
+            let v: i64 = sqlx::query_scalar("PRAGMA data_version")
+                .fetch_one(&mut *conn)
+                .await?;
+            Ok(Fingerprint {
+                version: v.to_string(),
+                checksum: None,
+            })
+        }
+        Dialect::MySql => {
+            let (updated, age): (Option<String>, Option<i64>) = sqlx::query_as(
+                "SELECT CAST(UPDATE_TIME AS CHAR), CAST(TIMESTAMPDIFF(SECOND, UPDATE_TIME, NOW()) AS SIGNED) \
+                 FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = 'tcp_mgm'",
+            )
+            .fetch_one(&mut *conn)
+            .await?;
+            let recent = age.is_none_or(|a| a <= every.as_secs() as i64 + 2);
+            let checksum = if recent {
+                let row = sqlx::query("CHECKSUM TABLE tcp_mgm")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                Some(checksum_text(&row))
+            } else {
+                None
+            };
+            Ok(Fingerprint {
+                version: updated.unwrap_or_default(),
+                checksum,
+            })
+        }
+        Dialect::Postgres => unreachable!("PostgreSQL is followed by notifications"),
+    }
+}
+
+/// CHECKSUM TABLE's second column, whatever integer type the driver reports it as.
+fn checksum_text(row: &sqlx::any::AnyRow) -> String {
+    use sqlx::Row;
+    row.try_get::<Option<i64>, _>(1)
+        .map(|v| v.map(|v| v.to_string()))
+        .or_else(|_| row.try_get::<Option<String>, _>(1))
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
