@@ -126,7 +126,7 @@ impl Daemon {
             pin_dir: pin_dir.clone(),
             control: control.clone(),
             pid: std::process::id(),
-            source: Redacted::new(&normalize_url(&options.rules.db)).to_string(),
+            source: Redacted::new(&normalize_url(options.rules.db())).to_string(),
             started_at: status::now(),
             rules: policy.rules.len(),
             generation: 1,
@@ -328,7 +328,7 @@ enum Request {
 /// The table watcher, or None (logged) when there is none or it cannot connect now; the retry
 /// timer then brings it back.
 async fn watch(options: &Options) -> Option<Watcher> {
-    match Watcher::new(&options.rules.db, options.poll_interval).await {
+    match Watcher::new(options.rules.db(), options.poll_interval).await {
         Ok(w) => {
             tracing::info!("{}", w.describe());
             Some(w)

@@ -5,6 +5,7 @@
 //! order) -> `compile` (map contents) -> `kernel` (maps, programs, cgroup attachment).
 //! `listener` resolves a connection's protocol and local side for both `matcher` and `compile`.
 pub mod compile;
+pub mod config;
 pub mod daemon;
 pub mod kernel;
 pub mod listener;

@@ -29,9 +29,10 @@ enum Command {
     Run {
         #[command(flatten)]
         rules: RuleArgs,
-        /// The cgroup v2 to govern: a path below the cgroup2 mount, or an absolute path.
+        /// The cgroup v2 to govern: a path below the cgroup2 mount, or an absolute path
+        /// (or `cgroup` in the config file).
         #[arg(long)]
-        cgroup: PathBuf,
+        cgroup: Option<PathBuf>,
         /// Load the valid rows and log the bad ones, instead of refusing to start.
         #[arg(long)]
         skip_invalid: bool,
@@ -168,7 +169,10 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Check { rules } => check(rules).await,
+        Command::Check { mut rules } => {
+            rules.with_config()?;
+            check(rules).await
+        }
         Command::Status {
             cgroup,
             pin_dir,
@@ -176,12 +180,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => status(cgroup, pin_dir, control, json),
         Command::Match {
-            rules,
+            mut rules,
             remote,
             proto,
             local,
             direction,
-        } => explain(rules, remote, proto, local, direction).await,
+        } => {
+            rules.with_config()?;
+            explain(rules, remote, proto, local, direction).await
+        }
         Command::Db {
             command:
                 DbCommand::Init {
@@ -207,7 +214,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {
-            rules,
+            mut rules,
             cgroup,
             skip_invalid,
             pin_dir,
@@ -216,6 +223,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             detach_on_exit,
             poll_interval,
         } => {
+            system::check_privileges()?;
+            let config = rules.with_config()?;
+            let cgroup = cgroup
+                .or(config.cgroup)
+                .context("no cgroup: give --cgroup, or `cgroup` in the config file")?;
+            let skip_invalid = skip_invalid || config.skip_invalid.unwrap_or(false);
+            let detach_on_exit = detach_on_exit || config.detach_on_exit.unwrap_or(false);
+            let pin_dir = pin_dir.or(config.pin_dir);
+            let control = control.or(config.control);
+            let poll_interval = poll_interval.or(config.poll_interval);
             let created = if create_cgroup {
                 system::create_cgroup(&cgroup)?
             } else {

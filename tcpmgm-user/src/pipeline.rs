@@ -1,16 +1,24 @@
 //! The steps every command shares: read the table, validate, and (for `run`) compile.
 use std::path::PathBuf;
 
+use crate::config::{Config, ConfigError};
 use crate::listener::{ListenerError, Listeners};
 use crate::rule::{RowError, Rule, validate_rows};
 use crate::source::{Source, SourceError};
 
+/// The database when neither the command line, TCPMGM_DB nor the config file names one.
+pub const DEFAULT_DB: &str = "sqlite://tcpmgm.db";
+
 /// Where the rules and listeners come from.
 #[derive(Clone, Debug, clap::Args)]
 pub struct RuleArgs {
-    /// Rule database: sqlite://PATH (or a plain file path).
-    #[arg(long, env = "TCPMGM_DB", default_value = "sqlite://tcpmgm.db")]
-    pub db: String,
+    /// Rule database: sqlite://PATH (or a plain path), postgres://... or mysql://...
+    /// [default: sqlite://tcpmgm.db]
+    #[arg(long, env = "TCPMGM_DB")]
+    pub db: Option<String>,
+    /// Configuration file (TOML); the command line wins over it.
+    #[arg(long, env = "TCPMGM_CONFIG")]
+    pub config: Option<PathBuf>,
     /// A listener in OpenSIPS socket syntax, e.g. "tls:10.0.0.1:5061 tag trunks". Repeatable.
     #[arg(long = "listener", value_name = "SPEC")]
     pub listeners: Vec<String>,
@@ -36,6 +44,27 @@ pub struct RuleSet {
 }
 
 impl RuleArgs {
+    /// Folds the configuration file (if any) in: the command line wins, listeners add up.
+    /// Returns the file's contents for the options beyond the rules.
+    pub fn with_config(&mut self) -> Result<Config, ConfigError> {
+        let Some(path) = &self.config else {
+            return Ok(Config::default());
+        };
+        let config = Config::load(path)?;
+        if self.db.is_none() {
+            self.db.clone_from(&config.db);
+        }
+        self.listeners.extend(config.listeners.iter().cloned());
+        self.sockets_from
+            .extend(config.sockets_from.iter().cloned());
+        Ok(config)
+    }
+
+    /// The rule database URL.
+    pub fn db(&self) -> &str {
+        self.db.as_deref().unwrap_or(DEFAULT_DB)
+    }
+
     pub fn listeners(&self) -> Result<Listeners, ListenerError> {
         let mut listeners = Listeners::parse_all(self.listeners.iter().map(String::as_str))?;
         for file in &self.sockets_from {
@@ -47,7 +76,7 @@ impl RuleArgs {
     /// Reads and validates the whole table.
     pub async fn read(&self) -> Result<RuleSet, PipelineError> {
         let listeners = self.listeners()?;
-        let source = Source::open(&self.db, false).await?;
+        let source = Source::open(self.db(), false).await?;
         let table = source.read().await?;
         if let Some(v) = table.version
             && (v == 1) != table.has_parallel_read

@@ -15,6 +15,11 @@ pub enum SystemError {
     NoSuchCgroup(PathBuf),
     #[error("mounting bpffs at {path}: {source}")]
     MountBpffs { path: PathBuf, source: nix::Error },
+    #[error(
+        "tcpmgm run needs root, or the capabilities CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON \
+         (Linux 5.8+); this process has {0}"
+    )]
+    NotPrivileged(String),
     #[error("{path}: {source}")]
     Read {
         path: PathBuf,
@@ -24,6 +29,42 @@ pub enum SystemError {
         "cannot tell the kernel's HZ: no CONFIG_HZ in /proc/config.gz or /boot/config-*, and /proc/timer_list {0}"
     )]
     Hz(String),
+}
+
+/// Capability numbers from linux/capability.h.
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Refuses early, with what is missing, when this process cannot load and attach programs.
+pub fn check_privileges() -> Result<(), SystemError> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").map_err(|source| SystemError::Read {
+            path: "/proc/self/status".into(),
+            source,
+        })?;
+    let effective = status
+        .lines()
+        .find_map(|l| u64::from_str_radix(l.strip_prefix("CapEff:")?.trim(), 16).ok())
+        .unwrap_or(0);
+    let missing: Vec<&str> = [
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (CAP_PERFMON, "CAP_PERFMON"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| effective & (1 << bit) == 0)
+    .map(|(_, name)| name)
+    .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(SystemError::NotPrivileged(format!(
+            "uid {} without {}",
+            nix::unistd::Uid::effective(),
+            missing.join(", ")
+        )))
+    }
 }
 
 /// Mount points of a filesystem type, from /proc/self/mountinfo.

@@ -301,3 +301,106 @@ async fn run_enforces_skips_bad_rows_keeps_the_policy_on_sigterm_and_detach_remo
     let r = probe.ask("pair 127.0.0.1:7003 127.0.0.1:7003 10.0.0.1:0");
     assert_eq!(r.keepalive("client"), (0, 7200, 75, 9), "{r:?}");
 }
+
+#[tokio::test]
+async fn run_without_privileges_says_what_it_needs() {
+    let sb = Sandbox::new();
+    let db = TestDb::new(Backend::Sqlite, TableVersion::V1, "").await;
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(binary("tcpmgm"))
+        .args(["run", "--db", &db.url, "--cgroup"])
+        .arg(&sb.cgroup)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("needs root, or the capabilities CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"),
+        "{stderr}"
+    );
+    assert!(!sb.attached_programs().contains("tcpmgm"));
+}
+
+#[tokio::test]
+async fn a_config_file_gives_every_run_option() {
+    let sb = Sandbox::new();
+    let db = TestDb::new(
+        Backend::Sqlite,
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, local_addr, keepidle) VALUES (1, 'trunks', 66);
+         INSERT INTO tcp_mgm (id, remote_port) VALUES (2, 70000);",
+    )
+    .await;
+    let dir = std::env::temp_dir().join(format!("tcpmgm-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let control = dir.join("ctl.sock");
+    let config = dir.join("tcpmgm.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "db = {:?}\ncgroup = {:?}\nlisteners = [\"tls:10.0.0.1:5061 tag trunks\"]\nskip_invalid = true\n\
+             pin_dir = {:?}\ncontrol = {:?}\npoll_interval = 0.5\ndetach_on_exit = true\n",
+            db.url, sb.cgroup, sb.pin_dir, control
+        ),
+    )
+    .unwrap();
+    let (code, out, _) = tcpmgm(&["check", "--config", config.to_str().unwrap()]);
+    assert_eq!(
+        (code, out.trim()),
+        (
+            1,
+            "id 2: remote_port: 70000 is not a port (0 to 65535, 0 = any)"
+        )
+    );
+
+    let mut run = Command::new(binary("tcpmgm"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(run.stderr.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("reload with SIGHUP") {
+        let mut line = String::new();
+        if log.read_line(&mut line).unwrap() == 0 {
+            let _ = run.kill();
+            panic!("tcpmgm run exited: {seen}");
+        }
+        seen.push_str(&line);
+    }
+    assert!(
+        seen.contains("polls it every 500ms") && seen.contains(&format!("{}", control.display())),
+        "{seen}"
+    );
+    sb.netns.add_local(&["10.0.0.1"]);
+    let mut probe = sb.probe();
+    assert_eq!(
+        probe
+            .ask("pair 127.0.0.1:7001 127.0.0.1:7001 10.0.0.1:0")
+            .get("client_idle"),
+        66
+    );
+    // detach_on_exit: SIGTERM takes the policy off.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(run.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(run.wait().unwrap().success());
+    assert!(
+        !sb.attached_programs().contains("tcpmgm"),
+        "{}",
+        sb.attached_programs()
+    );
+    let (code, _, err) = tcpmgm(&["check", "--config", "/nonexistent/tcpmgm.toml"]);
+    assert!(
+        code == 2 && err.contains("config /nonexistent/tcpmgm.toml"),
+        "{err}"
+    );
+    std::fs::write(&config, "dbb = 'x'\n").unwrap();
+    let (code, _, err) = tcpmgm(&["check", "--config", config.to_str().unwrap()]);
+    assert!(code == 2 && err.contains("unknown field `dbb`"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,97 @@
+//! The configuration file: every option of `tcpmgm run` (and the rule options of `check` and
+//! `match`), in TOML. The command line wins over the file; listeners from both are used.
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// `/etc/tcpmgm/tcpmgm.toml`, for example:
+///
+/// ```toml
+/// db = "postgres://opensips:secret@127.0.0.1/opensips"
+/// cgroup = "system.slice/opensips.service"
+/// listeners = ["tls:10.0.0.1:5061 tag trunks", "tcp:10.0.0.1:5060"]
+/// sockets_from = ["/etc/opensips/opensips.cfg"]
+/// skip_invalid = false
+/// poll_interval = 5.0
+/// detach_on_exit = false
+/// # pin_dir = "/sys/fs/bpf/tcpmgm/system-slice_opensips-service"
+/// # control = "/run/tcpmgm/system-slice_opensips-service.sock"
+/// ```
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub db: Option<String>,
+    pub cgroup: Option<PathBuf>,
+    #[serde(default)]
+    pub listeners: Vec<String>,
+    #[serde(default)]
+    pub sockets_from: Vec<PathBuf>,
+    pub skip_invalid: Option<bool>,
+    pub pin_dir: Option<PathBuf>,
+    pub control: Option<PathBuf>,
+    pub poll_interval: Option<f64>,
+    pub detach_on_exit: Option<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_option_parses_and_unknown_keys_are_named() {
+        let c: Config = toml::from_str(
+            r#"
+            db = "sqlite:///var/lib/tcpmgm/rules.db"
+            cgroup = "opensips"
+            listeners = ["tls:10.0.0.1:5061 tag trunks"]
+            sockets_from = ["/etc/opensips/opensips.cfg"]
+            skip_invalid = true
+            pin_dir = "/sys/fs/bpf/x"
+            control = "/run/x.sock"
+            poll_interval = 2.5
+            detach_on_exit = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.poll_interval, c.skip_invalid, c.listeners.len()),
+            (Some(2.5), Some(true), 1)
+        );
+        let shipped: Config = toml::from_str(include_str!("../../contrib/tcpmgm.toml")).unwrap();
+        assert_eq!(
+            shipped.cgroup.as_deref(),
+            Some(Path::new("system.slice/opensips.service"))
+        );
+        let err = toml::from_str::<Config>("dbb = 'x'")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `dbb`"), "{err}");
+    }
+}
