@@ -125,6 +125,22 @@ pub struct RuleCounters {
     pub refused: u64,
 }
 
+/// The per-CPU budget of log events (see `LOG_EVENTS_PER_SECOND`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogBudget {
+    /// The second (of the monotonic clock) the count is for.
+    pub second: u64,
+    pub used: u32,
+    pub _pad: u32,
+}
+
+/// Log events each CPU may send a second; the rest are dropped (the counters still count them).
+pub const LOG_EVENTS_PER_SECOND: u32 = 20;
+
+/// Pin name of the log ring buffer, shared by every generation of the programs.
+pub const LOGS_PIN: &str = "TCPMGM_LOGS";
+
 /// Facts about the whole rule set, so that hooks skip work it cannot need.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -214,6 +230,7 @@ mod pod {
     unsafe impl aya::Pod for SockPolicy {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for RuleCounters {}
+    unsafe impl aya::Pod for LogBudget {}
     unsafe impl aya::Pod for Profile {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for ListenerInfo {}

@@ -6,9 +6,11 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
+use aya_log_ebpf::info;
 use tcpmgm_common::{flags, settings};
 
 use crate::decide::{Conn, is_v4_mapped, load_words};
+use crate::logbook;
 use crate::maps::TCPMGM_SETTINGS;
 use crate::sockets;
 
@@ -34,7 +36,7 @@ pub fn tcpmgm_connect4(ctx: SockAddrContext) -> i32 {
             local_port: core::ptr::read_volatile(&(*sk).src_port) as u16,
             passive: false,
         };
-        verdict(sk, conn)
+        verdict(&ctx, sk, conn)
     }
 }
 
@@ -71,7 +73,7 @@ pub fn tcpmgm_connect6(ctx: SockAddrContext) -> i32 {
                 passive: false,
             }
         };
-        verdict(sk, conn)
+        verdict(&ctx, sk, conn)
     }
 }
 
@@ -85,16 +87,33 @@ fn port(user_port: u32) -> u16 {
 /// Refuses when the socket's rule says no_new_conn. Without such rules in the set, connect()
 /// is left to sock_ops, which decides the socket a moment later anyway.
 #[inline(always)]
-fn verdict(sk: *mut bpf_sock, conn: Conn) -> i32 {
+fn verdict(ctx: &SockAddrContext, sk: *mut bpf_sock, conn: Conn) -> i32 {
     let any_refusal = TCPMGM_SETTINGS
         .get(0)
         .is_some_and(|s| s.flags & settings::NO_NEW_CONN != 0);
     if !any_refusal {
         return ALLOW;
     }
+    let (v6, remote, port) = (conn.v6, conn.remote, conn.remote_port);
     match sockets::policy(sk, || conn) {
         Some(p) if p.flags & flags::NO_NEW_CONN != 0 => {
             sockets::count(p.rank, |c| c.refused += 1);
+            if logbook::allow() {
+                let rule = p.rule_id;
+                if v6 {
+                    let addr = crate::decide::v6_bytes(&remote);
+                    info!(
+                        ctx,
+                        "connect() to [{:i}]:{} refused by rule {} (no_new_conn)", addr, port, rule
+                    );
+                } else {
+                    let addr = u32::from_be(remote[0]);
+                    info!(
+                        ctx,
+                        "connect() to {:i}:{} refused by rule {} (no_new_conn)", addr, port, rule
+                    );
+                }
+            }
             REFUSE
         }
         _ => ALLOW,

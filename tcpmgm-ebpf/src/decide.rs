@@ -69,7 +69,7 @@ pub fn is_v4_mapped(w: &[u32; 4]) -> bool {
     w[0] == 0 && w[1] == 0 && w[2] == u32::from_be(0x0000_ffff)
 }
 
-fn v6_bytes(w: &[u32; 4]) -> [u8; 16] {
+pub fn v6_bytes(w: &[u32; 4]) -> [u8; 16] {
     let mut data = [0u8; 16];
     for (i, word) in w.iter().enumerate() {
         data[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());

@@ -9,6 +9,7 @@
 
 mod connect;
 mod decide;
+mod logbook;
 mod maps;
 mod sock_ops;
 mod sockets;

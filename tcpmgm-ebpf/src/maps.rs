@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use tcpmgm_common::{
     Addr4, Addr6, Bucket, BucketKey, ListRef, ListenerInfo, ListenerKey, LocalKey4, LocalKey6,
-    Profile, RuleCounters, Settings, SockPolicy,
+    LogBudget, Profile, RuleCounters, Settings, SockPolicy,
 };
 
 #[btf_map]
@@ -38,6 +38,9 @@ pub static TCPMGM_LISTENERS: HashMap<ListenerKey, ListenerInfo, 1> = HashMap::ne
 /// Per rank, per CPU.
 #[btf_map]
 pub static TCPMGM_COUNTERS: PerCpuArray<RuleCounters, 1> = PerCpuArray::new();
+
+#[btf_map]
+pub static TCPMGM_LOG_BUDGET: PerCpuArray<LogBudget, 1> = PerCpuArray::new();
 
 #[btf_map]
 pub static TCPMGM_SETTINGS: Array<Settings, 1> = Array::new();

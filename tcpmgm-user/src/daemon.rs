@@ -6,6 +6,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use aya_log::EbpfLogger;
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{SignalKind, signal};
@@ -60,6 +62,8 @@ pub struct Daemon {
     control: PathBuf,
     state: DaemonState,
     watcher: Option<Watcher>,
+    /// The programs' log events, forwarded to this daemon's log.
+    logs: Option<AsyncFd<EbpfLogger<&'static dyn log::Log>>>,
 }
 
 /// Reads and validates the table, refusing it on any fault unless `skip_invalid`.
@@ -101,7 +105,27 @@ impl Daemon {
             Some(p) => p.clone(),
             None => system::default_control_socket(&cgroup)?,
         };
-        let enforcer = Enforcer::attach(&policy, &cgroup, &pin_dir)?;
+        let mut enforcer = Enforcer::attach(&policy, &cgroup, &pin_dir)?;
+        let logs = match enforcer.logger() {
+            // SAFETY: the logger owns its ring buffer's fd for as long as it lives, and the
+            // AsyncFd owns the logger.
+            Ok(logger) => match unsafe {
+                AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+            } {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    tracing::warn!(
+                        "the programs' log events will not be shown: {}",
+                        e.into_parts().1
+                    );
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!("the programs' log events will not be shown: {e}");
+                None
+            }
+        };
         if enforcer.adopted() {
             tracing::info!(
                 "took over the policy pinned in {} by an earlier run",
@@ -139,6 +163,7 @@ impl Daemon {
             control,
             state,
             watcher,
+            logs,
         };
         daemon.save_state();
         Ok(daemon)
@@ -191,6 +216,7 @@ impl Daemon {
         let mut int = signal(SignalKind::interrupt()).map_err(|e| self.control_err(e))?;
         let mut hup = signal(SignalKind::hangup()).map_err(|e| self.control_err(e))?;
         let mut watcher = self.watcher.take();
+        let mut logs = self.logs.take();
         // The last line of the start: tests and scripts wait for it.
         tracing::info!(
             "reload with SIGHUP or `tcpmgm reload --control {}`",
@@ -204,6 +230,12 @@ impl Daemon {
             tokio::select! {
                 _ = term.recv() => { tracing::info!("SIGTERM"); break self.options.detach_on_exit; }
                 _ = int.recv() => { tracing::info!("SIGINT"); break self.options.detach_on_exit; }
+                ready = async { logs.as_mut().expect("guarded").readable_mut().await }, if logs.is_some() => {
+                    if let Ok(mut guard) = ready {
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading");
                     // Logged inside; there is no caller to answer.

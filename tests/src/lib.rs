@@ -361,6 +361,8 @@ pub struct Daemon {
     pub control: PathBuf,
     /// The log lines up to "reload with SIGHUP", the end of its start-up.
     pub startup_log: String,
+    /// Every log line after the start-up.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Daemon {
@@ -393,11 +395,18 @@ impl Daemon {
             }
             seen.push_str(&line);
         }
-        std::thread::spawn(move || for _ in log.lines() {});
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in log.lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
         Daemon {
             child,
             control,
             startup_log: seen,
+            log: lines,
         }
     }
 

@@ -175,3 +175,63 @@ async fn status_counts_exactly_the_connections_made() {
     daemon.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The programs' log events reach the daemon's log, at most LOG_EVENTS_PER_SECOND a CPU a
+/// second however many connects are refused, while the counters still count every one.
+#[tokio::test]
+async fn refusals_are_logged_rate_limited_and_all_counted() {
+    let sb = Sandbox::new();
+    let db = tcpmgm_tests::TestDb::new(
+        tcpmgm_tests::Backend::Sqlite,
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, remote_addr, no_new_conn) VALUES (5, '127.0.0.3', 1);",
+    )
+    .await;
+    let control = std::env::temp_dir().join(format!("tcpmgm-logs-{}.sock", std::process::id()));
+    let daemon = Daemon::start(&sb, &db.url, control.clone());
+    let mut probe = sb.probe();
+    const STORM: usize = 300;
+    let started = std::time::Instant::now();
+    for i in 0..STORM {
+        let port = 7000 + i;
+        assert_eq!(
+            probe
+                .ask(&format!("pair 127.0.0.3:{port} 127.0.0.3:{port}"))
+                .get("errno"),
+            1
+        );
+    }
+    let seconds = started.elapsed().as_secs() + 2;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let logged = daemon
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("refused by rule 5"))
+        .count();
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    let ceiling = cpus * tcpmgm_common::LOG_EVENTS_PER_SECOND as usize * seconds as usize;
+    assert!(
+        logged >= 1 && logged <= ceiling.min(STORM - 1),
+        "{logged} lines for {STORM} refusals (ceiling {ceiling})"
+    );
+    eprintln!(
+        "{logged} log lines for {STORM} refusals in about {} s",
+        seconds - 2
+    );
+    let out = Command::new(binary("tcpmgm"))
+        .args(["status", "--json", "--cgroup"])
+        .arg(&sb.cgroup)
+        .arg("--pin-dir")
+        .arg(&sb.pin_dir)
+        .arg("--control")
+        .arg(&control)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report[0]["kernel"]["rules"][0]["refused"], STORM as u64,
+        "{report:#}"
+    );
+}

@@ -26,8 +26,9 @@ fn map_err(map: &'static str, what: impl Into<String>) -> impl FnOnce(String) ->
 }
 
 impl Generation {
-    /// Loads the object for `policy`, sharing the socket map pinned at `sockets_pin`.
-    pub fn load(policy: &Policy, sockets_pin: &Path) -> Result<Generation, KernelError> {
+    /// Loads the object for `policy`, sharing the socket map and the log ring buffer pinned in
+    /// `pin_dir` with every other generation.
+    pub fn load(policy: &Policy, pin_dir: &Path) -> Result<Generation, KernelError> {
         let sizes = [
             (names::PROFILES, policy.profiles.len()),
             (names::COUNTERS, policy.profiles.len()),
@@ -42,7 +43,10 @@ impl Generation {
         for (name, len) in sizes {
             loader.map_max_entries(name, len.max(1) as u32);
         }
-        loader.map_pin_path(names::SOCKETS, sockets_pin);
+        let sockets_pin = pin_dir.join(super::SOCKETS_PIN);
+        let logs_pin = pin_dir.join(tcpmgm_common::LOGS_PIN);
+        loader.map_pin_path(names::SOCKETS, &sockets_pin);
+        loader.map_pin_path("AYA_LOGS", &logs_pin);
         let started = std::time::Instant::now();
         let ebpf = loader
             .load(OBJECT)

@@ -129,7 +129,7 @@ impl Enforcer {
             reason,
         };
         std::fs::create_dir_all(pin_dir).map_err(|e| fail_pin(e.to_string()))?;
-        let mut next = Generation::load(policy, &pin_dir.join(SOCKETS_PIN))?;
+        let mut next = Generation::load(policy, pin_dir)?;
         let pinned = adopt_links(pin_dir)?;
         let adopted = pinned.iter().any(Option::is_some);
         // Swap the new programs into the adopted links first (undoing on failure), so that a
@@ -189,6 +189,11 @@ impl Enforcer {
         Ok(enforcer)
     }
 
+    /// A reader of the programs' log events (aya-log), which every generation writes to.
+    pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
+        aya_log::EbpfLogger::init(self.current.ebpf_mut())
+    }
+
     /// Whether `attach` took over links an earlier run had pinned.
     pub fn adopted(&self) -> bool {
         self.adopted
@@ -196,7 +201,7 @@ impl Enforcer {
 
     /// Switches the cgroup to `policy`. On error the running policy stays as it was.
     pub fn replace(&mut self, policy: &Policy) -> Result<(), KernelError> {
-        let next = Generation::load(policy, &self.pin_dir.join(SOCKETS_PIN))?;
+        let next = Generation::load(policy, &self.pin_dir)?;
         self.swap_to(next)
     }
 
