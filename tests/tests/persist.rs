@@ -235,3 +235,63 @@ async fn refusals_are_logged_rate_limited_and_all_counted() {
         "{report:#}"
     );
 }
+
+#[tokio::test]
+async fn a_pin_directory_is_one_cgroups_and_pins_of_old_layouts_go() {
+    let (a, b) = (Sandbox::new(), Sandbox::new());
+    let db = tcpmgm_tests::TestDb::new(
+        tcpmgm_tests::Backend::Sqlite,
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (1, '127.0.0.0/8', 74);",
+    )
+    .await;
+    let control = std::env::temp_dir().join(format!("tcpmgm-owner-{}.sock", std::process::id()));
+    Daemon::start(&a, &db.url, control.clone()).kill();
+    // A pin an older layout left behind (this name is no longer used).
+    let stale = a.pin_dir.join("TCPMGM_CANDIDATES");
+    tcpmgm_tests::sh(
+        Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&stale)
+            .args([
+                "type", "array", "key", "4", "value", "4", "entries", "1", "name", "stale",
+            ]),
+    );
+    let again = Daemon::start(&a, &db.url, control.clone());
+    assert!(!stale.exists(), "the old layout's pin is still there");
+    assert_eq!(
+        a.probe()
+            .ask("pair 127.0.0.1:7001 127.0.0.1:7001")
+            .get("client_idle"),
+        74
+    );
+
+    // Another cgroup pointed at the same pins: refused, nothing changes on either.
+    let out = Command::new(binary("tcpmgm"))
+        .args(["run", "--db", &db.url, "--cgroup"])
+        .arg(&b.cgroup)
+        .arg("--pin-dir")
+        .arg(&a.pin_dir)
+        .arg("--control")
+        .arg(control.with_extension("other"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("each cgroup needs a pin directory of its own"),
+        "{stderr}"
+    );
+    assert!(
+        !b.attached_programs().contains("tcpmgm"),
+        "{}",
+        b.attached_programs()
+    );
+    assert_eq!(
+        a.attached_programs().matches("tcpmgm_").count(),
+        3,
+        "{}",
+        a.attached_programs()
+    );
+    again.kill();
+}

@@ -131,6 +131,7 @@ impl Enforcer {
         std::fs::create_dir_all(pin_dir).map_err(|e| fail_pin(e.to_string()))?;
         let mut next = Generation::load(policy, pin_dir)?;
         let pinned = adopt_links(pin_dir)?;
+        check_cgroup(&pinned, cgroup, pin_dir)?;
         let adopted = pinned.iter().any(Option::is_some);
         // Swap the new programs into the adopted links first (undoing on failure), so that a
         // failure leaves the running policy exactly as it was.
@@ -171,6 +172,7 @@ impl Enforcer {
             links.push(link);
         }
         next.pin_maps(pin_dir)?;
+        remove_stale_pins(pin_dir);
         let enforcer = Enforcer {
             current: next,
             links,
@@ -277,6 +279,57 @@ fn restore(links: &[Option<(FdLink, OwnedFd)>], ids: &[Option<u32>]) {
             && let Ok(prog) = sys::prog_fd_by_id(*id)
         {
             let _ = sys::link_update(fd.as_fd(), prog.as_fd());
+        }
+    }
+}
+
+/// Refuses to adopt links that hold another cgroup: a pin directory is one cgroup's.
+fn check_cgroup(
+    links: &[Option<(FdLink, OwnedFd)>],
+    cgroup: &Path,
+    pin_dir: &Path,
+) -> Result<(), KernelError> {
+    use std::os::unix::fs::MetadataExt;
+    let want = std::fs::metadata(cgroup)
+        .map_err(|source| KernelError::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        })?
+        .ino();
+    for (hook, link) in HOOKS.iter().zip(links) {
+        let Some((_, fd)) = link else { continue };
+        let id = sys::link_cgroup_id(fd.as_fd()).map_err(|e| KernelError::Link {
+            program: hook.name,
+            what: "reading its cgroup",
+            reason: e.to_string(),
+        })?;
+        if id != want {
+            return Err(KernelError::Pin {
+                path: pin_dir.to_path_buf(),
+                reason: format!(
+                    "its links belong to cgroup id {id}, not to {} (id {want}); each cgroup needs a pin directory of its own",
+                    cgroup.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Removes pins of names this version does not use (left by an older layout), now that the
+/// current ones are in place.
+fn remove_stale_pins(dir: &Path) {
+    let keep = |name: &str| {
+        names::POLICY_MAPS.contains(&name)
+            || HOOKS.iter().any(|h| h.pin == name)
+            || name == SOCKETS_PIN
+            || name == tcpmgm_common::LOGS_PIN
+    };
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("TCPMGM_") && !keep(&name) {
+            tracing::info!("removing {}, a pin of an older layout", e.path().display());
+            let _ = std::fs::remove_file(e.path());
         }
     }
 }

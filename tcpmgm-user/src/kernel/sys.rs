@@ -9,6 +9,7 @@ const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
 const BPF_LINK_DETACH: libc::c_long = 34;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
 /// `union bpf_attr`'s `batch` member.
 #[repr(C)]
@@ -100,6 +101,37 @@ pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
     let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?;
     // SAFETY: the kernel returned a new fd we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `struct bpf_link_info` up to its cgroup member.
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfo {
+    type_: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    cgroup_id: u64,
+    attach_type: u32,
+    _pad2: u32,
+}
+
+/// The id (the cgroup directory's inode number) of the cgroup a cgroup link is attached to.
+pub fn link_cgroup_id(link: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut info = LinkInfo::default();
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: size_of::<LinkInfo>() as u32,
+        info: &mut info as *mut LinkInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info.cgroup_id)
 }
 
 /// Detaches a link from its cgroup now, whoever else holds it (Linux 5.9).
