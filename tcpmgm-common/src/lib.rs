@@ -155,7 +155,9 @@ pub mod settings {
 }
 
 /// What a socket was decided: stored per socket at the first hook that sees it, so that every
-/// later hook, whatever rule set is loaded by then, applies the same decision.
+/// later hook, whatever rule set is loaded by then, applies the same decision, and so that the
+/// application owning the socket can read its profile (accepted sockets: only when a rule
+/// matched).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockPolicy {
@@ -196,6 +198,21 @@ pub struct Profile {
     pub alias_mode: u8,
     pub parallel_read: u8,
     pub _pad: [u8; 2],
+    /// The rule's attrs (`key=int;...`), for the application that owns the socket.
+    pub attrs: [Attr; MAX_ATTRS],
+}
+
+/// How many attrs pairs a profile carries, and how long a key may be.
+pub const MAX_ATTRS: usize = 4;
+pub const MAX_ATTR_KEY: usize = 24;
+
+/// One `key=int` pair of a rule's attrs; an all-zero key is no pair.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Attr {
+    pub value: i64,
+    /// NUL-padded.
+    pub key: [u8; MAX_ATTR_KEY],
 }
 
 /// Key of the listener map. A listener on a wildcard address has `addr` all zero. An entry with
@@ -231,6 +248,7 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for RuleCounters {}
     unsafe impl aya::Pod for LogBudget {}
+    unsafe impl aya::Pod for Attr {}
     unsafe impl aya::Pod for Profile {}
     unsafe impl aya::Pod for ListenerKey {}
     unsafe impl aya::Pod for ListenerInfo {}

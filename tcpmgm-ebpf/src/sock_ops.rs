@@ -114,8 +114,8 @@ fn policy(ctx: &SockOpsContext) -> Option<&'static Profile> {
         return None;
     }
     if op(ctx) == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        // An accepted socket meets this program once: nothing to remember.
-        return sockets::decide_profile(&conn(ctx.ops));
+        // An accepted socket meets this program once.
+        return sockets::record(sk, &conn(ctx.ops));
     }
     sockets::policy(sk, || conn(ctx.ops))
 }

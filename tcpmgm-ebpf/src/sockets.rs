@@ -14,17 +14,15 @@ use tcpmgm_common::{Profile, RuleCounters, SOCK_NO_RULE, SOCK_RULE, SOCK_UNDECID
 use crate::decide::{Conn, decide};
 use crate::maps::{TCPMGM_COUNTERS, TCPMGM_PROFILES, TCPMGM_SOCKETS};
 
-/// The profile governing `sk`, deciding it with `conn` if no hook has yet. A reference, not a
-/// copy: with an `Option<Profile>` by value LLVM reads the flags of the None case from an unset
-/// register, which the verifier refuses.
+/// The storage of `sk` (created zeroed, that is undecided, if it has none), or null when the
+/// kernel has no memory for it.
 #[inline(always)]
-pub fn policy(sk: *mut bpf_sock, conn: impl FnOnce() -> Conn) -> Option<&'static Profile> {
+fn storage(sk: *mut bpf_sock) -> *mut SockPolicy {
     let map = core::ptr::from_ref(&TCPMGM_SOCKETS)
         .cast_mut()
         .cast::<c_void>();
-    // SAFETY: `sk` is the context's socket pointer, checked non-null by the caller; the storage
-    // (zeroed when created) stays valid for this program run, which is all the caller uses.
-    let stored = unsafe {
+    // SAFETY: `sk` is the context's socket pointer, checked non-null by the caller.
+    unsafe {
         bpf_sk_storage_get(
             map,
             sk.cast(),
@@ -32,12 +30,20 @@ pub fn policy(sk: *mut bpf_sock, conn: impl FnOnce() -> Conn) -> Option<&'static
             BPF_SK_STORAGE_GET_F_CREATE.into(),
         )
     }
-    .cast::<SockPolicy>();
+    .cast::<SockPolicy>()
+}
+
+/// The profile governing `sk`, deciding it with `conn` if no hook has yet. A reference, not a
+/// copy: with an `Option<Profile>` by value LLVM reads the flags of the None case from an unset
+/// register, which the verifier refuses.
+#[inline(always)]
+pub fn policy(sk: *mut bpf_sock, conn: impl FnOnce() -> Conn) -> Option<&'static Profile> {
+    let stored = storage(sk);
     if stored.is_null() {
         // No memory for the storage: decide without remembering.
         return decide_profile(&conn());
     }
-    // SAFETY: non-null storage of our value type.
+    // SAFETY: non-null storage of our value type, valid for this program run.
     let stored = unsafe { &mut *stored };
     if stored.state == SOCK_UNDECIDED {
         match decide_profile(&conn()) {
@@ -53,6 +59,23 @@ pub fn policy(sk: *mut bpf_sock, conn: impl FnOnce() -> Conn) -> Option<&'static
     } else {
         None
     }
+}
+
+/// An accepted socket meets one hook only: decide it, and remember the profile (for the
+/// application that owns the socket) only when a rule matched, so that unmatched connections
+/// cost no storage.
+#[inline(always)]
+pub fn record(sk: *mut bpf_sock, conn: &Conn) -> Option<&'static Profile> {
+    let p = decide_profile(conn)?;
+    let stored = storage(sk);
+    if stored.is_null() {
+        return Some(p);
+    }
+    // SAFETY: non-null storage of our value type, valid for this program run.
+    let stored = unsafe { &mut *stored };
+    stored.profile = *p;
+    stored.state = SOCK_RULE;
+    Some(&stored.profile)
 }
 
 /// The profile of the winning rule, counted as matched, without remembering it.

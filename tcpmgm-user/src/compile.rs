@@ -318,7 +318,18 @@ fn kernel_profile(rule: &Rule, rank: u32, hz: u32) -> Profile {
         alias_mode: p.alias_mode,
         parallel_read: p.parallel_read.unwrap_or(0),
         _pad: [0; 2],
+        attrs: kernel_attrs(&p.attrs),
     }
+}
+
+/// Attrs as the kernel keeps them (validation bounds their number and key length).
+fn kernel_attrs(attrs: &[(String, i64)]) -> [tcpmgm_common::Attr; tcpmgm_common::MAX_ATTRS] {
+    let mut out = [tcpmgm_common::Attr::default(); tcpmgm_common::MAX_ATTRS];
+    for (slot, (key, value)) in out.iter_mut().zip(attrs) {
+        slot.value = *value;
+        slot.key[..key.len()].copy_from_slice(key.as_bytes());
+    }
+    out
 }
 
 /// The listener map: accepting listeners by address and port, and the outbound attribution by

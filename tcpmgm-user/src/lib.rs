@@ -12,6 +12,7 @@ pub mod listener;
 pub mod matcher;
 pub mod pipeline;
 pub mod rule;
+pub mod socket;
 pub mod source;
 pub mod status;
 pub mod system;

@@ -120,9 +120,9 @@ impl Sandbox {
         (policy, enforcer)
     }
 
-    /// A probe inside this sandbox's cgroup and namespace.
+    /// A probe inside this sandbox's cgroup and namespace (told the sandbox's pin directory).
     pub fn probe(&self) -> Probe {
-        Probe::spawn(Some(&self.cgroup), &self.netns.path())
+        Probe::spawn_with_pins(Some(&self.cgroup), &self.netns.path(), Some(&self.pin_dir))
     }
 
     /// What `bpftool cgroup show` lists for the sandbox's cgroup.
@@ -200,7 +200,14 @@ impl Reply {
 
 impl Probe {
     pub fn spawn(cgroup: Option<&Path>, netns: &str) -> Probe {
+        Probe::spawn_with_pins(cgroup, netns, None)
+    }
+
+    fn spawn_with_pins(cgroup: Option<&Path>, netns: &str, pins: Option<&Path>) -> Probe {
         let mut cmd = Command::new(env_probe());
+        if let Some(p) = pins {
+            cmd.env("TCPMGM_TEST_PIN_DIR", p);
+        }
         if let Some(cg) = cgroup {
             cmd.arg("--cgroup").arg(cg);
         }

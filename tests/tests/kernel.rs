@@ -297,3 +297,61 @@ mod timeout {
         );
     }
 }
+
+/// The application that owns a socket reads its rule and whole profile, attrs included; a socket
+/// without a rule has none.
+#[test]
+fn the_owner_of_a_socket_reads_its_profile() {
+    let sb = Sandbox::new();
+    let none = Listeners::default();
+    let table = [
+        row(
+            12,
+            &[
+                ("remote_addr", "127.0.0.2"),
+                ("keepidle", "44"),
+                ("msg_read_timeout", "9"),
+                ("send_threshold", "250000"),
+                ("alias_mode", "2"),
+                ("attrs", "max_msg_chunks=8;tenant=3"),
+            ],
+        ),
+        row(
+            13,
+            &[
+                ("remote_addr", "127.0.0.1"),
+                ("remote_port", "0"),
+                ("keepidle", "45"),
+            ],
+        ),
+    ];
+    let _e = sb.enforce(rules(&table, &none), &none);
+    let mut p = sb.probe();
+    // From 127.0.0.1 to 127.0.0.2: the client meets rule 12, the accepted socket rule 13.
+    let r = p.ask("profiles 127.0.0.2:7001 127.0.0.2:7001 127.0.0.1:0");
+    assert_eq!(r.get("client_rule"), 12, "{r:?}");
+    assert_eq!(
+        (r.get("client_read_timeout"), r.get("client_send_threshold")),
+        (9, 250000),
+        "{r:?}"
+    );
+    assert_eq!(
+        (r.get("client_alias_mode"), r.get("client_idle")),
+        (2, 44),
+        "{r:?}"
+    );
+    assert_eq!(r.0["client_attrs"], "max_msg_chunks:8,tenant:3", "{r:?}");
+    assert_eq!(
+        (r.get("server_rule"), r.get("server_idle")),
+        (13, 45),
+        "{r:?}"
+    );
+    assert_eq!(r.0["server_attrs"], "-");
+    // Between addresses without rules: nothing recorded.
+    let r = p.ask("profiles 127.0.0.3:7002 127.0.0.3:7002 127.0.0.3:0");
+    assert_eq!(
+        (r.get("client_rule"), r.get("server_rule")),
+        (0, 0),
+        "{r:?}"
+    );
+}

@@ -16,10 +16,23 @@ pub fn parse_attrs(s: &str) -> Result<Vec<(String, i64)>, String> {
             .trim()
             .parse()
             .map_err(|_| format!("'{piece}': value is not an integer"))?;
+        if key.len() > tcpmgm_common::MAX_ATTR_KEY {
+            return Err(format!(
+                "'{key}': keys are at most {} bytes",
+                tcpmgm_common::MAX_ATTR_KEY
+            ));
+        }
         if out.iter().any(|(k, _)| k == key) {
             return Err(format!("'{key}' is given twice"));
         }
         out.push((key.to_owned(), value));
+    }
+    if out.len() > tcpmgm_common::MAX_ATTRS {
+        return Err(format!(
+            "{} pairs, at most {} are kept per rule",
+            out.len(),
+            tcpmgm_common::MAX_ATTRS
+        ));
     }
     Ok(out)
 }
@@ -47,5 +60,15 @@ mod tests {
         );
         assert!(parse_attrs("=3").unwrap_err().contains("key must be"));
         assert!(parse_attrs("a=1;a=2").unwrap_err().contains("twice"));
+        assert!(
+            parse_attrs("a=1;b=2;c=3;d=4;e=5")
+                .unwrap_err()
+                .contains("at most 4")
+        );
+        assert!(
+            parse_attrs("a_very_long_attribute_key_name=1")
+                .unwrap_err()
+                .contains("at most 24 bytes")
+        );
     }
 }

@@ -6,6 +6,8 @@
 //! - `pair LISTEN CONNECT [BIND] [ka]`: listen on LISTEN (kept open for later lines), connect to
 //!   CONNECT from BIND, accept, and report both sockets. `ka`: the application itself turns
 //!   SO_KEEPALIVE on, on the listening socket and on the client before connect().
+//! - `profiles LISTEN CONNECT [BIND]`: open a pair, and report what tcpmgm's application API
+//!   (`tcpmgm::socket`) says of each socket, from the pins in `TCPMGM_TEST_PIN_DIR`.
 //! - `connect CONNECT BIND|- WAIT_MS`: non-blocking connect, wait up to WAIT_MS, report.
 //! - `hold CONNECT [USER_TIMEOUT_MS]`: connect (optionally setting TCP_USER_TIMEOUT itself),
 //!   report, then read a line (the test cuts the network meanwhile), send data, wait 1 s and
@@ -56,6 +58,10 @@ fn main() -> anyhow::Result<()> {
                 let bind = rest.iter().find_map(|w| w.parse::<SocketAddr>().ok());
                 let ka = rest.contains(&"ka");
                 pair(&mut listeners, listen.parse()?, connect.parse()?, bind, ka)?
+            }
+            ["profiles", listen, connect, rest @ ..] => {
+                let bind = rest.first().map(|b| b.parse()).transpose()?;
+                profiles(&mut listeners, listen.parse()?, connect.parse()?, bind)?
             }
             ["connect", connect, bind, wait] => {
                 connect_wait(connect.parse()?, parse_bind(bind)?, wait.parse()?)?
@@ -150,6 +156,39 @@ fn pair(
         report("client", &client),
         report("server", &Socket::from(server))
     ))
+}
+
+/// Opens a pair and reports what the application-side API says of both sockets.
+fn profiles(
+    listeners: &mut HashMap<SocketAddr, TcpListener>,
+    listen: SocketAddr,
+    connect: SocketAddr,
+    bind: Option<SocketAddr>,
+) -> anyhow::Result<String> {
+    listen_on(listeners, listen, false)?;
+    let client = open(connect, bind, false, None)?;
+    let (server, _) = listeners[&listen].accept()?;
+    let pins = std::env::var("TCPMGM_TEST_PIN_DIR")?;
+    let api = tcpmgm::socket::SocketProfiles::open(std::path::Path::new(&pins))?;
+    let mut out = Vec::new();
+    for (side, profile) in [("client", api.get(&client)?), ("server", api.get(&server)?)] {
+        match profile {
+            None => out.push(format!("{side}_rule=0")),
+            Some(p) => {
+                let attrs: Vec<String> = p.attrs.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                out.push(format!(
+                    "{side}_rule={} {side}_read_timeout={} {side}_send_threshold={} {side}_alias_mode={} {side}_idle={} {side}_attrs={}",
+                    p.rule_id,
+                    p.msg_read_timeout_s,
+                    p.send_threshold_us,
+                    p.alias_mode,
+                    p.keepidle,
+                    if attrs.is_empty() { "-".to_owned() } else { attrs.join(",") }
+                ));
+            }
+        }
+    }
+    Ok(out.join(" "))
 }
 
 fn connect_wait(
