@@ -31,6 +31,8 @@ pub struct Config {
     pub control: Option<PathBuf>,
     pub poll_interval: Option<f64>,
     pub detach_on_exit: Option<bool>,
+    pub netns: Option<PathBuf>,
+    pub enforce_default_lifetime: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]

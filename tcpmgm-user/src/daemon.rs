@@ -13,12 +13,15 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::compile::{CompileError, Policy, compile};
-use crate::kernel::{Enforcer, KernelError};
+use crate::kernel::{Enforcer, KernelError, SOCKETS_PIN};
+use crate::lifetime::{self, Sweeper};
 use crate::pipeline::{PipelineError, RuleArgs, RuleSet};
 use crate::source::{Redacted, normalize_url};
 use crate::status::{self, DaemonState, ReloadRecord};
 use crate::system::{self, SystemError};
 use crate::watch::{Change, Watcher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -52,6 +55,10 @@ pub struct Options {
     pub detach_on_exit: bool,
     /// With SQLite and MariaDB: look for table changes this often (PostgreSQL notifies).
     pub poll_interval: Option<std::time::Duration>,
+    /// The network namespace the cgroup's sockets live in (for con_lifetime); None: ours.
+    pub netns: Option<PathBuf>,
+    /// Enforce con_lifetime also where it is OpenSIPS's default of 120 s.
+    pub enforce_default_lifetime: bool,
 }
 
 /// The running daemon: what it was asked (options) and what it enforces.
@@ -64,6 +71,9 @@ pub struct Daemon {
     watcher: Option<Watcher>,
     /// The programs' log events, forwarded to this daemon's log.
     logs: Option<AsyncFd<EbpfLogger<&'static dyn log::Log>>>,
+    /// Closes connections idle for longer than their con_lifetime, as often as this says.
+    _sweeper: Option<Sweeper>,
+    sweep_every: Arc<AtomicU64>,
 }
 
 /// Reads and validates the table, refusing it on any fault unless `skip_invalid`.
@@ -106,6 +116,23 @@ impl Daemon {
             None => system::default_control_socket(&cgroup)?,
         };
         let mut enforcer = Enforcer::attach(&policy, &cgroup, &pin_dir)?;
+        let sweep_every = Arc::new(AtomicU64::new(lifetime::sweep_interval_ms(
+            policy.rules.iter().map(|r| r.profile.con_lifetime_s),
+            options.enforce_default_lifetime,
+        )));
+        let sweeper = match Sweeper::start(
+            &cgroup,
+            pin_dir.join(SOCKETS_PIN),
+            options.netns.clone(),
+            options.enforce_default_lifetime,
+            sweep_every.clone(),
+        ) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("con_lifetime is not enforced: {e}");
+                None
+            }
+        };
         let logs = match enforcer.logger() {
             // SAFETY: the logger owns its ring buffer's fd for as long as it lives, and the
             // AsyncFd owns the logger.
@@ -164,6 +191,8 @@ impl Daemon {
             state,
             watcher,
             logs,
+            _sweeper: sweeper,
+            sweep_every,
         };
         daemon.save_state();
         Ok(daemon)
@@ -200,6 +229,13 @@ impl Daemon {
         let policy: Policy = compile(set.rules, &set.listeners, self.hz)?;
         self.enforcer.replace(&policy)?;
         self.state.rules = policy.rules.len();
+        self.sweep_every.store(
+            lifetime::sweep_interval_ms(
+                policy.rules.iter().map(|r| r.profile.con_lifetime_s),
+                self.options.enforce_default_lifetime,
+            ),
+            Ordering::Relaxed,
+        );
         Ok(format!(
             "generation {}: {} rules enforced ({} ms)",
             self.enforcer.generation(),

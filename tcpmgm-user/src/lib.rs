@@ -7,7 +7,9 @@
 pub mod compile;
 pub mod config;
 pub mod daemon;
+pub mod diag;
 pub mod kernel;
+pub mod lifetime;
 pub mod listener;
 pub mod matcher;
 pub mod pipeline;

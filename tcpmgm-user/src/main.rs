@@ -53,6 +53,13 @@ enum Command {
         /// it changed (PostgreSQL needs no polling: it notifies).
         #[arg(long, value_name = "SECONDS")]
         poll_interval: Option<f64>,
+        /// The network namespace the cgroup's sockets live in, for con_lifetime (a
+        /// /var/run/netns path) [default: tcpmgm's own].
+        #[arg(long, value_name = "PATH")]
+        netns: Option<PathBuf>,
+        /// Enforce con_lifetime also where a rule keeps OpenSIPS's default of 120 s.
+        #[arg(long)]
+        enforce_default_lifetime: bool,
     },
     /// Take tcpmgm off a cgroup: programs and pins go, the system's TCP settings are back. A
     /// running `tcpmgm run` for it is told to detach and exit.
@@ -222,6 +229,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             control,
             detach_on_exit,
             poll_interval,
+            netns,
+            enforce_default_lifetime,
         } => {
             system::check_privileges()?;
             let config = rules.with_config()?;
@@ -233,6 +242,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let pin_dir = pin_dir.or(config.pin_dir);
             let control = control.or(config.control);
             let poll_interval = poll_interval.or(config.poll_interval);
+            let netns = netns.or(config.netns);
+            let enforce_default_lifetime =
+                enforce_default_lifetime || config.enforce_default_lifetime.unwrap_or(false);
             let created = if create_cgroup {
                 system::create_cgroup(&cgroup)?
             } else {
@@ -246,6 +258,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 control,
                 detach_on_exit,
                 poll_interval: poll_interval.map(std::time::Duration::from_secs_f64),
+                netns,
+                enforce_default_lifetime,
             };
             let result = match Daemon::start(options).await {
                 Ok(d) => d.serve().await,

@@ -13,7 +13,7 @@
 //!     Some(p) => println!("rule {}: read timeout {} s, attrs {:?}", p.rule_id, p.msg_read_timeout_s, p.attrs),
 //!     None => println!("no rule: the system's settings apply"),
 //! }
-//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
 //! ```
 use std::os::fd::AsRawFd;
 use std::path::Path;

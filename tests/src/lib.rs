@@ -147,13 +147,14 @@ impl Drop for Sandbox {
     }
 }
 
-/// The path of a binary next to the test executable's directory (target/<profile>/NAME).
+/// The path of a binary of the same build (target/<profile>/NAME), from a test executable
+/// (target/<profile>/deps/...) or from a binary beside it.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
+    let mut dir = exe.parent().expect("target/<profile>");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile>/deps");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),

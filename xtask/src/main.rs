@@ -67,6 +67,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "tcpmgm-tests",
                 "--bin",
                 "tcpmgm-bench",
+                // The bench's peer process.
+                "--bin",
+                "tcpmgm-probe",
             ]))?;
             status(
                 Command::new(root.join("target/release/tcpmgm-bench"))

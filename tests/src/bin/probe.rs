@@ -8,6 +8,8 @@
 //!   SO_KEEPALIVE on, on the listening socket and on the client before connect().
 //! - `profiles LISTEN CONNECT [BIND]`: open a pair, and report what tcpmgm's application API
 //!   (`tcpmgm::socket`) says of each socket, from the pins in `TCPMGM_TEST_PIN_DIR`.
+//! - `hold-pair LISTEN CONNECT [BIND]`: open a pair and keep both sockets (`id=N`); `ping N`
+//!   moves a byte each way on it; `closed N` tells which ends are no longer established.
 //! - `connect CONNECT BIND|- WAIT_MS`: non-blocking connect, wait up to WAIT_MS, report.
 //! - `hold CONNECT [USER_TIMEOUT_MS]`: connect (optionally setting TCP_USER_TIMEOUT itself),
 //!   report, then read a line (the test cuts the network meanwhile), send data, wait 1 s and
@@ -43,6 +45,8 @@ fn main() -> anyhow::Result<()> {
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
     }
     let mut listeners: HashMap<SocketAddr, TcpListener> = HashMap::new();
+    let mut held: Vec<(Socket, Socket)> = Vec::new();
+    let mut accepted: Vec<Vec<std::net::TcpStream>> = Vec::new();
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     let mut out = std::io::stdout();
@@ -62,6 +66,40 @@ fn main() -> anyhow::Result<()> {
             ["profiles", listen, connect, rest @ ..] => {
                 let bind = rest.first().map(|b| b.parse()).transpose()?;
                 profiles(&mut listeners, listen.parse()?, connect.parse()?, bind)?
+            }
+            ["hold-pair", listen, connect, rest @ ..] => {
+                let bind = rest.first().map(|b| b.parse()).transpose()?;
+                listen_on(&mut listeners, listen.parse()?, false)?;
+                let client = open(connect.parse()?, bind, false, None)?;
+                let (server, _) = listeners[&listen.parse::<SocketAddr>()?].accept()?;
+                held.push((client, Socket::from(server)));
+                format!("id={}", held.len() - 1)
+            }
+            ["accept", listen, count] => {
+                // Accepts and keeps `count` connections (for benchmarks that need many).
+                let l = std::net::TcpListener::bind(listen.parse::<SocketAddr>()?)?;
+                let mut kept = Vec::new();
+                for _ in 0..count.parse::<usize>()? {
+                    kept.push(l.accept()?.0);
+                }
+                let n = kept.len();
+                accepted.push(kept);
+                format!("accepted={n}")
+            }
+            ["ping", id] => {
+                let (c, s) = &held[id.parse::<usize>()?];
+                let mut b = [0u8; 1];
+                let ok = (c.send(b"x").is_ok() && std::io::Read::read(&mut &*s, &mut b).is_ok())
+                    && (s.send(b"y").is_ok() && std::io::Read::read(&mut &*c, &mut b).is_ok());
+                format!("ok={}", u8::from(ok))
+            }
+            ["closed", id] => {
+                let (c, s) = &held[id.parse::<usize>()?];
+                format!(
+                    "client_closed={} server_closed={}",
+                    u8::from(tcp_state(c) != 1),
+                    u8::from(tcp_state(s) != 1)
+                )
             }
             ["connect", connect, bind, wait] => {
                 connect_wait(connect.parse()?, parse_bind(bind)?, wait.parse()?)?

@@ -1,0 +1,326 @@
+//! The kernel's socket diagnostics (NETLINK_SOCK_DIAG, what `ss` uses): every TCP socket of the
+//! network namespace with its tcp_info, its cgroup and its tcpmgm record (the socket-local
+//! storage, asked for with INET_DIAG_REQ_SK_BPF_STORAGES), and SOCK_DESTROY to close one (what
+//! `ss -K` does). No crate speaks the BPF-storage attributes, hence this small module.
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use tcpmgm_common::SockPolicy;
+
+// include/uapi/linux/netlink.h, sock_diag.h, inet_diag.h
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const SOCK_DESTROY: u16 = 21;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const INET_DIAG_INFO: u16 = 2;
+const INET_DIAG_SK_BPF_STORAGES: u16 = 20;
+const INET_DIAG_CGROUP_ID: u16 = 21;
+const INET_DIAG_REQ_SK_BPF_STORAGES: u16 = 2;
+const SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u16 = 1;
+const SK_DIAG_BPF_STORAGE: u16 = 1;
+const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
+const NLA_F_NESTED: u16 = 1 << 15;
+const TCP_ESTABLISHED: u8 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct SockId {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    src: [u8; 16],
+    dst: [u8; 16],
+    interface: u32,
+    cookie: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct ReqV2 {
+    family: u8,
+    protocol: u8,
+    ext: u8,
+    pad: u8,
+    states: u32,
+    id: SockId,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct NlMsgHdr {
+    len: u32,
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    pid: u32,
+}
+
+/// One TCP socket as the kernel describes it.
+#[derive(Clone, Debug)]
+pub struct Socket {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: u8,
+    pub cgroup_id: Option<u64>,
+    /// Milliseconds since data was last sent and received.
+    pub idle_send_ms: u32,
+    pub idle_recv_ms: u32,
+    /// tcpmgm's record of the socket, when it has one.
+    pub record: Option<SockPolicy>,
+    id: SockId,
+    family: u8,
+}
+
+impl Socket {
+    pub fn established(&self) -> bool {
+        self.state == TCP_ESTABLISHED
+    }
+
+    /// Milliseconds since data last moved either way.
+    pub fn idle_ms(&self) -> u32 {
+        self.idle_send_ms.min(self.idle_recv_ms)
+    }
+}
+
+fn netlink() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2).
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn bytes_of<T: Copy>(v: &T) -> &[u8] {
+    // SAFETY: T is plain repr(C) data without padding holes that matter to the kernel.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+}
+
+fn read_struct<T: Copy + Default>(bytes: &[u8]) -> T {
+    let mut v = T::default();
+    let n = bytes.len().min(size_of::<T>());
+    // SAFETY: copies at most size_of::<T>() bytes into a plain-data T.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut v as *mut T).cast::<u8>(), n) };
+    v
+}
+
+fn send(fd: &OwnedFd, kind: u16, flags: u16, req: &ReqV2, attrs: &[u8]) -> io::Result<()> {
+    let len = size_of::<NlMsgHdr>() + size_of::<ReqV2>() + attrs.len();
+    let hdr = NlMsgHdr {
+        len: len as u32,
+        kind,
+        flags,
+        seq: 1,
+        pid: 0,
+    };
+    let mut msg = Vec::with_capacity(len);
+    msg.extend_from_slice(bytes_of(&hdr));
+    msg.extend_from_slice(bytes_of(req));
+    msg.extend_from_slice(attrs);
+    // SAFETY: sends our buffer on our socket (to the kernel: the zeroed default address).
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as u16;
+    let r = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&addr as *const libc::sockaddr_nl).cast(),
+            size_of::<libc::sockaddr_nl>() as u32,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Netlink attributes in `buf`: (type without flags, payload).
+fn attributes(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & !NLA_F_NESTED;
+        if len < 4 || len > buf.len() {
+            return None;
+        }
+        let payload = &buf[4..len];
+        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+        Some((kind, payload))
+    })
+}
+
+fn addr(family: u8, bytes: [u8; 16], port: [u8; 2]) -> SocketAddr {
+    let ip = if family == libc::AF_INET as u8 {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(bytes))
+    };
+    SocketAddr::new(ip, u16::from_be_bytes(port))
+}
+
+/// Every TCP socket (IPv4 and IPv6) of this network namespace, with tcpmgm's record from the
+/// socket storage map `sockets`.
+pub fn tcp_sockets(sockets: BorrowedFd<'_>) -> io::Result<Vec<Socket>> {
+    let mut out = Vec::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        let fd = netlink()?;
+        let req = ReqV2 {
+            family,
+            protocol: libc::IPPROTO_TCP as u8,
+            ext: 1 << (INET_DIAG_INFO - 1),
+            states: !0,
+            ..ReqV2::default()
+        };
+        // INET_DIAG_REQ_SK_BPF_STORAGES { SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u32 }
+        let mut attrs = Vec::new();
+        attrs.extend_from_slice(&12u16.to_ne_bytes());
+        attrs.extend_from_slice(&(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED).to_ne_bytes());
+        attrs.extend_from_slice(&8u16.to_ne_bytes());
+        attrs.extend_from_slice(&SK_DIAG_BPF_STORAGE_REQ_MAP_FD.to_ne_bytes());
+        attrs.extend_from_slice(&(sockets.as_raw_fd() as u32).to_ne_bytes());
+        send(
+            &fd,
+            SOCK_DIAG_BY_FAMILY,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            &req,
+            &attrs,
+        )?;
+        receive(&fd, family, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn receive(fd: &OwnedFd, family: u8, out: &mut Vec<Socket>) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        // SAFETY: reads into our buffer.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut msgs = &buf[..n as usize];
+        while msgs.len() >= size_of::<NlMsgHdr>() {
+            let hdr: NlMsgHdr = read_struct_hdr(msgs);
+            let len = hdr.len as usize;
+            if len < size_of::<NlMsgHdr>() || len > msgs.len() {
+                break;
+            }
+            let body = &msgs[size_of::<NlMsgHdr>()..len];
+            match hdr.kind {
+                NLMSG_DONE => return Ok(()),
+                NLMSG_ERROR => {
+                    let errno = i32::from_ne_bytes(body[..4].try_into().unwrap_or([0; 4]));
+                    if errno != 0 {
+                        return Err(io::Error::from_raw_os_error(-errno));
+                    }
+                    return Ok(());
+                }
+                _ => out.push(parse(body, family)),
+            }
+            msgs = &msgs[len.next_multiple_of(4).min(msgs.len())..];
+        }
+    }
+}
+
+fn read_struct_hdr(bytes: &[u8]) -> NlMsgHdr {
+    NlMsgHdr {
+        len: u32::from_ne_bytes(bytes[0..4].try_into().expect("4 bytes")),
+        kind: u16::from_ne_bytes(bytes[4..6].try_into().expect("2 bytes")),
+        flags: u16::from_ne_bytes(bytes[6..8].try_into().expect("2 bytes")),
+        seq: u32::from_ne_bytes(bytes[8..12].try_into().expect("4 bytes")),
+        pid: u32::from_ne_bytes(bytes[12..16].try_into().expect("4 bytes")),
+    }
+}
+
+/// `struct inet_diag_msg` (72 bytes) then attributes.
+fn parse(body: &[u8], family: u8) -> Socket {
+    const MSG: usize = 72;
+    let state = body.get(1).copied().unwrap_or(0);
+    let id: SockId = read_struct(&body[4..(4 + size_of::<SockId>()).min(body.len())]);
+    let mut s = Socket {
+        local: addr(family, id.src, id.sport),
+        remote: addr(family, id.dst, id.dport),
+        state,
+        cgroup_id: None,
+        idle_send_ms: 0,
+        idle_recv_ms: 0,
+        record: None,
+        id,
+        family,
+    };
+    for (kind, payload) in attributes(body.get(MSG..).unwrap_or_default()) {
+        match kind {
+            INET_DIAG_INFO => {
+                let info: libc::tcp_info = read_struct_info(payload);
+                s.idle_send_ms = info.tcpi_last_data_sent;
+                s.idle_recv_ms = info.tcpi_last_data_recv;
+            }
+            INET_DIAG_CGROUP_ID if payload.len() >= 8 => {
+                s.cgroup_id = Some(u64::from_ne_bytes(
+                    payload[..8].try_into().expect("8 bytes"),
+                ));
+            }
+            INET_DIAG_SK_BPF_STORAGES => {
+                for (k, storage) in attributes(payload) {
+                    if k != SK_DIAG_BPF_STORAGE {
+                        continue;
+                    }
+                    for (field, value) in attributes(storage) {
+                        if field == SK_DIAG_BPF_STORAGE_MAP_VALUE {
+                            s.record = Some(read_struct(value));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    s
+}
+
+fn read_struct_info(bytes: &[u8]) -> libc::tcp_info {
+    // SAFETY: tcp_info is plain data; zero is a valid value of every field.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let n = bytes.len().min(size_of::<libc::tcp_info>());
+    // SAFETY: copies at most size_of::<tcp_info>() bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            bytes.as_ptr(),
+            (&mut info as *mut libc::tcp_info).cast::<u8>(),
+            n,
+        )
+    };
+    info
+}
+
+/// Closes `socket` as `ss -K` does: the kernel aborts it, the owner sees ECONNABORTED and the
+/// peer a reset (needs CONFIG_INET_DIAG_DESTROY and CAP_NET_ADMIN).
+pub fn destroy(socket: &Socket) -> io::Result<()> {
+    let fd = netlink()?;
+    let req = ReqV2 {
+        family: socket.family,
+        protocol: libc::IPPROTO_TCP as u8,
+        states: !0,
+        id: socket.id,
+        ..ReqV2::default()
+    };
+    send(&fd, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, &req, &[])?;
+    let mut ignored = Vec::new();
+    receive(&fd, socket.family, &mut ignored)
+}

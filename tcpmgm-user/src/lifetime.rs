@@ -1,0 +1,157 @@
+//! con_lifetime: a connection of the cgroup on which no data has moved either way for longer than
+//! its rule's con_lifetime is closed (SOCK_DESTROY: the owner sees ECONNABORTED, the peer a
+//! reset). A sweeper thread lists the namespace's TCP sockets through sock_diag, with each
+//! socket's tcpmgm record (its rule's profile, as recorded when it was made), and closes the idle
+//! ones of the cgroup. Sockets without a rule are never touched. It sweeps every quarter of the
+//! shortest enforced con_lifetime of the rule set, between 250 ms and 1 s (so a connection is
+//! closed within con_lifetime + 1 s), and not at all while no rule has one.
+//!
+//! OpenSIPS tables carry con_lifetime on every row (default 120 s), and OpenSIPS applies it to
+//! SIP connections itself. Enforced in the kernel for every process of the cgroup, that default
+//! would close idle connections users never meant to limit (database pools, say). So a rule's
+//! con_lifetime is enforced when it differs from the column default, or for every rule with
+//! `--enforce-default-lifetime`; 0 never closes.
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use aya::maps::MapData;
+use tcpmgm_common::SOCK_RULE;
+
+use crate::diag;
+
+/// OpenSIPS's default for the column.
+pub const OPENSIPS_DEFAULT_LIFETIME: u32 = 120;
+/// How often to sweep for a rule set, in ms; 0 when no rule has an enforced con_lifetime.
+pub fn sweep_interval_ms(lifetimes: impl IntoIterator<Item = u32>, enforce_default: bool) -> u64 {
+    lifetimes
+        .into_iter()
+        .filter(|&l| enforced(l, enforce_default))
+        .min()
+        .map_or(0, |l| (u64::from(l) * 1000 / 4).clamp(250, 1000))
+}
+
+/// Whether a rule's con_lifetime is enforced (see the module documentation).
+pub fn enforced(con_lifetime_s: u32, enforce_default: bool) -> bool {
+    con_lifetime_s != 0 && (con_lifetime_s != OPENSIPS_DEFAULT_LIFETIME || enforce_default)
+}
+
+/// The sweeper; stops when dropped.
+pub struct Sweeper {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sweeper {
+    /// Starts sweeping the sockets of `cgroup`, whose records are in the map pinned at
+    /// `sockets_pin`, in the network namespace `netns` (None: this process's).
+    /// `every_ms` (see `sweep_interval_ms`) may be changed while it runs, at a reload.
+    pub fn start(
+        cgroup: &Path,
+        sockets_pin: PathBuf,
+        netns: Option<PathBuf>,
+        enforce_default: bool,
+        every_ms: Arc<AtomicU64>,
+    ) -> std::io::Result<Sweeper> {
+        let cgroup_id = std::fs::metadata(cgroup)?.ino();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("con_lifetime".into())
+            .spawn(move || {
+                // Only this thread enters the namespace; sock_diag answers for the caller's.
+                if let Some(ns) = &netns {
+                    let joined = std::fs::File::open(ns)
+                        .map_err(|e| e.to_string())
+                        .and_then(|f| {
+                            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+                                .map_err(|e| e.to_string())
+                        });
+                    if let Err(e) = joined {
+                        tracing::error!(
+                            "con_lifetime: cannot enter {}: {e}; idle connections are not closed",
+                            ns.display()
+                        );
+                        return;
+                    }
+                }
+                while !flag.load(Ordering::Relaxed) {
+                    let every = every_ms.load(Ordering::Relaxed);
+                    if every == 0 {
+                        std::thread::sleep(Duration::from_millis(250));
+                        continue;
+                    }
+                    if let Err(e) = sweep(cgroup_id, &sockets_pin, enforce_default) {
+                        tracing::warn!("con_lifetime sweep: {e}");
+                    }
+                    std::thread::sleep(Duration::from_millis(every));
+                }
+            })?;
+        Ok(Sweeper {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One pass: closes the idle connections of the cgroup; returns how many.
+pub fn sweep(cgroup_id: u64, sockets_pin: &Path, enforce_default: bool) -> std::io::Result<usize> {
+    let map = MapData::from_pin(sockets_pin).map_err(std::io::Error::other)?;
+    let mut closed = 0;
+    for s in diag::tcp_sockets(map.fd().as_fd())? {
+        let Some(record) = s.record.filter(|r| r.state == SOCK_RULE) else {
+            continue;
+        };
+        let lifetime = record.profile.con_lifetime_s;
+        if s.cgroup_id != Some(cgroup_id)
+            || !s.established()
+            || !enforced(lifetime, enforce_default)
+        {
+            continue;
+        }
+        if u64::from(s.idle_ms()) > u64::from(lifetime) * 1000 {
+            match diag::destroy(&s) {
+                Ok(()) => {
+                    closed += 1;
+                    tracing::info!(
+                        "closed {} -> {}: idle {} ms, rule {} con_lifetime {} s",
+                        s.local,
+                        s.remote,
+                        s.idle_ms(),
+                        record.profile.rule_id,
+                        lifetime
+                    );
+                }
+                Err(e) => tracing::warn!("closing {} -> {}: {e}", s.local, s.remote),
+            }
+        }
+    }
+    Ok(closed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_keeps_within_a_second_of_the_shortest_lifetime() {
+        assert_eq!(sweep_interval_ms([2], false), 500);
+        assert_eq!(sweep_interval_ms([120, 600], false), 1000);
+        assert_eq!(sweep_interval_ms([120], false), 0);
+        assert_eq!(sweep_interval_ms([120], true), 1000);
+        assert_eq!(sweep_interval_ms([0, 0], true), 0);
+        assert_eq!(sweep_interval_ms([1], false), 250);
+    }
+}

@@ -1,0 +1,69 @@
+//! con_lifetime: idle connections of a rule are closed at both ends within con_lifetime + 1 s;
+//! busy ones and those without a rule are never closed.
+use std::time::{Duration, Instant};
+
+use tcpmgm::source::TableVersion;
+use tcpmgm_tests::{Backend, Daemon, Sandbox, TestDb};
+
+#[tokio::test]
+async fn idle_connections_close_after_their_con_lifetime() {
+    let db = TestDb::new(
+        Backend::Sqlite,
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, remote_addr, con_lifetime) VALUES (1, '127.0.0.2', 2);",
+    )
+    .await;
+    let sb = Sandbox::new();
+    let control = std::env::temp_dir().join(format!("tcpmgm-lifetime-{}.sock", std::process::id()));
+    let _d = Daemon::start_with(&sb, &db.url, control, &["--netns", &sb.netns.path()]);
+    let mut p = sb.probe();
+    let id = |r: tcpmgm_tests::Reply| r.get("id");
+    let start = Instant::now();
+    let idle = id(p.ask("hold-pair 127.0.0.2:7001 127.0.0.2:7001 127.0.0.1:0"));
+    let busy = id(p.ask("hold-pair 127.0.0.2:7002 127.0.0.2:7002 127.0.0.1:0"));
+    let unmatched = id(p.ask("hold-pair 127.0.0.3:7003 127.0.0.3:7003 127.0.0.1:0"));
+    let mut closed_at = None;
+    while start.elapsed() < Duration::from_millis(5200) {
+        assert_eq!(
+            p.ask(&format!("ping {busy}")).get("ok"),
+            1,
+            "the busy connection broke"
+        );
+        let r = p.ask(&format!("closed {idle}"));
+        if closed_at.is_none() && r.get("client_closed") == 1 {
+            assert_eq!(
+                r.get("server_closed"),
+                1,
+                "the peer did not see the close: {r:?}"
+            );
+            closed_at = Some(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let closed_at = closed_at.expect("the idle connection was not closed within 5 s");
+    eprintln!("the idle connection was closed {closed_at:?} after it was opened");
+    assert!(
+        closed_at >= Duration::from_secs(2) && closed_at <= Duration::from_secs(3),
+        "closed after {closed_at:?}, expected between 2 and 3 s"
+    );
+    for conn in [busy, unmatched] {
+        let r = p.ask(&format!("closed {conn}"));
+        assert_eq!(
+            (r.get("client_closed"), r.get("server_closed")),
+            (0, 0),
+            "connection {conn}: {r:?}"
+        );
+    }
+}
+
+#[test]
+fn the_opensips_default_is_not_enforced_unless_asked() {
+    use tcpmgm::lifetime::enforced;
+    assert!(
+        !enforced(120, false),
+        "a table written for OpenSIPS would close every idle connection"
+    );
+    assert!(enforced(120, true));
+    assert!(enforced(30, false));
+    assert!(!enforced(0, true));
+}
