@@ -99,6 +99,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the TCP connections of a cgroup with the rule and profile each was given (like `ss`).
+    Conns {
+        #[arg(long)]
+        cgroup: PathBuf,
+        /// bpffs directory of its pins [default: <bpffs>/tcpmgm/<cgroup>].
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+        /// The network namespace of the cgroup's sockets [default: this one].
+        #[arg(long, value_name = "PATH")]
+        netns: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate every row; print one line per fault; exit 1 when any row is bad.
     Check {
         #[command(flatten)]
@@ -176,6 +190,12 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Conns {
+            cgroup,
+            pin_dir,
+            netns,
+            json,
+        } => conns(cgroup, pin_dir, netns, json),
         Command::Check { mut rules } => {
             rules.with_config()?;
             check(rules).await
@@ -323,6 +343,68 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
     }
+}
+
+fn conns(
+    cgroup: PathBuf,
+    pin_dir: Option<PathBuf>,
+    netns: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let cgroup = system::resolve_cgroup(&cgroup)?;
+    let pins = match pin_dir {
+        Some(p) => p,
+        None => system::default_pin_dir(&cgroup)?,
+    };
+    if let Some(ns) = &netns {
+        let f = std::fs::File::open(ns).with_context(|| format!("{}", ns.display()))?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering {}", ns.display()))?;
+    }
+    let list = tcpmgm::socket::connections(&cgroup, &pins.join(tcpmgm::socket::SOCKETS_PIN))
+        .with_context(|| format!("listing the connections of {}", cgroup.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<6} {:<46} {:<46} {:>9}  rule",
+        "state", "local", "remote", "idle ms"
+    );
+    for c in &list {
+        let state = if c.established { "ESTAB" } else { "other" };
+        let rule = match &c.profile {
+            None => "none (system settings)".to_owned(),
+            Some(p) => {
+                let attrs: Vec<String> = p.attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!(
+                    "{}: keepalive={} idle={} intvl={} cnt={} connect_timeout={}ms lifetime={}s read_timeout={}s send_threshold={}us alias_mode={}{}",
+                    p.rule_id,
+                    u8::from(p.keepalive),
+                    p.keepidle,
+                    p.keepinterval,
+                    p.keepcount,
+                    p.connect_timeout_ms,
+                    p.con_lifetime_s,
+                    p.msg_read_timeout_s,
+                    p.send_threshold_us,
+                    p.alias_mode,
+                    if attrs.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" attrs={}", attrs.join(";"))
+                    }
+                )
+            }
+        };
+        println!(
+            "{state:<6} {:<46} {:<46} {:>9}  {rule}",
+            c.local.to_string(),
+            c.remote.to_string(),
+            c.idle_ms
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn status(

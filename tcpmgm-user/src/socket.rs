@@ -21,7 +21,8 @@ use std::path::Path;
 use aya::maps::{Map, MapData, MapError, SkStorage};
 use tcpmgm_common::{SOCK_RULE, SockPolicy, flags};
 
-use crate::kernel::{KernelError, SOCKETS_PIN};
+use crate::kernel::KernelError;
+pub use crate::kernel::SOCKETS_PIN;
 use crate::system;
 
 /// A socket's profile, in the table's units.
@@ -77,8 +78,15 @@ impl SocketProfiles {
             Err(MapError::KeyNotFound) => return Ok(None),
             Err(e) => return Err(e),
         };
+        Ok(SocketProfile::from_record(&record))
+    }
+}
+
+impl SocketProfile {
+    /// The profile in a socket's record, when a rule matched it.
+    pub fn from_record(record: &SockPolicy) -> Option<SocketProfile> {
         if record.state != SOCK_RULE {
-            return Ok(None);
+            return None;
         }
         let p = record.profile;
         let attrs = p
@@ -90,7 +98,7 @@ impl SocketProfiles {
                 (String::from_utf8_lossy(&a.key[..len]).into_owned(), a.value)
             })
             .collect();
-        Ok(Some(SocketProfile {
+        Some(SocketProfile {
             rule_id: p.rule_id,
             connect_timeout_ms: p.connect_timeout_ms,
             con_lifetime_s: p.con_lifetime_s,
@@ -104,6 +112,38 @@ impl SocketProfiles {
             keepidle: p.keepidle,
             keepinterval: p.keepintvl,
             attrs,
-        }))
+        })
     }
+}
+
+/// A connection of the cgroup, as `tcpmgm conns` lists it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Connection {
+    pub local: std::net::SocketAddr,
+    pub remote: std::net::SocketAddr,
+    pub established: bool,
+    /// Milliseconds since data last moved either way.
+    pub idle_ms: u32,
+    /// None: no rule, the system's settings apply.
+    pub profile: Option<SocketProfile>,
+}
+
+/// The TCP connections of `cgroup` in this network namespace, with their profiles (from the
+/// records in the socket map pinned at `sockets_pin`).
+pub fn connections(cgroup: &Path, sockets_pin: &Path) -> std::io::Result<Vec<Connection>> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let cgroup_id = std::fs::metadata(cgroup)?.ino();
+    let map = MapData::from_pin(sockets_pin).map_err(std::io::Error::other)?;
+    Ok(crate::diag::tcp_sockets(map.fd().as_fd())?
+        .into_iter()
+        .filter(|s| s.cgroup_id == Some(cgroup_id))
+        .map(|s| Connection {
+            local: s.local,
+            remote: s.remote,
+            established: s.established(),
+            idle_ms: s.idle_ms(),
+            profile: s.record.as_ref().and_then(SocketProfile::from_record),
+        })
+        .collect())
 }

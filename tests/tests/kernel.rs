@@ -355,3 +355,56 @@ fn the_owner_of_a_socket_reads_its_profile() {
         "{r:?}"
     );
 }
+
+/// `tcpmgm conns` lists the cgroup's connections with the rule and profile the API reads.
+#[test]
+fn conns_lists_each_connection_with_its_rule() {
+    let sb = Sandbox::new();
+    let none = Listeners::default();
+    let table = [row(
+        21,
+        &[
+            ("remote_addr", "127.0.0.2"),
+            ("keepidle", "46"),
+            ("attrs", "tenant=7"),
+        ],
+    )];
+    let _e = sb.enforce(rules(&table, &none), &none);
+    let mut p = sb.probe();
+    p.ask("hold-pair 127.0.0.2:7021 127.0.0.2:7021 127.0.0.1:0");
+    p.ask("hold-pair 127.0.0.3:7022 127.0.0.3:7022 127.0.0.1:0");
+    let out = std::process::Command::new(tcpmgm_tests::binary("tcpmgm"))
+        .args(["conns", "--json", "--cgroup"])
+        .arg(&sb.cgroup)
+        .arg("--pin-dir")
+        .arg(&sb.pin_dir)
+        .arg("--netns")
+        .arg(sb.netns.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let find = |remote: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["remote"] == remote)
+            .unwrap_or_else(|| panic!("{remote} in {list:#}"))
+            .clone()
+    };
+    let ruled = find("127.0.0.2:7021");
+    assert_eq!(ruled["profile"]["rule_id"], 21, "{ruled:#}");
+    assert_eq!(ruled["profile"]["keepidle"], 46);
+    assert_eq!(
+        ruled["profile"]["attrs"],
+        serde_json::json!([["tenant", 7]])
+    );
+    assert_eq!(ruled["established"], true);
+    assert!(find("127.0.0.3:7022")["profile"].is_null(), "{list:#}");
+    // Listening sockets and the accepted ends are listed too; nothing outside the cgroup is.
+    assert!(list.as_array().unwrap().len() >= 4, "{list:#}");
+}

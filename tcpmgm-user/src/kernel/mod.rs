@@ -106,7 +106,7 @@ pub(crate) const HOOKS: [Hook; 3] = [
 
 /// The layout version of the shared socket map: part of its pin name, so that a pin left by an
 /// incompatible build is never reused.
-pub(crate) const SOCKETS_PIN: &str = "TCPMGM_SOCKETS_V2";
+pub const SOCKETS_PIN: &str = "TCPMGM_SOCKETS_V2";
 
 /// A policy enforced on a cgroup through pinned links. Dropping it leaves the policy in force;
 /// `detach` removes it.
