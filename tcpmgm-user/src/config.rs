@@ -33,6 +33,7 @@ pub struct Config {
     pub detach_on_exit: Option<bool>,
     pub netns: Option<PathBuf>,
     pub enforce_default_lifetime: Option<bool>,
+    pub reapply_existing: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]

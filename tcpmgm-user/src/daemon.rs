@@ -59,6 +59,8 @@ pub struct Options {
     pub netns: Option<PathBuf>,
     /// Enforce con_lifetime also where it is OpenSIPS's default of 120 s.
     pub enforce_default_lifetime: bool,
+    /// After a reload, give established connections the keepalive of the rule now matching.
+    pub reapply_existing: bool,
 }
 
 /// The running daemon: what it was asked (options) and what it enforces.
@@ -198,6 +200,34 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// `--reapply-existing`, in the network namespace of the cgroup's sockets.
+    fn reapply(&self, policy: &Policy, listeners: &crate::listener::Listeners) {
+        let cgroup = self.enforcer.cgroup().to_path_buf();
+        let pin = self.enforcer.pin_dir().join(SOCKETS_PIN);
+        let netns = self.options.netns.clone();
+        let result = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    if let Some(ns) = &netns {
+                        let f = std::fs::File::open(ns)?;
+                        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+                            .map_err(std::io::Error::from)?;
+                    }
+                    crate::reapply::reapply(policy, listeners, &cgroup, &pin)
+                })
+                .join()
+        });
+        match result {
+            Ok(Ok(done)) => tracing::info!(
+                "re-applied the new rules to {} existing connections ({} could not be reached)",
+                done.updated,
+                done.unreachable
+            ),
+            Ok(Err(e)) => tracing::warn!("re-applying the new rules to existing connections: {e}"),
+            Err(_) => tracing::warn!("re-applying the new rules to existing connections panicked"),
+        }
+    }
+
     fn save_state(&self) {
         if let Err(e) = self.state.write() {
             tracing::warn!(
@@ -229,6 +259,9 @@ impl Daemon {
         let policy: Policy = compile(set.rules, &set.listeners, self.hz)?;
         self.enforcer.replace(&policy)?;
         self.state.rules = policy.rules.len();
+        if self.options.reapply_existing {
+            self.reapply(&policy, &set.listeners);
+        }
         self.sweep_every.store(
             lifetime::sweep_interval_ms(
                 policy.rules.iter().map(|r| r.profile.con_lifetime_s),

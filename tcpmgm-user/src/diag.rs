@@ -26,6 +26,7 @@ const SK_DIAG_BPF_STORAGE: u16 = 1;
 const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
 const NLA_F_NESTED: u16 = 1 << 15;
 const TCP_ESTABLISHED: u8 = 1;
+const TCP_LISTEN: u8 = 10;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -71,6 +72,8 @@ pub struct Socket {
     pub idle_recv_ms: u32,
     /// tcpmgm's record of the socket, when it has one.
     pub record: Option<SockPolicy>,
+    /// The socket's inode (as in /proc/PID/fd's `socket:[INODE]`).
+    pub inode: u32,
     id: SockId,
     family: u8,
 }
@@ -78,6 +81,10 @@ pub struct Socket {
 impl Socket {
     pub fn established(&self) -> bool {
         self.state == TCP_ESTABLISHED
+    }
+
+    pub fn listening(&self) -> bool {
+        self.state == TCP_LISTEN
     }
 
     /// Milliseconds since data last moved either way.
@@ -261,6 +268,9 @@ fn parse(body: &[u8], family: u8) -> Socket {
         idle_send_ms: 0,
         idle_recv_ms: 0,
         record: None,
+        inode: body
+            .get(68..72)
+            .map_or(0, |b| u32::from_ne_bytes(b.try_into().expect("4 bytes"))),
         id,
         family,
     };

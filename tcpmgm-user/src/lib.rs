@@ -13,6 +13,7 @@ pub mod lifetime;
 pub mod listener;
 pub mod matcher;
 pub mod pipeline;
+pub mod reapply;
 pub mod rule;
 pub mod socket;
 pub mod source;

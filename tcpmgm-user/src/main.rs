@@ -60,6 +60,11 @@ enum Command {
         /// Enforce con_lifetime also where a rule keeps OpenSIPS's default of 120 s.
         #[arg(long)]
         enforce_default_lifetime: bool,
+        /// After each reload, give the cgroup's established connections the keepalive options of
+        /// the rule that now matches them (by default a profile is kept for a connection's life,
+        /// as in OpenSIPS).
+        #[arg(long)]
+        reapply_existing: bool,
     },
     /// Take tcpmgm off a cgroup: programs and pins go, the system's TCP settings are back. A
     /// running `tcpmgm run` for it is told to detach and exit.
@@ -251,6 +256,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             poll_interval,
             netns,
             enforce_default_lifetime,
+            reapply_existing,
         } => {
             system::check_privileges()?;
             let config = rules.with_config()?;
@@ -265,6 +271,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let netns = netns.or(config.netns);
             let enforce_default_lifetime =
                 enforce_default_lifetime || config.enforce_default_lifetime.unwrap_or(false);
+            let reapply_existing = reapply_existing || config.reapply_existing.unwrap_or(false);
             let created = if create_cgroup {
                 system::create_cgroup(&cgroup)?
             } else {
@@ -280,6 +287,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 poll_interval: poll_interval.map(std::time::Duration::from_secs_f64),
                 netns,
                 enforce_default_lifetime,
+                reapply_existing,
             };
             let result = match Daemon::start(options).await {
                 Ok(d) => d.serve().await,

@@ -173,3 +173,58 @@ fn reload_under_churn_never_mixes_profiles() {
         count(B)
     );
 }
+
+/// `--reapply-existing`: a connection made before a reload gets the new rule's keepalive; without
+/// the flag it keeps the profile it was made with.
+#[tokio::test]
+async fn reapply_existing_reaches_connections_made_before_the_reload() {
+    let db = tcpmgm_tests::TestDb::new(
+        tcpmgm_tests::Backend::Sqlite,
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (1, '127.0.0.0/8', 51);",
+    )
+    .await;
+    let (with, without) = (Sandbox::new(), Sandbox::new());
+    let dir = std::env::temp_dir().join(format!("tcpmgm-reapply-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let netns = with.netns.path();
+    let d_with = Daemon::start_with(
+        &with,
+        &db.url,
+        dir.join("with.sock"),
+        &["--reapply-existing", "--netns", &netns],
+    );
+    let d_without = Daemon::start(&without, &db.url, dir.join("without.sock"));
+    let (mut pw, mut po) = (with.probe(), without.probe());
+    let old_w = pw.ask("hold-pair 127.0.0.1:7001 127.0.0.1:7001").get("id");
+    let old_o = po.ask("hold-pair 127.0.0.1:7001 127.0.0.1:7001").get("id");
+    let idle = |p: &mut tcpmgm_tests::Probe, id: i64| {
+        let r = p.ask(&format!("opts {id}"));
+        (r.get("client_idle"), r.get("server_idle"))
+    };
+    assert_eq!(
+        (idle(&mut pw, old_w), idle(&mut po, old_o)),
+        ((51, 51), (51, 51))
+    );
+
+    db.sql("UPDATE tcp_mgm SET keepidle = 52 WHERE id = 1;")
+        .await;
+    for d in [&d_with, &d_without] {
+        let (code, text) = d.reload();
+        assert_eq!(code, 0, "{text}");
+    }
+    let log = d_with.log.lock().unwrap().join("\n");
+    assert_eq!(
+        idle(&mut pw, old_w),
+        (52, 52),
+        "the old connection kept its values: {log}"
+    );
+    assert_eq!(
+        idle(&mut po, old_o),
+        (51, 51),
+        "without the flag the old connection must keep its values"
+    );
+    let new_o = po.ask("hold-pair 127.0.0.1:7002 127.0.0.1:7002").get("id");
+    assert_eq!(idle(&mut po, new_o), (52, 52));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -9,7 +9,8 @@
 //! - `profiles LISTEN CONNECT [BIND]`: open a pair, and report what tcpmgm's application API
 //!   (`tcpmgm::socket`) says of each socket, from the pins in `TCPMGM_TEST_PIN_DIR`.
 //! - `hold-pair LISTEN CONNECT [BIND]`: open a pair and keep both sockets (`id=N`); `ping N`
-//!   moves a byte each way on it; `closed N` tells which ends are no longer established.
+//!   moves a byte each way on it; `closed N` tells which ends are no longer established;
+//!   `opts N` reports both ends' options.
 //! - `connect CONNECT BIND|- WAIT_MS`: non-blocking connect, wait up to WAIT_MS, report.
 //! - `hold CONNECT [USER_TIMEOUT_MS]`: connect (optionally setting TCP_USER_TIMEOUT itself),
 //!   report, then read a line (the test cuts the network meanwhile), send data, wait 1 s and
@@ -92,6 +93,10 @@ fn main() -> anyhow::Result<()> {
                 let ok = (c.send(b"x").is_ok() && std::io::Read::read(&mut &*s, &mut b).is_ok())
                     && (s.send(b"y").is_ok() && std::io::Read::read(&mut &*c, &mut b).is_ok());
                 format!("ok={}", u8::from(ok))
+            }
+            ["opts", id] => {
+                let (c, s) = &held[id.parse::<usize>()?];
+                format!("{} {}", report("client", c), report("server", s))
             }
             ["closed", id] => {
                 let (c, s) = &held[id.parse::<usize>()?];

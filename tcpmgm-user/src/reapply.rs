@@ -1,0 +1,188 @@
+//! `--reapply-existing`: after a reload, the established connections of the cgroup get the
+//! keepalive options of the rule that now matches them, as if they had just been made.
+//!
+//! The kernel gives no way to set another process's socket options from outside, so the daemon
+//! borrows each socket: it finds the socket's owner through /proc (the cgroup's processes and their
+//! `socket:[INODE]` fds), copies the fd with pidfd_getfd (Linux 5.6), sets the options, and
+//! rewrites the socket's tcpmgm record so that `conns` and the application API show the new rule.
+//! Which way a connection goes is read from the sockets: one whose local address and port a
+//! listening socket of the cgroup holds was accepted; any other was opened.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use aya::maps::{Map, MapData, SkStorage};
+use tcpmgm_common::{SOCK_RULE, SockPolicy};
+
+use crate::compile::Policy;
+use crate::diag;
+use crate::listener::{Direction, Listeners};
+use crate::matcher;
+
+/// What a re-application did.
+#[derive(Debug, Default)]
+pub struct Reapplied {
+    pub updated: usize,
+    pub unreachable: usize,
+}
+
+/// The (pid, fd) of every socket the cgroup's processes hold, by inode.
+fn socket_owners(cgroup: &Path) -> HashMap<u32, (i32, i32)> {
+    let mut owners = HashMap::new();
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(target) = std::fs::read_link(entry.path()) else {
+                continue;
+            };
+            let target = target.to_string_lossy().into_owned();
+            let Some(inode) = target
+                .strip_prefix("socket:[")
+                .and_then(|t| t.strip_suffix(']'))
+            else {
+                continue;
+            };
+            if let (Ok(inode), Ok(fd)) = (
+                inode.parse::<u32>(),
+                entry.file_name().to_string_lossy().parse::<i32>(),
+            ) {
+                owners.entry(inode).or_insert((pid, fd));
+            }
+        }
+    }
+    owners
+}
+
+/// A copy of another process's fd.
+fn borrow_fd(pid: i32, fd: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscalls; each returned fd is new and ours.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        if pidfd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+        if copy < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(copy as i32))
+    }
+}
+
+fn setsockopt(fd: &OwnedFd, level: i32, name: i32, value: u32) -> std::io::Result<()> {
+    let v = value as i32;
+    // SAFETY: an int option on a socket fd we hold.
+    let r = unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, (&v as *const i32).cast(), 4) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Applies `policy`'s keepalive options to the cgroup's established connections.
+pub fn reapply(
+    policy: &Policy,
+    listeners: &Listeners,
+    cgroup: &Path,
+    sockets_pin: &Path,
+) -> std::io::Result<Reapplied> {
+    let cgroup_id = std::fs::metadata(cgroup)?.ino();
+    let data = MapData::from_pin(sockets_pin).map_err(std::io::Error::other)?;
+    let sockets = diag::tcp_sockets(data.fd().as_fd())?;
+    let mut records: SkStorage<MapData, SockPolicy> =
+        SkStorage::try_from(Map::SkStorage(data)).map_err(std::io::Error::other)?;
+    let ours: Vec<&diag::Socket> = sockets
+        .iter()
+        .filter(|s| s.cgroup_id == Some(cgroup_id))
+        .collect();
+    let listening: Vec<SocketAddr> = ours
+        .iter()
+        .filter(|s| s.listening())
+        .map(|s| s.local)
+        .collect();
+    let accepted = |local: SocketAddr| {
+        listening
+            .iter()
+            .any(|l| l.port() == local.port() && (l.ip() == local.ip() || l.ip().is_unspecified()))
+    };
+    let owners = socket_owners(cgroup);
+    let mut done = Reapplied::default();
+    for s in ours.into_iter().filter(|s| s.established()) {
+        let direction = if accepted(s.local) {
+            Direction::Inbound
+        } else {
+            Direction::Outbound
+        };
+        let key = listeners.lookup(direction, s.remote, Some(s.local));
+        let Some(rank) = policy.rules.iter().position(|r| matcher::matches(r, &key)) else {
+            continue;
+        };
+        let Some(&(pid, fd)) = owners.get(&s.inode) else {
+            done.unreachable += 1;
+            continue;
+        };
+        let sock = match borrow_fd(pid, fd) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(
+                    "re-applying to {} -> {} (pid {pid}): {e}",
+                    s.local,
+                    s.remote
+                );
+                done.unreachable += 1;
+                continue;
+            }
+        };
+        let p = &policy.profiles[rank];
+        let rule = &policy.rules[rank].profile;
+        let tcp = libc::IPPROTO_TCP;
+        let result = if rule.keepalive {
+            setsockopt(&sock, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)
+                .and_then(|()| {
+                    if p.keepidle != 0 {
+                        setsockopt(&sock, tcp, libc::TCP_KEEPIDLE, p.keepidle)
+                    } else {
+                        Ok(())
+                    }
+                })
+                .and_then(|()| {
+                    if p.keepintvl != 0 {
+                        setsockopt(&sock, tcp, libc::TCP_KEEPINTVL, p.keepintvl)
+                    } else {
+                        Ok(())
+                    }
+                })
+                .and_then(|()| {
+                    if p.keepcnt != 0 {
+                        setsockopt(&sock, tcp, libc::TCP_KEEPCNT, p.keepcnt)
+                    } else {
+                        Ok(())
+                    }
+                })
+        } else {
+            setsockopt(&sock, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 0)
+        };
+        if let Err(e) = result {
+            tracing::warn!("re-applying to {} -> {}: {e}", s.local, s.remote);
+            continue;
+        }
+        let record = SockPolicy {
+            state: SOCK_RULE,
+            _pad: 0,
+            profile: *p,
+        };
+        if let Err(e) = records.insert(&sock, record, 0) {
+            tracing::warn!("recording the new rule of {} -> {}: {e}", s.local, s.remote);
+        }
+        done.updated += 1;
+    }
+    Ok(done)
+}
