@@ -17,6 +17,9 @@ pub mod names {
     pub const LISTENERS: &str = "TCPMGM_LISTENERS";
     pub const SETTINGS: &str = "TCPMGM_SETTINGS";
     pub const COUNTERS: &str = "TCPMGM_COUNTERS";
+    /// Per rule id, per CPU: sends slower than the rule's send_threshold. Shared by every
+    /// generation (a connection outlives reloads), pinned as `SLOW_PIN`.
+    pub const SLOW: &str = "TCPMGM_SLOW";
     /// Per-socket decisions; shared by every generation of the programs.
     pub const SOCKETS: &str = "TCPMGM_SOCKETS";
     pub const SOCK_OPS: &str = "tcpmgm_sock_ops";
@@ -137,6 +140,9 @@ pub struct LogBudget {
 
 /// Log events each CPU may send a second; the rest are dropped (the counters still count them).
 pub const LOG_EVENTS_PER_SECOND: u32 = 20;
+
+/// Pin name of the slow-send counters, shared by every generation of the programs.
+pub const SLOW_PIN: &str = "TCPMGM_SLOW_V1";
 
 /// Pin name of the log ring buffer, shared by every generation of the programs.
 pub const LOGS_PIN: &str = "TCPMGM_LOGS";

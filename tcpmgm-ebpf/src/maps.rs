@@ -1,7 +1,7 @@
 //! The maps. The policy maps are made anew for every rule set and sized to it by the loader (the
 //! sizes here are placeholders); `TCPMGM_SOCKETS` is shared by every generation of the programs.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, SkStorage},
+    btf_maps::{Array, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, SkStorage},
     macros::btf_map,
 };
 use tcpmgm_common::{
@@ -38,6 +38,10 @@ pub static TCPMGM_LISTENERS: HashMap<ListenerKey, ListenerInfo, 1> = HashMap::ne
 /// Per rank, per CPU.
 #[btf_map]
 pub static TCPMGM_COUNTERS: PerCpuArray<RuleCounters, 1> = PerCpuArray::new();
+
+/// Sends slower than send_threshold, by rule id.
+#[btf_map]
+pub static TCPMGM_SLOW: LruPerCpuHashMap<u32, u64, 65536> = LruPerCpuHashMap::new();
 
 #[btf_map]
 pub static TCPMGM_LOG_BUDGET: PerCpuArray<LogBudget, 1> = PerCpuArray::new();

@@ -4,7 +4,9 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_SYN_SENT, bpf_sock_ops,
+        BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_RTT_CB,
+        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT,
+        BPF_TCP_SYN_SENT, bpf_sock_ops,
     },
     helpers::generated::{bpf_getsockopt, bpf_setsockopt},
     macros::sock_ops,
@@ -12,7 +14,11 @@ use aya_ebpf::{
 };
 use tcpmgm_common::{Profile, flags};
 
+use aya_log_ebpf::info;
+
 use crate::decide::{Conn, is_v4_mapped, load_words};
+use crate::logbook;
+use crate::maps::TCPMGM_SLOW;
 use crate::sockets;
 
 const AF_INET6: u32 = 10;
@@ -35,6 +41,8 @@ pub fn tcpmgm_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
         | BPF_SOCK_OPS_TCP_CONNECT_CB
         | BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => true,
+        // Only sockets whose rule has a send_threshold ask for these (see `established`).
+        BPF_SOCK_OPS_RTT_CB | BPF_SOCK_OPS_RTO_CB => true,
         // Passive request sockets come here too: only active opens get a shorter SYN timeout.
         BPF_SOCK_OPS_TIMEOUT_INIT => state(&ctx) == BPF_TCP_SYN_SENT,
         _ => false,
@@ -49,7 +57,8 @@ pub fn tcpmgm_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TIMEOUT_INIT => timeout_init(&ctx, p),
         BPF_SOCK_OPS_TCP_CONNECT_CB => connect_started(&ctx, p),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, p, false),
-        _ => established(&ctx, p, true),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(&ctx, p, true),
+        op => slow_send(&ctx, p, op == BPF_SOCK_OPS_RTO_CB),
     }
     1
 }
@@ -179,6 +188,48 @@ fn established(ctx: &SockOpsContext, p: &Profile, passive: bool) {
         set(ctx, SOL_TCP, TCP_USER_TIMEOUT, 0);
     }
     apply_keepalive(ctx, p);
+    if p.send_threshold_us != 0 {
+        // Per-ACK callbacks for this socket only: connections that do not ask pay nothing.
+        let wanted = BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG;
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | wanted) as i32);
+    }
+}
+
+/// send_threshold: data stayed unacknowledged longer than the rule allows. An RTT sample whose
+/// smoothed RTT is over the threshold, or a retransmission timeout, is counted for the rule and
+/// logged (rate-limited).
+fn slow_send(ctx: &SockOpsContext, p: &Profile, timeout: bool) {
+    // SAFETY: plain ctx field load; the kernel keeps the smoothed RTT << 3, in µs.
+    let srtt_us = unsafe { core::ptr::read_volatile(&(*ctx.ops).srtt_us) } >> 3;
+    if !timeout && srtt_us <= p.send_threshold_us {
+        return;
+    }
+    match TCPMGM_SLOW.get_ptr_mut(p.rule_id) {
+        // SAFETY: this CPU's slot of a per-CPU map.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = TCPMGM_SLOW.insert(p.rule_id, 1u64, 0);
+        }
+    }
+    if logbook::allow() {
+        let (rule, threshold) = (p.rule_id, p.send_threshold_us);
+        if timeout {
+            info!(
+                ctx,
+                "retransmission timeout on a connection of rule {} (send_threshold {} us)",
+                rule,
+                threshold
+            );
+        } else {
+            info!(
+                ctx,
+                "smoothed RTT {} us over rule {}'s send_threshold of {} us",
+                srtt_us,
+                rule,
+                threshold
+            );
+        }
+    }
 }
 
 fn apply_keepalive(ctx: &SockOpsContext, p: &Profile) {

@@ -141,7 +141,7 @@ impl std::fmt::Display for CgroupStatus {
                 let active: Vec<_> = k
                     .rules
                     .iter()
-                    .filter(|r| r.matched + r.refused > 0)
+                    .filter(|r| r.matched + r.refused + r.slow > 0)
                     .collect();
                 writeln!(
                     f,
@@ -152,8 +152,8 @@ impl std::fmt::Display for CgroupStatus {
                 for r in active {
                     writeln!(
                         f,
-                        "    rule {:>8}  matched {:>10}  refused {:>10}",
-                        r.id, r.matched, r.refused
+                        "    rule {:>8}  matched {:>10}  refused {:>10}  slow sends {:>8}",
+                        r.id, r.matched, r.refused, r.slow
                     )?;
                 }
             }

@@ -295,3 +295,59 @@ async fn a_pin_directory_is_one_cgroups_and_pins_of_old_layouts_go() {
     );
     again.kill();
 }
+
+/// send_threshold: sends slower than a rule's threshold are counted in `status` and logged;
+/// a generous threshold or none counts nothing.
+#[tokio::test]
+async fn slow_sends_are_reported_for_rules_that_ask() {
+    let sb = Sandbox::new();
+    let db = tcpmgm_tests::TestDb::new(
+        tcpmgm_tests::Backend::Sqlite,
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, remote_addr, send_threshold) VALUES (31, '127.0.0.2', 1);
+         INSERT INTO tcp_mgm (id, remote_addr, send_threshold) VALUES (32, '127.0.0.3', 10000000);
+         INSERT INTO tcp_mgm (id, remote_addr) VALUES (33, '127.0.0.4');",
+    )
+    .await;
+    let control = std::env::temp_dir().join(format!("tcpmgm-slow-{}.sock", std::process::id()));
+    let daemon = Daemon::start(&sb, &db.url, control.clone());
+    let mut probe = sb.probe();
+    for (i, addr) in ["127.0.0.2", "127.0.0.3", "127.0.0.4"].iter().enumerate() {
+        let id = probe
+            .ask(&format!(
+                "hold-pair {addr}:{p} {addr}:{p} 127.0.0.1:0",
+                p = 7040 + i
+            ))
+            .get("id");
+        for _ in 0..10 {
+            assert_eq!(probe.ask(&format!("ping {id}")).get("ok"), 1);
+        }
+    }
+    let out = Command::new(binary("tcpmgm"))
+        .args(["status", "--json", "--cgroup"])
+        .arg(&sb.cgroup)
+        .arg("--pin-dir")
+        .arg(&sb.pin_dir)
+        .arg("--control")
+        .arg(&control)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let slow = |id: u64| {
+        let rules = report[0]["kernel"]["rules"].as_array().unwrap();
+        rules.iter().find(|r| r["id"] == id).unwrap()["slow"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(
+        slow(31) > 0,
+        "a 1 µs threshold on loopback must see slow sends: {report:#}"
+    );
+    assert_eq!((slow(32), slow(33)), (0, 0), "{report:#}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let log = daemon.log.lock().unwrap().join("\n");
+    assert!(
+        log.contains("over rule 31's send_threshold of 1 us"),
+        "{log}"
+    );
+}

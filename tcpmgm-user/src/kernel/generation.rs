@@ -47,6 +47,8 @@ impl Generation {
         let logs_pin = pin_dir.join(tcpmgm_common::LOGS_PIN);
         loader.map_pin_path(names::SOCKETS, &sockets_pin);
         loader.map_pin_path("AYA_LOGS", &logs_pin);
+        let slow_pin = pin_dir.join(tcpmgm_common::SLOW_PIN);
+        loader.map_pin_path(names::SLOW, &slow_pin);
         let started = std::time::Instant::now();
         let ebpf = loader
             .load(OBJECT)

@@ -324,6 +324,7 @@ fn remove_stale_pins(dir: &Path) {
             || HOOKS.iter().any(|h| h.pin == name)
             || name == SOCKETS_PIN
             || name == tcpmgm_common::LOGS_PIN
+            || name == tcpmgm_common::SLOW_PIN
     };
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -479,6 +480,9 @@ pub struct RuleCount {
     pub id: u32,
     pub matched: u64,
     pub refused: u64,
+    /// Sends slower than the rule's send_threshold (RTT samples over it, retransmission
+    /// timeouts), counted since the pins were made.
+    pub slow: u64,
 }
 
 /// Reads the links and counters pinned in `dir` (counters summed over CPUs).
@@ -517,6 +521,10 @@ pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
     let counters: PerCpuArray<MapData, RuleCounters> =
         PerCpuArray::try_from(Map::PerCpuArray(open(names::COUNTERS)?))
             .map_err(|e| fail(names::COUNTERS, e))?;
+    let slow: Option<aya::maps::PerCpuHashMap<MapData, u32, u64>> =
+        MapData::from_pin(dir.join(tcpmgm_common::SLOW_PIN))
+            .ok()
+            .and_then(|m| aya::maps::PerCpuHashMap::try_from(Map::PerCpuHashMap(m)).ok());
     let mut rules = Vec::new();
     for rank in 0..profiles.len() {
         let profile = profiles
@@ -532,10 +540,15 @@ pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
         let (matched, refused) = per_cpu
             .iter()
             .fold((0, 0), |(m, r), c| (m + c.matched, r + c.refused));
+        let slow = slow
+            .as_ref()
+            .and_then(|m| m.get(&profile.rule_id, 0).ok())
+            .map_or(0, |per_cpu| per_cpu.iter().sum());
         rules.push(RuleCount {
             id: profile.rule_id,
             matched,
             refused,
+            slow,
         });
     }
     Ok(Pinned { programs, rules })
