@@ -371,7 +371,9 @@ fn conns_lists_each_connection_with_its_rule() {
     )];
     let _e = sb.enforce(rules(&table, &none), &none);
     let mut p = sb.probe();
-    p.ask("hold-pair 127.0.0.2:7021 127.0.0.2:7021 127.0.0.1:0");
+    let held = p
+        .ask("hold-pair 127.0.0.2:7021 127.0.0.2:7021 127.0.0.1:0")
+        .get("id");
     p.ask("hold-pair 127.0.0.3:7022 127.0.0.3:7022 127.0.0.1:0");
     let out = std::process::Command::new(tcpmgm_tests::binary("tcpmgm"))
         .args(["conns", "--json", "--cgroup"])
@@ -404,6 +406,10 @@ fn conns_lists_each_connection_with_its_rule() {
         serde_json::json!([["tenant", 7]])
     );
     assert_eq!(ruled["established"], true);
+    // The application, asking about the same socket, reads the same profile.
+    let api = p.ask(&format!("profile {held}"));
+    let api: serde_json::Value = serde_json::from_str(&api.0["client_profile"]).unwrap();
+    assert_eq!(api, ruled["profile"], "the API and conns disagree");
     assert!(find("127.0.0.3:7022")["profile"].is_null(), "{list:#}");
     // Listening sockets and the accepted ends are listed too; nothing outside the cgroup is.
     assert!(list.as_array().unwrap().len() >= 4, "{list:#}");

@@ -94,6 +94,15 @@ fn main() -> anyhow::Result<()> {
                     && (s.send(b"y").is_ok() && std::io::Read::read(&mut &*c, &mut b).is_ok());
                 format!("ok={}", u8::from(ok))
             }
+            ["profile", id] => {
+                let (c, _) = &held[id.parse::<usize>()?];
+                let pins = std::env::var("TCPMGM_TEST_PIN_DIR")?;
+                let api = tcpmgm::socket::SocketProfiles::open(std::path::Path::new(&pins))?;
+                match api.get(c)? {
+                    None => "client_rule=0".to_owned(),
+                    Some(p) => format!("client_profile={}", serde_json::to_string(&p)?),
+                }
+            }
             ["opts", id] => {
                 let (c, s) = &held[id.parse::<usize>()?];
                 format!("{} {}", report("client", c), report("server", s))
