@@ -572,3 +572,36 @@ impl Drop for TestDb {
         }
     }
 }
+
+/// A control socket path of the sandbox's own, for a daemon.
+pub fn control_socket(sb: &Sandbox) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "{}.sock",
+        sb.cgroup.file_name().expect("named").to_string_lossy()
+    ))
+}
+
+/// Opens the next loopback pair (port `port + 1`) and returns the client's keepidle.
+pub fn next_idle(probe: &mut Probe, port: &mut u16) -> i64 {
+    *port += 1;
+    probe
+        .ask(&format!("pair 127.0.0.1:{port} 127.0.0.1:{port}"))
+        .get("client_idle")
+}
+
+/// Opens connections until one shows keepidle `want`, for at most `limit`: the time it took.
+pub fn wait_for_idle(
+    probe: &mut Probe,
+    port: &mut u16,
+    want: i64,
+    limit: std::time::Duration,
+) -> Option<std::time::Duration> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if next_idle(probe, port) == want {
+            return Some(start.elapsed());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    None
+}

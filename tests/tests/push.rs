@@ -1,38 +1,15 @@
 //! `tcpmgm run` follows the table by itself: SQLite and MariaDB are polled, and a lost
 //! PostgreSQL connection is retried while the last good policy stays in force. (The latency of
 //! PostgreSQL's notifications is measured on its own in push_latency.rs.)
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tcpmgm::source::TableVersion;
-use tcpmgm_tests::{Backend, Daemon, Probe, Sandbox, TestDb};
+use tcpmgm_tests::{
+    Backend, Daemon, Sandbox, TestDb, control_socket as control, next_idle as idle,
+    wait_for_idle as wait_for,
+};
 
 const RULE: &str = "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (1, '127.0.0.0/8', 91);";
-
-fn control(sb: &Sandbox) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!(
-        "{}.sock",
-        sb.cgroup.file_name().unwrap().to_string_lossy()
-    ))
-}
-
-fn idle(probe: &mut Probe, port: &mut u16) -> i64 {
-    *port += 1;
-    probe
-        .ask(&format!("pair 127.0.0.1:{port} 127.0.0.1:{port}"))
-        .get("client_idle")
-}
-
-/// Opens connections until one shows `want`, for at most `limit`; the time it took.
-fn wait_for(probe: &mut Probe, port: &mut u16, want: i64, limit: Duration) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if idle(probe, port) == want {
-            return Some(start.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
 
 #[tokio::test]
 async fn a_lost_postgres_connection_is_retried_while_the_policy_stays() {

@@ -202,6 +202,28 @@ fn is_root() -> bool {
     output(Command::new("id").arg("-u")).trim() == "0"
 }
 
+/// Installs Debian packages (none: nothing to do), or says what is missing when not root.
+fn apt_install<S: AsRef<std::ffi::OsStr> + std::fmt::Display>(
+    packages: &[S],
+) -> anyhow::Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = packages.iter().map(ToString::to_string).collect();
+    let list = list.join(" ");
+    if !is_root() {
+        bail!("missing Debian packages {list}: run as root, or `apt-get install -y {list}`");
+    }
+    eprintln!("xtask: apt-get install {list}");
+    status(Command::new("apt-get").arg("update").arg("-qq"))?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
 /// PostgreSQL and MariaDB on loopback for the database tests: installed from Debian's packages
 /// when missing, started when stopped, with a `tcpmgm` login that may create databases (each
 /// test makes its own). Returns the admin URLs the tests read from the environment.
@@ -214,22 +236,7 @@ fn databases() -> anyhow::Result<Vec<(&'static str, String)>> {
     if !have("/usr/sbin/mariadbd") {
         apt.push("mariadb-server");
     }
-    if !apt.is_empty() {
-        if !is_root() {
-            bail!(
-                "the database tests need {}: run as root, or install them",
-                apt.join(" and ")
-            );
-        }
-        eprintln!("xtask: apt-get install {}", apt.join(" "));
-        status(Command::new("apt-get").arg("update").arg("-qq"))?;
-        status(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq"])
-                .args(&apt)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-    }
+    apt_install(&apt)?;
     for service in ["postgresql", "mariadb"] {
         status(
             Command::new("service")
@@ -317,23 +324,7 @@ fn setup() -> anyhow::Result<()> {
     if !on_path("ip") {
         apt.push("iproute2".into());
     }
-    if !apt.is_empty() {
-        if !is_root() {
-            bail!(
-                "missing Debian packages {}: run as root, or `apt-get install -y {}`",
-                apt.join(" "),
-                apt.join(" ")
-            );
-        }
-        eprintln!("xtask: apt-get install {}", apt.join(" "));
-        status(Command::new("apt-get").arg("update").arg("-qq"))?;
-        status(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq"])
-                .args(&apt)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
-    }
+    apt_install(&apt)?;
     if !linker_ok {
         eprintln!(
             "xtask: building bpf-linker {BPF_LINKER_VERSION} on LLVM {LLVM} (about a minute)"
