@@ -9,6 +9,10 @@
 pub mod names {
     pub const REMOTE_V4: &str = "TCPMGM_REMOTE_V4";
     pub const REMOTE_V6: &str = "TCPMGM_REMOTE_V6";
+    /// Full-length remote prefixes (/32, /128), by exact address: one hash lookup, whatever the
+    /// number of peers, before the trie of the shorter prefixes.
+    pub const HOST_V4: &str = "TCPMGM_HOST_V4";
+    pub const HOST_V6: &str = "TCPMGM_HOST_V6";
     pub const ROOTS: &str = "TCPMGM_ROOTS";
     pub const BUCKETS: &str = "TCPMGM_BUCKETS";
     pub const LOCAL_V4: &str = "TCPMGM_LOCAL_V4";
@@ -26,9 +30,9 @@ pub mod names {
     pub const CONNECT4: &str = "tcpmgm_connect4";
     pub const CONNECT6: &str = "tcpmgm_connect6";
     /// The policy maps, made anew for every rule set, in the order the loader writes them.
-    pub const POLICY_MAPS: [&str; 10] = [
-        PROFILES, LOCAL_V4, LOCAL_V6, BUCKETS, LISTENERS, ROOTS, REMOTE_V4, REMOTE_V6, SETTINGS,
-        COUNTERS,
+    pub const POLICY_MAPS: [&str; 12] = [
+        PROFILES, LOCAL_V4, LOCAL_V6, BUCKETS, LISTENERS, ROOTS, REMOTE_V4, REMOTE_V6, HOST_V4,
+        HOST_V6, SETTINGS, COUNTERS,
     ];
 }
 

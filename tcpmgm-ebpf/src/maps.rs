@@ -15,6 +15,13 @@ pub static TCPMGM_REMOTE_V4: LpmTrie<Addr4, ListRef, 1> = LpmTrie::new();
 #[btf_map]
 pub static TCPMGM_REMOTE_V6: LpmTrie<Addr6, ListRef, 1> = LpmTrie::new();
 
+/// The /32 and /128 remote prefixes, looked up by exact address before the tries.
+#[btf_map]
+pub static TCPMGM_HOST_V4: HashMap<Addr4, ListRef, 1> = HashMap::new();
+
+#[btf_map]
+pub static TCPMGM_HOST_V6: HashMap<Addr6, ListRef, 1> = HashMap::new();
+
 /// [IPv4 root, IPv6 root]: the lists of rules whose remote side is any (or /0).
 #[btf_map]
 pub static TCPMGM_ROOTS: Array<ListRef, 2> = Array::new();

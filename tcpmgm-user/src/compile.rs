@@ -9,7 +9,8 @@
 //!   Every other distinct remote prefix P gets a list holding the rules of P and of every rule
 //!   prefix containing P. A peer's rules are its family's root list plus the list of the longest
 //!   rule prefix holding the peer (every rule prefix holding the peer holds that one), which the
-//!   remote LPM tries find.
+//!   remote LPM tries find (the kernel side keeps /32 and /128 prefixes in exact-address hash
+//!   maps, looked up first: one hash lookup for the common rule that names one peer).
 //! - Buckets. A list is split by (proto, remote_port, local_port), each 0 for any: a connection
 //!   meets at most 8 buckets per list, one per shape (which of the three are set), found by hash.
 //!   Each list records the shapes it has, so absent ones cost nothing.

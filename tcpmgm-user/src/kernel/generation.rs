@@ -36,8 +36,38 @@ impl Generation {
             (names::LOCAL_V6, policy.local_v6.len()),
             (names::BUCKETS, policy.buckets.len()),
             (names::LISTENERS, policy.listeners.len()),
-            (names::REMOTE_V4, policy.remote_v4.len()),
-            (names::REMOTE_V6, policy.remote_v6.len()),
+            (
+                names::REMOTE_V4,
+                policy
+                    .remote_v4
+                    .iter()
+                    .filter(|(n, _)| n.prefix_len() < 32)
+                    .count(),
+            ),
+            (
+                names::REMOTE_V6,
+                policy
+                    .remote_v6
+                    .iter()
+                    .filter(|(n, _)| n.prefix_len() < 128)
+                    .count(),
+            ),
+            (
+                names::HOST_V4,
+                policy
+                    .remote_v4
+                    .iter()
+                    .filter(|(n, _)| n.prefix_len() == 32)
+                    .count(),
+            ),
+            (
+                names::HOST_V6,
+                policy
+                    .remote_v6
+                    .iter()
+                    .filter(|(n, _)| n.prefix_len() == 128)
+                    .count(),
+            ),
         ];
         let mut loader = EbpfLoader::new();
         for (name, len) in sizes {
@@ -170,12 +200,27 @@ impl Generation {
             )
         });
         self.fill_trie(names::LOCAL_V6, local6.collect())?;
-        let remote4 = p.remote_v4.iter().map(|&(net, list)| {
+        // Full-length prefixes go to the exact-address hash maps, the others to the tries.
+        let (hosts4, nets4): (Vec<_>, Vec<_>) =
+            p.remote_v4.iter().partition(|(n, _)| n.prefix_len() == 32);
+        let (keys, values): (Vec<[u8; 4]>, Vec<_>) = hosts4
+            .iter()
+            .map(|&&(net, list)| (<[u8; 4]>::try_from(octets(net)).expect("v4"), list))
+            .unzip();
+        self.fill_hash(names::HOST_V4, &keys, &values)?;
+        let remote4 = nets4.iter().map(|&&(net, list)| {
             let addr: [u8; 4] = octets(net).try_into().expect("v4");
             (Key::new(u32::from(net.prefix_len()), addr), list)
         });
         self.fill_trie(names::REMOTE_V4, remote4.collect())?;
-        let remote6 = p.remote_v6.iter().map(|&(net, list)| {
+        let (hosts6, nets6): (Vec<_>, Vec<_>) =
+            p.remote_v6.iter().partition(|(n, _)| n.prefix_len() == 128);
+        let (keys, values): (Vec<[u8; 16]>, Vec<_>) = hosts6
+            .iter()
+            .map(|&&(net, list)| (<[u8; 16]>::try_from(octets(net)).expect("v6"), list))
+            .unzip();
+        self.fill_hash(names::HOST_V6, &keys, &values)?;
+        let remote6 = nets6.iter().map(|&&(net, list)| {
             let addr: [u8; 16] = octets(net).try_into().expect("v6");
             (Key::new(u32::from(net.prefix_len()), addr), list)
         });
