@@ -8,7 +8,7 @@ use aya::maps::{Array, HashMap, IterableMap, MapData};
 use aya::programs::{CgroupSockAddr, SockOps};
 use aya::{Ebpf, EbpfLoader, Pod};
 use ipnet::IpNet;
-use tcpmgm_common::{LocalKey4, LocalKey6, names};
+use tcpmgm_common::{ListRef, LocalKey4, LocalKey6, names};
 
 use super::{HOOKS, KernelError, program_error, sys};
 use crate::compile::Policy;
@@ -200,31 +200,29 @@ impl Generation {
             )
         });
         self.fill_trie(names::LOCAL_V6, local6.collect())?;
-        // Full-length prefixes go to the exact-address hash maps, the others to the tries.
-        let (hosts4, nets4): (Vec<_>, Vec<_>) =
-            p.remote_v4.iter().partition(|(n, _)| n.prefix_len() == 32);
-        let (keys, values): (Vec<[u8; 4]>, Vec<_>) = hosts4
+        self.fill_remote::<4>(names::HOST_V4, names::REMOTE_V4, &p.remote_v4)?;
+        self.fill_remote::<16>(names::HOST_V6, names::REMOTE_V6, &p.remote_v6)
+    }
+
+    /// One family's remote prefixes: full-length ones (/32, /128) into the exact-address hash
+    /// map `hosts`, the others into the trie `trie`.
+    fn fill_remote<const N: usize>(
+        &mut self,
+        hosts: &'static str,
+        trie: &'static str,
+        prefixes: &[(IpNet, ListRef)],
+    ) -> Result<(), KernelError> {
+        let full = (N * 8) as u8;
+        let addr = |net: IpNet| -> [u8; N] { octets(net).try_into().expect("the family's length") };
+        let (exact, shorter): (Vec<_>, Vec<_>) =
+            prefixes.iter().partition(|(n, _)| n.prefix_len() == full);
+        let (keys, values): (Vec<[u8; N]>, Vec<ListRef>) =
+            exact.iter().map(|&&(net, list)| (addr(net), list)).unzip();
+        self.fill_hash(hosts, &keys, &values)?;
+        let entries = shorter
             .iter()
-            .map(|&&(net, list)| (<[u8; 4]>::try_from(octets(net)).expect("v4"), list))
-            .unzip();
-        self.fill_hash(names::HOST_V4, &keys, &values)?;
-        let remote4 = nets4.iter().map(|&&(net, list)| {
-            let addr: [u8; 4] = octets(net).try_into().expect("v4");
-            (Key::new(u32::from(net.prefix_len()), addr), list)
-        });
-        self.fill_trie(names::REMOTE_V4, remote4.collect())?;
-        let (hosts6, nets6): (Vec<_>, Vec<_>) =
-            p.remote_v6.iter().partition(|(n, _)| n.prefix_len() == 128);
-        let (keys, values): (Vec<[u8; 16]>, Vec<_>) = hosts6
-            .iter()
-            .map(|&&(net, list)| (<[u8; 16]>::try_from(octets(net)).expect("v6"), list))
-            .unzip();
-        self.fill_hash(names::HOST_V6, &keys, &values)?;
-        let remote6 = nets6.iter().map(|&&(net, list)| {
-            let addr: [u8; 16] = octets(net).try_into().expect("v6");
-            (Key::new(u32::from(net.prefix_len()), addr), list)
-        });
-        self.fill_trie(names::REMOTE_V6, remote6.collect())
+            .map(|&&(net, list)| (Key::new(u32::from(net.prefix_len()), addr(net)), list));
+        self.fill_trie(trie, entries.collect())
     }
 
     fn fill_array<V: Pod>(
