@@ -13,14 +13,16 @@ pub mod names {
     /// number of peers, before the trie of the shorter prefixes.
     pub const HOST_V4: &str = "TCPMGM_HOST_V4";
     pub const HOST_V6: &str = "TCPMGM_HOST_V6";
-    pub const ROOTS: &str = "TCPMGM_ROOTS";
+    /// The generation's number, its facts and its root lists (one entry).
+    pub const HEADER: &str = "TCPMGM_HEADER";
     pub const BUCKETS: &str = "TCPMGM_BUCKETS";
     pub const LOCAL_V4: &str = "TCPMGM_LOCAL_V4";
     pub const LOCAL_V6: &str = "TCPMGM_LOCAL_V6";
     pub const PROFILES: &str = "TCPMGM_PROFILES";
     pub const LISTENERS: &str = "TCPMGM_LISTENERS";
-    pub const SETTINGS: &str = "TCPMGM_SETTINGS";
     pub const COUNTERS: &str = "TCPMGM_COUNTERS";
+    /// The generation in force.
+    pub const CURRENT: &str = "TCPMGM_CURRENT";
     /// Per rule id, per CPU: sends slower than the rule's send_threshold. Shared by every
     /// generation (a connection outlives reloads), pinned as `SLOW_PIN`.
     pub const SLOW: &str = "TCPMGM_SLOW";
@@ -29,10 +31,22 @@ pub mod names {
     pub const SOCK_OPS: &str = "tcpmgm_sock_ops";
     pub const CONNECT4: &str = "tcpmgm_connect4";
     pub const CONNECT6: &str = "tcpmgm_connect6";
-    /// The policy maps, made anew for every rule set, in the order the loader writes them.
-    pub const POLICY_MAPS: [&str; 12] = [
-        PROFILES, LOCAL_V4, LOCAL_V6, BUCKETS, LISTENERS, ROOTS, REMOTE_V4, REMOTE_V6, HOST_V4,
-        HOST_V6, SETTINGS, COUNTERS,
+    /// Program names stay within the kernel's 15 characters, which older bpftool prints.
+    pub const SETSOCKOPT: &str = "tcpmgm_sockopt";
+    /// The policy maps, made anew for every rule set, in the order the loader writes them, each
+    /// with the array of maps the programs find it in.
+    pub const POLICY_MAPS: [(&str, &str); 11] = [
+        (HEADER, "TCPMGM_GEN_HEADER"),
+        (PROFILES, "TCPMGM_GEN_PROFILES"),
+        (COUNTERS, "TCPMGM_GEN_COUNTERS"),
+        (LOCAL_V4, "TCPMGM_GEN_LOCAL_V4"),
+        (LOCAL_V6, "TCPMGM_GEN_LOCAL_V6"),
+        (BUCKETS, "TCPMGM_GEN_BUCKETS"),
+        (LISTENERS, "TCPMGM_GEN_LISTENERS"),
+        (REMOTE_V4, "TCPMGM_GEN_REMOTE_V4"),
+        (REMOTE_V6, "TCPMGM_GEN_REMOTE_V6"),
+        (HOST_V4, "TCPMGM_GEN_HOST_V4"),
+        (HOST_V6, "TCPMGM_GEN_HOST_V6"),
     ];
 }
 
@@ -151,12 +165,17 @@ pub const SLOW_PIN: &str = "TCPMGM_SLOW_V1";
 /// Pin name of the log ring buffer, shared by every generation of the programs.
 pub const LOGS_PIN: &str = "TCPMGM_LOGS";
 
-/// Facts about the whole rule set, so that hooks skip work it cannot need.
+/// A generation's own entry: its number (the programs check it against `CURRENT`), facts about
+/// the whole rule set so that hooks skip work it cannot need, and the lists of the rules whose
+/// remote side is any (or /0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Settings {
+pub struct Header {
+    pub generation: u32,
     /// `settings::*` bits.
     pub flags: u32,
+    /// [IPv4 root, IPv6 root].
+    pub roots: [ListRef; 2],
 }
 
 pub mod settings {
@@ -173,13 +192,27 @@ pub mod settings {
 pub struct SockPolicy {
     /// `SOCK_UNDECIDED` (a fresh storage), `SOCK_NO_RULE` or `SOCK_RULE`.
     pub state: u32,
-    pub _pad: u32,
+    /// `marks::*` bits: what tcpmgm and the application did to the socket's options.
+    pub marks: u32,
+    /// The TCP_USER_TIMEOUT the application asked for while tcpmgm's connect timeout held the
+    /// handshake; it takes effect once the connection is established.
+    pub app_user_timeout_ms: u32,
+    /// The generation that decided the socket: its rank indexes that generation's counters.
+    pub generation: u32,
     pub profile: Profile,
 }
 
 pub const SOCK_UNDECIDED: u32 = 0;
 pub const SOCK_NO_RULE: u32 = 1;
 pub const SOCK_RULE: u32 = 2;
+
+/// `SockPolicy::marks` bits.
+pub mod marks {
+    /// tcpmgm set TCP_USER_TIMEOUT to bound the handshake (lifted at establishment).
+    pub const CONNECT_TIMEOUT: u32 = 1 << 0;
+    /// The application set TCP_USER_TIMEOUT itself.
+    pub const APP_USER_TIMEOUT: u32 = 1 << 1;
+}
 
 /// What the programs apply for a rule. Every column of the OpenSIPS profile is carried so that
 /// `bpftool map dump` shows the whole profile; the programs act on the keepalive and connect
@@ -255,7 +288,7 @@ mod pod {
     unsafe impl aya::Pod for LocalKey4 {}
     unsafe impl aya::Pod for LocalKey6 {}
     unsafe impl aya::Pod for SockPolicy {}
-    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for Header {}
     unsafe impl aya::Pod for RuleCounters {}
     unsafe impl aya::Pod for LogBudget {}
     unsafe impl aya::Pod for Attr {}

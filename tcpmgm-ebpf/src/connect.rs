@@ -10,8 +10,8 @@ use aya_log_ebpf::info;
 use tcpmgm_common::{flags, settings};
 
 use crate::decide::{Conn, is_v4_mapped, load_words};
+use crate::generation::Gen;
 use crate::logbook;
-use crate::maps::TCPMGM_SETTINGS;
 use crate::sockets;
 
 const SOCK_STREAM: u32 = 1;
@@ -88,16 +88,17 @@ fn port(user_port: u32) -> u16 {
 /// is left to sock_ops, which decides the socket a moment later anyway.
 #[inline(always)]
 fn verdict(ctx: &SockAddrContext, sk: *mut bpf_sock, conn: Conn) -> i32 {
-    let any_refusal = TCPMGM_SETTINGS
-        .get(0)
-        .is_some_and(|s| s.flags & settings::NO_NEW_CONN != 0);
+    let any_refusal = Gen::current()
+        .and_then(|g| g.header().map(|h| h.flags & settings::NO_NEW_CONN != 0))
+        .unwrap_or(false);
     if !any_refusal {
         return ALLOW;
     }
     let (v6, remote, port) = (conn.v6, conn.remote, conn.remote_port);
     match sockets::policy(sk, || conn) {
-        Some(p) if p.flags & flags::NO_NEW_CONN != 0 => {
-            sockets::count(p.rank, |c| c.refused += 1);
+        Some(d) if d.profile.flags & flags::NO_NEW_CONN != 0 => {
+            d.count(|c| c.refused += 1);
+            let p = d.profile;
             if logbook::allow() {
                 let rule = p.rule_id;
                 if v6 {

@@ -15,10 +15,7 @@ use tcpmgm_common::{
     PROTO_ANY, shape,
 };
 
-use crate::maps::{
-    TCPMGM_BUCKETS, TCPMGM_HOST_V4, TCPMGM_HOST_V6, TCPMGM_LISTENERS, TCPMGM_LOCAL_V4,
-    TCPMGM_LOCAL_V6, TCPMGM_REMOTE_V4, TCPMGM_REMOTE_V6, TCPMGM_ROOTS,
-};
+use crate::generation::Gen;
 
 /// A connection as the hooks see it. Addresses are network-order words; an IPv4-mapped IPv6
 /// address has already been folded to IPv4 (`v6 == false`, address in word 0).
@@ -78,9 +75,9 @@ pub fn v6_bytes(w: &[u32; 4]) -> [u8; 16] {
 }
 
 #[inline(always)]
-fn listener(key: ListenerKey) -> Option<(u8, u16)> {
+fn listener(g: &Gen, key: ListenerKey) -> Option<(u8, u16)> {
     // SAFETY: the value is copied out at once.
-    unsafe { TCPMGM_LISTENERS.get(key) }.map(|l| (l.proto, l.port))
+    unsafe { g.listeners()?.get(key) }.map(|l| (l.proto, l.port))
 }
 
 /// The protocol of the connection and the local port the rules' local_port is compared with.
@@ -88,7 +85,7 @@ fn listener(key: ListenerKey) -> Option<(u8, u16)> {
 /// listener bound at their own address and port (a reused listener port), else to the listener
 /// the loader attributed to their local address (port 0 entries), else to none.
 #[inline(always)]
-fn protocol_and_port(c: &Conn) -> (u8, u16) {
+fn protocol_and_port(g: &Gen, c: &Conn) -> (u8, u16) {
     let family = c.family();
     let key = |addr: [u32; 4], port: u16| ListenerKey {
         addr,
@@ -97,25 +94,28 @@ fn protocol_and_port(c: &Conn) -> (u8, u16) {
         _pad: 0,
     };
     if c.passive {
-        return listener(key(c.local, c.local_port))
-            .or_else(|| listener(key([0; 4], c.local_port)))
+        return listener(g, key(c.local, c.local_port))
+            .or_else(|| listener(g, key([0; 4], c.local_port)))
             .unwrap_or((PROTO_ANY, c.local_port));
     }
     let bound = if c.local_known() && c.local_port != 0 {
-        listener(key(c.local, c.local_port))
+        listener(g, key(c.local, c.local_port))
     } else {
         None
     };
     bound
-        .or_else(|| listener(key(c.local, 0)))
-        .or_else(|| listener(key([0; 4], 0)))
+        .or_else(|| listener(g, key(c.local, 0)))
+        .or_else(|| listener(g, key([0; 4], 0)))
         .unwrap_or((PROTO_ANY, 0))
 }
 
 /// The best rank in one list for this connection.
 #[inline(always)]
-fn best_in(list: &ListRef, c: &Conn, proto: u8, local_port: u16) -> u32 {
+fn best_in(g: &Gen, list: &ListRef, c: &Conn, proto: u8, local_port: u16) -> u32 {
     let mut best = NO_RULE;
+    let Some(buckets) = g.buckets() else {
+        return best;
+    };
     for s in 0..shape::COUNT {
         if list.shapes & (1 << s) == 0
             || (s & shape::PROTO != 0 && proto == PROTO_ANY)
@@ -143,7 +143,7 @@ fn best_in(list: &ListRef, c: &Conn, proto: u8, local_port: u16) -> u32 {
             _pad: [0; 3],
         };
         // SAFETY: the value is copied out at once.
-        let Some(bucket) = (unsafe { TCPMGM_BUCKETS.get(key) }).copied() else {
+        let Some(bucket) = (unsafe { buckets.get(key) }).copied() else {
             continue;
         };
         let mut rank = bucket.best;
@@ -153,23 +153,25 @@ fn best_in(list: &ListRef, c: &Conn, proto: u8, local_port: u16) -> u32 {
                     local: bucket.local,
                     addr: v6_bytes(&c.local),
                 };
-                TCPMGM_LOCAL_V6
-                    .get(&Key {
+                g.local_v6().and_then(|m| {
+                    m.get(&Key {
                         prefix_len: 32 + 128,
                         data,
                     })
                     .copied()
+                })
             } else {
                 let data = LocalKey4 {
                     local: bucket.local,
                     addr: c.local[0].to_ne_bytes(),
                 };
-                TCPMGM_LOCAL_V4
-                    .get(&Key {
+                g.local_v4().and_then(|m| {
+                    m.get(&Key {
                         prefix_len: 32 + 32,
                         data,
                     })
                     .copied()
+                })
             };
             if let Some(r) = found {
                 rank = r;
@@ -185,41 +187,50 @@ fn best_in(list: &ListRef, c: &Conn, proto: u8, local_port: u16) -> u32 {
 /// The rank of the winning rule (its index in `TCPMGM_PROFILES`), or None: no rule matches and
 /// the system's settings stay.
 #[inline(always)]
-pub fn decide(c: &Conn) -> Option<u32> {
-    let (proto, local_port) = protocol_and_port(c);
+pub fn decide(g: &Gen, c: &Conn) -> Option<u32> {
+    let (proto, local_port) = protocol_and_port(g, c);
     // A full-length prefix is the longest there is: an exact hit needs no trie walk, which at a
     // million peers is the difference (most rules name one peer).
     let prefix = if c.v6 {
         let data = v6_bytes(&c.remote);
         // SAFETY: the value is copied out at once.
-        unsafe { TCPMGM_HOST_V6.get(data) }.copied().or_else(|| {
-            TCPMGM_REMOTE_V6
-                .get(&Key {
-                    prefix_len: 128,
-                    data,
-                })
-                .copied()
-        })
+        unsafe { g.host_v6().and_then(|m| m.get(data)) }
+            .copied()
+            .or_else(|| {
+                g.remote_v6()?
+                    .get(&Key {
+                        prefix_len: 128,
+                        data,
+                    })
+                    .copied()
+            })
     } else {
         let data = c.remote[0].to_ne_bytes();
         // SAFETY: the value is copied out at once.
-        unsafe { TCPMGM_HOST_V4.get(data) }.copied().or_else(|| {
-            TCPMGM_REMOTE_V4
-                .get(&Key {
-                    prefix_len: 32,
-                    data,
-                })
-                .copied()
-        })
+        unsafe { g.host_v4().and_then(|m| m.get(data)) }
+            .copied()
+            .or_else(|| {
+                g.remote_v4()?
+                    .get(&Key {
+                        prefix_len: 32,
+                        data,
+                    })
+                    .copied()
+            })
     };
     // Two plain steps rather than a loop over [prefix, root]: an array of Options on the stack
     // made LLVM spill a register in halves, which the verifier refuses.
     let mut best = NO_RULE;
     if let Some(list) = prefix {
-        best = best_in(&list, c, proto, local_port);
+        best = best_in(g, &list, c, proto, local_port);
     }
-    if let Some(root) = TCPMGM_ROOTS.get(u32::from(c.v6)) {
-        let rank = best_in(root, c, proto, local_port);
+    if let Some(header) = g.header() {
+        let root = if c.v6 {
+            header.roots[1]
+        } else {
+            header.roots[0]
+        };
+        let rank = best_in(g, &root, c, proto, local_port);
         if rank < best {
             best = rank;
         }

@@ -2,17 +2,22 @@
 //!
 //! - `sock_ops`: keepalive options at establishment, connect timeout during the handshake.
 //! - `connect`: refuse new outbound connections where the rule says no_new_conn.
+//! - `sockopt`: the cgroup's own setsockopt() calls, seen beside the profile.
 //! - `decide`: the shared lookup over the maps the loader compiled.
+//! - `generation`: which rule set is in force, switched in one step.
 //! - `sockets`: one decision per socket, kept in socket-local storage.
 #![no_std]
 #![no_main]
 
 mod connect;
 mod decide;
+mod generation;
 mod logbook;
 mod maps;
+mod options;
 mod sock_ops;
 mod sockets;
+mod sockopt;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -1,50 +1,85 @@
-//! The maps. The policy maps are made anew for every rule set and sized to it by the loader (the
-//! sizes here are placeholders); `TCPMGM_SOCKETS` is shared by every generation of the programs.
+//! The maps.
+//!
+//! A rule set is a generation of policy maps, each sized to its contents by the loader. The
+//! programs reach them through one array of maps per kind, at slot `generation % 2`, and
+//! `TCPMGM_CURRENT` says which generation is in force: writing it switches every hook to a new
+//! rule set in one step, with no program reloaded. Each kind is also declared on its own
+//! (`TCPMGM_PROFILES`, ...): the loader makes each generation's maps from those declarations, so
+//! they carry BTF for bpftool, and they are the template the arrays of maps check them against.
+//!
+//! `TCPMGM_SOCKETS`, the slow-send counters and the log ring buffer are shared by every
+//! generation and every run (pinned).
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, SkStorage},
+    bindings::BPF_F_INNER_MAP,
+    btf_maps::{
+        Array, ArrayOfMaps, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap,
+        SkStorage,
+    },
     macros::btf_map,
 };
 use tcpmgm_common::{
-    Addr4, Addr6, Bucket, BucketKey, ListRef, ListenerInfo, ListenerKey, LocalKey4, LocalKey6,
-    LogBudget, Profile, RuleCounters, Settings, SockPolicy,
+    Addr4, Addr6, Bucket, BucketKey, Header, ListRef, ListenerInfo, ListenerKey, LocalKey4,
+    LocalKey6, LogBudget, Profile, RuleCounters, SockPolicy,
 };
 
-#[btf_map]
-pub static TCPMGM_REMOTE_V4: LpmTrie<Addr4, ListRef, 1> = LpmTrie::new();
+/// Arrays as inner maps: without BPF_F_INNER_MAP every generation would need the template's
+/// size (Linux 5.10 relaxed this for the other map types). Per-CPU arrays refuse the flag, so
+/// the counters are a per-CPU hash by rank.
+const INNER: usize = BPF_F_INNER_MAP as usize;
 
-#[btf_map]
-pub static TCPMGM_REMOTE_V6: LpmTrie<Addr6, ListRef, 1> = LpmTrie::new();
+pub type HeaderMap = Array<Header, 1, INNER>;
+pub type ProfileMap = Array<Profile, 1, INNER>;
+pub type CounterMap = PerCpuHashMap<u32, RuleCounters, 1>;
+pub type BucketMap = HashMap<BucketKey, Bucket, 1>;
+pub type ListenerMap = HashMap<ListenerKey, ListenerInfo, 1>;
+pub type Host4Map = HashMap<Addr4, ListRef, 1>;
+pub type Host6Map = HashMap<Addr6, ListRef, 1>;
+pub type Remote4Map = LpmTrie<Addr4, ListRef, 1>;
+pub type Remote6Map = LpmTrie<Addr6, ListRef, 1>;
+pub type Local4Map = LpmTrie<LocalKey4, u32, 1>;
+pub type Local6Map = LpmTrie<LocalKey6, u32, 1>;
 
-/// The /32 and /128 remote prefixes, looked up by exact address before the tries.
-#[btf_map]
-pub static TCPMGM_HOST_V4: HashMap<Addr4, ListRef, 1> = HashMap::new();
+/// One kind of policy map: its declaration (the template) and the array of maps the programs
+/// look each generation's map up in.
+macro_rules! policy_map {
+    ($(#[$doc:meta])* $template:ident, $outer:ident: $ty:ty) => {
+        $(#[$doc])*
+        #[btf_map]
+        #[allow(dead_code, reason = "the loader makes each generation's map from it")]
+        pub static $template: $ty = <$ty>::new();
 
-#[btf_map]
-pub static TCPMGM_HOST_V6: HashMap<Addr6, ListRef, 1> = HashMap::new();
+        #[btf_map]
+        pub static $outer: ArrayOfMaps<$ty, 2> = ArrayOfMaps::new();
+    };
+}
 
-/// [IPv4 root, IPv6 root]: the lists of rules whose remote side is any (or /0).
-#[btf_map]
-pub static TCPMGM_ROOTS: Array<ListRef, 2> = Array::new();
+policy_map!(
+    /// The generation's number and facts about the whole rule set (one entry).
+    TCPMGM_HEADER, TCPMGM_GEN_HEADER: HeaderMap
+);
+policy_map!(
+    /// Profiles by rank (position in match order).
+    TCPMGM_PROFILES, TCPMGM_GEN_PROFILES: ProfileMap
+);
+policy_map!(
+    /// Per rank, per CPU.
+    TCPMGM_COUNTERS, TCPMGM_GEN_COUNTERS: CounterMap
+);
+policy_map!(TCPMGM_BUCKETS, TCPMGM_GEN_BUCKETS: BucketMap);
+policy_map!(TCPMGM_LISTENERS, TCPMGM_GEN_LISTENERS: ListenerMap);
+policy_map!(
+    /// The /32 and /128 remote prefixes, looked up by exact address before the tries.
+    TCPMGM_HOST_V4, TCPMGM_GEN_HOST_V4: Host4Map
+);
+policy_map!(TCPMGM_HOST_V6, TCPMGM_GEN_HOST_V6: Host6Map);
+policy_map!(TCPMGM_REMOTE_V4, TCPMGM_GEN_REMOTE_V4: Remote4Map);
+policy_map!(TCPMGM_REMOTE_V6, TCPMGM_GEN_REMOTE_V6: Remote6Map);
+policy_map!(TCPMGM_LOCAL_V4, TCPMGM_GEN_LOCAL_V4: Local4Map);
+policy_map!(TCPMGM_LOCAL_V6, TCPMGM_GEN_LOCAL_V6: Local6Map);
 
+/// The generation in force (0: none yet).
 #[btf_map]
-pub static TCPMGM_BUCKETS: HashMap<BucketKey, Bucket, 1> = HashMap::new();
-
-#[btf_map]
-pub static TCPMGM_LOCAL_V4: LpmTrie<LocalKey4, u32, 1> = LpmTrie::new();
-
-#[btf_map]
-pub static TCPMGM_LOCAL_V6: LpmTrie<LocalKey6, u32, 1> = LpmTrie::new();
-
-/// Profiles by rank (position in match order).
-#[btf_map]
-pub static TCPMGM_PROFILES: Array<Profile, 1> = Array::new();
-
-#[btf_map]
-pub static TCPMGM_LISTENERS: HashMap<ListenerKey, ListenerInfo, 1> = HashMap::new();
-
-/// Per rank, per CPU.
-#[btf_map]
-pub static TCPMGM_COUNTERS: PerCpuArray<RuleCounters, 1> = PerCpuArray::new();
+pub static TCPMGM_CURRENT: Array<u32, 1> = Array::new();
 
 /// Sends slower than send_threshold, by rule id.
 #[btf_map]
@@ -52,9 +87,6 @@ pub static TCPMGM_SLOW: LruPerCpuHashMap<u32, u64, 65536> = LruPerCpuHashMap::ne
 
 #[btf_map]
 pub static TCPMGM_LOG_BUDGET: PerCpuArray<LogBudget, 1> = PerCpuArray::new();
-
-#[btf_map]
-pub static TCPMGM_SETTINGS: Array<Settings, 1> = Array::new();
 
 #[btf_map]
 pub static TCPMGM_SOCKETS: SkStorage<SockPolicy> = SkStorage::new();

@@ -8,27 +8,23 @@ use aya_ebpf::{
         BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT,
         BPF_TCP_SYN_SENT, bpf_sock_ops,
     },
-    helpers::generated::{bpf_getsockopt, bpf_setsockopt},
+    helpers::generated::bpf_setsockopt,
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use tcpmgm_common::{Profile, flags};
+use tcpmgm_common::{Profile, flags, marks};
 
 use aya_log_ebpf::info;
 
 use crate::decide::{Conn, is_v4_mapped, load_words};
 use crate::logbook;
 use crate::maps::TCPMGM_SLOW;
-use crate::sockets;
+use crate::options::{
+    SO_KEEPALIVE, SOL_SOCKET, SOL_TCP, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT,
+};
+use crate::sockets::{self, Decided};
 
 const AF_INET6: u32 = 10;
-const SOL_SOCKET: i32 = 1;
-const SO_KEEPALIVE: i32 = 9;
-const SOL_TCP: i32 = 6;
-const TCP_KEEPIDLE: i32 = 4;
-const TCP_KEEPINTVL: i32 = 5;
-const TCP_KEEPCNT: i32 = 6;
-const TCP_USER_TIMEOUT: i32 = 18;
 
 /// The kernel ignores `reply` unless a sock_ops program returns 1, so every path returns 1.
 ///
@@ -50,15 +46,15 @@ pub fn tcpmgm_sock_ops(ctx: SockOpsContext) -> u32 {
     if !wanted {
         return 1;
     }
-    let Some(p) = policy(&ctx) else {
+    let Some(d) = policy(&ctx) else {
         return 1;
     };
     match op(&ctx) {
-        BPF_SOCK_OPS_TIMEOUT_INIT => timeout_init(&ctx, p),
-        BPF_SOCK_OPS_TCP_CONNECT_CB => connect_started(&ctx, p),
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, p, false),
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(&ctx, p, true),
-        op => slow_send(&ctx, p, op == BPF_SOCK_OPS_RTO_CB),
+        BPF_SOCK_OPS_TIMEOUT_INIT => timeout_init(&ctx, d.profile),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => connect_started(&ctx, &d),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, &d, false),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(&ctx, &d, true),
+        op => slow_send(&ctx, d.profile, op == BPF_SOCK_OPS_RTO_CB),
     }
     1
 }
@@ -114,9 +110,9 @@ fn conn(ops: *const bpf_sock_ops) -> Conn {
     }
 }
 
-/// The profile of this socket (see `sockets`), or None: no rule, or no full socket.
+/// The decision of this socket (see `sockets`), or None: no rule, or no full socket.
 #[inline(always)]
-fn policy(ctx: &SockOpsContext) -> Option<&'static Profile> {
+fn policy(ctx: &SockOpsContext) -> Option<Decided> {
     // SAFETY: ctx field load; the kernel gives a socket pointer or null.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     if sk.is_null() {
@@ -145,23 +141,6 @@ fn set(ctx: &SockOpsContext, level: i32, name: i32, value: u32) {
     }
 }
 
-/// An int socket option, or None when the kernel would not say.
-#[inline(always)]
-fn get(ctx: &SockOpsContext, level: i32, name: i32) -> Option<u32> {
-    let mut v: i32 = 0;
-    // SAFETY: as in `set`.
-    let r = unsafe {
-        bpf_getsockopt(
-            ctx.ops as *mut c_void,
-            level,
-            name,
-            &mut v as *mut i32 as *mut c_void,
-            4,
-        )
-    };
-    (r == 0).then_some(v as u32)
-}
-
 /// The SYN's first retransmission timeout, so that the connect timeout is not held back by the
 /// default 1 s RTO.
 fn timeout_init(ctx: &SockOpsContext, p: &Profile) {
@@ -171,21 +150,37 @@ fn timeout_init(ctx: &SockOpsContext, p: &Profile) {
 }
 
 /// TCP_USER_TIMEOUT bounds the whole handshake; `established` lifts it again. An application
-/// that set its own TCP_USER_TIMEOUT keeps it.
-fn connect_started(ctx: &SockOpsContext, p: &Profile) {
-    if p.connect_timeout_ms != 0 && get(ctx, SOL_TCP, TCP_USER_TIMEOUT) == Some(0) {
-        set(ctx, SOL_TCP, TCP_USER_TIMEOUT, p.connect_timeout_ms);
+/// that set its own TCP_USER_TIMEOUT (the setsockopt hook marks the socket) keeps it. The
+/// marks stand in for reading the option back, which bpf_getsockopt cannot do before Linux 6.0.
+fn connect_started(ctx: &SockOpsContext, d: &Decided) {
+    if d.profile.connect_timeout_ms == 0 || d.stored.is_null() {
+        // Without storage the bound could never be lifted again: leave the handshake alone.
+        return;
+    }
+    // SAFETY: non-null storage of this socket, valid for this program run.
+    let record = unsafe { &mut *d.stored };
+    if record.marks & marks::APP_USER_TIMEOUT == 0 {
+        set(ctx, SOL_TCP, TCP_USER_TIMEOUT, d.profile.connect_timeout_ms);
+        record.marks |= marks::CONNECT_TIMEOUT;
     }
 }
 
-fn established(ctx: &SockOpsContext, p: &Profile, passive: bool) {
+fn established(ctx: &SockOpsContext, d: &Decided, passive: bool) {
+    let p = d.profile;
     // Lift the handshake bound, or it would keep cutting the connection whenever data stays
-    // unacknowledged that long; a value that is not ours is the application's and stays.
-    if !passive
-        && p.connect_timeout_ms != 0
-        && get(ctx, SOL_TCP, TCP_USER_TIMEOUT) == Some(p.connect_timeout_ms)
-    {
-        set(ctx, SOL_TCP, TCP_USER_TIMEOUT, 0);
+    // unacknowledged that long. What the application asked for meanwhile takes over.
+    if !passive && !d.stored.is_null() {
+        // SAFETY: non-null storage of this socket, valid for this program run.
+        let record = unsafe { &mut *d.stored };
+        if record.marks & marks::CONNECT_TIMEOUT != 0 {
+            record.marks &= !marks::CONNECT_TIMEOUT;
+            let after = if record.marks & marks::APP_USER_TIMEOUT != 0 {
+                record.app_user_timeout_ms
+            } else {
+                0
+            };
+            set(ctx, SOL_TCP, TCP_USER_TIMEOUT, after);
+        }
     }
     apply_keepalive(ctx, p);
     if p.send_threshold_us != 0 {

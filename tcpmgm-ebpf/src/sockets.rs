@@ -12,50 +12,82 @@ use aya_ebpf::{
 use tcpmgm_common::{Profile, RuleCounters, SOCK_NO_RULE, SOCK_RULE, SOCK_UNDECIDED, SockPolicy};
 
 use crate::decide::{Conn, decide};
-use crate::maps::{TCPMGM_COUNTERS, TCPMGM_PROFILES, TCPMGM_SOCKETS};
+use crate::generation::Gen;
+use crate::maps::TCPMGM_SOCKETS;
 
-/// The storage of `sk` (created zeroed, that is undecided, if it has none), or null when the
-/// kernel has no memory for it.
+/// The storage of `sk` (created zeroed, that is undecided, if it has none and `create`), or
+/// null when it has none or the kernel has no memory for it.
 #[inline(always)]
-fn storage(sk: *mut bpf_sock) -> *mut SockPolicy {
+pub fn storage(sk: *mut bpf_sock, create: bool) -> *mut SockPolicy {
     let map = core::ptr::from_ref(&TCPMGM_SOCKETS)
         .cast_mut()
         .cast::<c_void>();
+    let flags = if create {
+        BPF_SK_STORAGE_GET_F_CREATE.into()
+    } else {
+        0
+    };
     // SAFETY: `sk` is the context's socket pointer, checked non-null by the caller.
-    unsafe {
-        bpf_sk_storage_get(
-            map,
-            sk.cast(),
-            core::ptr::null_mut(),
-            BPF_SK_STORAGE_GET_F_CREATE.into(),
-        )
-    }
-    .cast::<SockPolicy>()
+    unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), flags) }.cast::<SockPolicy>()
 }
 
-/// The profile governing `sk`, deciding it with `conn` if no hook has yet. A reference, not a
-/// copy: with an `Option<Profile>` by value LLVM reads the flags of the None case from an unset
-/// register, which the verifier refuses.
-#[inline(always)]
-pub fn policy(sk: *mut bpf_sock, conn: impl FnOnce() -> Conn) -> Option<&'static Profile> {
-    let stored = storage(sk);
-    if stored.is_null() {
-        // No memory for the storage: decide without remembering.
-        return decide_profile(&conn());
-    }
-    // SAFETY: non-null storage of our value type, valid for this program run.
-    let stored = unsafe { &mut *stored };
-    if stored.state == SOCK_UNDECIDED {
-        match decide_profile(&conn()) {
-            Some(p) => {
-                stored.profile = *p;
-                stored.state = SOCK_RULE;
-            }
-            None => stored.state = SOCK_NO_RULE,
+/// A socket's decision: the profile that governs it, the generation that chose it, and, when the
+/// socket has storage, that storage (for the marks hooks leave on it).
+pub struct Decided {
+    pub profile: &'static Profile,
+    pub generation: u32,
+    /// Null when the kernel had no memory for the storage.
+    pub stored: *mut SockPolicy,
+}
+
+impl Decided {
+    /// Bumps one of the rule's counters, if its generation is still the one in force (ranks
+    /// index one generation's counters).
+    #[inline(always)]
+    pub fn count(&self, bump: impl Fn(&mut RuleCounters)) {
+        if let Some(g) = Gen::current()
+            && g.number == self.generation
+        {
+            g.count(self.profile.rank, bump);
         }
     }
-    if stored.state == SOCK_RULE {
-        Some(&stored.profile)
+}
+
+/// The profile governing `sk`, deciding it with `conn` if no hook has yet. References, not
+/// copies: with an `Option<Profile>` by value LLVM reads the flags of the None case from an
+/// unset register, which the verifier refuses.
+#[inline(always)]
+pub fn policy(sk: *mut bpf_sock, conn: impl FnOnce() -> Conn) -> Option<Decided> {
+    let stored = storage(sk, true);
+    if stored.is_null() {
+        // No memory for the storage: decide without remembering.
+        let g = Gen::current()?;
+        return decide_profile(&g, &conn()).map(|profile| Decided {
+            profile,
+            generation: g.number,
+            stored,
+        });
+    }
+    // SAFETY: non-null storage of our value type, valid for this program run.
+    let record = unsafe { &mut *stored };
+    if record.state == SOCK_UNDECIDED {
+        // No generation yet (or one being retired): leave the socket for a later hook.
+        let g = Gen::current()?;
+        match decide_profile(&g, &conn()) {
+            Some(p) => {
+                record.profile = *p;
+                record.generation = g.number;
+                record.state = SOCK_RULE;
+            }
+            None => record.state = SOCK_NO_RULE,
+        }
+    }
+    if record.state == SOCK_RULE {
+        Some(Decided {
+            profile: &record.profile,
+            generation: record.generation,
+            stored,
+        })
     } else {
         None
     }
@@ -65,32 +97,33 @@ pub fn policy(sk: *mut bpf_sock, conn: impl FnOnce() -> Conn) -> Option<&'static
 /// application that owns the socket) only when a rule matched, so that unmatched connections
 /// cost no storage.
 #[inline(always)]
-pub fn record(sk: *mut bpf_sock, conn: &Conn) -> Option<&'static Profile> {
-    let p = decide_profile(conn)?;
-    let stored = storage(sk);
+pub fn record(sk: *mut bpf_sock, conn: &Conn) -> Option<Decided> {
+    let g = Gen::current()?;
+    let p = decide_profile(&g, conn)?;
+    let stored = storage(sk, true);
     if stored.is_null() {
-        return Some(p);
+        return Some(Decided {
+            profile: p,
+            generation: g.number,
+            stored,
+        });
     }
     // SAFETY: non-null storage of our value type, valid for this program run.
-    let stored = unsafe { &mut *stored };
-    stored.profile = *p;
-    stored.state = SOCK_RULE;
-    Some(&stored.profile)
+    let record = unsafe { &mut *stored };
+    record.profile = *p;
+    record.generation = g.number;
+    record.state = SOCK_RULE;
+    Some(Decided {
+        profile: &record.profile,
+        generation: g.number,
+        stored,
+    })
 }
 
 /// The profile of the winning rule, counted as matched, without remembering it.
 #[inline(always)]
-pub fn decide_profile(conn: &Conn) -> Option<&'static Profile> {
-    let rank = decide(conn)?;
-    count(rank, |c| c.matched += 1);
-    TCPMGM_PROFILES.get(rank)
-}
-
-/// Bumps one of a rule's per-CPU counters.
-#[inline(always)]
-pub fn count(rank: u32, bump: impl FnOnce(&mut RuleCounters)) {
-    if let Some(c) = TCPMGM_COUNTERS.get_ptr_mut(rank) {
-        // SAFETY: this CPU's slot of the per-CPU array; programs do not migrate mid-run.
-        bump(unsafe { &mut *c });
-    }
+fn decide_profile(g: &Gen, conn: &Conn) -> Option<&'static Profile> {
+    let rank = decide(g, conn)?;
+    g.count(rank, |c| c.matched += 1);
+    g.profile(rank)
 }

@@ -29,7 +29,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use tcpmgm_common::{
     Bucket, BucketKey, FAMILY_V4, FAMILY_V6, ListRef, ListenerInfo, ListenerKey, NO_LOCAL,
-    PROTO_ANY, Profile, Settings, flags, settings, shape,
+    PROTO_ANY, Profile, flags, settings, shape,
 };
 
 use crate::listener::{Listener, Listeners};
@@ -58,7 +58,8 @@ pub struct Policy {
     pub local_v4: Vec<(u32, IpNet, u32)>,
     pub local_v6: Vec<(u32, IpNet, u32)>,
     pub listeners: Vec<(ListenerKey, ListenerInfo)>,
-    pub settings: Settings,
+    /// `settings::*` bits of the whole rule set.
+    pub settings: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,7 +192,7 @@ pub fn compile(
         l.shapes = shapes[l.list as usize];
     }
     if rules.iter().any(|r| r.profile.no_new_conn) {
-        policy.settings.flags |= settings::NO_NEW_CONN;
+        policy.settings |= settings::NO_NEW_CONN;
     }
     policy.rules = rules;
     Ok(policy)

@@ -8,14 +8,15 @@ use serde::Deserialize;
 ///
 /// ```toml
 /// db = "postgres://opensips:secret@127.0.0.1/opensips"
-/// cgroup = "system.slice/opensips.service"
+/// cgroup = "sip.slice"
+/// create_cgroup = true
 /// listeners = ["tls:10.0.0.1:5061 tag trunks", "tcp:10.0.0.1:5060"]
 /// sockets_from = ["/etc/opensips/opensips.cfg"]
 /// skip_invalid = false
 /// poll_interval = 5.0
 /// detach_on_exit = false
-/// # pin_dir = "/sys/fs/bpf/tcpmgm/system-slice_opensips-service"
-/// # control = "/run/tcpmgm/system-slice_opensips-service.sock"
+/// # pin_dir = "/sys/fs/bpf/tcpmgm/sip-slice"
+/// # control = "/run/tcpmgm/sip-slice.sock"
 /// ```
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +35,7 @@ pub struct Config {
     pub netns: Option<PathBuf>,
     pub enforce_default_lifetime: Option<bool>,
     pub reapply_existing: Option<bool>,
+    pub create_cgroup: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,10 +90,7 @@ mod tests {
             (Some(2.5), Some(true), 1)
         );
         let shipped: Config = toml::from_str(include_str!("../../contrib/tcpmgm.toml")).unwrap();
-        assert_eq!(
-            shipped.cgroup.as_deref(),
-            Some(Path::new("system.slice/opensips.service"))
-        );
+        assert_eq!(shipped.cgroup.as_deref(), Some(Path::new("sip.slice")));
         let err = toml::from_str::<Config>("dbb = 'x'")
             .unwrap_err()
             .to_string();

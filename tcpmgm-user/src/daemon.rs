@@ -229,6 +229,9 @@ impl Daemon {
     }
 
     fn save_state(&self) {
+        if let Some(dir) = self.control.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
         if let Err(e) = self.state.write() {
             tracing::warn!(
                 "writing {}: {e}",
@@ -291,6 +294,12 @@ impl Daemon {
             "reload with SIGHUP or `tcpmgm reload --control {}`",
             self.control.display()
         );
+        // systemd (Type=notify) starts the units ordered after tcpmgm only now: the policy is
+        // in force before the SIP server opens its first socket.
+        notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&self.status_line()),
+        ]);
         // After a failed automatic reload: when to try again (doubling up to a minute), while
         // the last good policy stays in force.
         let mut retry: Option<(tokio::time::Instant, Duration)> = None;
@@ -338,6 +347,7 @@ impl Daemon {
                 },
             }
         };
+        notify(&[sd_notify::NotifyState::Stopping]);
         let _ = std::fs::remove_file(&self.control);
         if detach {
             let cgroup = self.enforcer.cgroup().to_path_buf();
@@ -382,10 +392,21 @@ impl Daemon {
         }
     }
 
+    /// One line for `systemctl status`.
+    fn status_line(&self) -> String {
+        format!(
+            "{} rules enforced on {} (generation {})",
+            self.state.rules,
+            self.enforcer.cgroup().display(),
+            self.enforcer.generation()
+        )
+    }
+
     async fn log_reload(&mut self) -> Result<String, String> {
         match self.reload().await {
             Ok(report) => {
                 tracing::info!("reload: {report}");
+                notify(&[sd_notify::NotifyState::Status(&self.status_line())]);
                 Ok(report)
             }
             Err(e) => {
@@ -424,6 +445,13 @@ enum Request {
     Reload,
     Detach,
     Other,
+}
+
+/// Tells systemd (when it started us with NOTIFY_SOCKET) how the service is doing.
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!("telling systemd: {e}");
+    }
 }
 
 /// The table watcher, or None (logged) when there is none or it cannot connect now; the retry

@@ -39,7 +39,8 @@ enum Command {
         /// bpffs directory for the pinned maps [default: <bpffs>/tcpmgm/<cgroup>].
         #[arg(long)]
         pin_dir: Option<PathBuf>,
-        /// Create the cgroup when it does not exist (and remove it at exit if it is empty).
+        /// Create the cgroup when it does not exist, e.g. a slice systemd starts later
+        /// (with --detach-on-exit it is removed at exit when empty).
         #[arg(long)]
         create_cgroup: bool,
         /// Control socket for `tcpmgm reload` [default: /run/tcpmgm/<cgroup>.sock].
@@ -82,11 +83,15 @@ enum Command {
     /// (with the reason) when the reload failed; the previous policy then stays in force.
     Reload {
         /// The cgroup the daemon governs (finds its default control socket).
-        #[arg(long, required_unless_present = "control")]
+        #[arg(long, required_unless_present_any = ["control", "config"])]
         cgroup: Option<PathBuf>,
         /// The daemon's control socket.
         #[arg(long)]
         control: Option<PathBuf>,
+        /// The daemon's configuration file, for its cgroup and control socket (what systemd's
+        /// ExecReload= passes).
+        #[arg(long, env = "TCPMGM_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// What tcpmgm enforces: for each cgroup (or the one given), the daemon, rule source, rule
     /// count, generation, last reload, programs, and per-rule counters from the kernel.
@@ -272,6 +277,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let enforce_default_lifetime =
                 enforce_default_lifetime || config.enforce_default_lifetime.unwrap_or(false);
             let reapply_existing = reapply_existing || config.reapply_existing.unwrap_or(false);
+            let create_cgroup = create_cgroup || config.create_cgroup.unwrap_or(false);
             let created = if create_cgroup {
                 system::create_cgroup(&cgroup)?
             } else {
@@ -293,7 +299,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(d) => d.serve().await,
                 Err(e) => Err(e),
             };
-            if let Some(path) = created
+            // A cgroup tcpmgm made stays while its policy does: systemd may start a slice in
+            // it later, and a restart adopts the policy there.
+            if let Some(path) = created.filter(|_| detach_on_exit)
                 && std::fs::remove_dir(&path).is_ok()
             {
                 tracing::info!("removed cgroup {}", path.display());
@@ -331,11 +339,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Reload { cgroup, control } => {
-            let control = match (control, cgroup) {
+        Command::Reload {
+            cgroup,
+            control,
+            config,
+        } => {
+            let file = match &config {
+                Some(path) => tcpmgm::config::Config::load(path)?,
+                None => tcpmgm::config::Config::default(),
+            };
+            let control = match (control.or(file.control), cgroup.or(file.cgroup)) {
                 (Some(c), _) => c,
                 (None, Some(cg)) => system::default_control_socket(&system::resolve_cgroup(&cg)?)?,
-                (None, None) => unreachable!("clap requires one"),
+                (None, None) => anyhow::bail!(
+                    "no cgroup: give --cgroup or --control, or `cgroup` in the config file"
+                ),
             };
             match daemon::request(&control, "reload").await {
                 Ok(report) => {

@@ -174,10 +174,11 @@ pub fn reapply(
             tracing::warn!("re-applying to {} -> {}: {e}", s.local, s.remote);
             continue;
         }
+        // Established already: no handshake bound of tcpmgm's is left to track.
         let record = SockPolicy {
             state: SOCK_RULE,
-            _pad: 0,
             profile: *p,
+            ..SockPolicy::default()
         };
         if let Err(e) = records.insert(&sock, record, 0) {
             tracing::warn!("recording the new rule of {} -> {}: {e}", s.local, s.remote);

@@ -84,6 +84,26 @@ impl Drop for Netns {
     }
 }
 
+/// tcpmgm's programs, one per hook.
+pub const PROGRAMS: [&str; 4] = [
+    tcpmgm_common::names::SOCK_OPS,
+    tcpmgm_common::names::CONNECT4,
+    tcpmgm_common::names::CONNECT6,
+    tcpmgm_common::names::SETSOCKOPT,
+];
+
+/// Asserts that a `bpftool cgroup show` listing holds exactly one tcpmgm program per hook.
+pub fn assert_one_program_per_hook(listing: &str) {
+    for p in PROGRAMS {
+        assert_eq!(listing.matches(p).count(), 1, "{p}: {listing}");
+    }
+    assert_eq!(
+        listing.matches("tcpmgm_").count(),
+        PROGRAMS.len(),
+        "{listing}"
+    );
+}
+
 /// A cgroup, a network namespace and a pin directory of the test's own.
 pub struct Sandbox {
     pub cgroup: PathBuf,
@@ -213,6 +233,12 @@ impl Probe {
             cmd.arg("--cgroup").arg(cg);
         }
         cmd.args(["--netns", netns]);
+        Probe::start(cmd)
+    }
+
+    /// A probe started by `cmd` (which must run `tcpmgm-probe` with its stdin and stdout, e.g.
+    /// through `systemd-run --pipe`).
+    pub fn start(mut cmd: Command) -> Probe {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

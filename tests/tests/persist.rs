@@ -3,7 +3,7 @@
 use std::process::Command;
 
 use tcpmgm::source::{Source, TableVersion};
-use tcpmgm_tests::{Daemon, Sandbox, binary};
+use tcpmgm_tests::{Daemon, PROGRAMS, Sandbox, assert_one_program_per_hook, binary};
 
 #[tokio::test]
 async fn sigkill_keeps_the_policy_and_a_restart_adopts_it() {
@@ -32,12 +32,7 @@ async fn sigkill_keeps_the_policy_and_a_restart_adopts_it() {
     first.kill();
     // No daemon: the pinned links still enforce the policy on new connections.
     assert_eq!(idle(&mut probe, 7002), 71);
-    assert_eq!(
-        sb.attached_programs().matches("tcpmgm_").count(),
-        3,
-        "{}",
-        sb.attached_programs()
-    );
+    assert_one_program_per_hook(&sb.attached_programs());
 
     source
         .execute_script("UPDATE tcp_mgm SET keepidle = 72;")
@@ -72,12 +67,7 @@ async fn sigkill_keeps_the_policy_and_a_restart_adopts_it() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(idle(&mut probe, 7004), 73);
-    assert_eq!(
-        sb.attached_programs().matches("tcpmgm_").count(),
-        3,
-        "{}",
-        sb.attached_programs()
-    );
+    assert_one_program_per_hook(&sb.attached_programs());
 
     second.kill();
     let _ = std::fs::remove_dir_all(&dir);
@@ -150,7 +140,7 @@ async fn status_counts_exactly_the_connections_made() {
     assert_eq!(cgroup["state"]["rules"], 3);
     assert_eq!(
         cgroup["kernel"]["programs"].as_array().map(Vec::len),
-        Some(3),
+        Some(PROGRAMS.len()),
         "{report:#}"
     );
     let rule = |id: u64| {
@@ -287,12 +277,7 @@ async fn a_pin_directory_is_one_cgroups_and_pins_of_old_layouts_go() {
         "{}",
         b.attached_programs()
     );
-    assert_eq!(
-        a.attached_programs().matches("tcpmgm_").count(),
-        3,
-        "{}",
-        a.attached_programs()
-    );
+    assert_one_program_per_hook(&a.attached_programs());
     again.kill();
 }
 

@@ -1,6 +1,9 @@
-//! `tcpmgm run` follows the table by itself: SQLite and MariaDB are polled, and a lost
-//! PostgreSQL connection is retried while the last good policy stays in force. (The latency of
-//! PostgreSQL's notifications is measured on its own in push_latency.rs.)
+//! `tcpmgm run` follows the table by itself: a PostgreSQL commit reaches every daemon that
+//! follows the table, SQLite and MariaDB are polled, and a lost PostgreSQL connection is retried
+//! while the last good policy stays in force.
+//!
+//! These tests show that a change arrives, not how fast: each waits up to `ARRIVES`, far beyond
+//! any reload on a slow machine. `cargo xtask bench` measures the push latency.
 use std::time::Duration;
 
 use tcpmgm::source::TableVersion;
@@ -10,6 +13,42 @@ use tcpmgm_tests::{
 };
 
 const RULE: &str = "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (1, '127.0.0.0/8', 91);";
+
+/// How long a change may take to be enforced before the test calls it lost.
+const ARRIVES: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn a_postgres_commit_reaches_every_daemon_following_the_table() {
+    let db = TestDb::new(Backend::Postgres, TableVersion::V1, RULE).await;
+    let (sb1, sb2) = (Sandbox::new(), Sandbox::new());
+    let d1 = Daemon::start(&sb1, &db.url, control(&sb1));
+    let d2 = Daemon::start(&sb2, &db.url, control(&sb2));
+    for d in [&d1, &d2] {
+        assert!(
+            d.startup_log.contains("PostgreSQL notifies"),
+            "{}",
+            d.startup_log
+        );
+    }
+    let (mut p1, mut p2) = (sb1.probe(), sb2.probe());
+    let mut port = 7000;
+    assert_eq!(
+        (idle(&mut p1, &mut port), idle(&mut p2, &mut port)),
+        (91, 91)
+    );
+    db.sql("UPDATE tcp_mgm SET keepidle = 92 WHERE id = 1;")
+        .await;
+    let first = wait_for(&mut p1, &mut port, 92, ARRIVES);
+    let second = wait_for(&mut p2, &mut port, 92, ARRIVES);
+    assert!(
+        first.is_some() && second.is_some(),
+        "the commit did not reach both daemons within {ARRIVES:?}: {first:?} {second:?}"
+    );
+    for d in [&d1, &d2] {
+        let log = d.log.lock().unwrap().join("\n");
+        assert!(log.contains("the rule table changed: reloading"), "{log}");
+    }
+}
 
 #[tokio::test]
 async fn a_lost_postgres_connection_is_retried_while_the_policy_stays() {
@@ -32,7 +71,7 @@ async fn a_lost_postgres_connection_is_retried_while_the_policy_stays() {
     );
     db.sql("UPDATE tcp_mgm SET keepidle = 93 WHERE id = 1;")
         .await;
-    let took = wait_for(&mut probe, &mut port, 93, Duration::from_secs(10));
+    let took = wait_for(&mut probe, &mut port, 93, ARRIVES);
     assert!(
         took.is_some(),
         "the change was not picked up after the connection came back"
@@ -56,10 +95,10 @@ async fn polled(backend: Backend) {
             "UPDATE tcp_mgm SET keepidle = {want} WHERE id = 1;"
         ))
         .await;
-        let took = wait_for(&mut probe, &mut port, want, Duration::from_secs(3));
+        let took = wait_for(&mut probe, &mut port, want, ARRIVES);
         assert!(
             took.is_some(),
-            "{backend:?}: keepidle {want} not enforced within 3 s"
+            "{backend:?}: keepidle {want} not enforced within {ARRIVES:?}"
         );
     }
 }

@@ -1,9 +1,14 @@
 //! `cargo xtask run` and `cargo xtask test`: set up what a fresh machine lacks, then build and run.
+//! `cargo xtask vm`: the same tests on Debian's own kernels in QEMU, and the systemd deployment.
 //!
 //! This crate depends on nothing of tcpmgm's own, so it builds before the eBPF toolchain exists
 //! and can install it.
+mod setup;
+mod vm;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -39,10 +44,61 @@ enum Task {
     Lint,
     /// Only install what is missing.
     Setup,
+    /// The Linux test VM: Debian's own kernels (5.10, 6.1, 6.12) in QEMU.
+    Vm {
+        #[command(subcommand)]
+        task: VmTask,
+    },
 }
 
-const BPF_LINKER_VERSION: &str = "0.13.0";
-const LLVM: &str = "22";
+#[derive(Subcommand)]
+enum VmTask {
+    /// Run the kernel-facing tests inside the guest and print their results. Arguments after
+    /// `--` go to each test binary (a name filter, `--exact`, ...).
+    Test {
+        /// 5.10 (Debian 11), 6.1 (Debian 12), 6.12 (Debian 13), or all of them in turn.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Only these test files (tests/tests/NAME.rs); all of them by default.
+        #[arg(long = "test", value_name = "NAME")]
+        tests: Vec<String>,
+        #[command(flatten)]
+        vm: VmArgs,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// A shell in the guest, with tcpmgm, the probe, the test binaries, bpftool and iproute2.
+    Shell {
+        #[arg(long, default_value = "6.1")]
+        kernel: String,
+        #[command(flatten)]
+        vm: VmArgs,
+    },
+    /// The systemd deployment: a Debian 12 guest booting systemd, with tcpmgm installed from
+    /// contrib/ exactly as shipped and Kamailio as the governed SIP service.
+    Systemd {
+        #[arg(long, default_value = "6.1")]
+        kernel: String,
+        /// Build the root image anew instead of reusing the cached one.
+        #[arg(long)]
+        rebuild: bool,
+        #[command(flatten)]
+        vm: VmArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct VmArgs {
+    /// Look for the suite's current kernel package again instead of the cached one.
+    #[arg(long)]
+    refresh: bool,
+    /// QEMU accelerator: tcg (software; KVM does not run guests on this kind of machine) or kvm.
+    #[arg(long, default_value = "tcg")]
+    accel: String,
+    /// Stop a guest that runs longer than this many minutes.
+    #[arg(long, default_value = "30")]
+    minutes: u64,
+}
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
@@ -57,9 +113,10 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let root = workspace_root();
     match cli.task {
-        Task::Setup => setup(),
+        Task::Setup => setup::toolchain(),
+        Task::Vm { task } => vm_task(&root, task),
         Task::Bench { args } => {
-            setup()?;
+            setup::toolchain()?;
             status(cargo(&root).args([
                 "build",
                 "--release",
@@ -80,7 +137,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )
         }
         Task::Lint => {
-            setup()?;
+            setup::toolchain()?;
             status(cargo(&root).args(["fmt", "--all", "--", "--check"]))?;
             status(cargo(&root).args([
                 "clippy",
@@ -111,8 +168,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )
         }
         Task::Test { args } => {
-            setup()?;
-            let databases = databases()?;
+            setup::toolchain()?;
+            let databases = setup::databases()?;
             // The CLI tests run the `tcpmgm` binary, which `cargo test` alone does not build.
             status(cargo(&root).args([
                 "build",
@@ -128,7 +185,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             status(&mut cmd)
         }
         Task::Run { args } => {
-            setup()?;
+            setup::toolchain()?;
             status(cargo(&root).args(["build", "--release", "--package", "tcpmgm-user"]))?;
             let tcpmgm = root.join("target/release/tcpmgm");
             let has = |flag: &str| {
@@ -156,6 +213,101 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cmd.args(&args);
             eprintln!("xtask: {cmd:?}");
             status(&mut cmd)
+        }
+    }
+}
+
+fn vm_task(root: &Path, task: VmTask) -> anyhow::Result<()> {
+    setup::toolchain()?;
+    vm::tools()?;
+    let vm_dir = root.join("target/vm");
+    std::fs::create_dir_all(&vm_dir)?;
+    match task {
+        VmTask::Test {
+            kernel,
+            tests,
+            vm,
+            args,
+        } => {
+            let series = vm::kernel::series(&kernel)?;
+            let build = vm::build(root, &tests)?;
+            let limit = Duration::from_secs(vm.minutes * 60);
+            let mut results = Vec::new();
+            for s in series {
+                let kernel = vm::kernel::get(&vm_dir, s, vm.refresh)?;
+                let guest = vm::Guest::Test {
+                    harness_args: args.clone(),
+                };
+                let outcome = vm::run(&vm_dir, &kernel, &build, &guest, &vm.accel, limit)?;
+                results.push((kernel, outcome));
+            }
+            println!();
+            let mut ok = true;
+            for (kernel, o) in &results {
+                let verdict = if !o.finished {
+                    "did not finish"
+                } else if o.failed > 0 || !o.failed_binaries.is_empty() {
+                    "FAILED"
+                } else {
+                    "ok"
+                };
+                ok &= verdict == "ok";
+                println!(
+                    "vm {} ({}, {}): {verdict}. {} passed; {} failed{}",
+                    kernel.series.name,
+                    kernel.series.debian,
+                    kernel.release,
+                    o.passed,
+                    o.failed,
+                    if o.failed_binaries.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; failing: {}", o.failed_binaries.join(", "))
+                    }
+                );
+            }
+            let passed: u64 = results.iter().map(|(_, o)| o.passed).sum();
+            let failed: u64 = results.iter().map(|(_, o)| o.failed).sum();
+            println!("vm: {passed} passed, {failed} failed");
+            if !ok {
+                bail!("the kernel tests failed in the VM");
+            }
+            Ok(())
+        }
+        VmTask::Shell { kernel, vm } => {
+            let [s] = vm::kernel::series(&kernel)?[..] else {
+                bail!("vm shell takes one kernel");
+            };
+            let build = vm::build(root, &[])?;
+            let kernel = vm::kernel::get(&vm_dir, s, vm.refresh)?;
+            let limit = Duration::from_secs(vm.minutes * 60);
+            vm::run(
+                &vm_dir,
+                &kernel,
+                &build,
+                &vm::Guest::Shell,
+                &vm.accel,
+                limit,
+            )
+            .map(drop)
+        }
+        VmTask::Systemd {
+            kernel,
+            rebuild,
+            vm,
+        } => {
+            let [s] = vm::kernel::series(&kernel)?[..] else {
+                bail!("vm systemd takes one kernel");
+            };
+            let kernel = vm::kernel::get(&vm_dir, s, vm.refresh)?;
+            vm::systemd::run(
+                root,
+                &vm_dir,
+                &kernel,
+                rebuild,
+                &vm.accel,
+                Duration::from_secs(vm.minutes * 60),
+            )
         }
     }
 }
@@ -196,155 +348,4 @@ fn output(cmd: &mut Command) -> String {
 
 fn on_path(tool: &str) -> bool {
     succeeds(Command::new("sh").args(["-c", &format!("command -v {tool}")]))
-}
-
-fn is_root() -> bool {
-    output(Command::new("id").arg("-u")).trim() == "0"
-}
-
-/// Installs Debian packages (none: nothing to do), or says what is missing when not root.
-fn apt_install<S: AsRef<std::ffi::OsStr> + std::fmt::Display>(
-    packages: &[S],
-) -> anyhow::Result<()> {
-    if packages.is_empty() {
-        return Ok(());
-    }
-    let list: Vec<String> = packages.iter().map(ToString::to_string).collect();
-    let list = list.join(" ");
-    if !is_root() {
-        bail!("missing Debian packages {list}: run as root, or `apt-get install -y {list}`");
-    }
-    eprintln!("xtask: apt-get install {list}");
-    status(Command::new("apt-get").arg("update").arg("-qq"))?;
-    status(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq"])
-            .args(packages)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-}
-
-/// PostgreSQL and MariaDB on loopback for the database tests: installed from Debian's packages
-/// when missing, started when stopped, with a `tcpmgm` login that may create databases (each
-/// test makes its own). Returns the admin URLs the tests read from the environment.
-fn databases() -> anyhow::Result<Vec<(&'static str, String)>> {
-    let have = |path: &str| Path::new(path).exists();
-    let mut apt = Vec::new();
-    if !have("/usr/bin/pg_ctlcluster") {
-        apt.push("postgresql");
-    }
-    if !have("/usr/sbin/mariadbd") {
-        apt.push("mariadb-server");
-    }
-    apt_install(&apt)?;
-    for service in ["postgresql", "mariadb"] {
-        status(
-            Command::new("service")
-                .args([service, "start"])
-                .stdout(std::process::Stdio::null()),
-        )?;
-    }
-    let sql_ok = |cmd: &mut Command| -> anyhow::Result<()> {
-        // The servers take a moment to accept connections after `service start`.
-        for _ in 0..30 {
-            if succeeds(cmd) {
-                return Ok(());
-            }
-            std::thread::sleep(std::time::Duration::from_secs(1));
-        }
-        status(cmd)
-    };
-    sql_ok(
-        Command::new("runuser")
-            .args(["-u", "postgres", "--", "psql", "-qc"])
-            .arg(
-                "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'tcpmgm') THEN \
-         CREATE ROLE tcpmgm LOGIN PASSWORD 'tcpmgm' CREATEDB; END IF; END$$;",
-            ),
-    )?;
-    sql_ok(Command::new("mysql").arg("-e").arg(
-        "CREATE USER IF NOT EXISTS 'tcpmgm'@'127.0.0.1' IDENTIFIED BY 'tcpmgm'; \
-         GRANT ALL ON `tcpmgm%`.* TO 'tcpmgm'@'127.0.0.1';",
-    ))?;
-    Ok(vec![
-        (
-            "TCPMGM_TEST_POSTGRES",
-            "postgres://tcpmgm:tcpmgm@127.0.0.1:5432/postgres".into(),
-        ),
-        (
-            "TCPMGM_TEST_MYSQL",
-            "mysql://tcpmgm:tcpmgm@127.0.0.1:3306".into(),
-        ),
-    ])
-}
-
-/// Installs whatever is missing: nightly rust-src, bpf-linker on LLVM 22, bpftool, iproute2.
-fn setup() -> anyhow::Result<()> {
-    let installed = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        "nightly",
-    ]));
-    if installed.is_empty() {
-        bail!(
-            "the `nightly` toolchain is missing: the eBPF programs build with it \
-             (rustup toolchain install nightly --component rust-src)"
-        );
-    }
-    if !installed.lines().any(|l| l.starts_with("rust-src")) {
-        eprintln!("xtask: installing rust-src for the nightly toolchain");
-        status(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
-    }
-
-    let mut apt = Vec::new();
-    let linker_ok =
-        output(Command::new("bpf-linker").arg("--version")).contains(BPF_LINKER_VERSION);
-    if !linker_ok {
-        let llvm_dev = format!("llvm-{LLVM}-dev");
-        if !Path::new(&format!("/usr/lib/llvm-{LLVM}/bin/llvm-config")).exists() {
-            apt.extend([
-                llvm_dev,
-                format!("libpolly-{LLVM}-dev"),
-                "libzstd-dev".into(),
-                "zlib1g-dev".into(),
-            ]);
-        }
-    }
-    if !on_path("bpftool") {
-        apt.push("bpftool".into());
-    }
-    if !on_path("ip") {
-        apt.push("iproute2".into());
-    }
-    apt_install(&apt)?;
-    if !linker_ok {
-        eprintln!(
-            "xtask: building bpf-linker {BPF_LINKER_VERSION} on LLVM {LLVM} (about a minute)"
-        );
-        let prefix = format!("/usr/lib/llvm-{LLVM}");
-        let path = format!("{prefix}/bin:{}", std::env::var("PATH").unwrap_or_default());
-        status(
-            Command::new("cargo")
-                .args([
-                    "install",
-                    "bpf-linker",
-                    "--version",
-                    BPF_LINKER_VERSION,
-                    "--locked",
-                    "--no-default-features",
-                ])
-                .args(["--features", &format!("llvm-{LLVM}")])
-                .env("LLVM_PREFIX", &prefix)
-                .env("PATH", path),
-        )?;
-    }
-    Ok(())
 }

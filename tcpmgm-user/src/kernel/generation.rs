@@ -1,23 +1,25 @@
-//! One generation: the eBPF object loaded for one policy, its maps filled, its programs loaded
-//! but not attached.
-use std::os::fd::{AsFd, BorrowedFd};
+//! One generation: the policy maps of one rule set, each sized to its contents and filled,
+//! ready to be installed into the programs' arrays of maps (see `programs`).
+//!
+//! The maps are made from the object's own declarations (a second loader that creates maps
+//! only and verifies nothing), so they carry the BTF bpftool prints field names from.
+use std::collections::HashMap as Maps;
+use std::os::fd::AsFd as _;
 use std::path::Path;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, IterableMap, MapData};
-use aya::programs::{CgroupSockAddr, SockOps};
-use aya::{Ebpf, EbpfLoader, Pod};
+use aya::maps::{Array, HashMap, IterableMap, Map, MapData};
+use aya::{EbpfLoader, Pod};
 use ipnet::IpNet;
-use tcpmgm_common::{ListRef, LocalKey4, LocalKey6, names};
+use tcpmgm_common::{Header, ListRef, LocalKey4, LocalKey6, names};
 
-use super::{HOOKS, KernelError, program_error, sys};
+use super::programs::{OBJECT, shared_pins};
+use super::{KernelError, sys};
 use crate::compile::Policy;
 
-/// The eBPF object, built by tcpmgm-user's build script.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpmgm"));
-
 pub struct Generation {
-    ebpf: Ebpf,
+    pub(super) number: u32,
+    maps: Maps<&'static str, Map>,
 }
 
 fn map_err(map: &'static str, what: impl Into<String>) -> impl FnOnce(String) -> KernelError {
@@ -26,117 +28,79 @@ fn map_err(map: &'static str, what: impl Into<String>) -> impl FnOnce(String) ->
 }
 
 impl Generation {
-    /// Loads the object for `policy`, sharing the socket map and the log ring buffer pinned in
-    /// `pin_dir` with every other generation.
-    pub fn load(policy: &Policy, pin_dir: &Path) -> Result<Generation, KernelError> {
+    /// Makes and fills the maps of `policy` as generation `number`.
+    pub fn build(policy: &Policy, pin_dir: &Path, number: u32) -> Result<Generation, KernelError> {
+        let started = std::time::Instant::now();
+        let count = |prefixes: &[(IpNet, ListRef)], full: u8| {
+            let hosts = prefixes
+                .iter()
+                .filter(|(n, _)| n.prefix_len() == full)
+                .count();
+            (hosts, prefixes.len() - hosts)
+        };
+        let (host4, trie4) = count(&policy.remote_v4, 32);
+        let (host6, trie6) = count(&policy.remote_v6, 128);
         let sizes = [
+            (names::HEADER, 1),
             (names::PROFILES, policy.profiles.len()),
             (names::COUNTERS, policy.profiles.len()),
             (names::LOCAL_V4, policy.local_v4.len()),
             (names::LOCAL_V6, policy.local_v6.len()),
             (names::BUCKETS, policy.buckets.len()),
             (names::LISTENERS, policy.listeners.len()),
-            (
-                names::REMOTE_V4,
-                policy
-                    .remote_v4
-                    .iter()
-                    .filter(|(n, _)| n.prefix_len() < 32)
-                    .count(),
-            ),
-            (
-                names::REMOTE_V6,
-                policy
-                    .remote_v6
-                    .iter()
-                    .filter(|(n, _)| n.prefix_len() < 128)
-                    .count(),
-            ),
-            (
-                names::HOST_V4,
-                policy
-                    .remote_v4
-                    .iter()
-                    .filter(|(n, _)| n.prefix_len() == 32)
-                    .count(),
-            ),
-            (
-                names::HOST_V6,
-                policy
-                    .remote_v6
-                    .iter()
-                    .filter(|(n, _)| n.prefix_len() == 128)
-                    .count(),
-            ),
+            (names::REMOTE_V4, trie4),
+            (names::REMOTE_V6, trie6),
+            (names::HOST_V4, host4),
+            (names::HOST_V6, host6),
         ];
         let mut loader = EbpfLoader::new();
         for (name, len) in sizes {
             loader.map_max_entries(name, len.max(1) as u32);
         }
-        let sockets_pin = pin_dir.join(super::SOCKETS_PIN);
-        let logs_pin = pin_dir.join(tcpmgm_common::LOGS_PIN);
-        loader.map_pin_path(names::SOCKETS, &sockets_pin);
-        loader.map_pin_path("AYA_LOGS", &logs_pin);
-        let slow_pin = pin_dir.join(tcpmgm_common::SLOW_PIN);
-        loader.map_pin_path(names::SLOW, &slow_pin);
-        let started = std::time::Instant::now();
-        let ebpf = loader
+        // The shared maps are opened from their pins rather than made again.
+        for (name, pin) in shared_pins(pin_dir) {
+            loader.map_pin_path(name, pin);
+        }
+        let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| KernelError::Load(Box::new(e)))?;
-        let mut generation = Generation { ebpf };
-        let loaded = started.elapsed();
-        generation.fill(policy)?;
-        let filled = started.elapsed();
-        for hook in &HOOKS {
-            let program = generation
-                .ebpf
-                .program_mut(hook.name)
-                .expect("the object defines every hook");
-            let fail = program_error(hook, "load");
-            let t = std::time::Instant::now();
-            if hook.name == names::SOCK_OPS {
-                let p: &mut SockOps = program.try_into().map_err(&fail)?;
-                p.load().map_err(&fail)?;
-            } else {
-                let p: &mut CgroupSockAddr = program.try_into().map_err(&fail)?;
-                p.load().map_err(&fail)?;
-            }
-            tracing::debug!(
-                program = hook.name,
-                ms = t.elapsed().as_millis(),
-                "verified"
-            );
+        let mut maps = Maps::new();
+        for (name, _) in names::POLICY_MAPS {
+            let map = ebpf.take_map(name).ok_or_else(|| KernelError::Map {
+                map: name,
+                what: "making it".into(),
+                reason: "the object does not declare it".into(),
+            })?;
+            maps.insert(name, map);
         }
+        let made = started.elapsed();
+        let mut generation = Generation { number, maps };
+        generation.fill(policy)?;
         tracing::debug!(
-            object_ms = loaded.as_millis(),
-            maps_ms = (filled - loaded).as_millis(),
-            programs_ms = (started.elapsed() - filled).as_millis(),
-            "generation loaded"
+            generation = number,
+            make_ms = made.as_millis(),
+            fill_ms = (started.elapsed() - made).as_millis(),
+            "generation built"
         );
         Ok(generation)
     }
 
-    pub(super) fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
+    /// The map of one kind (a name of `names::POLICY_MAPS`).
+    pub(super) fn map(&self, name: &str) -> &MapData {
+        data(&self.maps[name])
     }
 
-    pub(super) fn ebpf(&self) -> &Ebpf {
-        &self.ebpf
+    fn map_mut(&mut self, name: &'static str) -> &mut Map {
+        self.maps.get_mut(name).expect("every policy map is made")
     }
 
     /// The `memlock` the kernel reports for each policy map (its memory use on Linux 6.4+).
     pub(super) fn map_memory(&self) -> u64 {
         use std::os::fd::AsRawFd;
-        names::POLICY_MAPS
-            .iter()
-            .filter_map(|name| {
-                let map: &MapData = match self.ebpf.map(name)? {
-                    aya::maps::Map::Array(m)
-                    | aya::maps::Map::PerCpuArray(m)
-                    | aya::maps::Map::HashMap(m)
-                    | aya::maps::Map::LpmTrie(m) => m,
-                    _ => return None,
-                };
+        self.maps
+            .values()
+            .map(data)
+            .filter_map(|map| {
                 let fdinfo = std::fs::read_to_string(format!(
                     "/proc/self/fdinfo/{}",
                     map.fd().as_fd().as_raw_fd()
@@ -149,28 +113,20 @@ impl Generation {
             .sum()
     }
 
-    pub(super) fn program_fd(&self, name: &str) -> BorrowedFd<'_> {
-        self.ebpf
-            .program(name)
-            .expect("the object defines every hook")
-            .fd()
-            .expect("loaded")
-            .as_fd()
-    }
-
-    /// Pins the policy maps under `dir` (for bpftool), replacing the previous generation's pins.
-    pub(super) fn pin_maps(&self, dir: &Path) -> Result<(), KernelError> {
+    /// Pins the maps under `dir` for bpftool and `status`, replacing the previous generation's.
+    pub(super) fn pin(&self, dir: &Path) -> Result<(), KernelError> {
         let fail = |reason: String| KernelError::Pin {
             path: dir.to_path_buf(),
             reason,
         };
-        for name in names::POLICY_MAPS {
+        for (name, _) in names::POLICY_MAPS {
             let path = dir.join(name);
             if path.exists() {
                 std::fs::remove_file(&path).map_err(|e| fail(format!("{name}: {e}")))?;
             }
-            let map = self.ebpf.map(name).expect("the object defines every map");
-            map.pin(&path).map_err(|e| fail(format!("{name}: {e}")))?;
+            self.map(name)
+                .pin(&path)
+                .map_err(|e| fail(format!("{name}: {e}")))?;
         }
         Ok(())
     }
@@ -178,8 +134,12 @@ impl Generation {
     fn fill(&mut self, p: &Policy) -> Result<(), KernelError> {
         let ranks: Vec<u32> = (0..p.profiles.len() as u32).collect();
         self.fill_array(names::PROFILES, &ranks, &p.profiles)?;
-        self.fill_array(names::ROOTS, &[0, 1], &p.roots)?;
-        self.fill_array(names::SETTINGS, &[0], &[p.settings])?;
+        let header = Header {
+            generation: self.number,
+            flags: p.settings,
+            roots: p.roots,
+        };
+        self.fill_array(names::HEADER, &[0], &[header])?;
         let (keys, values): (Vec<_>, Vec<_>) = p.buckets.iter().copied().unzip();
         self.fill_hash(names::BUCKETS, &keys, &values)?;
         let (keys, values): (Vec<_>, Vec<_>) = p.listeners.iter().copied().unzip();
@@ -231,12 +191,8 @@ impl Generation {
         keys: &[u32],
         values: &[V],
     ) -> Result<(), KernelError> {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .expect("the object defines every map");
-        let mut array: Array<&mut MapData, V> =
-            Array::try_from(map).map_err(|e| map_err(name, "open")(e.to_string()))?;
+        let mut array: Array<&mut MapData, V> = Array::try_from(self.map_mut(name))
+            .map_err(|e| map_err(name, "open")(e.to_string()))?;
         if batch(array.map(), name, keys, values)? {
             return Ok(());
         }
@@ -254,12 +210,8 @@ impl Generation {
         keys: &[K],
         values: &[V],
     ) -> Result<(), KernelError> {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .expect("the object defines every map");
-        let mut hash: HashMap<&mut MapData, K, V> =
-            HashMap::try_from(map).map_err(|e| map_err(name, "open")(e.to_string()))?;
+        let mut hash: HashMap<&mut MapData, K, V> = HashMap::try_from(self.map_mut(name))
+            .map_err(|e| map_err(name, "open")(e.to_string()))?;
         if batch(hash.map(), name, keys, values)? {
             return Ok(());
         }
@@ -275,12 +227,8 @@ impl Generation {
         name: &'static str,
         entries: Vec<(Key<K>, V)>,
     ) -> Result<(), KernelError> {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .expect("the object defines every map");
-        let mut trie: LpmTrie<&mut MapData, K, V> =
-            LpmTrie::try_from(map).map_err(|e| map_err(name, "open")(e.to_string()))?;
+        let mut trie: LpmTrie<&mut MapData, K, V> = LpmTrie::try_from(self.map_mut(name))
+            .map_err(|e| map_err(name, "open")(e.to_string()))?;
         let (keys, values): (Vec<Key<K>>, Vec<V>) = entries.into_iter().unzip();
         if batch(trie.map(), name, &keys, &values)? {
             return Ok(());
@@ -312,6 +260,14 @@ fn batch<K, V>(
         );
     }
     Ok(done)
+}
+
+/// The map behind one of the kinds a generation holds.
+fn data(map: &Map) -> &MapData {
+    match map {
+        Map::Array(m) | Map::PerCpuHashMap(m) | Map::HashMap(m) | Map::LpmTrie(m) => m,
+        other => unreachable!("a policy map of another type: {other:?}"),
+    }
 }
 
 fn octets(net: IpNet) -> Vec<u8> {

@@ -13,18 +13,19 @@
 //! cgroup never has two sets of tcpmgm programs, nor a moment without one. Only `detach` (or
 //! removing the pins) takes the policy away.
 mod generation;
+mod programs;
 mod sys;
 
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps};
+use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SockOps};
 use tcpmgm_common::names;
 
 use crate::compile::Policy;
 pub use generation::Generation;
+pub use programs::Programs;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -74,79 +75,115 @@ pub enum KernelError {
     Pin { path: PathBuf, reason: String },
 }
 
+/// The program type of a hook, for loading and attaching it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    SockOps,
+    SockAddr,
+    Sockopt,
+}
+
 /// The programs and what each needs from the kernel.
 pub(crate) struct Hook {
     pub name: &'static str,
-    pub kind: &'static str,
+    pub kind: Kind,
+    /// The program type as the kernel names it, for messages.
+    pub kernel_kind: &'static str,
     pub min_kernel: &'static str,
+    /// `enum bpf_attach_type` of the link.
+    pub attach_type: u32,
     /// The link's pin name in the pin directory.
     pub pin: &'static str,
+    /// The program's pin name, so that a later run can put it back without CAP_SYS_ADMIN.
+    pub program_pin: &'static str,
 }
 
-pub(crate) const HOOKS: [Hook; 3] = [
+pub(crate) const HOOKS: [Hook; 4] = [
     Hook {
         name: names::SOCK_OPS,
-        kind: "BPF_PROG_TYPE_SOCK_OPS",
+        kind: Kind::SockOps,
+        kernel_kind: "BPF_PROG_TYPE_SOCK_OPS",
         min_kernel: "5.3 (sk_storage)",
+        attach_type: 3,
         pin: "TCPMGM_LINK_SOCK_OPS",
+        program_pin: "TCPMGM_PROG_SOCK_OPS",
     },
     Hook {
         name: names::CONNECT4,
-        kind: "BPF_PROG_TYPE_CGROUP_SOCK_ADDR connect4",
+        kind: Kind::SockAddr,
+        kernel_kind: "BPF_PROG_TYPE_CGROUP_SOCK_ADDR connect4",
         min_kernel: "5.10",
+        attach_type: 10,
         pin: "TCPMGM_LINK_CONNECT4",
+        program_pin: "TCPMGM_PROG_CONNECT4",
     },
     Hook {
         name: names::CONNECT6,
-        kind: "BPF_PROG_TYPE_CGROUP_SOCK_ADDR connect6",
+        kind: Kind::SockAddr,
+        kernel_kind: "BPF_PROG_TYPE_CGROUP_SOCK_ADDR connect6",
         min_kernel: "5.10",
+        attach_type: 11,
         pin: "TCPMGM_LINK_CONNECT6",
+        program_pin: "TCPMGM_PROG_CONNECT6",
+    },
+    Hook {
+        name: names::SETSOCKOPT,
+        kind: Kind::Sockopt,
+        kernel_kind: "BPF_PROG_TYPE_CGROUP_SOCKOPT setsockopt",
+        min_kernel: "5.3",
+        attach_type: 22,
+        pin: "TCPMGM_LINK_SETSOCKOPT",
+        program_pin: "TCPMGM_PROG_SETSOCKOPT",
     },
 ];
 
 /// The layout version of the shared socket map: part of its pin name, so that a pin left by an
 /// incompatible build is never reused.
-pub const SOCKETS_PIN: &str = "TCPMGM_SOCKETS_V2";
+pub const SOCKETS_PIN: &str = "TCPMGM_SOCKETS_V3";
+
+/// How long a generation that is no longer in force stays in its slot before its maps are
+/// freed: far longer than any program run that may have read the old generation's number.
+pub const GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A policy enforced on a cgroup through pinned links. Dropping it leaves the policy in force;
 /// `detach` removes it.
 pub struct Enforcer {
+    programs: Programs,
     current: Generation,
-    /// The cgroup links, one per hook in `HOOKS` order, and an fd of each for BPF_LINK_UPDATE.
-    links: Vec<(FdLink, OwnedFd)>,
+    /// The generation the last switch replaced, with when it was replaced; freed once `GRACE`
+    /// has passed.
+    retired: Option<(Generation, std::time::Instant)>,
+    /// The cgroup links, one per hook in `HOOKS` order, opened through their pins.
+    links: Vec<OwnedFd>,
     pin_dir: PathBuf,
     cgroup: PathBuf,
-    generation: u64,
     adopted: bool,
 }
 
 impl Enforcer {
     /// Enforces `policy` on `cgroup`, pinning links and maps in `pin_dir`. Links pinned there by
-    /// an earlier run are adopted: their programs are swapped for this policy's.
+    /// an earlier run are adopted: their programs are swapped for this run's.
     pub fn attach(policy: &Policy, cgroup: &Path, pin_dir: &Path) -> Result<Enforcer, KernelError> {
         let fail_pin = |reason: String| KernelError::Pin {
             path: pin_dir.to_path_buf(),
             reason,
         };
         std::fs::create_dir_all(pin_dir).map_err(|e| fail_pin(e.to_string()))?;
-        let mut next = Generation::load(policy, pin_dir)?;
-        let pinned = adopt_links(pin_dir)?;
-        check_cgroup(&pinned, cgroup, pin_dir)?;
+        let mut programs = Programs::load(pin_dir)?;
+        let first = Generation::build(policy, pin_dir, 1)?;
+        programs.install(&first)?;
+        let pinned = adopt_links(pin_dir, cgroup)?;
         let adopted = pinned.iter().any(Option::is_some);
-        // Swap the new programs into the adopted links first (undoing on failure), so that a
+        // Swap this run's programs into the adopted links first (undoing on failure), so that a
         // failure leaves the running policy exactly as it was.
-        let old_programs: Vec<Option<u32>> = pinned
+        let old_programs: Vec<Option<OwnedFd>> = HOOKS
             .iter()
-            .map(|l| {
-                l.as_ref()
-                    .and_then(|(link, _)| link.info().ok())
-                    .map(|i| i.program_id())
-            })
+            .map(|h| sys::obj_get(&pin_dir.join(h.program_pin)).ok())
             .collect();
         for (i, (hook, link)) in HOOKS.iter().zip(&pinned).enumerate() {
-            let Some((_, fd)) = link else { continue };
-            if let Err(source) = sys::link_update(fd.as_fd(), next.program_fd(hook.name)) {
-                restore(&pinned[..i], &old_programs[..i]);
+            let Some(fd) = link else { continue };
+            if let Err(source) = sys::link_update(fd.as_fd(), programs.program_fd(hook.name)) {
+                put_back(&pinned[..i], &old_programs[..i]);
                 return Err(KernelError::LinkUpdate {
                     program: hook.name,
                     source,
@@ -160,27 +197,14 @@ impl Enforcer {
         let mut links = Vec::new();
         for (hook, link) in HOOKS.iter().zip(pinned) {
             let link = match link {
-                Some(l) => l,
-                None => {
-                    let (link, fd) = attach_hook(next.ebpf_mut(), hook, &cgroup_file)?;
-                    let pinned = link
-                        .pin(pin_dir.join(hook.pin))
-                        .map_err(|e| fail_pin(format!("{}: {e}", hook.pin)))?;
-                    (pinned.into(), fd)
-                }
+                Some(fd) => fd,
+                None => attach_hook(&programs, hook, &cgroup_file, &pin_dir.join(hook.pin))?,
             };
             links.push(link);
         }
-        next.pin_maps(pin_dir)?;
+        programs.pin(pin_dir)?;
+        first.pin(pin_dir)?;
         remove_stale_pins(pin_dir);
-        let enforcer = Enforcer {
-            current: next,
-            links,
-            pin_dir: pin_dir.to_path_buf(),
-            cgroup: cgroup.to_path_buf(),
-            generation: 1,
-            adopted,
-        };
         tracing::info!(
             cgroup = %cgroup.display(),
             pins = %pin_dir.display(),
@@ -188,12 +212,20 @@ impl Enforcer {
             adopted,
             "policy attached"
         );
-        Ok(enforcer)
+        Ok(Enforcer {
+            programs,
+            current: first,
+            retired: None,
+            links,
+            pin_dir: pin_dir.to_path_buf(),
+            cgroup: cgroup.to_path_buf(),
+            adopted,
+        })
     }
 
-    /// A reader of the programs' log events (aya-log), which every generation writes to.
+    /// A reader of the programs' log events (aya-log).
     pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
-        aya_log::EbpfLogger::init(self.current.ebpf_mut())
+        aya_log::EbpfLogger::init(self.programs.ebpf_mut())
     }
 
     /// Whether `attach` took over links an earlier run had pinned.
@@ -201,36 +233,33 @@ impl Enforcer {
         self.adopted
     }
 
-    /// Switches the cgroup to `policy`. On error the running policy stays as it was.
+    /// Switches the cgroup to `policy`: its maps are built and filled aside, then every hook
+    /// moves to them in one step. On error the running policy stays as it was.
     pub fn replace(&mut self, policy: &Policy) -> Result<(), KernelError> {
-        let next = Generation::load(policy, &self.pin_dir)?;
-        self.swap_to(next)
-    }
-
-    fn swap_to(&mut self, next: Generation) -> Result<(), KernelError> {
-        for (i, (hook, (_, link_fd))) in HOOKS.iter().zip(&self.links).enumerate() {
-            if let Err(source) = sys::link_update(link_fd.as_fd(), next.program_fd(hook.name)) {
-                // Put back the hooks already switched, so the cgroup stays on one generation.
-                for (back, (_, fd)) in HOOKS.iter().zip(&self.links).take(i) {
-                    let _ = sys::link_update(fd.as_fd(), self.current.program_fd(back.name));
-                }
-                return Err(KernelError::LinkUpdate {
-                    program: hook.name,
-                    source,
-                });
-            }
-        }
-        self.current = next;
-        self.generation += 1;
-        if let Err(e) = self.current.pin_maps(&self.pin_dir) {
+        // The slot the new generation takes is the retired one's.
+        self.release_retired();
+        let next = Generation::build(policy, &self.pin_dir, self.current.number + 1)?;
+        self.programs.install(&next)?;
+        let old = std::mem::replace(&mut self.current, next);
+        self.retired = Some((old, std::time::Instant::now()));
+        if let Err(e) = self.current.pin(&self.pin_dir) {
             tracing::warn!("the new policy is enforced, but its maps could not be pinned: {e}");
         }
         Ok(())
     }
 
+    /// Frees the generation the last switch replaced, once `GRACE` has passed since (waiting
+    /// out the rest of it).
+    pub fn release_retired(&mut self) {
+        if let Some((old, since)) = self.retired.take() {
+            std::thread::sleep(GRACE.saturating_sub(since.elapsed()));
+            self.programs.retire(old.number);
+        }
+    }
+
     /// Takes the policy off the cgroup now and removes the pins: back to the system's settings.
     pub fn detach(self) -> Result<(), KernelError> {
-        for (hook, (_, fd)) in HOOKS.iter().zip(&self.links) {
+        for (hook, fd) in HOOKS.iter().zip(&self.links) {
             sys::link_detach(fd.as_fd()).map_err(|e| KernelError::Link {
                 program: hook.name,
                 what: "detaching it (BPF_LINK_DETACH, needs Linux 5.9)",
@@ -241,13 +270,13 @@ impl Enforcer {
         Ok(())
     }
 
-    /// The kernel's own accounting of each hook's current program (`kernel.bpf_stats_enabled`
-    /// must be 1 for it to count): (name, total run time, run count).
+    /// The kernel's own accounting of each hook's program (`kernel.bpf_stats_enabled` must be 1
+    /// for it to count): (name, total run time, run count).
     pub fn program_stats(&self) -> Vec<(&'static str, std::time::Duration, u64)> {
         HOOKS
             .iter()
             .filter_map(|h| {
-                let info = self.current.ebpf().program(h.name)?.info().ok()?;
+                let info = self.programs.ebpf().program(h.name)?.info().ok()?;
                 Some((h.name, info.run_time(), info.run_count()))
             })
             .collect()
@@ -258,9 +287,9 @@ impl Enforcer {
         self.current.map_memory()
     }
 
-    /// How many rule sets this enforcer has applied (1 after attach).
+    /// The generation in force: 1 after attach, one more for every switch.
     pub fn generation(&self) -> u64 {
-        self.generation
+        u64::from(self.current.number)
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -272,56 +301,29 @@ impl Enforcer {
     }
 }
 
-/// Puts the programs `ids` back into the links (undoing a partial swap).
-fn restore(links: &[Option<(FdLink, OwnedFd)>], ids: &[Option<u32>]) {
-    for (link, id) in links.iter().zip(ids) {
-        if let (Some((_, fd)), Some(id)) = (link, id)
-            && let Ok(prog) = sys::prog_fd_by_id(*id)
-        {
-            let _ = sys::link_update(fd.as_fd(), prog.as_fd());
+/// Puts the programs of an earlier run back into the links (undoing a partial swap at adoption).
+fn put_back(links: &[Option<OwnedFd>], programs: &[Option<OwnedFd>]) {
+    for ((hook, link), program) in HOOKS.iter().zip(links).zip(programs) {
+        let Some(link) = link else { continue };
+        let result = match program {
+            Some(program) => sys::link_update(link.as_fd(), program.as_fd()),
+            None => Err(std::io::Error::other("its program was not pinned")),
+        };
+        if let Err(e) = result {
+            tracing::error!(
+                "putting the earlier run's program back into the {} link failed: {e}",
+                hook.name
+            );
         }
     }
-}
-
-/// Refuses to adopt links that hold another cgroup: a pin directory is one cgroup's.
-fn check_cgroup(
-    links: &[Option<(FdLink, OwnedFd)>],
-    cgroup: &Path,
-    pin_dir: &Path,
-) -> Result<(), KernelError> {
-    use std::os::unix::fs::MetadataExt;
-    let want = std::fs::metadata(cgroup)
-        .map_err(|source| KernelError::Cgroup {
-            path: cgroup.to_path_buf(),
-            source,
-        })?
-        .ino();
-    for (hook, link) in HOOKS.iter().zip(links) {
-        let Some((_, fd)) = link else { continue };
-        let id = sys::link_cgroup_id(fd.as_fd()).map_err(|e| KernelError::Link {
-            program: hook.name,
-            what: "reading its cgroup",
-            reason: e.to_string(),
-        })?;
-        if id != want {
-            return Err(KernelError::Pin {
-                path: pin_dir.to_path_buf(),
-                reason: format!(
-                    "its links belong to cgroup id {id}, not to {} (id {want}); each cgroup needs a pin directory of its own",
-                    cgroup.display()
-                ),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Removes pins of names this version does not use (left by an older layout), now that the
 /// current ones are in place.
 fn remove_stale_pins(dir: &Path) {
     let keep = |name: &str| {
-        names::POLICY_MAPS.contains(&name)
-            || HOOKS.iter().any(|h| h.pin == name)
+        names::POLICY_MAPS.iter().any(|(map, _)| *map == name)
+            || HOOKS.iter().any(|h| h.pin == name || h.program_pin == name)
             || name == SOCKETS_PIN
             || name == tcpmgm_common::LOGS_PIN
             || name == tcpmgm_common::SLOW_PIN
@@ -335,8 +337,52 @@ fn remove_stale_pins(dir: &Path) {
     }
 }
 
-/// The links pinned in `dir` by an earlier run, in `HOOKS` order.
-fn adopt_links(dir: &Path) -> Result<Vec<Option<(FdLink, OwnedFd)>>, KernelError> {
+/// The links pinned in `dir` by an earlier run, in `HOOKS` order. A link whose cgroup is gone
+/// (removed and perhaps made again: its programs run for nothing) is unpinned and left for a
+/// new attachment; a link that holds another cgroup is an error, as a pin directory is one
+/// cgroup's.
+fn adopt_links(dir: &Path, cgroup: &Path) -> Result<Vec<Option<OwnedFd>>, KernelError> {
+    use std::os::unix::fs::MetadataExt;
+    let want = std::fs::metadata(cgroup)
+        .map_err(|source| KernelError::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        })?
+        .ino();
+    let links = pinned_links(dir)?;
+    let mut adopted = Vec::new();
+    for (hook, link) in HOOKS.iter().zip(links) {
+        let Some((fd, info)) = link else {
+            adopted.push(None);
+            continue;
+        };
+        if info.cgroup_id == 0 {
+            tracing::warn!(
+                "the pinned {} link's cgroup is gone; attaching anew to {}",
+                hook.name,
+                cgroup.display()
+            );
+            let _ = std::fs::remove_file(dir.join(hook.pin));
+            adopted.push(None);
+            continue;
+        }
+        if info.cgroup_id != want {
+            return Err(KernelError::Pin {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "its links belong to cgroup id {}, not to {} (id {want}); each cgroup needs a pin directory of its own",
+                    info.cgroup_id,
+                    cgroup.display()
+                ),
+            });
+        }
+        adopted.push(Some(fd));
+    }
+    Ok(adopted)
+}
+
+/// Opens the links pinned in `dir`, in `HOOKS` order, with what the kernel says of each.
+fn pinned_links(dir: &Path) -> Result<Vec<Option<(OwnedFd, sys::CgroupLink)>>, KernelError> {
     HOOKS
         .iter()
         .map(|hook| {
@@ -349,15 +395,9 @@ fn adopt_links(dir: &Path) -> Result<Vec<Option<(FdLink, OwnedFd)>>, KernelError
                 what,
                 reason,
             };
-            let link: FdLink = PinnedLink::from_pin(&path)
-                .map_err(|e| fail("opening its pin", e.to_string()))?
-                .into();
-            let id = link
-                .info()
-                .map_err(|e| fail("reading its id", e.to_string()))?
-                .id();
-            let fd = sys::link_fd_by_id(id).map_err(|e| fail("opening it", e.to_string()))?;
-            Ok(Some((link, fd)))
+            let fd = sys::obj_get(&path).map_err(|e| fail("opening its pin", e.to_string()))?;
+            let info = sys::link_info(fd.as_fd()).map_err(|e| fail("reading it", e.to_string()))?;
+            Ok(Some((fd, info)))
         })
         .collect()
 }
@@ -377,10 +417,10 @@ fn remove_pins(dir: &Path) {
 /// `tcpmgm detach` without a daemon: detaches the links pinned in `dir` and removes its pins.
 /// Returns false when there was nothing pinned.
 pub fn detach_pinned(dir: &Path) -> Result<bool, KernelError> {
-    let links = adopt_links(dir)?;
+    let links = pinned_links(dir)?;
     let found = links.iter().any(Option::is_some);
     for (hook, link) in HOOKS.iter().zip(&links) {
-        if let Some((_, fd)) = link {
+        if let Some((fd, _)) = link {
             sys::link_detach(fd.as_fd()).map_err(|e| KernelError::Link {
                 program: hook.name,
                 what: "detaching it (BPF_LINK_DETACH, needs Linux 5.9)",
@@ -409,7 +449,7 @@ fn program_error(hook: &'static Hook, what: &'static str) -> impl Fn(ProgramErro
         }
         source => KernelError::Program {
             program: hook.name,
-            kind: hook.kind,
+            kind: hook.kernel_kind,
             min_kernel: hook.min_kernel,
             what,
             source: Box::new(source),
@@ -417,47 +457,58 @@ fn program_error(hook: &'static Hook, what: &'static str) -> impl Fn(ProgramErro
     }
 }
 
-/// Attaches one hook as a bpf_link, takes the link out of aya's keeping (so it lives as long as
-/// the enforcer, not the generation) and opens an fd of it for later program swaps.
-fn attach_hook(
-    ebpf: &mut aya::Ebpf,
-    hook: &'static Hook,
-    cgroup: &File,
-) -> Result<(FdLink, OwnedFd), KernelError> {
+/// Loads (verifies) one hook's program.
+pub(crate) fn load_program(ebpf: &mut aya::Ebpf, hook: &'static Hook) -> Result<(), KernelError> {
     let program = ebpf
         .program_mut(hook.name)
         .expect("the object defines every hook");
-    let fail = program_error(hook, "attach");
-    // The kernel refuses link flags (EINVAL for AllowMultiple), and a link always runs beside the
-    // cgroup's other programs whatever the mode.
-    let mode = CgroupAttachMode::Single;
-    let link: FdLink = if hook.name == names::SOCK_OPS {
-        let p: &mut SockOps = program.try_into().map_err(&fail)?;
-        let id = p.attach(cgroup, mode).map_err(&fail)?;
-        p.take_link(id).map_err(&fail)?.try_into()
-    } else {
-        let p: &mut CgroupSockAddr = program.try_into().map_err(&fail)?;
-        let id = p.attach(cgroup, mode).map_err(&fail)?;
-        p.take_link(id).map_err(&fail)?.try_into()
+    let fail = program_error(hook, "load");
+    match hook.kind {
+        Kind::SockOps => {
+            let p: &mut SockOps = program.try_into().map_err(&fail)?;
+            p.load().map_err(&fail)
+        }
+        Kind::SockAddr => {
+            let p: &mut CgroupSockAddr = program.try_into().map_err(&fail)?;
+            p.load().map_err(&fail)
+        }
+        Kind::Sockopt => {
+            let p: &mut CgroupSockopt = program.try_into().map_err(&fail)?;
+            p.load().map_err(&fail)
+        }
     }
-    .map_err(|e: aya::programs::links::LinkError| KernelError::Link {
-        program: hook.name,
-        what: "taking it",
-        reason: e.to_string(),
-    })?;
-    let id = link
-        .info()
-        .map_err(|e| KernelError::Link {
+}
+
+/// Attaches one hook's program to the cgroup as a bpf_link and pins the link at `pin`: the link
+/// lives as long as its pin, not as long as this run.
+fn attach_hook(
+    programs: &Programs,
+    hook: &'static Hook,
+    cgroup: &File,
+    pin: &Path,
+) -> Result<OwnedFd, KernelError> {
+    let fail = |what: &'static str| {
+        move |e: std::io::Error| KernelError::Link {
             program: hook.name,
-            what: "reading its id",
+            what,
             reason: e.to_string(),
-        })?
-        .id();
-    let fd = sys::link_fd_by_id(id).map_err(|source| KernelError::LinkUpdate {
+        }
+    };
+    let link = sys::link_create(
+        programs.program_fd(hook.name),
+        cgroup.as_fd(),
+        hook.attach_type,
+    )
+    .map_err(|e| KernelError::Link {
         program: hook.name,
-        source,
+        what: "attaching it to the cgroup (BPF_LINK_CREATE, needs Linux 5.7)",
+        reason: format!(
+            "{e} ({}, needs Linux {})",
+            hook.kernel_kind, hook.min_kernel
+        ),
     })?;
-    Ok((link, fd))
+    sys::obj_pin(link.as_fd(), pin).map_err(fail("pinning it"))?;
+    Ok(link)
 }
 
 /// What the pins of a cgroup show: the programs on its links, and each rule's counters.
@@ -487,20 +538,15 @@ pub struct RuleCount {
 
 /// Reads the links and counters pinned in `dir` (counters summed over CPUs).
 pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
-    use aya::maps::{Array, Map, MapData, PerCpuArray};
+    use aya::maps::{Array, Map, MapData, PerCpuHashMap};
     use tcpmgm_common::{Profile, RuleCounters};
     let mut programs = Vec::new();
-    for (hook, link) in HOOKS.iter().zip(adopt_links(dir)?) {
-        if let Some((link, _)) = link {
-            let info = link.info().map_err(|e| KernelError::Link {
-                program: hook.name,
-                what: "reading it",
-                reason: e.to_string(),
-            })?;
+    for (hook, link) in HOOKS.iter().zip(pinned_links(dir)?) {
+        if let Some((_, info)) = link {
             programs.push(PinnedProgram {
                 hook: hook.name,
-                link_id: info.id(),
-                program_id: info.program_id(),
+                link_id: info.id,
+                program_id: info.program_id,
             });
         }
     }
@@ -518,8 +564,8 @@ pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
     };
     let profiles: Array<MapData, Profile> = Array::try_from(Map::Array(open(names::PROFILES)?))
         .map_err(|e| fail(names::PROFILES, e))?;
-    let counters: PerCpuArray<MapData, RuleCounters> =
-        PerCpuArray::try_from(Map::PerCpuArray(open(names::COUNTERS)?))
+    let counters: PerCpuHashMap<MapData, u32, RuleCounters> =
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(open(names::COUNTERS)?))
             .map_err(|e| fail(names::COUNTERS, e))?;
     let slow: Option<aya::maps::PerCpuHashMap<MapData, u32, u64>> =
         MapData::from_pin(dir.join(tcpmgm_common::SLOW_PIN))
@@ -534,12 +580,14 @@ pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
             // The placeholder entry of an empty rule set.
             continue;
         }
-        let per_cpu = counters
-            .get(&rank, 0)
-            .map_err(|e| fail(names::COUNTERS, e))?;
-        let (matched, refused) = per_cpu
-            .iter()
-            .fold((0, 0), |(m, r), c| (m + c.matched, r + c.refused));
+        // A rule gets its entry with its first event.
+        let (matched, refused) = match counters.get(&rank, 0) {
+            Ok(per_cpu) => per_cpu
+                .iter()
+                .fold((0, 0), |(m, r), c| (m + c.matched, r + c.refused)),
+            Err(aya::maps::MapError::KeyNotFound) => (0, 0),
+            Err(e) => return Err(fail(names::COUNTERS, e)),
+        };
         let slow = slow
             .as_ref()
             .and_then(|m| m.get(&profile.rule_id, 0).ok())

@@ -1,15 +1,25 @@
-//! The few bpf(2) commands aya 0.14 does not offer: batch map updates, and replacing the program
-//! of a cgroup link (BPF_LINK_UPDATE), which is what makes a reload atomic per hook.
+//! The few bpf(2) commands aya 0.14 does not offer: batch map updates, opening a pinned link,
+//! reading a link's cgroup, replacing the program of a cgroup link (BPF_LINK_UPDATE) and
+//! detaching it. None of them needs CAP_SYS_ADMIN: objects are opened through their pins
+//! (BPF_OBJ_GET), never by id (the *_GET_FD_BY_ID commands do need it).
+use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::Path;
 
 // Command numbers of `enum bpf_cmd` in include/uapi/linux/bpf.h.
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_UPDATE: libc::c_long = 29;
-const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
-const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+/// The kernel's internal "operation not supported" (include/linux/errno.h), which the bpf
+/// syscall returns for map types without an operation.
+const ENOTSUPP: i32 = 524;
 
 /// `union bpf_attr`'s `batch` member.
 #[repr(C)]
@@ -35,13 +45,25 @@ struct LinkUpdateAttr {
     old_prog_fd: u32,
 }
 
-/// `union bpf_attr`'s `*_get_fd_by_id` member.
+/// `union bpf_attr`'s `obj_pin`/`obj_get` member.
 #[repr(C)]
 #[derive(Default)]
-struct GetFdByIdAttr {
-    id: u32,
-    next_id: u32,
-    open_flags: u32,
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// `union bpf_attr`'s `link_create` member, up to the fields a cgroup link uses.
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    // The kernel checks that the rest of the union it knows is zero.
+    _rest: [u64; 4],
 }
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
@@ -59,7 +81,7 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
 pub fn update_batch<K, V>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> io::Result<bool> {
     assert_eq!(keys.len(), values.len());
     const CHUNK: usize = 1 << 16;
-    for (k, v) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)) {
+    for (i, (k, v)) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)).enumerate() {
         let mut attr = BatchAttr {
             keys: k.as_ptr() as u64,
             values: v.as_ptr() as u64,
@@ -69,9 +91,13 @@ pub fn update_batch<K, V>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> io::
         };
         match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
             Ok(_) => {}
+            // A map type without batch operations fails before anything is written and leaves
+            // `count` as it was (Linux 5.10 does so for LPM tries with ENOTSUPP, 524); a kernel
+            // that knows the command but refuses the type reports no entry written.
             Err(e)
-                if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOTSUP | 524))
-                    && attr.count == 0 =>
+                if i == 0
+                    && (matches!(e.raw_os_error(), Some(libc::ENOTSUP | ENOTSUPP))
+                        || (e.raw_os_error() == Some(libc::EINVAL) && attr.count == 0)) =>
             {
                 return Ok(false);
             }
@@ -81,24 +107,66 @@ pub fn update_batch<K, V>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> io::
     Ok(true)
 }
 
-/// Opens a link by id.
-pub fn link_fd_by_id(id: u32) -> io::Result<OwnedFd> {
-    let mut attr = GetFdByIdAttr {
-        id,
-        ..GetFdByIdAttr::default()
+/// Attaches a program to a cgroup as a bpf_link (Linux 5.7) of `attach_type` (`enum
+/// bpf_attach_type`); the link lives while an fd or a pin of it does.
+pub fn link_create(
+    program: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        ..LinkCreateAttr::default()
     };
-    let fd = bpf(BPF_LINK_GET_FD_BY_ID, &mut attr)?;
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
     // SAFETY: the kernel returned a new fd we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Opens a program by id.
-pub fn prog_fd_by_id(id: u32) -> io::Result<OwnedFd> {
-    let mut attr = GetFdByIdAttr {
-        id,
-        ..GetFdByIdAttr::default()
+/// Pins an object at a bpffs path.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let name = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = ObjAttr {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..ObjAttr::default()
     };
-    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?;
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// `union bpf_attr`'s element member (the value pointer unused for a delete).
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Deletes one element (aya 0.14 has no delete for arrays of maps).
+pub fn map_delete<K>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key as *const K as u64,
+        ..ElemAttr::default()
+    };
+    bpf(BPF_MAP_DELETE_ELEM, &mut attr).map(drop)
+}
+
+/// Opens a pinned object (a link, a program or a map) through its bpffs path.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let name = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = ObjAttr {
+        pathname: name.as_ptr() as u64,
+        ..ObjAttr::default()
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: the kernel returned a new fd we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -116,8 +184,16 @@ struct LinkInfo {
     _pad2: u32,
 }
 
-/// The id (the cgroup directory's inode number) of the cgroup a cgroup link is attached to.
-pub fn link_cgroup_id(link: BorrowedFd<'_>) -> io::Result<u64> {
+/// What the kernel says of a cgroup link.
+#[derive(Clone, Copy, Debug)]
+pub struct CgroupLink {
+    pub id: u32,
+    pub program_id: u32,
+    /// The cgroup directory's inode number; 0 once the cgroup is gone (the link is defunct).
+    pub cgroup_id: u64,
+}
+
+pub fn link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLink> {
     let mut info = LinkInfo::default();
     #[repr(C)]
     struct InfoAttr {
@@ -131,7 +207,11 @@ pub fn link_cgroup_id(link: BorrowedFd<'_>) -> io::Result<u64> {
         info: &mut info as *mut LinkInfo as u64,
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    Ok(info.cgroup_id)
+    Ok(CgroupLink {
+        id: info.id,
+        program_id: info.prog_id,
+        cgroup_id: info.cgroup_id,
+    })
 }
 
 /// Detaches a link from its cgroup now, whoever else holds it (Linux 5.9).

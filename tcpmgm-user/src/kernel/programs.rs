@@ -1,0 +1,155 @@
+//! The programs, loaded and verified once per daemon start, and the maps they read every
+//! generation through.
+//!
+//! Installing a generation puts each of its maps into slot `number % 2` of the array of maps of
+//! its kind, then writes the number into `TCPMGM_CURRENT`: one map update switches every hook to
+//! the new rule set at once, and no program is loaded or verified again. The slot the previous
+//! generation used is emptied (freeing its maps) only after a grace period, so that no program
+//! run that started before the switch can meet a half-replaced rule set.
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, ArrayOfMaps, MapData};
+use aya::{Ebpf, EbpfLoader};
+use tcpmgm_common::names;
+
+use super::generation::Generation;
+use super::{HOOKS, KernelError, SOCKETS_PIN, load_program, sys};
+
+/// The eBPF object, built by tcpmgm-user's build script.
+pub(super) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpmgm"));
+
+/// The maps every generation and every run share, with their pins in `pin_dir`: the per-socket
+/// decisions, the slow-send counters and the log ring buffer.
+pub(super) fn shared_pins(pin_dir: &Path) -> [(&'static str, PathBuf); 3] {
+    [
+        (names::SOCKETS, pin_dir.join(SOCKETS_PIN)),
+        ("AYA_LOGS", pin_dir.join(tcpmgm_common::LOGS_PIN)),
+        (names::SLOW, pin_dir.join(tcpmgm_common::SLOW_PIN)),
+    ]
+}
+
+pub struct Programs {
+    ebpf: Ebpf,
+}
+
+fn fail(map: &'static str, what: &str) -> impl FnOnce(String) -> KernelError {
+    let what = what.to_owned();
+    move |reason| KernelError::Map { map, what, reason }
+}
+
+impl Programs {
+    /// Loads the object and verifies every hook's program.
+    pub fn load(pin_dir: &Path) -> Result<Programs, KernelError> {
+        let started = std::time::Instant::now();
+        let mut loader = EbpfLoader::new();
+        for (name, pin) in shared_pins(pin_dir) {
+            loader.map_pin_path(name, pin);
+        }
+        let mut ebpf = loader
+            .load(OBJECT)
+            .map_err(|e| KernelError::Load(Box::new(e)))?;
+        for hook in &HOOKS {
+            let t = std::time::Instant::now();
+            load_program(&mut ebpf, hook)?;
+            tracing::debug!(
+                program = hook.name,
+                ms = t.elapsed().as_millis(),
+                "verified"
+            );
+        }
+        tracing::debug!(ms = started.elapsed().as_millis(), "programs loaded");
+        Ok(Programs { ebpf })
+    }
+
+    pub(super) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    pub(super) fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
+    pub(super) fn program_fd(&self, name: &str) -> BorrowedFd<'_> {
+        self.ebpf
+            .program(name)
+            .expect("the object defines every hook")
+            .fd()
+            .expect("loaded")
+            .as_fd()
+    }
+
+    fn outer(&mut self, name: &'static str) -> Result<ArrayOfMaps<&mut MapData>, KernelError> {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .expect("the object defines every array of maps");
+        ArrayOfMaps::try_from(map).map_err(|e| fail(name, "opening it")(e.to_string()))
+    }
+
+    /// Puts `next` in its slot and makes it the rule set in force. On error the generation in
+    /// force is untouched.
+    pub(super) fn install(&mut self, next: &Generation) -> Result<(), KernelError> {
+        let slot = next.number % 2;
+        for (i, (name, outer)) in names::POLICY_MAPS.iter().enumerate() {
+            if let Err(e) = self.outer(outer)?.set(slot, next.map(name), 0) {
+                // Nothing reads this slot yet: empty what was put there.
+                for (_, filled) in &names::POLICY_MAPS[..i] {
+                    let _ = self.clear(filled, slot);
+                }
+                return Err(fail(
+                    outer,
+                    &format!("putting generation {} in", next.number),
+                )(e.to_string()));
+            }
+        }
+        let current = self
+            .ebpf
+            .map_mut(names::CURRENT)
+            .expect("the object defines it");
+        let mut current: Array<&mut MapData, u32> = Array::try_from(current)
+            .map_err(|e| fail(names::CURRENT, "opening it")(e.to_string()))?;
+        current
+            .set(0, next.number, 0)
+            .map_err(|e| fail(names::CURRENT, "switching to the new generation")(e.to_string()))
+    }
+
+    /// Empties the slot of a generation that is no longer in force; the kernel frees its maps
+    /// once nothing holds them.
+    pub(super) fn retire(&mut self, number: u32) {
+        for (_, outer) in names::POLICY_MAPS {
+            if let Err(e) = self.clear(outer, number % 2) {
+                tracing::warn!("freeing generation {number} from {outer}: {e}");
+            }
+        }
+    }
+
+    fn clear(&self, outer: &'static str, slot: u32) -> Result<(), KernelError> {
+        let data = match self.ebpf.map(outer) {
+            Some(aya::maps::Map::ArrayOfMaps(m)) => m,
+            other => unreachable!("{outer} is not an array of maps: {other:?}"),
+        };
+        sys::map_delete(data.fd().as_fd(), &slot)
+            .map_err(|e| fail(outer, "emptying a slot")(e.to_string()))
+    }
+
+    /// Pins the programs, so that a later run can put them back without CAP_SYS_ADMIN.
+    pub(super) fn pin(&mut self, dir: &Path) -> Result<(), KernelError> {
+        for hook in &HOOKS {
+            let path = dir.join(hook.program_pin);
+            let fail = |reason: String| KernelError::Pin {
+                path: path.clone(),
+                reason,
+            };
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(|e| fail(e.to_string()))?;
+            }
+            self.ebpf
+                .program_mut(hook.name)
+                .expect("the object defines every hook")
+                .pin(&path)
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        Ok(())
+    }
+}

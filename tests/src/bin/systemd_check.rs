@@ -1,0 +1,491 @@
+//! The systemd deployment's checks, run inside the Debian 12 guest that `cargo xtask vm systemd`
+//! boots: tcpmgm from contrib/tcpmgm.service governs `sip.slice`, where Kamailio runs (through
+//! contrib/sip-service.conf). Each check prints `ok - NAME` or `FAILED - NAME: why` to the file
+//! given (the guest's second serial port), then a closing `systemd: N passed, M failed`.
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tcpmgm_tests::{PROGRAMS, Probe};
+
+/// The rule of the guest's table for loopback peers (see xtask's vm/systemd.rs).
+const RULE: (i32, i32, i32, i32) = (1, 41, 13, 5);
+const CGROUP: &str = "/sys/fs/cgroup/sip.slice";
+const KAMAILIO: &str = "127.0.0.1:5060";
+
+struct Report {
+    out: File,
+    passed: u32,
+    failed: u32,
+}
+
+impl Report {
+    fn check(&mut self, name: &str, result: Result<String, String>) {
+        let line = match result {
+            Ok(detail) if detail.is_empty() => {
+                self.passed += 1;
+                format!("ok - {name}")
+            }
+            Ok(detail) => {
+                self.passed += 1;
+                format!("ok - {name} ({detail})")
+            }
+            Err(why) => {
+                self.failed += 1;
+                format!("FAILED - {name}: {why}")
+            }
+        };
+        println!("{line}");
+        let _ = writeln!(self.out, "{line}");
+    }
+}
+
+fn main() {
+    let path = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "/dev/stdout".into());
+    let out = File::options()
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut r = Report {
+        out,
+        passed: 0,
+        failed: 0,
+    };
+    run(&mut r);
+    let _ = writeln!(r.out, "systemd: {} passed, {} failed", r.passed, r.failed);
+    println!("systemd: {} passed, {} failed", r.passed, r.failed);
+}
+
+fn run(r: &mut Report) {
+    let started = wait_active("tcpmgm.service").and_then(|()| wait_active("kamailio.service"));
+    r.check(
+        "tcpmgm and Kamailio start at boot",
+        started.map(|()| String::new()),
+    );
+    r.check("tcpmgm is ready before Kamailio starts", ready_first());
+    r.check(
+        "Kamailio's first accepted TCP connection carries the rule's keepalive",
+        kamailio_options().and_then(|got| expect_rule(got, RULE)),
+    );
+    r.check(
+        "one program per hook on the slice",
+        one_per_hook().map(|_| String::new()),
+    );
+
+    r.check("systemctl reload applies a changed table", reload());
+    r.check("a failed reload keeps the policy", failed_reload());
+
+    let mut probe = slice_probe();
+    let mut port = 7000;
+    r.check(
+        "systemctl restart adopts the pinned policy with no gap",
+        gapless(&mut probe, &mut port, || {
+            systemctl(&["restart", "tcpmgm.service"]).map(drop)
+        }),
+    );
+    r.check(
+        "kill -9 of the daemon: Restart= brings it back and it adopts the policy with no gap",
+        gapless(&mut probe, &mut port, kill_daemon),
+    );
+    drop(probe);
+    r.check(
+        "a restart of Kamailio stays governed",
+        systemctl(&["restart", "kamailio.service"])
+            .and_then(|_| wait_active("kamailio.service"))
+            .and_then(|()| kamailio_options())
+            .and_then(|got| expect_rule(got, (1, 42, 13, 5))),
+    );
+    r.check("the unit's hardening holds", hardening());
+}
+
+fn systemctl(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("systemctl")
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!(
+            "systemctl {}: {}{text}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn show(unit: &str, property: &str) -> String {
+    systemctl(&["show", "-p", property, "--value", unit]).unwrap_or_default()
+}
+
+fn wait_active(unit: &str) -> Result<(), String> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(120) {
+        if systemctl(&["is-active", "--quiet", unit]).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(format!(
+        "{unit} is {} after 120 s: {}",
+        show(unit, "ActiveState"),
+        show(unit, "StatusText")
+    ))
+}
+
+/// systemd's own record: tcpmgm became active (READY, after attaching) before Kamailio's main
+/// process started.
+fn ready_first() -> Result<String, String> {
+    let ready: u64 = show("tcpmgm.service", "ActiveEnterTimestampMonotonic")
+        .parse()
+        .map_err(|e| format!("tcpmgm's ActiveEnterTimestampMonotonic: {e}"))?;
+    let kamailio: u64 = show("kamailio.service", "ExecMainStartTimestampMonotonic")
+        .parse()
+        .map_err(|e| format!("Kamailio's ExecMainStartTimestampMonotonic: {e}"))?;
+    if ready != 0 && ready < kamailio {
+        Ok(format!(
+            "ready {} ms before Kamailio",
+            (kamailio - ready) / 1000
+        ))
+    } else {
+        Err(format!(
+            "tcpmgm ready at {ready} µs, Kamailio started at {kamailio} µs"
+        ))
+    }
+}
+
+fn expect_rule(got: (i32, i32, i32, i32), want: (i32, i32, i32, i32)) -> Result<String, String> {
+    if got == want {
+        Ok(format!("keepalive/idle/intvl/cnt {got:?}"))
+    } else {
+        Err(format!(
+            "keepalive/idle/intvl/cnt {got:?}, the rule says {want:?}"
+        ))
+    }
+}
+
+/// Opens a connection to Kamailio and reads the options of the socket Kamailio accepted, from
+/// inside Kamailio (pidfd_getfd).
+fn kamailio_options() -> Result<(i32, i32, i32, i32), String> {
+    let client = std::net::TcpStream::connect(KAMAILIO).map_err(|e| format!("connect: {e}"))?;
+    let port = client.local_addr().map_err(|e| e.to_string())?.port();
+    let start = Instant::now();
+    loop {
+        match accepted_socket(port) {
+            Ok(Some(socket)) => return Ok(options(&socket)),
+            Ok(None) if start.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(None) => return Err(format!("no Kamailio process holds the socket of :{port}")),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The inode of the TCP socket 127.0.0.1:5060 -> 127.0.0.1:`peer_port`, from /proc/net/tcp.
+fn server_inode(peer_port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let local = "0100007F:13C4"; // 127.0.0.1:5060
+    let remote = format!("0100007F:{peer_port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(1) == Some(&local) && f.get(2) == Some(&remote.as_str()))
+            .then(|| f.get(9)?.parse().ok())
+            .flatten()
+    })
+}
+
+/// A copy of the socket Kamailio accepted from `peer_port`, taken from whichever of its
+/// processes holds it.
+fn accepted_socket(peer_port: u16) -> Result<Option<OwnedFd>, String> {
+    let Some(inode) = server_inode(peer_port) else {
+        return Ok(None);
+    };
+    let link = format!("socket:[{inode}]");
+    let procs = std::fs::read_to_string(format!("{CGROUP}/kamailio.service/cgroup.procs"))
+        .map_err(|e| format!("Kamailio's cgroup: {e}"))?;
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy() == link) {
+                let num: i32 = fd.file_name().to_string_lossy().parse().unwrap_or(-1);
+                return borrow(pid, num).map(Some);
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// pidfd_getfd (Linux 5.6): a descriptor of another process's socket.
+fn borrow(pid: i32, fd: i32) -> Result<OwnedFd, String> {
+    // SAFETY: plain syscalls; each returned descriptor is owned at once.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        if pidfd < 0 {
+            return Err(format!(
+                "pidfd_open {pid}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
+        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+        if copy < 0 {
+            return Err(format!(
+                "pidfd_getfd {pid}/{fd}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(OwnedFd::from_raw_fd(copy as i32))
+    }
+}
+
+fn getsockopt(fd: &OwnedFd, level: i32, name: i32) -> i32 {
+    let mut v: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: an int-sized option into an int.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 { v } else { -1 }
+}
+
+fn options(fd: &OwnedFd) -> (i32, i32, i32, i32) {
+    let tcp = libc::IPPROTO_TCP;
+    (
+        getsockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+        getsockopt(fd, tcp, libc::TCP_KEEPIDLE),
+        getsockopt(fd, tcp, libc::TCP_KEEPINTVL),
+        getsockopt(fd, tcp, libc::TCP_KEEPCNT),
+    )
+}
+
+/// The links on the slice (from `tcpmgm status`), after checking that bpftool lists one tcpmgm
+/// program per hook.
+fn one_per_hook() -> Result<Vec<(u64, u64)>, String> {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show", CGROUP])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let listing = String::from_utf8_lossy(&out.stdout);
+    for p in PROGRAMS {
+        if listing.matches(p).count() != 1 {
+            return Err(format!("{p}: {listing}"));
+        }
+    }
+    if listing.matches("tcpmgm_").count() != PROGRAMS.len() {
+        return Err(listing.into_owned());
+    }
+    let status = Command::new("tcpmgm")
+        .args(["status", "--cgroup", "sip.slice", "--json"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&status.stdout).map_err(|e| format!("status --json: {e}"))?;
+    let programs = json[0]["kernel"]["programs"]
+        .as_array()
+        .ok_or_else(|| format!("no programs in {json}"))?;
+    Ok(programs
+        .iter()
+        .map(|p| {
+            (
+                p["link_id"].as_u64().unwrap_or(0),
+                p["program_id"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect())
+}
+
+fn sql(statement: &str) -> Result<(), String> {
+    let out = Command::new("sqlite3")
+        .args(["/var/lib/tcpmgm/rules.db", statement])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn reload() -> Result<String, String> {
+    sql("UPDATE tcp_mgm SET keepidle = 42 WHERE id = 1;")?;
+    systemctl(&["reload", "tcpmgm.service"])?;
+    expect_rule(kamailio_options()?, (1, 42, 13, 5))
+}
+
+fn failed_reload() -> Result<String, String> {
+    sql("INSERT INTO tcp_mgm (id, remote_addr) VALUES (99, 'not-an-address');")?;
+    let refused = systemctl(&["reload", "tcpmgm.service"]).is_err();
+    sql("DELETE FROM tcp_mgm WHERE id = 99;")?;
+    if !refused {
+        return Err("systemctl reload succeeded with a bad row in the table".into());
+    }
+    let still = expect_rule(kamailio_options()?, (1, 42, 13, 5))?;
+    Ok(format!("systemctl reload failed, and {still}"))
+}
+
+/// A probe in a transient unit of the slice, so that both ends of its connections are governed.
+fn slice_probe() -> Probe {
+    let mut cmd = Command::new("systemd-run");
+    cmd.args([
+        "--quiet",
+        "--pipe",
+        "--collect",
+        "--slice=sip.slice",
+        "--unit=tcpmgm-check-probe",
+        "/usr/local/bin/tcpmgm-probe",
+    ]);
+    Probe::start(cmd)
+}
+
+/// Runs `disrupt` on another thread while the probe keeps opening connections in the slice:
+/// every connection made meanwhile must carry the rule, and afterwards the same links must hold
+/// one program per hook (adopted, not attached a second time).
+fn gapless(
+    probe: &mut Probe,
+    port: &mut u16,
+    disrupt: impl FnOnce() -> Result<(), String> + Send + 'static,
+) -> Result<String, String> {
+    let before = one_per_hook()?;
+    let worker = std::thread::spawn(disrupt);
+    let mut made = 0;
+    let mut wrong = Vec::new();
+    while !worker.is_finished() {
+        *port += 1;
+        let reply = probe.ask(&format!("pair 127.0.0.1:{port} 127.0.0.1:{port}"));
+        made += 1;
+        if reply.get("server_idle") != 42 || reply.get("client_idle") != 42 {
+            wrong.push(format!("{reply:?}"));
+        }
+    }
+    worker.join().map_err(|_| "the disruption panicked")??;
+    wait_active("tcpmgm.service")?;
+    let after = one_per_hook()?;
+    if !wrong.is_empty() {
+        return Err(format!(
+            "{} of {made} connections made meanwhile did not carry the rule: {}",
+            wrong.len(),
+            wrong[0]
+        ));
+    }
+    let links = |v: &[(u64, u64)]| v.iter().map(|(l, _)| *l).collect::<Vec<_>>();
+    if links(&before) != links(&after) {
+        return Err(format!("the links changed: {before:?} -> {after:?}"));
+    }
+    if before.iter().zip(&after).any(|(b, a)| b.1 == a.1) {
+        return Err(format!(
+            "the new daemon did not swap its programs in: {before:?} -> {after:?}"
+        ));
+    }
+    Ok(format!(
+        "{made} connections meanwhile, all governed; same links"
+    ))
+}
+
+fn kill_daemon() -> Result<(), String> {
+    let pid: i32 = show("tcpmgm.service", "MainPID")
+        .parse()
+        .map_err(|e| format!("MainPID: {e}"))?;
+    let restarts = show("tcpmgm.service", "NRestarts");
+    // SAFETY: a plain kill of the daemon's main process, by its id.
+    if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+        return Err(format!(
+            "kill -9 {pid}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        let now: i32 = show("tcpmgm.service", "MainPID").parse().unwrap_or(0);
+        if now != 0 && now != pid && systemctl(&["is-active", "--quiet", "tcpmgm.service"]).is_ok()
+        {
+            let after = show("tcpmgm.service", "NRestarts");
+            if after == restarts {
+                return Err(format!("NRestarts stayed {after}"));
+            }
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err("tcpmgm did not come back within 60 s".into())
+}
+
+/// What the unit promises: exactly its capabilities, no new privileges, a system-call filter, a
+/// read-only system except bpffs.
+fn hardening() -> Result<String, String> {
+    let pid = show("tcpmgm.service", "MainPID");
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .unwrap_or_default()
+    };
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let want = format!(
+        "{:016x}",
+        (1u64 << CAP_NET_ADMIN) | (1u64 << CAP_PERFMON) | (1u64 << CAP_BPF)
+    );
+    let mut faults = Vec::new();
+    for cap in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        if field(cap) != want {
+            faults.push(format!("{cap} {} (want {want})", field(cap)));
+        }
+    }
+    if field("NoNewPrivs:") != "1" {
+        faults.push(format!("NoNewPrivs: {}", field("NoNewPrivs:")));
+    }
+    if field("Seccomp:") != "2" {
+        faults.push(format!("Seccomp: {}", field("Seccomp:")));
+    }
+    let mounts =
+        std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).map_err(|e| e.to_string())?;
+    let options = |mount_point: &str| {
+        mounts.lines().rev().find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.get(4) == Some(&mount_point)).then(|| f.get(5).map(|o| o.to_string()))?
+        })
+    };
+    if !options("/").is_some_and(|o| o.starts_with("ro")) {
+        faults.push(format!("/ is mounted {:?} for the daemon", options("/")));
+    }
+    if !options("/sys/fs/bpf").is_some_and(|o| o.starts_with("rw")) {
+        faults.push(format!("/sys/fs/bpf is {:?}", options("/sys/fs/bpf")));
+    }
+    if faults.is_empty() {
+        let exposure = Command::new("systemd-analyze")
+            .args(["security", "--no-pager", "tcpmgm.service"])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            })
+            .unwrap_or_default();
+        Ok(format!(
+            "capabilities {want}, NoNewPrivs, seccomp, read-only /; {exposure}"
+        ))
+    } else {
+        Err(faults.join("; "))
+    }
+}

@@ -1,0 +1,359 @@
+//! `cargo xtask vm`: tcpmgm on Debian's own kernels, in QEMU.
+//!
+//! The guest boots a Debian cloud kernel (`kernel.rs`) straight into an initramfs
+//! (`initramfs.rs`) that holds busybox, the tools the tests call (ip, bpftool, ss), tcpmgm, the
+//! probe and the kernel-facing test binaries of this workspace's debug build. Its init mounts
+//! what a Debian host has (cgroup v2 at /sys/fs/cgroup, bpffs, tmpfs), loads the modules the
+//! tests need, runs the test binaries and powers off; the host reads the serial console.
+//!
+//! KVM does not run guests on this kind of machine, so the guest runs under TCG (software
+//! emulation) unless `--accel kvm` is given: about 2.5 s to userspace.
+//!
+//! The tests that need PostgreSQL or MariaDB (their names say so) run on the host only: the guest
+//! has no database servers, and those tests exercise the databases, not the kernel.
+pub mod initramfs;
+pub mod kernel;
+pub mod systemd;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::{cargo, setup, status};
+use initramfs::Initramfs;
+use kernel::Kernel;
+
+/// What the guest's init does after setting up.
+pub enum Guest {
+    /// Run the test binaries with these harness arguments, then power off.
+    Test { harness_args: Vec<String> },
+    /// An interactive shell on the console; `poweroff -f` (or exit) ends it.
+    Shell,
+}
+
+/// The Debian packages the VM needs on the host.
+pub fn tools() -> anyhow::Result<()> {
+    setup::tools(&[
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("busybox", "busybox-static"),
+        ("strip", "binutils"),
+        ("xz", "xz-utils"),
+        ("dpkg-deb", "dpkg"),
+        ("ss", "iproute2"),
+        ("nsenter", "util-linux"),
+    ])?;
+    // A dynamically linked busybox (Debian's `busybox`) cannot serve as the guest's /bin.
+    let ldd = Command::new("ldd").arg(which("busybox")?).output()?;
+    if ldd.status.success() {
+        setup::apt_install(&["busybox-static"])?;
+    }
+    Ok(())
+}
+
+pub fn which(tool: &str) -> anyhow::Result<PathBuf> {
+    let out = crate::output(Command::new("sh").args(["-c", &format!("command -v {tool}")]));
+    let path = out.trim();
+    if path.is_empty() {
+        bail!("{tool} is not on PATH");
+    }
+    Ok(std::fs::canonicalize(path)?)
+}
+
+/// The test binaries and programs of the debug build, built first.
+pub struct Build {
+    pub tcpmgm: PathBuf,
+    pub probe: PathBuf,
+    /// Integration test executables, with their target names.
+    pub tests: Vec<(String, PathBuf)>,
+}
+
+pub fn build(root: &Path, only: &[String]) -> anyhow::Result<Build> {
+    status(cargo(root).args(["build", "--workspace", "--exclude", "tcpmgm-ebpf", "--bins"]))?;
+    let out = cargo(root)
+        .args([
+            "test",
+            "--package",
+            "tcpmgm-tests",
+            "--tests",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cargo test --no-run")?;
+    if !out.status.success() {
+        bail!("building the tests failed");
+    }
+    let mut tests = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_test = msg["reason"] == "compiler-artifact"
+            && msg["profile"]["test"] == true
+            && msg["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"));
+        if let (true, Some(exe), Some(name)) = (
+            is_test,
+            msg["executable"].as_str(),
+            msg["target"]["name"].as_str(),
+        ) && (only.is_empty() || only.iter().any(|o| o == name))
+        {
+            tests.push((name.to_owned(), PathBuf::from(exe)));
+        }
+    }
+    if tests.is_empty() {
+        bail!("no test binary matched {only:?}");
+    }
+    let target = root.join("target/debug");
+    Ok(Build {
+        tcpmgm: target.join("tcpmgm"),
+        probe: target.join("tcpmgm-probe"),
+        tests,
+    })
+}
+
+/// The guest's root filesystem for `kernel`.
+fn initramfs(
+    vm_dir: &Path,
+    kernel: &Kernel,
+    build: &Build,
+    guest: &Guest,
+) -> anyhow::Result<PathBuf> {
+    let mut fs = Initramfs::new();
+    fs.copy("bin/busybox", &which("busybox")?)?;
+    for (tool, at) in [
+        ("ip", "usr/bin/ip"),
+        ("ss", "usr/bin/ss"),
+        ("nsenter", "usr/bin/nsenter"),
+    ] {
+        fs.program(at, &which(tool)?)?;
+    }
+    let bpftool = match &kernel.bpftool {
+        Some(own) => own.clone(),
+        None => which("bpftool")?,
+    };
+    fs.program("usr/sbin/bpftool", &bpftool)?;
+    let scratch = vm_dir.join("stripped");
+    fs.stripped("t/tcpmgm", &build.tcpmgm, &scratch)?;
+    fs.stripped("t/tcpmgm-probe", &build.probe, &scratch)?;
+    // The tests find tcpmgm and the probe in the parent of their own directory, as in target/.
+    for (name, exe) in &build.tests {
+        fs.stripped(&format!("t/deps/{name}"), exe, &scratch)?;
+    }
+    for (i, module) in kernel.modules.iter().enumerate() {
+        fs.copy(&format!("lib/modules/{i}.ko"), module)?;
+    }
+    // Where tcpmgm reads HZ from, as on a Debian host.
+    fs.copy(&format!("boot/config-{}", kernel.release), &kernel.config)?;
+    fs.file(
+        "etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+            .to_vec(),
+        0o644,
+    );
+    fs.file(
+        "etc/group",
+        b"root:x:0:\nnogroup:x:65534:\n".to_vec(),
+        0o644,
+    );
+    fs.file("init", init_script(guest).into_bytes(), 0o755);
+    let path = vm_dir.join(format!("initramfs-{}.cpio", kernel.series.name));
+    fs.write(&path)
+}
+
+/// Marks the guest prints for the host.
+const EXIT_MARK: &str = "TCPMGM-VM-EXIT";
+const DONE_MARK: &str = "TCPMGM-VM-DONE";
+
+fn init_script(guest: &Guest) -> String {
+    let mut s = String::from(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root NO_COLOR=1
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /dev/shm
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount -t bpf bpf /sys/fs/bpf
+hostname tcpmgm-vm
+ip link set lo up
+for m in /lib/modules/*.ko; do insmod "$m" || echo "insmod $m failed"; done
+echo "kernel $(uname -r)"
+/t/tcpmgm features || echo "tcpmgm features failed"
+"#,
+    );
+    match guest {
+        Guest::Shell => s.push_str(
+            r#"echo "tcpmgm is /t/tcpmgm; the test binaries are in /t/deps; poweroff -f ends the VM"
+cd /t
+setsid cttyhack sh -l
+poweroff -f
+"#,
+        ),
+        Guest::Test { harness_args } => {
+            let args: Vec<String> = harness_args.iter().map(|a| sh_quote(a)).collect();
+            s.push_str(&format!(
+                r#"cd /t
+for t in deps/*; do
+  name=${{t#deps/}}
+  echo "==> $name"
+  ./$t --test-threads=2 --skip postgres --skip mariadb {args} 2>&1
+  echo "{EXIT_MARK} $name $?"
+done
+echo {DONE_MARK}
+poweroff -f
+"#,
+                args = args.join(" ")
+            ));
+        }
+    }
+    s
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// What one kernel's run showed.
+#[derive(Default)]
+pub struct Outcome {
+    pub passed: u64,
+    pub failed: u64,
+    /// Test binaries that exited non-zero.
+    pub failed_binaries: Vec<String>,
+    pub finished: bool,
+    pub features: Vec<String>,
+}
+
+/// The QEMU command line for a guest that boots `kernel` with `initrd`.
+pub fn qemu(kernel: &Path, initrd: Option<&Path>, append: &str, accel: &str) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", accel, "-smp", "2", "-m", "3072"])
+        .args(["-nographic", "-no-reboot", "-nodefaults"])
+        .args(["-serial", "stdio"])
+        .arg("-kernel")
+        .arg(kernel)
+        .args(["-append", append]);
+    if accel == "kvm" {
+        cmd.args(["-cpu", "host"]);
+    }
+    if let Some(initrd) = initrd {
+        cmd.arg("-initrd").arg(initrd);
+    }
+    cmd
+}
+
+const APPEND: &str = "console=ttyS0 panic=-1 quiet loglevel=3";
+
+/// Boots the guest for `kernel` and runs what `guest` says. With `Guest::Test`, prints the
+/// console as it comes and returns the tally.
+pub fn run(
+    vm_dir: &Path,
+    kernel: &Kernel,
+    build: &Build,
+    guest: &Guest,
+    accel: &str,
+    limit: Duration,
+) -> anyhow::Result<Outcome> {
+    let initrd = initramfs(vm_dir, kernel, build, guest)?;
+    let mut cmd = qemu(&kernel.vmlinuz, Some(&initrd), APPEND, accel);
+    if let Guest::Shell = guest {
+        status(&mut cmd)?;
+        return Ok(Outcome::default());
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("qemu-system-x86_64")?;
+    let pid = child.id();
+    let started = Instant::now();
+    // A watchdog: the guest is killed (by its pid) when it overruns, so a hung kernel fails
+    // the run instead of holding CI.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(limit).is_err() {
+            eprintln!("xtask: the VM ran past {limit:?}; stopping it");
+            let _ = nix_kill(pid);
+        }
+    });
+    let series = kernel.series.name;
+    let mut outcome = Outcome::default();
+    let mut in_features = false;
+    let reader = BufReader::new(child.stdout.take().context("qemu's stdout")?);
+    for line in reader.split(b'\n') {
+        let line = String::from_utf8_lossy(&line?)
+            .trim_end_matches('\r')
+            .to_owned();
+        // Strip the terminal codes the firmware prints before the kernel.
+        let clean: String = line.chars().filter(|c| !c.is_control()).collect();
+        println!("[{series}] {clean}");
+        if clean.starts_with("tcpmgm features") || clean.starts_with("kernel ") {
+            in_features = true;
+        } else if clean.starts_with("==> ") {
+            in_features = false;
+        }
+        if in_features {
+            outcome.features.push(clean.clone());
+        }
+        if let Some(rest) = clean.strip_prefix("test result: ") {
+            outcome.passed += count(rest, " passed");
+            outcome.failed += count(rest, " failed");
+        } else if let Some(rest) = clean.strip_prefix(EXIT_MARK) {
+            let mut words = rest.split_whitespace();
+            if let (Some(name), Some(code)) = (words.next(), words.next())
+                && code != "0"
+            {
+                outcome
+                    .failed_binaries
+                    .push(format!("{name} (exit {code})"));
+            }
+        } else if clean == DONE_MARK {
+            outcome.finished = true;
+        }
+    }
+    let st = child.wait()?;
+    let _ = done_tx.send(());
+    let _ = watchdog.join();
+    eprintln!(
+        "xtask: VM {series} ({}) ended after {:.0?} ({st})",
+        kernel.release,
+        started.elapsed()
+    );
+    Ok(outcome)
+}
+
+fn nix_kill(pid: u32) -> std::io::Result<()> {
+    let st = Command::new("kill").arg(pid.to_string()).status()?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("kill failed"))
+    }
+}
+
+/// The number before `what` in "ok. 12 passed; 0 failed; ...".
+fn count(text: &str, what: &str) -> u64 {
+    text.split(';')
+        .find_map(|part| part.trim().strip_suffix(what.trim()))
+        .and_then(|n| {
+            n.trim()
+                .trim_start_matches("ok.")
+                .trim_start_matches("FAILED.")
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
