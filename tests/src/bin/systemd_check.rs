@@ -55,7 +55,15 @@ fn main() {
         passed: 0,
         failed: 0,
     };
-    run(&mut r);
+    let mut report = std::panic::AssertUnwindSafe(&mut r);
+    if let Err(panic) = std::panic::catch_unwind(move || run(&mut report)) {
+        let why = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        r.check("the checks ran to the end", Err(format!("panicked: {why}")));
+    }
     let _ = writeln!(r.out, "systemd: {} passed, {} failed", r.passed, r.failed);
     println!("systemd: {} passed, {} failed", r.passed, r.failed);
 }
@@ -363,13 +371,15 @@ fn gapless(
     let worker = std::thread::spawn(disrupt);
     let mut made = 0;
     let mut wrong = Vec::new();
+    // One listener for the whole run: the probe keeps each listener it opens.
+    *port += 1;
     while !worker.is_finished() {
-        *port += 1;
         let reply = probe.ask(&format!("pair 127.0.0.1:{port} 127.0.0.1:{port}"));
         made += 1;
         if reply.get("server_idle") != 42 || reply.get("client_idle") != 42 {
             wrong.push(format!("{reply:?}"));
         }
+        std::thread::sleep(Duration::from_millis(5));
     }
     worker.join().map_err(|_| "the disruption panicked")??;
     wait_active("tcpmgm.service")?;

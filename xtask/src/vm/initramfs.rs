@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 enum Node {
     Dir,
@@ -101,24 +101,6 @@ impl Initramfs {
             self.copy(path, &real)?;
         }
         Ok(())
-    }
-
-    /// A host binary with its debug info stripped (a debug test binary shrinks about sevenfold;
-    /// symbols stay for backtraces).
-    pub fn stripped(&mut self, path: &str, from: &Path, scratch: &Path) -> anyhow::Result<()> {
-        std::fs::create_dir_all(scratch)?;
-        let out = scratch.join(from.file_name().context("a file name")?);
-        let st = Command::new("strip")
-            .arg("--strip-debug")
-            .arg("-o")
-            .arg(&out)
-            .arg(from)
-            .status()
-            .context("strip (package binutils)")?;
-        if !st.success() {
-            bail!("strip {} failed", from.display());
-        }
-        self.program(path, &out)
     }
 
     /// Writes the archive.

@@ -109,12 +109,33 @@ pub fn build(root: &Path, only: &[String]) -> anyhow::Result<Build> {
     if tests.is_empty() {
         bail!("no test binary matched {only:?}");
     }
+    // Stripped copies, taken now: every kernel then runs the same build, whatever happens to
+    // target/ meanwhile.
     let target = root.join("target/debug");
+    let scratch = root.join("target/vm/stripped");
+    std::fs::create_dir_all(&scratch)?;
+    let tests = tests
+        .into_iter()
+        .map(|(name, exe)| Ok((name.clone(), strip(&exe, &scratch.join(&name))?)))
+        .collect::<anyhow::Result<_>>()?;
     Ok(Build {
-        tcpmgm: target.join("tcpmgm"),
-        probe: target.join("tcpmgm-probe"),
+        tcpmgm: strip(&target.join("tcpmgm"), &scratch.join("tcpmgm"))?,
+        probe: strip(&target.join("tcpmgm-probe"), &scratch.join("tcpmgm-probe"))?,
         tests,
     })
+}
+
+/// A copy of `from` without its debug info (a debug test binary shrinks about sevenfold;
+/// symbols stay for backtraces).
+fn strip(from: &Path, to: &Path) -> anyhow::Result<PathBuf> {
+    status(
+        Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(to)
+            .arg(from),
+    )?;
+    Ok(to.to_path_buf())
 }
 
 /// The guest's root filesystem for `kernel`.
@@ -138,12 +159,11 @@ fn initramfs(
         None => which("bpftool")?,
     };
     fs.program("usr/sbin/bpftool", &bpftool)?;
-    let scratch = vm_dir.join("stripped");
-    fs.stripped("t/tcpmgm", &build.tcpmgm, &scratch)?;
-    fs.stripped("t/tcpmgm-probe", &build.probe, &scratch)?;
+    fs.program("t/tcpmgm", &build.tcpmgm)?;
+    fs.program("t/tcpmgm-probe", &build.probe)?;
     // The tests find tcpmgm and the probe in the parent of their own directory, as in target/.
     for (name, exe) in &build.tests {
-        fs.stripped(&format!("t/deps/{name}"), exe, &scratch)?;
+        fs.program(&format!("t/deps/{name}"), exe)?;
     }
     for (i, module) in kernel.modules.iter().enumerate() {
         fs.copy(&format!("lib/modules/{i}.ko"), module)?;

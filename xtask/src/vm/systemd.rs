@@ -20,7 +20,9 @@ use super::which;
 use crate::{cargo, status};
 
 /// The packages of the root image besides debootstrap's minimal base.
-const PACKAGES: &str = "systemd,systemd-sysv,udev,iproute2,kamailio,kmod,bpftool,sqlite3,procps";
+/// (dbus: systemd-run makes transient units through the bus.)
+const PACKAGES: &str =
+    "systemd,systemd-sysv,udev,dbus,iproute2,kamailio,kmod,bpftool,sqlite3,procps";
 
 /// The virtio drivers the guest needs for its disk, in load order (the cloud kernel builds them
 /// as modules and its package has no modules.dep for busybox's insmod).
@@ -108,7 +110,7 @@ pub fn run(
         std::fs::remove_dir_all(&stage)?;
     }
     status(Command::new("cp").arg("-a").arg(&base).arg(&stage))?;
-    install(root, &stage, kernel, &dir)?;
+    install(root, &stage, kernel)?;
     let image = dir.join("root.img");
     status(
         Command::new("mkfs.ext4")
@@ -237,22 +239,14 @@ fn enable(stage: &Path, unit: &str, target: &str) -> anyhow::Result<()> {
 }
 
 /// Puts tcpmgm, its unit, Kamailio's drop-in, the checks and the kernel's modules into `stage`.
-fn install(root: &Path, stage: &Path, kernel: &Kernel, dir: &Path) -> anyhow::Result<()> {
+fn install(root: &Path, stage: &Path, kernel: &Kernel) -> anyhow::Result<()> {
     let debug = root.join("target/debug");
-    let scratch = dir.join("stripped");
-    std::fs::create_dir_all(&scratch)?;
     for (name, to) in [
         ("tcpmgm", "usr/local/bin/tcpmgm"),
         ("tcpmgm-probe", "usr/local/bin/tcpmgm-probe"),
         ("tcpmgm-systemd-check", "usr/local/bin/tcpmgm-systemd-check"),
     ] {
-        status(
-            Command::new("strip")
-                .arg("--strip-debug")
-                .arg("-o")
-                .arg(stage.join(to))
-                .arg(debug.join(name)),
-        )?;
+        super::strip(&debug.join(name), &stage.join(to))?;
     }
     // The unit exactly as shipped; the SIP server's drop-in as the README says to install it.
     std::fs::copy(
