@@ -107,6 +107,12 @@ impl Daemon {
         // Watch before reading, so that no change falls between the two.
         let watcher = watch(&options).await;
         let set = read_valid(&options.rules, options.skip_invalid).await?;
+        let kernel = crate::features::probe();
+        for u in
+            crate::features::unenforceable(&set.rules, &kernel, options.enforce_default_lifetime)
+        {
+            tracing::error!("{u}; the rule's other columns are enforced");
+        }
         let hz = system::kernel_hz()?;
         let policy = compile(set.rules, &set.listeners, hz)?;
         let pin_dir = match &options.pin_dir {

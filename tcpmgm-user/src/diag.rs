@@ -182,8 +182,8 @@ fn addr(family: u8, bytes: [u8; 16], port: [u8; 2]) -> SocketAddr {
 }
 
 /// Every TCP socket (IPv4 and IPv6) of this network namespace, with tcpmgm's record from the
-/// socket storage map `sockets`.
-pub fn tcp_sockets(sockets: BorrowedFd<'_>) -> io::Result<Vec<Socket>> {
+/// socket storage map `sockets` when one is given.
+pub fn tcp_sockets(sockets: Option<BorrowedFd<'_>>) -> io::Result<Vec<Socket>> {
     let mut out = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
         let fd = netlink()?;
@@ -196,11 +196,13 @@ pub fn tcp_sockets(sockets: BorrowedFd<'_>) -> io::Result<Vec<Socket>> {
         };
         // INET_DIAG_REQ_SK_BPF_STORAGES { SK_DIAG_BPF_STORAGE_REQ_MAP_FD: u32 }
         let mut attrs = Vec::new();
-        attrs.extend_from_slice(&12u16.to_ne_bytes());
-        attrs.extend_from_slice(&(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED).to_ne_bytes());
-        attrs.extend_from_slice(&8u16.to_ne_bytes());
-        attrs.extend_from_slice(&SK_DIAG_BPF_STORAGE_REQ_MAP_FD.to_ne_bytes());
-        attrs.extend_from_slice(&(sockets.as_raw_fd() as u32).to_ne_bytes());
+        if let Some(sockets) = sockets {
+            attrs.extend_from_slice(&12u16.to_ne_bytes());
+            attrs.extend_from_slice(&(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED).to_ne_bytes());
+            attrs.extend_from_slice(&8u16.to_ne_bytes());
+            attrs.extend_from_slice(&SK_DIAG_BPF_STORAGE_REQ_MAP_FD.to_ne_bytes());
+            attrs.extend_from_slice(&(sockets.as_raw_fd() as u32).to_ne_bytes());
+        }
         send(
             &fd,
             SOCK_DIAG_BY_FAMILY,

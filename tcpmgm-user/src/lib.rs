@@ -8,6 +8,7 @@ pub mod compile;
 pub mod config;
 pub mod daemon;
 pub mod diag;
+pub mod features;
 pub mod kernel;
 pub mod lifetime;
 pub mod listener;

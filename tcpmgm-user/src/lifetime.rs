@@ -110,7 +110,7 @@ impl Drop for Sweeper {
 pub fn sweep(cgroup_id: u64, sockets_pin: &Path, enforce_default: bool) -> std::io::Result<usize> {
     let map = MapData::from_pin(sockets_pin).map_err(std::io::Error::other)?;
     let mut closed = 0;
-    for s in diag::tcp_sockets(map.fd().as_fd())? {
+    for s in diag::tcp_sockets(Some(map.fd().as_fd()))? {
         let Some(record) = s.record.filter(|r| r.state == SOCK_RULE) else {
             continue;
         };

@@ -147,6 +147,13 @@ enum Command {
         #[arg(long, value_enum, default_value = "out")]
         direction: DirectionArg,
     },
+    /// What the running kernel supports of what tcpmgm uses, probed (like bpftune -S): what
+    /// each feature is for and what provides it. Exits 1 when tcpmgm cannot run here.
+    Features {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the rule database.
     Db {
         #[command(subcommand)]
@@ -207,9 +214,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => conns(cgroup, pin_dir, netns, json),
         Command::Check { mut rules } => {
-            rules.with_config()?;
-            check(rules).await
+            let config = rules.with_config()?;
+            check(rules, config.enforce_default_lifetime.unwrap_or(false)).await
         }
+        Command::Features { json } => features(json),
         Command::Status {
             cgroup,
             pin_dir,
@@ -263,7 +271,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             enforce_default_lifetime,
             reapply_existing,
         } => {
-            system::check_privileges()?;
+            system::check_privileges(&[])?;
             let config = rules.with_config()?;
             let cgroup = cgroup
                 .or(config.cgroup)
@@ -278,6 +286,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 enforce_default_lifetime || config.enforce_default_lifetime.unwrap_or(false);
             let reapply_existing = reapply_existing || config.reapply_existing.unwrap_or(false);
             let create_cgroup = create_cgroup || config.create_cgroup.unwrap_or(false);
+            system::check_privileges(&system::option_capabilities(
+                netns.is_some(),
+                reapply_existing,
+            ))?;
             let created = if create_cgroup {
                 system::create_cgroup(&cgroup)?
             } else {
@@ -476,10 +488,37 @@ fn status(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn check(args: RuleArgs) -> anyhow::Result<ExitCode> {
+fn features(json: bool) -> anyhow::Result<ExitCode> {
+    let mut found = tcpmgm::features::probe();
+    found.push(tcpmgm::features::programs_load());
+    let kernel = nix::sys::utsname::uname()?
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&found)?);
+    } else {
+        print!("{}", tcpmgm::features::report(&kernel, &found));
+    }
+    let runs = found
+        .iter()
+        .all(|f| f.supported || f.need != tcpmgm::features::Need::Core);
+    Ok(if runs {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn check(args: RuleArgs, enforce_default_lifetime: bool) -> anyhow::Result<ExitCode> {
     let set = args.read().await?;
     for e in &set.errors {
         println!("{e}");
+    }
+    // Valid, but beyond this kernel: said, and not counted as bad rows.
+    let kernel = tcpmgm::features::probe();
+    for u in tcpmgm::features::unenforceable(&set.rules, &kernel, enforce_default_lifetime) {
+        println!("warning: {u}");
     }
     let bad: std::collections::BTreeSet<_> = set.errors.iter().map(|e| e.id).collect();
     eprintln!("{} rules valid, {} rows bad", set.rules.len(), bad.len());

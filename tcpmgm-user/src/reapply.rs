@@ -96,7 +96,7 @@ pub fn reapply(
 ) -> std::io::Result<Reapplied> {
     let cgroup_id = std::fs::metadata(cgroup)?.ino();
     let data = MapData::from_pin(sockets_pin).map_err(std::io::Error::other)?;
-    let sockets = diag::tcp_sockets(data.fd().as_fd())?;
+    let sockets = diag::tcp_sockets(Some(data.fd().as_fd()))?;
     let mut records: SkStorage<MapData, SockPolicy> =
         SkStorage::try_from(Map::SkStorage(data)).map_err(std::io::Error::other)?;
     let ours: Vec<&diag::Socket> = sockets

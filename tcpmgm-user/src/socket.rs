@@ -135,7 +135,7 @@ pub fn connections(cgroup: &Path, sockets_pin: &Path) -> std::io::Result<Vec<Con
     use std::os::unix::fs::MetadataExt;
     let cgroup_id = std::fs::metadata(cgroup)?.ino();
     let map = MapData::from_pin(sockets_pin).map_err(std::io::Error::other)?;
-    Ok(crate::diag::tcp_sockets(map.fd().as_fd())?
+    Ok(crate::diag::tcp_sockets(Some(map.fd().as_fd()))?
         .into_iter()
         .filter(|s| s.cgroup_id == Some(cgroup_id))
         .map(|s| Connection {

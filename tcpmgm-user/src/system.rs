@@ -20,6 +20,8 @@ pub enum SystemError {
          (Linux 5.8+); this process has {0}"
     )]
     NotPrivileged(String),
+    #[error("{0}, which this process lacks (add it to the unit's capabilities)")]
+    OptionNotPrivileged(String),
     #[error("{path}: {source}")]
     Read {
         path: PathBuf,
@@ -32,12 +34,47 @@ pub enum SystemError {
 }
 
 /// Capability numbers from linux/capability.h.
+const CAP_DAC_READ_SEARCH: u32 = 2;
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_PTRACE: u32 = 19;
+const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-/// Refuses early, with what is missing, when this process cannot load and attach programs.
-pub fn check_privileges() -> Result<(), SystemError> {
+/// What `run` needs in any case: loading the programs (CAP_BPF; CAP_PERFMON, without which the
+/// verifier refuses their pointer arithmetic as Spectre-unsafe), attaching them to a cgroup and
+/// closing sockets through sock_diag (CAP_NET_ADMIN).
+const ALWAYS: [(u32, &str); 3] = [
+    (CAP_BPF, "CAP_BPF"),
+    (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+    (CAP_PERFMON, "CAP_PERFMON"),
+];
+
+/// The options of `run` that need more: entering another network namespace (`--netns`), and
+/// reading the cgroup's processes' descriptors to borrow their sockets (`--reapply-existing`:
+/// /proc/PID/fd of another user, pidfd_getfd).
+pub fn option_capabilities(
+    netns: bool,
+    reapply_existing: bool,
+) -> Vec<(&'static str, u32, &'static str)> {
+    let mut extra = Vec::new();
+    if netns {
+        extra.push(("--netns", CAP_SYS_ADMIN, "CAP_SYS_ADMIN"));
+    }
+    if reapply_existing {
+        extra.push(("--reapply-existing", CAP_SYS_PTRACE, "CAP_SYS_PTRACE"));
+        extra.push((
+            "--reapply-existing",
+            CAP_DAC_READ_SEARCH,
+            "CAP_DAC_READ_SEARCH",
+        ));
+    }
+    extra
+}
+
+/// Refuses early, with what is missing, when this process cannot load and attach programs, or
+/// lacks what an option it was given needs (`option_capabilities`).
+pub fn check_privileges(options: &[(&'static str, u32, &'static str)]) -> Result<(), SystemError> {
     let status =
         std::fs::read_to_string("/proc/self/status").map_err(|source| SystemError::Read {
             path: "/proc/self/status".into(),
@@ -47,23 +84,46 @@ pub fn check_privileges() -> Result<(), SystemError> {
         .lines()
         .find_map(|l| u64::from_str_radix(l.strip_prefix("CapEff:")?.trim(), 16).ok())
         .unwrap_or(0);
-    let missing: Vec<&str> = [
-        (CAP_BPF, "CAP_BPF"),
-        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
-        (CAP_PERFMON, "CAP_PERFMON"),
-    ]
-    .into_iter()
-    .filter(|(bit, _)| effective & (1 << bit) == 0)
-    .map(|(_, name)| name)
-    .collect();
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(SystemError::NotPrivileged(format!(
+    let has = |bit: u32| effective & (1 << bit) != 0;
+    let missing: Vec<&str> = ALWAYS
+        .into_iter()
+        .filter(|(bit, _)| !has(*bit))
+        .map(|(_, name)| name)
+        .collect();
+    if !missing.is_empty() {
+        return Err(SystemError::NotPrivileged(format!(
             "uid {} without {}",
             nix::unistd::Uid::effective(),
             missing.join(", ")
-        )))
+        )));
+    }
+    let missing: Vec<String> = options
+        .iter()
+        .filter(|(_, bit, _)| !has(*bit))
+        .map(|(option, _, name)| format!("{option} needs {name}"))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(SystemError::OptionNotPrivileged(missing.join(", ")))
+    }
+}
+
+/// Raises RLIMIT_MEMLOCK as far as this process may: to infinity with CAP_SYS_RESOURCE (or when
+/// systemd's LimitMEMLOCK= already allows it), else the soft limit to the hard one. Linux before
+/// 5.11 charges BPF maps and programs to it, and its default (64 KiB to 8 MiB) is too small.
+pub fn raise_memlock() {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit, setrlimit};
+    if setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY).is_ok() {
+        return;
+    }
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_MEMLOCK) {
+        let _ = setrlimit(Resource::RLIMIT_MEMLOCK, hard, hard);
+        if hard != RLIM_INFINITY {
+            tracing::debug!(
+                "RLIMIT_MEMLOCK stays at {hard} bytes: on Linux before 5.11 that bounds the BPF maps (LimitMEMLOCK=infinity in a unit)"
+            );
+        }
     }
 }
 

@@ -179,9 +179,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "--bins",
             ]))?;
             let mut cmd = cargo(&root);
-            cmd.args(["test", "--workspace", "--exclude", "tcpmgm-ebpf"])
-                .args(&args)
-                .envs(databases);
+            // Every test file runs even when one fails, so one run shows every failure.
+            cmd.args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "tcpmgm-ebpf",
+                "--no-fail-fast",
+            ])
+            .args(&args)
+            .envs(databases);
             status(&mut cmd)
         }
         Task::Run { args } => {

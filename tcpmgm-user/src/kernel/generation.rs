@@ -1,19 +1,19 @@
 //! One generation: the policy maps of one rule set, each sized to its contents and filled,
 //! ready to be installed into the programs' arrays of maps (see `programs`).
 //!
-//! The maps are made from the object's own declarations (a second loader that creates maps
-//! only and verifies nothing), so they carry the BTF bpftool prints field names from.
+//! The maps are made from the object's own declarations and BTF (see `programs::Templates`), so
+//! they carry the field names bpftool prints.
 use std::collections::HashMap as Maps;
 use std::os::fd::AsFd as _;
 use std::path::Path;
 
+use aya::Pod;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, IterableMap, Map, MapData};
-use aya::{EbpfLoader, Pod};
 use ipnet::IpNet;
 use tcpmgm_common::{Header, ListRef, LocalKey4, LocalKey6, names};
 
-use super::programs::{OBJECT, shared_pins};
+use super::programs::Templates;
 use super::{KernelError, sys};
 use crate::compile::Policy;
 
@@ -29,7 +29,11 @@ fn map_err(map: &'static str, what: impl Into<String>) -> impl FnOnce(String) ->
 
 impl Generation {
     /// Makes and fills the maps of `policy` as generation `number`.
-    pub fn build(policy: &Policy, pin_dir: &Path, number: u32) -> Result<Generation, KernelError> {
+    pub(super) fn build(
+        policy: &Policy,
+        templates: &Templates,
+        number: u32,
+    ) -> Result<Generation, KernelError> {
         let started = std::time::Instant::now();
         let count = |prefixes: &[(IpNet, ListRef)], full: u8| {
             let hosts = prefixes
@@ -53,25 +57,9 @@ impl Generation {
             (names::HOST_V4, host4),
             (names::HOST_V6, host6),
         ];
-        let mut loader = EbpfLoader::new();
-        for (name, len) in sizes {
-            loader.map_max_entries(name, len.max(1) as u32);
-        }
-        // The shared maps are opened from their pins rather than made again.
-        for (name, pin) in shared_pins(pin_dir) {
-            loader.map_pin_path(name, pin);
-        }
-        let mut ebpf = loader
-            .load(OBJECT)
-            .map_err(|e| KernelError::Load(Box::new(e)))?;
         let mut maps = Maps::new();
-        for (name, _) in names::POLICY_MAPS {
-            let map = ebpf.take_map(name).ok_or_else(|| KernelError::Map {
-                map: name,
-                what: "making it".into(),
-                reason: "the object does not declare it".into(),
-            })?;
-            maps.insert(name, map);
+        for (name, len) in sizes {
+            maps.insert(name, templates.create(name, len as u32)?);
         }
         let made = started.elapsed();
         let mut generation = Generation { number, maps };

@@ -170,7 +170,7 @@ impl Enforcer {
         };
         std::fs::create_dir_all(pin_dir).map_err(|e| fail_pin(e.to_string()))?;
         let mut programs = Programs::load(pin_dir)?;
-        let first = Generation::build(policy, pin_dir, 1)?;
+        let first = Generation::build(policy, &programs.templates, 1)?;
         programs.install(&first)?;
         let pinned = adopt_links(pin_dir, cgroup)?;
         let adopted = pinned.iter().any(Option::is_some);
@@ -238,7 +238,7 @@ impl Enforcer {
     pub fn replace(&mut self, policy: &Policy) -> Result<(), KernelError> {
         // The slot the new generation takes is the retired one's.
         self.release_retired();
-        let next = Generation::build(policy, &self.pin_dir, self.current.number + 1)?;
+        let next = Generation::build(policy, &self.programs.templates, self.current.number + 1)?;
         self.programs.install(&next)?;
         let old = std::mem::replace(&mut self.current, next);
         self.retired = Some((old, std::time::Instant::now()));
@@ -509,6 +509,20 @@ fn attach_hook(
     })?;
     sys::obj_pin(link.as_fd(), pin).map_err(fail("pinning it"))?;
     Ok(link)
+}
+
+/// Whether this kernel batch-updates LPM tries (tried on a map of one entry).
+pub fn lpm_batch_supported() -> std::io::Result<bool> {
+    use aya::maps::IterableMap as _;
+    use aya::maps::lpm_trie::{Key, LpmTrie};
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    let trie = LpmTrie::<aya::maps::MapData, [u8; 4], u32>::create(1, BPF_F_NO_PREALLOC)
+        .map_err(std::io::Error::other)?;
+    sys::update_batch(
+        trie.map().fd().as_fd(),
+        &[Key::new(8, [10, 0, 0, 0])],
+        &[1u32],
+    )
 }
 
 /// What the pins of a cgroup show: the programs on its links, and each rule's counters.

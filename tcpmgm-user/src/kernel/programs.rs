@@ -6,10 +6,11 @@
 //! the new rule set at once, and no program is loaded or verified again. The slot the previous
 //! generation used is emptied (freeing its maps) only after a grace period, so that no program
 //! run that started before the switch can meet a half-replaced rule set.
-use std::os::fd::{AsFd, BorrowedFd};
+use std::collections::HashMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, ArrayOfMaps, MapData};
+use aya::maps::{Array, ArrayOfMaps, Map, MapData};
 use aya::{Ebpf, EbpfLoader};
 use tcpmgm_common::names;
 
@@ -31,6 +32,61 @@ pub(super) fn shared_pins(pin_dir: &Path) -> [(&'static str, PathBuf); 3] {
 
 pub struct Programs {
     ebpf: Ebpf,
+    pub(super) templates: Templates,
+}
+
+/// What each generation's maps are made from: the object's declarations of the policy maps, and
+/// the object's BTF, loaded into the kernel once, so that a reload creates its maps (with the
+/// field names bpftool prints) and nothing else.
+pub(super) struct Templates {
+    btf: Option<OwnedFd>,
+    maps: HashMap<&'static str, aya_obj::Map>,
+}
+
+impl Templates {
+    fn load() -> Result<Templates, KernelError> {
+        let fail = |what: &str, reason: String| KernelError::Map {
+            map: "(policy maps)",
+            what: what.to_owned(),
+            reason,
+        };
+        let mut object = aya_obj::Object::parse(OBJECT)
+            .map_err(|e| fail("parsing the object", e.to_string()))?;
+        let btf = match aya::features().btf() {
+            Some(features) => match object
+                .fixup_and_sanitize_btf(features)
+                .map_err(|e| fail("preparing the object's BTF", e.to_string()))?
+            {
+                Some(btf) => Some(
+                    sys::btf_load(&btf.to_bytes())
+                        .map_err(|e| fail("loading the object's BTF", e.to_string()))?,
+                ),
+                None => None,
+            },
+            None => None,
+        };
+        let mut maps = HashMap::new();
+        for (name, _) in names::POLICY_MAPS {
+            let map = object.maps.remove(name).ok_or_else(|| KernelError::Map {
+                map: name,
+                what: "finding its declaration".into(),
+                reason: "the object does not declare it".into(),
+            })?;
+            maps.insert(name, map);
+        }
+        Ok(Templates { btf, maps })
+    }
+
+    /// A new map of kind `name` (a name of `names::POLICY_MAPS`) for `max_entries` entries.
+    pub(super) fn create(&self, name: &'static str, max_entries: u32) -> Result<Map, KernelError> {
+        let mut def = self.maps[name].clone();
+        def.set_max_entries(max_entries.max(1));
+        let data =
+            MapData::create(def, name, self.btf.as_ref().map(|fd| fd.as_fd())).map_err(|e| {
+                fail(name, &format!("creating it for {max_entries} entries"))(e.to_string())
+            })?;
+        Map::from_map_data(data).map_err(|e| fail(name, "opening it")(e.to_string()))
+    }
 }
 
 fn fail(map: &'static str, what: &str) -> impl FnOnce(String) -> KernelError {
@@ -42,6 +98,7 @@ impl Programs {
     /// Loads the object and verifies every hook's program.
     pub fn load(pin_dir: &Path) -> Result<Programs, KernelError> {
         let started = std::time::Instant::now();
+        crate::system::raise_memlock();
         let mut loader = EbpfLoader::new();
         for (name, pin) in shared_pins(pin_dir) {
             loader.map_pin_path(name, pin);
@@ -58,8 +115,9 @@ impl Programs {
                 "verified"
             );
         }
+        let templates = Templates::load()?;
         tracing::debug!(ms = started.elapsed().as_millis(), "programs loaded");
-        Ok(Programs { ebpf })
+        Ok(Programs { ebpf, templates })
     }
 
     pub(super) fn ebpf_mut(&mut self) -> &mut Ebpf {

@@ -12,6 +12,7 @@ use std::path::Path;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_BTF_LOAD: libc::c_long = 18;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -146,6 +147,29 @@ struct ElemAttr {
     key: u64,
     value: u64,
     flags: u64,
+}
+
+/// `union bpf_attr`'s BTF_LOAD member (as of Linux 5.10).
+#[repr(C)]
+#[derive(Default)]
+struct BtfLoadAttr {
+    btf: u64,
+    btf_log_buf: u64,
+    btf_size: u32,
+    btf_log_size: u32,
+    btf_log_level: u32,
+}
+
+/// Loads BTF type information into the kernel.
+pub fn btf_load(data: &[u8]) -> io::Result<OwnedFd> {
+    let mut attr = BtfLoadAttr {
+        btf: data.as_ptr() as u64,
+        btf_size: data.len() as u32,
+        ..BtfLoadAttr::default()
+    };
+    let fd = bpf(BPF_BTF_LOAD, &mut attr)?;
+    // SAFETY: the kernel returned a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Deletes one element (aya 0.14 has no delete for arrays of maps).

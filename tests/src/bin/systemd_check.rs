@@ -108,6 +108,74 @@ fn run(r: &mut Report) {
             .and_then(|got| expect_rule(got, (1, 42, 13, 5))),
     );
     r.check("the unit's hardening holds", hardening());
+    r.check(
+        "--reapply-existing is refused with the unit's capabilities alone, and works with CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH added",
+        reapply_existing(),
+    );
+}
+
+/// The daemon's own answer to an option it lacks capabilities for, then the option at work
+/// once a drop-in adds them: a connection Kamailio accepted before a reload gets the new rule.
+fn reapply_existing() -> Result<String, String> {
+    let config = "/etc/tcpmgm/tcpmgm.toml";
+    let text = std::fs::read_to_string(config).map_err(|e| e.to_string())?;
+    std::fs::write(config, format!("{text}reapply_existing = true\n"))
+        .map_err(|e| e.to_string())?;
+    if systemctl(&["restart", "tcpmgm.service"]).is_ok() {
+        return Err(
+            "tcpmgm started with --reapply-existing and the unit's capabilities alone".into(),
+        );
+    }
+    let journal = Command::new("journalctl")
+        .args(["-u", "tcpmgm.service", "-n", "20", "--no-pager"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let said =
+        "--reapply-existing needs CAP_SYS_PTRACE, --reapply-existing needs CAP_DAC_READ_SEARCH";
+    if !journal.contains(said) {
+        return Err(format!("the journal does not say \"{said}\": {journal}"));
+    }
+    let drop_in = "/etc/systemd/system/tcpmgm.service.d/reapply.conf";
+    std::fs::create_dir_all("/etc/systemd/system/tcpmgm.service.d").map_err(|e| e.to_string())?;
+    std::fs::write(
+        drop_in,
+        "[Service]\nCapabilityBoundingSet=CAP_SYS_PTRACE CAP_DAC_READ_SEARCH\nAmbientCapabilities=CAP_SYS_PTRACE CAP_DAC_READ_SEARCH\n",
+    )
+    .map_err(|e| e.to_string())?;
+    systemctl(&["daemon-reload"])?;
+    systemctl(&["reset-failed", "tcpmgm.service"])?;
+    systemctl(&["restart", "tcpmgm.service"])?;
+    let held = std::net::TcpStream::connect(KAMAILIO).map_err(|e| format!("connect: {e}"))?;
+    let port = held.local_addr().map_err(|e| e.to_string())?.port();
+    let before = wait_for_socket(port).map(|s| options(&s))?;
+    sql("UPDATE tcp_mgm SET keepidle = 43 WHERE id = 1;")?;
+    systemctl(&["reload", "tcpmgm.service"])?;
+    let after = wait_for_socket(port).map(|s| options(&s))?;
+    if before.1 == 42 && after == (1, 43, 13, 5) {
+        Ok(format!(
+            "held connection: keepidle {} -> {}",
+            before.1, after.1
+        ))
+    } else {
+        Err(format!(
+            "held connection before {before:?}, after the reload {after:?}"
+        ))
+    }
+}
+
+/// Kamailio's side of the connection from `port`, once Kamailio has accepted it.
+fn wait_for_socket(port: u16) -> Result<OwnedFd, String> {
+    let start = Instant::now();
+    loop {
+        match accepted_socket(port)? {
+            Some(socket) => return Ok(socket),
+            None if start.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            None => return Err(format!("no Kamailio process holds the socket of :{port}")),
+        }
+    }
 }
 
 fn systemctl(args: &[&str]) -> Result<String, String> {
@@ -182,17 +250,7 @@ fn expect_rule(got: (i32, i32, i32, i32), want: (i32, i32, i32, i32)) -> Result<
 fn kamailio_options() -> Result<(i32, i32, i32, i32), String> {
     let client = std::net::TcpStream::connect(KAMAILIO).map_err(|e| format!("connect: {e}"))?;
     let port = client.local_addr().map_err(|e| e.to_string())?.port();
-    let start = Instant::now();
-    loop {
-        match accepted_socket(port) {
-            Ok(Some(socket)) => return Ok(options(&socket)),
-            Ok(None) if start.elapsed() < Duration::from_secs(10) => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Ok(None) => return Err(format!("no Kamailio process holds the socket of :{port}")),
-            Err(e) => return Err(e),
-        }
-    }
+    wait_for_socket(port).map(|s| options(&s))
 }
 
 /// The inode of the TCP socket 127.0.0.1:5060 -> 127.0.0.1:`peer_port`, from /proc/net/tcp.

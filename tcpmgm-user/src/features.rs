@@ -1,0 +1,389 @@
+//! What the running kernel offers of what tcpmgm uses (`tcpmgm features`), found by probing it
+//! (loading tiny programs, creating maps, calling the syscalls) rather than from its version.
+//!
+//! Each feature says what it is for: tcpmgm itself (without it, `run` cannot start), a column
+//! of the table (rules that set it cannot be enforced: `check` and `run` name them), an option
+//! of `run`, or a faster path with a slower one in its place. `run` and `check` ask only the
+//! cheap probes; `tcpmgm features` also loads the programs themselves.
+use aya::maps::MapType;
+use aya::programs::ProgramType;
+use aya::sys::{BpfHelper, is_helper_supported, is_map_supported, is_program_supported};
+use serde::Serialize;
+
+use crate::rule::Rule;
+
+/// Who needs a feature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Need {
+    /// tcpmgm cannot run without it.
+    Core,
+    /// Rules whose column asks for it (see `Column`).
+    Column(Column),
+    /// An option of `run`.
+    Option(&'static str),
+    /// A faster way; without it tcpmgm takes a slower one.
+    Speed(&'static str),
+}
+
+/// The columns whose enforcement depends on more than the core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Column {
+    NoNewConn,
+    ConnectTimeout,
+    ConLifetime,
+}
+
+impl Column {
+    pub fn name(self) -> &'static str {
+        match self {
+            Column::NoNewConn => "no_new_conn",
+            Column::ConnectTimeout => "connect_timeout",
+            Column::ConLifetime => "con_lifetime",
+        }
+    }
+
+    /// Whether `rule` asks for this column's enforcement.
+    fn asked_by(self, rule: &Rule, enforce_default_lifetime: bool) -> bool {
+        let p = &rule.profile;
+        match self {
+            Column::NoNewConn => p.no_new_conn,
+            Column::ConnectTimeout => p.connect_timeout_ms != 0,
+            Column::ConLifetime => {
+                crate::lifetime::enforced(p.con_lifetime_s, enforce_default_lifetime)
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Feature {
+    pub name: &'static str,
+    /// What provides it: a kernel version, a configuration option.
+    pub provided_by: &'static str,
+    pub need: Need,
+    pub supported: bool,
+    /// Why not, or what else was learnt.
+    pub detail: String,
+}
+
+fn feature(
+    name: &'static str,
+    provided_by: &'static str,
+    need: Need,
+    probe: Result<bool, String>,
+) -> Feature {
+    let (supported, detail) = match probe {
+        Ok(ok) => (ok, String::new()),
+        Err(e) => (false, e),
+    };
+    Feature {
+        name,
+        provided_by,
+        need,
+        supported,
+        detail,
+    }
+}
+
+fn program(t: ProgramType) -> Result<bool, String> {
+    is_program_supported(t).map_err(|e| e.to_string())
+}
+
+fn map(t: MapType) -> Result<bool, String> {
+    is_map_supported(t).map_err(|e| e.to_string())
+}
+
+fn helper(t: ProgramType, h: BpfHelper) -> Result<bool, String> {
+    is_helper_supported(t, h).map_err(|e| e.to_string())
+}
+
+/// A bpf(2) command the kernel knows: called with a descriptor that is never valid (at word
+/// `fd_word` of an otherwise zero bpf_attr), it answers EBADF, where an unknown command answers
+/// EINVAL.
+fn command(cmd: libc::c_long, fd_word: usize) -> Result<bool, String> {
+    let mut attr = [0u32; 16];
+    attr[fd_word] = u32::MAX;
+    // SAFETY: a bpf_attr-sized buffer the kernel only reads.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    match std::io::Error::last_os_error().raw_os_error() {
+        _ if r >= 0 => Ok(true),
+        Some(libc::EBADF) => Ok(true),
+        Some(libc::EINVAL) => Ok(false),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// pidfd_getfd (Linux 5.6): ENOSYS where missing, EBADF for a bad pidfd otherwise.
+fn pidfd_getfd() -> Result<bool, String> {
+    // SAFETY: a syscall with a descriptor that is never valid.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, -1, 0, 0) };
+    Ok(r >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS))
+}
+
+/// SOCK_DESTROY through sock_diag, tried on a listening socket of our own.
+fn sock_destroy() -> Result<bool, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let sockets = crate::diag::tcp_sockets(None)
+        .map_err(|e| format!("sock_diag (inet_diag and tcp_diag loaded?): {e}"))?;
+    let Some(ours) = sockets.iter().find(|s| s.local == local) else {
+        return Err("sock_diag did not list a socket just opened".into());
+    };
+    match crate::diag::destroy(ours) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Whether BPF memory is charged to the cgroup (Linux 5.11) rather than to RLIMIT_MEMLOCK.
+fn memcg_accounting() -> Result<bool, String> {
+    let release = nix::sys::utsname::uname()
+        .map_err(|e| e.to_string())?
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let mut parts = release
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    Ok((major, minor) >= (5, 11))
+}
+
+// Command numbers of `enum bpf_cmd` (include/uapi/linux/bpf.h).
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// Probes everything but the programs themselves (see `programs_load`).
+pub fn probe() -> Vec<Feature> {
+    use Need::*;
+    vec![
+        feature(
+            "BPF_PROG_TYPE_SOCK_OPS",
+            "Linux 4.13",
+            Core,
+            program(ProgramType::SockOps),
+        ),
+        feature(
+            "bpf_setsockopt() from sock_ops",
+            "Linux 4.13",
+            Core,
+            helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_setsockopt),
+        ),
+        feature(
+            "BPF_MAP_TYPE_SK_STORAGE (one decision per socket)",
+            "Linux 5.2",
+            Core,
+            map(MapType::SkStorage),
+        ),
+        feature(
+            "BPF_MAP_TYPE_LPM_TRIE",
+            "Linux 4.11",
+            Core,
+            map(MapType::LpmTrie),
+        ),
+        feature(
+            "BPF_MAP_TYPE_ARRAY_OF_MAPS (switching rule sets in one step)",
+            "Linux 4.12",
+            Core,
+            map(MapType::ArrayOfMaps),
+        ),
+        feature(
+            "BPF_MAP_TYPE_RINGBUF (the programs' log events)",
+            "Linux 5.8",
+            Core,
+            map(MapType::RingBuf),
+        ),
+        feature(
+            "cgroup bpf_links (BPF_LINK_CREATE)",
+            "Linux 5.7",
+            Core,
+            command(BPF_LINK_CREATE, 0),
+        ),
+        feature(
+            "BPF_LINK_UPDATE (a restart adopts the pinned links)",
+            "Linux 5.7",
+            Core,
+            command(BPF_LINK_UPDATE, 0),
+        ),
+        feature(
+            "BPF_LINK_DETACH (tcpmgm detach)",
+            "Linux 5.9",
+            Core,
+            command(BPF_LINK_DETACH, 0),
+        ),
+        feature(
+            "BPF_PROG_TYPE_CGROUP_SOCK_ADDR (connect4, connect6)",
+            "Linux 4.17",
+            Column(self::Column::NoNewConn),
+            program(ProgramType::CgroupSockAddr),
+        ),
+        feature(
+            "BPF_PROG_TYPE_CGROUP_SOCKOPT (the application's own options)",
+            "Linux 5.3",
+            Column(self::Column::ConnectTimeout),
+            program(ProgramType::CgroupSockopt),
+        ),
+        feature(
+            "SOCK_DESTROY through sock_diag",
+            "CONFIG_INET_DIAG_DESTROY",
+            Column(self::Column::ConLifetime),
+            sock_destroy(),
+        ),
+        feature(
+            "pidfd_getfd()",
+            "Linux 5.6",
+            Option("--reapply-existing"),
+            pidfd_getfd(),
+        ),
+        feature(
+            "batch updates of LPM tries",
+            "newer kernels than 5.10",
+            Speed("the prefix tries are filled one entry at a time"),
+            crate::kernel::lpm_batch_supported().map_err(|e| e.to_string()),
+        ),
+        feature(
+            "BPF memory charged to the cgroup",
+            "Linux 5.11",
+            Speed(
+                "BPF memory counts against RLIMIT_MEMLOCK, which tcpmgm raises as far as allowed",
+            ),
+            memcg_accounting(),
+        ),
+    ]
+}
+
+/// Loads and verifies the programs (in a pin directory of its own, removed after).
+pub fn programs_load() -> Feature {
+    let result = crate::system::bpffs()
+        .map_err(|e| e.to_string())
+        .and_then(|bpffs| {
+            let dir = bpffs.join(format!("tcpmgm-features-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            let loaded = crate::kernel::Programs::load(&dir).map(drop);
+            let _ = std::fs::remove_dir_all(&dir);
+            loaded.map(|()| true).map_err(|e| e.to_string())
+        });
+    feature(
+        "tcpmgm's programs pass the verifier",
+        "",
+        Need::Core,
+        result,
+    )
+}
+
+/// One fault a rule has on this kernel: a column it sets that the kernel cannot enforce.
+#[derive(Clone, Debug)]
+pub struct Unenforceable {
+    pub rule_id: u32,
+    pub column: Column,
+    pub missing: &'static str,
+    pub provided_by: &'static str,
+}
+
+impl std::fmt::Display for Unenforceable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "id {}: {}: this kernel cannot enforce it: it lacks {} ({})",
+            self.rule_id,
+            self.column.name(),
+            self.missing,
+            self.provided_by
+        )
+    }
+}
+
+/// The rules' columns that `features` cannot enforce.
+pub fn unenforceable(
+    rules: &[Rule],
+    features: &[Feature],
+    enforce_default_lifetime: bool,
+) -> Vec<Unenforceable> {
+    let mut out = Vec::new();
+    for f in features.iter().filter(|f| !f.supported) {
+        let Need::Column(column) = f.need else {
+            continue;
+        };
+        for rule in rules
+            .iter()
+            .filter(|r| column.asked_by(r, enforce_default_lifetime))
+        {
+            out.push(Unenforceable {
+                rule_id: rule.id,
+                column,
+                missing: f.name,
+                provided_by: f.provided_by,
+            });
+        }
+    }
+    out
+}
+
+/// The report `tcpmgm features` prints.
+pub fn report(kernel: &str, features: &[Feature]) -> String {
+    let mut out = format!("tcpmgm features of Linux {kernel}\n");
+    for f in features {
+        let need = match f.need {
+            Need::Core => "needed by tcpmgm".to_owned(),
+            Need::Column(c) => format!("needed by rules that set {}", c.name()),
+            Need::Option(o) => format!("needed by {o}"),
+            Need::Speed(instead) => format!("optional: without it {instead}"),
+        };
+        let provided = if f.provided_by.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", f.provided_by)
+        };
+        out.push_str(&format!(
+            "  {:<3}  {}{provided}: {need}{}\n",
+            if f.supported { "yes" } else { "no" },
+            f.name,
+            if f.detail.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", f.detail)
+            }
+        ));
+    }
+    let core_missing: Vec<&str> = features
+        .iter()
+        .filter(|f| !f.supported && f.need == Need::Core)
+        .map(|f| f.name)
+        .collect();
+    if core_missing.is_empty() {
+        let partial: Vec<String> = features
+            .iter()
+            .filter(|f| !f.supported)
+            .filter_map(|f| match f.need {
+                Need::Column(c) => Some(c.name().to_owned()),
+                Need::Option(o) => Some(o.to_owned()),
+                _ => None,
+            })
+            .collect();
+        if partial.is_empty() {
+            out.push_str("tcpmgm enforces every column of the table on this kernel.\n");
+        } else {
+            out.push_str(&format!(
+                "tcpmgm runs on this kernel, without: {}.\n",
+                partial.join(", ")
+            ));
+        }
+    } else {
+        out.push_str(&format!(
+            "tcpmgm cannot run on this kernel: it lacks {}.\n",
+            core_missing.join(", ")
+        ));
+    }
+    out
+}
