@@ -15,6 +15,8 @@ pub mod names {
     pub const HOST_V6: &str = "TCPMGM_HOST_V6";
     /// The generation's number, its facts and its root lists (one entry).
     pub const HEADER: &str = "TCPMGM_HEADER";
+    /// The lists' nodes, by list id.
+    pub const LISTS: &str = "TCPMGM_LISTS";
     pub const BUCKETS: &str = "TCPMGM_BUCKETS";
     pub const LOCAL_V4: &str = "TCPMGM_LOCAL_V4";
     pub const LOCAL_V6: &str = "TCPMGM_LOCAL_V6";
@@ -35,8 +37,9 @@ pub mod names {
     pub const SETSOCKOPT: &str = "tcpmgm_sockopt";
     /// The policy maps, made anew for every rule set, in the order the loader writes them, each
     /// with the array of maps the programs find it in.
-    pub const POLICY_MAPS: [(&str, &str); 11] = [
+    pub const POLICY_MAPS: [(&str, &str); 12] = [
         (HEADER, "TCPMGM_GEN_HEADER"),
+        (LISTS, "TCPMGM_GEN_LISTS"),
         (PROFILES, "TCPMGM_GEN_PROFILES"),
         (COUNTERS, "TCPMGM_GEN_COUNTERS"),
         (LOCAL_V4, "TCPMGM_GEN_LOCAL_V4"),
@@ -60,7 +63,7 @@ pub mod shape {
     pub const PROTO: u32 = 1;
     pub const REMOTE_PORT: u32 = 2;
     pub const LOCAL_PORT: u32 = 4;
-    /// Shapes are 0..COUNT; a `ListRef::shapes` bit per shape.
+    /// Shapes are 0..COUNT; a `ListNode::shapes` bit per shape.
     pub const COUNT: u32 = 8;
 }
 
@@ -90,13 +93,30 @@ pub type Addr4 = [u8; 4];
 /// LPM trie key data for IPv6 prefixes.
 pub type Addr6 = [u8; 16];
 
-/// A candidate list: the value of a remote-prefix trie entry, and of each family's root (the
-/// rules whose remote side is any or /0). `shapes` has a bit for each bucket shape the list has.
+/// List ids of the families' root lists (the rules whose remote side is any, or /0); the
+/// lists of remote prefixes follow.
+pub const ROOT_V4: u32 = 0;
+pub const ROOT_V6: u32 = 1;
+/// `ListNode::parent` of a root list.
+pub const NO_LIST: u32 = u32::MAX;
+/// The longest chain of lists a lookup walks: every prefix length of IPv6 below /128 nested in
+/// one another, then the root.
+pub const MAX_DEPTH: u32 = 129;
+
+/// A list of rules: those of one remote prefix (or a family's root), by list id. The remote
+/// tries and host maps give the list of the longest rule prefix holding a peer; from there a
+/// lookup walks up `parent` to the root, so each rule is stored once however its prefix nests.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ListRef {
-    pub list: u32,
+pub struct ListNode {
+    /// A bit for each bucket shape the list has.
     pub shapes: u32,
+    /// The list of the nearest rule prefix containing this one (the family's root list at the
+    /// top), or `NO_LIST` for a root.
+    pub parent: u32,
+    /// The best rank among the rules of every list above this one: once a lookup holds a better
+    /// one, no list above can change its answer, and the walk stops.
+    pub floor: u32,
 }
 
 /// A bucket: the rules of one list with one (proto, remote_port, local_port), 0 meaning any.
@@ -165,17 +185,14 @@ pub const SLOW_PIN: &str = "TCPMGM_SLOW_V1";
 /// Pin name of the log ring buffer, shared by every generation of the programs.
 pub const LOGS_PIN: &str = "TCPMGM_LOGS";
 
-/// A generation's own entry: its number (the programs check it against `CURRENT`), facts about
-/// the whole rule set so that hooks skip work it cannot need, and the lists of the rules whose
-/// remote side is any (or /0).
+/// A generation's own entry: its number (the programs check it against `CURRENT`), and facts
+/// about the whole rule set so that hooks skip work it cannot need.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Header {
     pub generation: u32,
     /// `settings::*` bits.
     pub flags: u32,
-    /// [IPv4 root, IPv6 root].
-    pub roots: [ListRef; 2],
 }
 
 pub mod settings {
@@ -282,7 +299,7 @@ pub struct ListenerInfo {
 mod pod {
     use super::*;
     // SAFETY: all of these are repr(C) with explicit padding fields and no pointers.
-    unsafe impl aya::Pod for ListRef {}
+    unsafe impl aya::Pod for ListNode {}
     unsafe impl aya::Pod for BucketKey {}
     unsafe impl aya::Pod for Bucket {}
     unsafe impl aya::Pod for LocalKey4 {}

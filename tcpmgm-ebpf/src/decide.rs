@@ -1,8 +1,10 @@
 //! Which rule, if any, governs a connection, in a bounded number of map lookups whatever the
 //! number of rules (the layout is built and explained in tcpmgm-user's `compile.rs`):
 //!
-//! 1. the remote-prefix trie gives the list of the longest rule prefix holding the peer; the
-//!    family's root list holds the rules for any remote;
+//! 1. the host map, else the remote-prefix trie, gives the list of the longest rule prefix
+//!    holding the peer (else the family's root list, the rules for any remote); from there the
+//!    walk goes up each list's parent, the next rule prefix containing it, to the root, and
+//!    stops early once no list above can hold a better rule;
 //! 2. in each list, for each shape of (proto, remote_port, local_port) the list has, one hash
 //!    lookup gives the bucket of rules with exactly those values;
 //! 3. a bucket knows the best rank of its rules without a local address, and, if some have one,
@@ -11,8 +13,8 @@
 //! The lowest rank found is the winner: ranks are positions in the match order.
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use tcpmgm_common::{
-    BucketKey, FAMILY_V4, FAMILY_V6, ListRef, ListenerKey, LocalKey4, LocalKey6, NO_LOCAL, NO_RULE,
-    PROTO_ANY, shape,
+    BucketKey, FAMILY_V4, FAMILY_V6, ListenerKey, LocalKey4, LocalKey6, MAX_DEPTH, NO_LIST,
+    NO_LOCAL, NO_RULE, PROTO_ANY, ROOT_V4, ROOT_V6, shape,
 };
 
 use crate::generation::Gen;
@@ -109,24 +111,77 @@ fn protocol_and_port(g: &Gen, c: &Conn) -> (u8, u16) {
         .unwrap_or((PROTO_ANY, 0))
 }
 
-/// The best rank in one list for this connection.
-#[inline(always)]
-fn best_in(g: &Gen, list: &ListRef, c: &Conn, proto: u8, local_port: u16) -> u32 {
+/// What a list is searched with: one connection, packed into scalars for `tcpmgm_best_in`.
+#[derive(Clone, Copy)]
+struct Search {
+    generation: u32,
+    proto: u8,
+    remote_port: u16,
+    local_port: u16,
+    v6: bool,
+    local: [u32; 4],
+}
+
+impl Search {
+    /// Arguments 2 to 4 of `tcpmgm_best_in` (argument 1 carries the list): proto in bits 0-7,
+    /// the remote port in 8-23, the local port in 24-39, IPv6 in bit 40, the generation's slot
+    /// in bit 41; then the local address's words.
+    #[inline(always)]
+    fn pack(&self) -> (u64, u64, u64) {
+        (
+            u64::from(self.proto)
+                | u64::from(self.remote_port) << 8
+                | u64::from(self.local_port) << 24
+                | u64::from(self.v6) << 40
+                | u64::from(self.generation & 1) << 41,
+            u64::from(self.local[0]) | u64::from(self.local[1]) << 32,
+            u64::from(self.local[2]) | u64::from(self.local[3]) << 32,
+        )
+    }
+}
+
+/// The best rank in one list for a connection (`NO_RULE` if none matches).
+///
+/// A global BPF function with scalar arguments: the verifier checks it once, on its own, where
+/// inlined into the walk up the lists it was checked once per level (up to 129) in every program,
+/// which took the sock_ops program past the verifier's million instructions.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tcpmgm_best_in(
+    list_and_shapes: u64,
+    conn: u64,
+    local01: u64,
+    local23: u64,
+) -> u32 {
+    let list = list_and_shapes as u32;
+    let shapes = (list_and_shapes >> 32) as u32;
+    let proto = conn as u8;
+    let remote_port = (conn >> 8) as u16;
+    let local_port = (conn >> 24) as u16;
+    let v6 = (conn >> 40) & 1 != 0;
+    let g = Gen::at_slot((conn >> 41) as u32 & 1);
+    let local = [
+        local01 as u32,
+        (local01 >> 32) as u32,
+        local23 as u32,
+        (local23 >> 32) as u32,
+    ];
+    let local_known = (local[0] | local[1] | local[2] | local[3]) != 0;
     let mut best = NO_RULE;
     let Some(buckets) = g.buckets() else {
         return best;
     };
     for s in 0..shape::COUNT {
-        if list.shapes & (1 << s) == 0
+        if shapes & (1 << s) == 0
             || (s & shape::PROTO != 0 && proto == PROTO_ANY)
             || (s & shape::LOCAL_PORT != 0 && local_port == 0)
         {
             continue;
         }
         let key = BucketKey {
-            list: list.list,
+            list,
             remote_port: if s & shape::REMOTE_PORT != 0 {
-                c.remote_port
+                remote_port
             } else {
                 0
             },
@@ -147,11 +202,11 @@ fn best_in(g: &Gen, list: &ListRef, c: &Conn, proto: u8, local_port: u16) -> u32
             continue;
         };
         let mut rank = bucket.best;
-        if bucket.local != NO_LOCAL && c.local_known() {
-            let found = if c.v6 {
+        if bucket.local != NO_LOCAL && local_known {
+            let found = if v6 {
                 let data = LocalKey6 {
                     local: bucket.local,
-                    addr: v6_bytes(&c.local),
+                    addr: v6_bytes(&local),
                 };
                 g.local_v6().and_then(|m| {
                     m.get(&Key {
@@ -163,7 +218,7 @@ fn best_in(g: &Gen, list: &ListRef, c: &Conn, proto: u8, local_port: u16) -> u32
             } else {
                 let data = LocalKey4 {
                     local: bucket.local,
-                    addr: c.local[0].to_ne_bytes(),
+                    addr: local[0].to_ne_bytes(),
                 };
                 g.local_v4().and_then(|m| {
                     m.get(&Key {
@@ -218,22 +273,36 @@ pub fn decide(g: &Gen, c: &Conn) -> Option<u32> {
                     .copied()
             })
     };
-    // Two plain steps rather than a loop over [prefix, root]: an array of Options on the stack
-    // made LLVM spill a register in halves, which the verifier refuses.
-    let mut best = NO_RULE;
-    if let Some(list) = prefix {
-        best = best_in(g, &list, c, proto, local_port);
+    let (conn, local01, local23) = Search {
+        generation: g.number,
+        proto,
+        remote_port: c.remote_port,
+        local_port,
+        v6: c.v6,
+        local: c.local,
     }
-    if let Some(header) = g.header() {
-        let root = if c.v6 {
-            header.roots[1]
-        } else {
-            header.roots[0]
+    .pack();
+    let root = if c.v6 { ROOT_V6 } else { ROOT_V4 };
+    let mut id = prefix.unwrap_or(root);
+    let lists = g.lists()?;
+    let mut best = NO_RULE;
+    for _ in 0..MAX_DEPTH {
+        let Some(node) = lists.get(id) else {
+            break;
         };
-        let rank = best_in(g, &root, c, proto, local_port);
+        let rank = tcpmgm_best_in(
+            u64::from(id) | u64::from(node.shapes) << 32,
+            conn,
+            local01,
+            local23,
+        );
         if rank < best {
             best = rank;
         }
+        if node.parent == NO_LIST || best < node.floor {
+            break;
+        }
+        id = node.parent;
     }
     (best != NO_RULE).then_some(best)
 }

@@ -8,10 +8,11 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use tcpmgm_common::{Header, Profile, RuleCounters};
 
 use crate::maps::{
-    BucketMap, Host4Map, Host6Map, ListenerMap, Local4Map, Local6Map, Remote4Map, Remote6Map,
-    TCPMGM_CURRENT, TCPMGM_GEN_BUCKETS, TCPMGM_GEN_COUNTERS, TCPMGM_GEN_HEADER, TCPMGM_GEN_HOST_V4,
-    TCPMGM_GEN_HOST_V6, TCPMGM_GEN_LISTENERS, TCPMGM_GEN_LOCAL_V4, TCPMGM_GEN_LOCAL_V6,
-    TCPMGM_GEN_PROFILES, TCPMGM_GEN_REMOTE_V4, TCPMGM_GEN_REMOTE_V6,
+    BucketMap, Host4Map, Host6Map, ListMap, ListenerMap, Local4Map, Local6Map, Remote4Map,
+    Remote6Map, TCPMGM_CURRENT, TCPMGM_GEN_BUCKETS, TCPMGM_GEN_COUNTERS, TCPMGM_GEN_HEADER,
+    TCPMGM_GEN_HOST_V4, TCPMGM_GEN_HOST_V6, TCPMGM_GEN_LISTENERS, TCPMGM_GEN_LISTS,
+    TCPMGM_GEN_LOCAL_V4, TCPMGM_GEN_LOCAL_V6, TCPMGM_GEN_PROFILES, TCPMGM_GEN_REMOTE_V4,
+    TCPMGM_GEN_REMOTE_V6,
 };
 
 #[derive(Clone, Copy)]
@@ -30,6 +31,13 @@ impl Gen {
             slot: number & 1,
         };
         (number != 0 && g.header()?.generation == number).then_some(g)
+    }
+
+    /// The generation at `slot`, taken as it is: for code handed a slot by a caller that checked
+    /// the generation (see `current`).
+    #[inline(always)]
+    pub fn at_slot(slot: u32) -> Gen {
+        Gen { number: slot, slot }
     }
 
     #[inline(always)]
@@ -62,6 +70,11 @@ impl Gen {
             // SAFETY: as above.
             bump(unsafe { &mut *c });
         }
+    }
+
+    #[inline(always)]
+    pub fn lists(self) -> Option<&'static ListMap> {
+        TCPMGM_GEN_LISTS.get(self.slot)
     }
 
     #[inline(always)]

@@ -18,7 +18,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use tcpmgm_common::{
-    Addr4, Addr6, Bucket, BucketKey, Header, ListRef, ListenerInfo, ListenerKey, LocalKey4,
+    Addr4, Addr6, Bucket, BucketKey, Header, ListNode, ListenerInfo, ListenerKey, LocalKey4,
     LocalKey6, LogBudget, Profile, RuleCounters, SockPolicy,
 };
 
@@ -28,14 +28,16 @@ use tcpmgm_common::{
 const INNER: usize = BPF_F_INNER_MAP as usize;
 
 pub type HeaderMap = Array<Header, 1, INNER>;
+pub type ListMap = Array<ListNode, 1, INNER>;
 pub type ProfileMap = Array<Profile, 1, INNER>;
 pub type CounterMap = PerCpuHashMap<u32, RuleCounters, 1>;
 pub type BucketMap = HashMap<BucketKey, Bucket, 1>;
 pub type ListenerMap = HashMap<ListenerKey, ListenerInfo, 1>;
-pub type Host4Map = HashMap<Addr4, ListRef, 1>;
-pub type Host6Map = HashMap<Addr6, ListRef, 1>;
-pub type Remote4Map = LpmTrie<Addr4, ListRef, 1>;
-pub type Remote6Map = LpmTrie<Addr6, ListRef, 1>;
+/// The remote prefixes, each to its list id.
+pub type Host4Map = HashMap<Addr4, u32, 1>;
+pub type Host6Map = HashMap<Addr6, u32, 1>;
+pub type Remote4Map = LpmTrie<Addr4, u32, 1>;
+pub type Remote6Map = LpmTrie<Addr6, u32, 1>;
 pub type Local4Map = LpmTrie<LocalKey4, u32, 1>;
 pub type Local6Map = LpmTrie<LocalKey6, u32, 1>;
 
@@ -56,6 +58,10 @@ macro_rules! policy_map {
 policy_map!(
     /// The generation's number and facts about the whole rule set (one entry).
     TCPMGM_HEADER, TCPMGM_GEN_HEADER: HeaderMap
+);
+policy_map!(
+    /// The lists' nodes, by list id.
+    TCPMGM_LISTS, TCPMGM_GEN_LISTS: ListMap
 );
 policy_map!(
     /// Profiles by rank (position in match order).

@@ -6,11 +6,13 @@
 //! rank among the rules that match wins. The layout:
 //!
 //! - Lists. The rules whose remote side is any (or the family's /0) form the family's root list.
-//!   Every other distinct remote prefix P gets a list holding the rules of P and of every rule
-//!   prefix containing P. A peer's rules are its family's root list plus the list of the longest
-//!   rule prefix holding the peer (every rule prefix holding the peer holds that one), which the
-//!   remote LPM tries find (the kernel side keeps /32 and /128 prefixes in exact-address hash
-//!   maps, looked up first: one hash lookup for the common rule that names one peer).
+//!   Every other distinct remote prefix P gets a list of the rules of P alone, and a node that
+//!   names its parent: the list of the nearest rule prefix containing P (the root at the top).
+//!   A peer's rules are those of the lists on the way from the longest rule prefix holding it
+//!   (found by the remote LPM tries, or, for /32 and /128, by exact-address hash maps looked up
+//!   first) up to its family's root. The walk is bounded by the nesting of prefix lengths (at
+//!   most 33 lists for IPv4, 129 for IPv6), and stops early: a node also knows the best rank
+//!   of every rule above it (its floor), so once the walk holds a better one it is done.
 //! - Buckets. A list is split by (proto, remote_port, local_port), each 0 for any: a connection
 //!   meets at most 8 buckets per list, one per shape (which of the three are set), found by hash.
 //!   Each list records the shapes it has, so absent ones cost nothing.
@@ -20,28 +22,22 @@
 //!   Q (local any included), so the longest match for the socket's address is the bucket's answer.
 //!
 //! Thousands of rules on one prefix that differ by port fall into separate buckets, and those that
-//! differ by local address into one trie: no lookup walks a list. The price is that a rule is
-//! repeated in the list of every rule prefix nested under its own; a rule set whose lists would
-//! exceed `MAX_ENTRIES` entries is refused with the prefix that needs the most.
+//! differ by local address into one trie: no lookup walks a list. Every rule is stored once,
+//! however its prefix nests: at most one member of one list, one bucket, one local trie entry,
+//! plus its profile, and at most one list node and one prefix entry. The memory is linear in the
+//! rules for any table shape; the price of nesting is paid at lookup, one list per level.
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use tcpmgm_common::{
-    Bucket, BucketKey, FAMILY_V4, FAMILY_V6, ListRef, ListenerInfo, ListenerKey, NO_LOCAL,
-    PROTO_ANY, Profile, flags, settings, shape,
+    Bucket, BucketKey, FAMILY_V4, FAMILY_V6, ListNode, ListenerInfo, ListenerKey, NO_LIST,
+    NO_LOCAL, NO_RULE, PROTO_ANY, Profile, ROOT_V4, ROOT_V6, flags, settings, shape,
 };
 
 use crate::listener::{Listener, Listeners};
 use crate::matcher;
 use crate::rule::Rule;
-
-/// The most bucket and local-trie entries a policy may need.
-pub const MAX_ENTRIES: usize = 1 << 25;
-
-/// List ids of the two roots; prefix lists follow.
-pub const ROOT_V4: u32 = 0;
-pub const ROOT_V6: u32 = 1;
 
 /// Everything the kernel maps will hold.
 #[derive(Clone, Debug, Default)]
@@ -49,10 +45,11 @@ pub struct Policy {
     /// The rules in match order; `profiles[rank]` belongs to `rules[rank]`.
     pub rules: Vec<Rule>,
     pub profiles: Vec<Profile>,
-    pub remote_v4: Vec<(IpNet, ListRef)>,
-    pub remote_v6: Vec<(IpNet, ListRef)>,
-    /// [IPv4 root, IPv6 root].
-    pub roots: [ListRef; 2],
+    /// The lists' nodes by list id: the two roots, then one per distinct remote prefix.
+    pub lists: Vec<ListNode>,
+    /// Each remote prefix with its list id.
+    pub remote_v4: Vec<(IpNet, u32)>,
+    pub remote_v6: Vec<(IpNet, u32)>,
     pub buckets: Vec<(BucketKey, Bucket)>,
     /// (local id, prefix, best rank).
     pub local_v4: Vec<(u32, IpNet, u32)>,
@@ -64,15 +61,8 @@ pub struct Policy {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
-    #[error(
-        "the rule set needs more than {max} bucket and local entries; the largest list is that of \
-         remote prefix {prefix} ({count} rules, its own and those of the prefixes containing it)"
-    )]
-    TooLarge {
-        max: usize,
-        prefix: IpNet,
-        count: usize,
-    },
+    #[error("{rules} rules: ranks are 32-bit, so a rule set holds fewer than {max}")]
+    TooMany { rules: usize, max: u32 },
 }
 
 /// One rule as a member of one list.
@@ -88,6 +78,12 @@ pub fn compile(
     listeners: &Listeners,
     hz: u32,
 ) -> Result<Policy, CompileError> {
+    if rules.len() >= NO_RULE as usize {
+        return Err(CompileError::TooMany {
+            rules: rules.len(),
+            max: NO_RULE,
+        });
+    }
     matcher::sort(&mut rules);
     let mut policy = Policy {
         profiles: rules
@@ -96,6 +92,14 @@ pub fn compile(
             .map(|(rank, r)| kernel_profile(r, rank as u32, hz))
             .collect(),
         listeners: listener_entries(listeners),
+        lists: vec![
+            ListNode {
+                shapes: 0,
+                parent: NO_LIST,
+                floor: NO_RULE,
+            };
+            2
+        ],
         ..Policy::default()
     };
     let member = |list: u32, rank: usize| {
@@ -113,22 +117,19 @@ pub fn compile(
         }
     };
 
-    let mut members: Vec<Member> = Vec::new();
-    let mut next_list = ROOT_V6 + 1;
-    let mut largest: Option<(IpNet, usize)> = None;
+    let mut members: Vec<Member> = Vec::with_capacity(rules.len());
     for (v4, root) in [(true, ROOT_V4), (false, ROOT_V6)] {
         let zero: IpNet = if v4 { "0.0.0.0/0" } else { "::/0" }
             .parse()
             .expect("literal");
         let is_root = |r: &Rule| r.remote.is_none_or(|n| n == zero);
-        members.extend(
-            (0..rules.len())
-                .filter(|&i| is_root(&rules[i]))
-                .map(|i| member(root, i)),
-        );
+        let root_members: Vec<usize> = (0..rules.len()).filter(|&i| is_root(&rules[i])).collect();
+        // Ranks are indexes in match order: a list's best is its first member.
+        let root_best = root_members.first().map_or(NO_RULE, |&i| i as u32);
+        members.extend(root_members.into_iter().map(|i| member(root, i)));
 
         // Distinct prefixes of the family in (network, length) order: a prefix's ancestors come
-        // before it, so a stack of the open ancestors gives each prefix its nesting chain.
+        // before it, so a stack of the open ancestors gives each prefix its parent.
         let mut by_prefix: Vec<(IpNet, usize)> = (0..rules.len())
             .filter_map(|i| {
                 let r = &rules[i];
@@ -138,59 +139,39 @@ pub fn compile(
             })
             .collect();
         by_prefix.sort_unstable();
-        let mut stack: Vec<(IpNet, Vec<usize>)> = Vec::new();
+        // (prefix, its list, the best rank of its rules and of every rule above it)
+        let mut stack: Vec<(IpNet, u32, u32)> = Vec::new();
         for group in by_prefix.chunk_by(|a, b| a.0 == b.0) {
             let prefix = group[0].0;
-            let own = group.iter().map(|&(_, i)| i);
-            while stack.last().is_some_and(|(top, _)| !top.contains(&prefix)) {
+            while stack.last().is_some_and(|(top, ..)| !top.contains(&prefix)) {
                 stack.pop();
             }
-            let mut chain = stack.last().map(|(_, c)| c.clone()).unwrap_or_default();
-            chain.extend(own);
-            let list = next_list;
-            next_list += 1;
-            members.extend(chain.iter().map(|&i| member(list, i)));
-            if largest.is_none_or(|(_, n)| chain.len() > n) {
-                largest = Some((prefix, chain.len()));
-            }
-            if members.len() > MAX_ENTRIES {
-                let (prefix, count) = largest.expect("set above");
-                return Err(CompileError::TooLarge {
-                    max: MAX_ENTRIES,
-                    prefix,
-                    count,
-                });
-            }
-            let entry = (prefix, ListRef { list, shapes: 0 });
+            let (parent, floor) = stack
+                .last()
+                .map_or((root, root_best), |&(_, list, best)| (list, best));
+            let list = policy.lists.len() as u32;
+            policy.lists.push(ListNode {
+                shapes: 0,
+                parent,
+                floor,
+            });
+            let own_best = group
+                .iter()
+                .map(|&(_, i)| i as u32)
+                .min()
+                .unwrap_or(NO_RULE);
+            members.extend(group.iter().map(|&(_, i)| member(list, i)));
             if v4 {
                 &mut policy.remote_v4
             } else {
                 &mut policy.remote_v6
             }
-            .push(entry);
-            stack.push((prefix, chain));
+            .push((prefix, list));
+            stack.push((prefix, list, own_best.min(floor)));
         }
     }
 
-    let mut shapes = vec![0u32; next_list as usize];
-    build_buckets(members, &mut policy, &mut shapes);
-    policy.roots = [
-        ListRef {
-            list: ROOT_V4,
-            shapes: shapes[0],
-        },
-        ListRef {
-            list: ROOT_V6,
-            shapes: shapes[1],
-        },
-    ];
-    for (_, l) in policy
-        .remote_v4
-        .iter_mut()
-        .chain(policy.remote_v6.iter_mut())
-    {
-        l.shapes = shapes[l.list as usize];
-    }
+    build_buckets(members, &mut policy);
     if rules.iter().any(|r| r.profile.no_new_conn) {
         policy.settings |= settings::NO_NEW_CONN;
     }
@@ -213,17 +194,17 @@ fn shape_of(key: &BucketKey) -> u32 {
 }
 
 /// Groups members into buckets and their local tries, recording each list's shapes.
-fn build_buckets(mut members: Vec<Member>, policy: &mut Policy, shapes: &mut [u32]) {
+fn build_buckets(mut members: Vec<Member>, policy: &mut Policy) {
     // Local any (None) sorts first; within one local, the best rank first.
     members.sort_unstable_by_key(|m| (m.key, m.local, m.rank));
     let mut next_local = 0u32;
     for run in members.chunk_by(|a, b| a.key == b.key) {
         let key = run[0].key;
-        shapes[key.list as usize] |= 1 << shape_of(&key);
+        policy.lists[key.list as usize].shapes |= 1 << shape_of(&key);
         let best_any = run
             .iter()
             .find(|m| m.local.is_none())
-            .map_or(tcpmgm_common::NO_RULE, |m| m.rank);
+            .map_or(NO_RULE, |m| m.rank);
         let mut locals: Vec<(IpNet, u32)> = Vec::new();
         for same in run.chunk_by(|a, b| a.local == b.local) {
             if let Some(net) = same[0].local {

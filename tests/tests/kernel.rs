@@ -174,8 +174,10 @@ fn bpftool_dump_shows_field_names() {
         assert!(profiles.contains(field), "{field} not in:\n{profiles}");
     }
     let trie = dump("TCPMGM_REMOTE_V4");
-    for field in ["\"prefix_len\": 24", "\"list\"", "\"shapes\""] {
-        assert!(trie.contains(field), "{field} not in:\n{trie}");
+    assert!(trie.contains("\"prefix_len\": 24"), "{trie}");
+    let lists = dump("TCPMGM_LISTS");
+    for field in ["\"shapes\"", "\"parent\"", "\"floor\""] {
+        assert!(lists.contains(field), "{field} not in:\n{lists}");
     }
     let buckets = dump("TCPMGM_BUCKETS");
     assert!(

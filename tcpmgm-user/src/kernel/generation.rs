@@ -11,7 +11,7 @@ use aya::Pod;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, IterableMap, Map, MapData};
 use ipnet::IpNet;
-use tcpmgm_common::{Header, ListRef, LocalKey4, LocalKey6, names};
+use tcpmgm_common::{Header, LocalKey4, LocalKey6, names};
 
 use super::programs::Templates;
 use super::{KernelError, sys};
@@ -35,7 +35,7 @@ impl Generation {
         number: u32,
     ) -> Result<Generation, KernelError> {
         let started = std::time::Instant::now();
-        let count = |prefixes: &[(IpNet, ListRef)], full: u8| {
+        let count = |prefixes: &[(IpNet, u32)], full: u8| {
             let hosts = prefixes
                 .iter()
                 .filter(|(n, _)| n.prefix_len() == full)
@@ -46,6 +46,7 @@ impl Generation {
         let (host6, trie6) = count(&policy.remote_v6, 128);
         let sizes = [
             (names::HEADER, 1),
+            (names::LISTS, policy.lists.len()),
             (names::PROFILES, policy.profiles.len()),
             (names::COUNTERS, policy.profiles.len()),
             (names::LOCAL_V4, policy.local_v4.len()),
@@ -125,9 +126,10 @@ impl Generation {
         let header = Header {
             generation: self.number,
             flags: p.settings,
-            roots: p.roots,
         };
         self.fill_array(names::HEADER, &[0], &[header])?;
+        let ids: Vec<u32> = (0..p.lists.len() as u32).collect();
+        self.fill_array(names::LISTS, &ids, &p.lists)?;
         let (keys, values): (Vec<_>, Vec<_>) = p.buckets.iter().copied().unzip();
         self.fill_hash(names::BUCKETS, &keys, &values)?;
         let (keys, values): (Vec<_>, Vec<_>) = p.listeners.iter().copied().unzip();
@@ -158,13 +160,13 @@ impl Generation {
         &mut self,
         hosts: &'static str,
         trie: &'static str,
-        prefixes: &[(IpNet, ListRef)],
+        prefixes: &[(IpNet, u32)],
     ) -> Result<(), KernelError> {
         let full = (N * 8) as u8;
         let addr = |net: IpNet| -> [u8; N] { octets(net).try_into().expect("the family's length") };
         let (exact, shorter): (Vec<_>, Vec<_>) =
             prefixes.iter().partition(|(n, _)| n.prefix_len() == full);
-        let (keys, values): (Vec<[u8; N]>, Vec<ListRef>) =
+        let (keys, values): (Vec<[u8; N]>, Vec<u32>) =
             exact.iter().map(|&&(net, list)| (addr(net), list)).unzip();
         self.fill_hash(hosts, &keys, &values)?;
         let entries = shorter
