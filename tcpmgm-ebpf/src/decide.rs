@@ -34,6 +34,41 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// The connection as the five scalar arguments of `tcpmgm_decide`: the ports, the flags and
+    /// the generation's slot in the first (remote port in bits 0-15, local port in 16-31, IPv6
+    /// in bit 32, accepted in bit 33, the slot in bit 34), then the addresses' words in pairs.
+    #[inline(always)]
+    fn pack(&self, slot: u32) -> [u64; 5] {
+        let pair = |w: &[u32; 4], i: usize| u64::from(w[i]) | u64::from(w[i + 1]) << 32;
+        [
+            u64::from(self.remote_port)
+                | u64::from(self.local_port) << 16
+                | u64::from(self.v6) << 32
+                | u64::from(self.passive) << 33
+                | u64::from(slot & 1) << 34,
+            pair(&self.remote, 0),
+            pair(&self.remote, 2),
+            pair(&self.local, 0),
+            pair(&self.local, 2),
+        ]
+    }
+
+    #[inline(always)]
+    fn unpack(a: [u64; 5]) -> (Conn, u32) {
+        let words = |lo: u64, hi: u64| [lo as u32, (lo >> 32) as u32, hi as u32, (hi >> 32) as u32];
+        (
+            Conn {
+                remote_port: a[0] as u16,
+                local_port: (a[0] >> 16) as u16,
+                v6: (a[0] >> 32) & 1 != 0,
+                passive: (a[0] >> 33) & 1 != 0,
+                remote: words(a[1], a[2]),
+                local: words(a[3], a[4]),
+            },
+            ((a[0] >> 34) & 1) as u32,
+        )
+    }
+
     fn local_known(&self) -> bool {
         (self.local[0] | self.local[1] | self.local[2] | self.local[3]) != 0
     }
@@ -243,7 +278,21 @@ pub extern "C" fn tcpmgm_best_in(
 /// the system's settings stay.
 #[inline(always)]
 pub fn decide(g: &Gen, c: &Conn) -> Option<u32> {
-    let (proto, local_port) = protocol_and_port(g, c);
+    let [a, b, c2, d, e] = c.pack(g.number);
+    let rank = tcpmgm_decide(a, b, c2, d, e);
+    (rank != NO_RULE).then_some(rank)
+}
+
+/// The decision itself, shared by every program: a global BPF function with scalar arguments
+/// (the connection, see `Conn::pack`), which the verifier checks once, on its own, rather than
+/// inlined into each program (where, on Linux 5.10, LLVM's code read stack slots the verifier
+/// took for uninitialised, and the walk up the lists multiplied each program's verification).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn tcpmgm_decide(a: u64, b: u64, c: u64, d: u64, e: u64) -> u32 {
+    let (c, slot) = Conn::unpack([a, b, c, d, e]);
+    let g = Gen::at_slot(slot);
+    let (proto, local_port) = protocol_and_port(&g, &c);
     // A full-length prefix is the longest there is: an exact hit needs no trie walk, which at a
     // million peers is the difference (most rules name one peer).
     let prefix = if c.v6 {
@@ -274,7 +323,7 @@ pub fn decide(g: &Gen, c: &Conn) -> Option<u32> {
             })
     };
     let (conn, local01, local23) = Search {
-        generation: g.number,
+        generation: slot,
         proto,
         remote_port: c.remote_port,
         local_port,
@@ -284,7 +333,9 @@ pub fn decide(g: &Gen, c: &Conn) -> Option<u32> {
     .pack();
     let root = if c.v6 { ROOT_V6 } else { ROOT_V4 };
     let mut id = prefix.unwrap_or(root);
-    let lists = g.lists()?;
+    let Some(lists) = g.lists() else {
+        return NO_RULE;
+    };
     let mut best = NO_RULE;
     for _ in 0..MAX_DEPTH {
         let Some(node) = lists.get(id) else {
@@ -304,5 +355,5 @@ pub fn decide(g: &Gen, c: &Conn) -> Option<u32> {
         }
         id = node.parent;
     }
-    (best != NO_RULE).then_some(best)
+    best
 }

@@ -160,16 +160,31 @@ struct BtfLoadAttr {
     btf_log_level: u32,
 }
 
-/// Loads BTF type information into the kernel.
+/// Loads BTF type information into the kernel. A refusal carries the last lines of the
+/// kernel's log of it.
 pub fn btf_load(data: &[u8]) -> io::Result<OwnedFd> {
+    let mut log = vec![0u8; 1 << 16];
     let mut attr = BtfLoadAttr {
         btf: data.as_ptr() as u64,
         btf_size: data.len() as u32,
-        ..BtfLoadAttr::default()
+        btf_log_buf: log.as_mut_ptr() as u64,
+        btf_log_size: log.len() as u32,
+        btf_log_level: 1,
     };
-    let fd = bpf(BPF_BTF_LOAD, &mut attr)?;
-    // SAFETY: the kernel returned a new fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    match bpf(BPF_BTF_LOAD, &mut attr) {
+        // SAFETY: the kernel returned a new fd we own.
+        Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) }),
+        Err(e) => {
+            let text = String::from_utf8_lossy(&log);
+            let text = text.trim_end_matches('\0');
+            let tail: Vec<&str> = text.lines().rev().take(3).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            Err(io::Error::new(
+                e.kind(),
+                format!("{e}: {}", tail.join(" / ")),
+            ))
+        }
+    }
 }
 
 /// Deletes one element (aya 0.14 has no delete for arrays of maps).
