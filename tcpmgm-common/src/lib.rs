@@ -185,19 +185,12 @@ pub const SLOW_PIN: &str = "TCPMGM_SLOW_V1";
 /// Pin name of the log ring buffer, shared by every generation of the programs.
 pub const LOGS_PIN: &str = "TCPMGM_LOGS";
 
-/// A generation's own entry: its number (the programs check it against `CURRENT`), and facts
-/// about the whole rule set so that hooks skip work it cannot need.
+/// A generation's own entry: its number, which the programs check against `CURRENT`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Header {
     pub generation: u32,
-    /// `settings::*` bits.
-    pub flags: u32,
-}
-
-pub mod settings {
-    /// Some rule has no_new_conn=1: the connect hooks must decide.
-    pub const NO_NEW_CONN: u32 = 1 << 0;
+    pub _pad: u32,
 }
 
 /// What a socket was decided: stored per socket at the first hook that sees it, so that every

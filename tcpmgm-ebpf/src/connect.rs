@@ -7,10 +7,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use aya_log_ebpf::info;
-use tcpmgm_common::{flags, settings};
+use tcpmgm_common::flags;
 
 use crate::decide::{Conn, is_v4_mapped, load_words};
-use crate::generation::Gen;
 use crate::logbook;
 use crate::sockets;
 
@@ -84,16 +83,12 @@ fn port(user_port: u32) -> u16 {
     u16::from_be(user_port as u16)
 }
 
-/// Refuses when the socket's rule says no_new_conn. Without such rules in the set, connect()
-/// is left to sock_ops, which decides the socket a moment later anyway.
+/// Decides the socket (see `sockets`) and refuses when its rule says no_new_conn. Every
+/// outbound socket is decided here, whether or not the rule set refuses anything: deciding it
+/// later, in sock_ops, could let a reload in between give the socket the profile of a rule set
+/// that would have refused it.
 #[inline(always)]
 fn verdict(ctx: &SockAddrContext, sk: *mut bpf_sock, conn: Conn) -> i32 {
-    let any_refusal = Gen::current()
-        .and_then(|g| g.header().map(|h| h.flags & settings::NO_NEW_CONN != 0))
-        .unwrap_or(false);
-    if !any_refusal {
-        return ALLOW;
-    }
     let (v6, remote, port) = (conn.v6, conn.remote, conn.remote_port);
     match sockets::policy(sk, || conn) {
         Some(d) if d.profile.flags & flags::NO_NEW_CONN != 0 => {

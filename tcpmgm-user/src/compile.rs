@@ -32,7 +32,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use tcpmgm_common::{
     Bucket, BucketKey, FAMILY_V4, FAMILY_V6, ListNode, ListenerInfo, ListenerKey, NO_LIST,
-    NO_LOCAL, NO_RULE, PROTO_ANY, Profile, ROOT_V4, ROOT_V6, flags, settings, shape,
+    NO_LOCAL, NO_RULE, PROTO_ANY, Profile, ROOT_V4, ROOT_V6, flags, shape,
 };
 
 use crate::listener::{Listener, Listeners};
@@ -55,8 +55,6 @@ pub struct Policy {
     pub local_v4: Vec<(u32, IpNet, u32)>,
     pub local_v6: Vec<(u32, IpNet, u32)>,
     pub listeners: Vec<(ListenerKey, ListenerInfo)>,
-    /// `settings::*` bits of the whole rule set.
-    pub settings: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,9 +170,6 @@ pub fn compile(
     }
 
     build_buckets(members, &mut policy);
-    if rules.iter().any(|r| r.profile.no_new_conn) {
-        policy.settings |= settings::NO_NEW_CONN;
-    }
     policy.rules = rules;
     Ok(policy)
 }

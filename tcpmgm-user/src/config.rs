@@ -36,6 +36,7 @@ pub struct Config {
     pub enforce_default_lifetime: Option<bool>,
     pub reapply_existing: Option<bool>,
     pub create_cgroup: Option<bool>,
+    pub db_timeout: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]

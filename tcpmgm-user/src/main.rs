@@ -66,6 +66,10 @@ enum Command {
         /// as in OpenSIPS).
         #[arg(long)]
         reapply_existing: bool,
+        /// How long reading the table may take before a reload gives up (the policy in force
+        /// stays) [default: 30].
+        #[arg(long, value_name = "SECONDS")]
+        db_timeout: Option<f64>,
     },
     /// Take tcpmgm off a cgroup: programs and pins go, the system's TCP settings are back. A
     /// running `tcpmgm run` for it is told to detach and exit.
@@ -270,6 +274,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             netns,
             enforce_default_lifetime,
             reapply_existing,
+            db_timeout,
         } => {
             system::check_privileges(&[])?;
             let config = rules.with_config()?;
@@ -306,6 +311,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 netns,
                 enforce_default_lifetime,
                 reapply_existing,
+                db_timeout: db_timeout
+                    .or(config.db_timeout)
+                    .map_or(daemon::DB_TIMEOUT, std::time::Duration::from_secs_f64),
             };
             let result = match Daemon::start(options).await {
                 Ok(d) => d.serve().await,

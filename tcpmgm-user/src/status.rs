@@ -20,6 +20,9 @@ pub struct DaemonState {
     pub rules: usize,
     pub generation: u64,
     pub last_reload: Option<ReloadRecord>,
+    /// When the reload under way started, if one is.
+    #[serde(default)]
+    pub reloading_since: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -105,6 +108,13 @@ impl std::fmt::Display for CgroupStatus {
                     "  rules: {} from {}, generation {}",
                     s.rules, s.source, s.generation
                 )?;
+                if let Some(since) = s.reloading_since {
+                    writeln!(
+                        f,
+                        "  reloading: for {} s (the policy in force stays until it completes)",
+                        now().saturating_sub(since)
+                    )?;
+                }
                 match &s.last_reload {
                     Some(r) => writeln!(
                         f,

@@ -1,12 +1,18 @@
 //! Noticing that the rule table changed, so `tcpmgm run` reloads by itself: PostgreSQL tells us
-//! (LISTEN/NOTIFY, through the trigger `tcpmgm db init` installs); SQLite and MariaDB are asked
-//! every `--poll-interval`, with a query that costs little when nothing changed.
+//! (LISTEN/NOTIFY, through the trigger `tcpmgm db init` installs, or that the daemon installs
+//! when its role may); SQLite and MariaDB are asked every `--poll-interval`, with a query that
+//! costs little when nothing changed, and so is a PostgreSQL table without the trigger whose
+//! role may not create it.
 use std::time::Duration;
 
 use sqlx::postgres::PgListener;
 use sqlx::{AnyConnection, Connection};
 
-use crate::source::{Dialect, NOTIFY_CHANNEL, Redacted, SourceError, normalize_url};
+use crate::source::{Dialect, NOTIFY_CHANNEL, Redacted, Source, SourceError, normalize_url};
+
+/// How often a PostgreSQL table without the change trigger is polled when no `--poll-interval`
+/// was given.
+pub const POSTGRES_POLL: Duration = Duration::from_secs(5);
 
 /// What a poll compares.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,6 +38,8 @@ enum How {
         dialect: Dialect,
         every: Duration,
         last: Option<Fingerprint>,
+        /// Why a PostgreSQL table is polled rather than followed.
+        why: Option<String>,
     },
 }
 
@@ -56,12 +64,25 @@ impl Watcher {
             url: redacted.clone(),
             source,
         };
-        let how = match (Dialect::of(&url), poll) {
-            (Some(Dialect::Postgres), _) => {
-                let mut listener = PgListener::connect(&url).await.map_err(fail)?;
-                listener.listen(NOTIFY_CHANNEL).await.map_err(fail)?;
-                How::Notify(Box::new(listener))
+        let dialect = Dialect::of(&url);
+        let mut why = None;
+        if dialect == Some(Dialect::Postgres) {
+            match notify_trigger(&url).await? {
+                Ok(()) => {
+                    let mut listener = PgListener::connect(&url).await.map_err(fail)?;
+                    listener.listen(NOTIFY_CHANNEL).await.map_err(fail)?;
+                    return Ok(Watcher {
+                        how: How::Notify(Box::new(listener)),
+                    });
+                }
+                Err(reason) => why = Some(reason),
             }
+        }
+        let every = match (dialect, poll) {
+            (Some(Dialect::Postgres), None) => Some(POSTGRES_POLL),
+            (_, every) => every,
+        };
+        let how = match (dialect, every) {
             (Some(dialect), Some(every)) => {
                 sqlx::any::install_default_drivers();
                 let url = url.replacen("mariadb:", "mysql:", 1);
@@ -72,6 +93,7 @@ impl Watcher {
                     dialect,
                     every,
                     last,
+                    why,
                 }
             }
             _ => How::Manual,
@@ -83,7 +105,16 @@ impl Watcher {
         match &self.how {
             How::Manual => "reloads on request only (SIGHUP, `tcpmgm reload`; --poll-interval to follow the table)".into(),
             How::Notify(_) => format!("follows the table: PostgreSQL notifies channel {NOTIFY_CHANNEL} at each commit"),
-            How::Poll { every, .. } => format!("follows the table: polls it every {every:?}"),
+            How::Poll {
+                every, why: None, ..
+            } => format!("follows the table: polls it every {every:?}"),
+            How::Poll {
+                every,
+                why: Some(why),
+                ..
+            } => format!(
+                "PostgreSQL will not notify: {why}; follows the table by polling it every {every:?} instead (`tcpmgm db init` as the table's owner installs the trigger)"
+            ),
         }
     }
 
@@ -108,6 +139,7 @@ impl Watcher {
                 dialect,
                 every,
                 last,
+                ..
             } => loop {
                 tokio::time::sleep(*every).await;
                 let now = fingerprint(conn, *dialect, *every).await?;
@@ -118,6 +150,24 @@ impl Watcher {
                 }
             },
         }
+    }
+}
+
+/// Makes sure PostgreSQL's change trigger is on the table: Ok when it is (installed now if this
+/// role may create it), Err(why not) when the table will not notify.
+async fn notify_trigger(url: &str) -> Result<Result<(), String>, SourceError> {
+    let source = Source::open(url, false).await?;
+    if source.has_notify_trigger().await? {
+        return Ok(Ok(()));
+    }
+    match source.install_notify_trigger().await {
+        Ok(()) => {
+            tracing::info!("installed the change trigger tcpmgm_notify on tcp_mgm");
+            Ok(Ok(()))
+        }
+        Err(e) => Ok(Err(format!(
+            "table tcp_mgm has no tcpmgm_notify trigger, and this role cannot create it ({e})"
+        ))),
     }
 }
 
@@ -162,7 +212,20 @@ async fn fingerprint(
                 checksum,
             })
         }
-        Dialect::Postgres => unreachable!("PostgreSQL is followed by notifications"),
+        Dialect::Postgres => {
+            // Without the trigger: the row count and a sum of the rows' hashes change with any
+            // insert, update or delete.
+            let v: String = sqlx::query_scalar(
+                "SELECT count(*)::text || ':' || coalesce(sum(hashtext(t::text)::bigint), 0)::text \
+                 FROM tcp_mgm t",
+            )
+            .fetch_one(&mut *conn)
+            .await?;
+            Ok(Fingerprint {
+                version: v,
+                checksum: None,
+            })
+        }
     }
 }
 

@@ -460,6 +460,48 @@ impl Daemon {
         (out.status.code().unwrap_or(-1), text)
     }
 
+    /// `tcpmgm status --json` for this daemon's sandbox (its first entry).
+    pub fn status(&self, sb: &Sandbox) -> serde_json::Value {
+        let out = Command::new(binary("tcpmgm"))
+            .args(["status", "--json", "--cgroup"])
+            .arg(&sb.cgroup)
+            .arg("--pin-dir")
+            .arg(&sb.pin_dir)
+            .arg("--control")
+            .arg(&self.control)
+            .output()
+            .expect("tcpmgm status");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        all[0].take()
+    }
+
+    /// Waits up to `limit` for the daemon to exit: its exit status, or None if it still runs.
+    pub fn wait_exit(&mut self, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < limit {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return Some(st);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// The log lines since the start that contain `text`.
+    pub fn logged(&self, text: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(text))
+            .count()
+    }
+
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
     }

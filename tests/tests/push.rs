@@ -78,6 +78,64 @@ async fn a_lost_postgres_connection_is_retried_while_the_policy_stays() {
     );
 }
 
+/// A table made by OpenSIPS's own scripts has no change trigger. Read through a role that may
+/// only read it, the daemon says it will not be notified and polls instead: a change arrives.
+#[tokio::test]
+async fn a_postgres_table_without_the_trigger_is_polled_when_the_role_cannot_add_it() {
+    let db = TestDb::new(Backend::Postgres, TableVersion::V1, RULE).await;
+    db.sql(
+        "DROP TRIGGER tcpmgm_notify ON tcp_mgm;
+         GRANT SELECT ON tcp_mgm, version TO tcpmgm_reader;",
+    )
+    .await;
+    let reader = db
+        .url
+        .replacen("tcpmgm:tcpmgm@", "tcpmgm_reader:tcpmgm@", 1);
+    let sb = Sandbox::new();
+    let d = Daemon::start_with(&sb, &reader, control(&sb), &["--poll-interval", "0.5"]);
+    assert!(
+        d.startup_log.contains("PostgreSQL will not notify")
+            && d.startup_log.contains("this role cannot create it")
+            && d.startup_log.contains("polling it every 500ms"),
+        "{}",
+        d.startup_log
+    );
+    let mut probe = sb.probe();
+    let mut port = 7000;
+    assert_eq!(idle(&mut probe, &mut port), 91);
+    db.sql("UPDATE tcp_mgm SET keepidle = 96 WHERE id = 1;")
+        .await;
+    assert!(
+        wait_for(&mut probe, &mut port, 96, ARRIVES).is_some(),
+        "the change was not polled within {ARRIVES:?}"
+    );
+}
+
+/// The same table read by its owner: the daemon installs the trigger and is notified.
+#[tokio::test]
+async fn a_postgres_table_without_the_trigger_gets_it_when_the_role_may() {
+    let db = TestDb::new(Backend::Postgres, TableVersion::V1, RULE).await;
+    db.sql("DROP TRIGGER tcpmgm_notify ON tcp_mgm;").await;
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb, &db.url, control(&sb));
+    assert!(
+        d.startup_log.contains("installed the change trigger")
+            && d.startup_log.contains("PostgreSQL notifies"),
+        "{}",
+        d.startup_log
+    );
+    let mut probe = sb.probe();
+    let mut port = 7000;
+    assert_eq!(idle(&mut probe, &mut port), 91);
+    db.sql("UPDATE tcp_mgm SET keepidle = 97 WHERE id = 1;")
+        .await;
+    assert!(
+        wait_for(&mut probe, &mut port, 97, ARRIVES).is_some(),
+        "the change was not notified within {ARRIVES:?}"
+    );
+    assert!(d.logged("the rule table changed: reloading") >= 1);
+}
+
 async fn polled(backend: Backend) {
     let db = TestDb::new(backend, TableVersion::V1, RULE).await;
     let sb = Sandbox::new();

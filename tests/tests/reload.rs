@@ -99,8 +99,11 @@ async fn reload_switches_atomically_and_a_failed_reload_changes_nothing() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Two rule sets differing in every keepalive value. Connections keep coming while the kernel
-/// is switched between them 100 times: every socket must carry exactly one of the two profiles.
+/// Two rule sets differing in every keepalive value, and in whether 127.0.0.2 may be dialled (A
+/// refuses it). Connections keep coming while the kernel is switched between them 100 times:
+/// every socket must carry exactly one of the two profiles, and a connection to 127.0.0.2 must be
+/// refused (A) or carry B's profile: one with A's profile would have been let through by one
+/// generation at connect() and given its profile by the other.
 #[test]
 fn reload_under_churn_never_mixes_profiles() {
     const A: (i64, i64, i64, i64) = (1, 101, 11, 3);
@@ -108,33 +111,44 @@ fn reload_under_churn_never_mixes_profiles() {
     let sb = Sandbox::new();
     let none = Listeners::default();
     let hz = system::kernel_hz().unwrap();
-    let set = |(_, idle, intvl, cnt): (i64, i64, i64, i64)| {
+    let set = |(_, idle, intvl, cnt): (i64, i64, i64, i64), refuse: bool| {
         let (idle, intvl, cnt) = (idle.to_string(), intvl.to_string(), cnt.to_string());
-        let table = [row(
-            1,
-            &[
-                ("remote_addr", "127.0.0.0/8"),
-                ("keepidle", &idle),
-                ("keepinterval", &intvl),
-                ("keepcount", &cnt),
-            ],
-        )];
+        let profile = [
+            ("keepidle", idle.as_str()),
+            ("keepinterval", intvl.as_str()),
+            ("keepcount", cnt.as_str()),
+        ];
+        let mut guarded = vec![
+            ("remote_addr", "127.0.0.2"),
+            ("no_new_conn", if refuse { "1" } else { "0" }),
+        ];
+        guarded.extend(profile);
+        let mut loopback = vec![("remote_addr", "127.0.0.0/8")];
+        loopback.extend(profile);
+        let table = [row(1, &guarded), row(2, &loopback)];
         compile(rules(&table, &none), &none, hz).unwrap()
     };
-    let (a, b) = (set(A), set(B));
+    let (a, b) = (set(A, true), set(B, false));
     let (_, mut enforcer) = sb.enforce(a.rules.clone(), &none);
 
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(Mutex::new(Vec::new()));
+    let guarded = Arc::new(Mutex::new(Vec::new()));
     let mut probe = sb.probe();
     let worker = {
-        let (stop, seen) = (stop.clone(), seen.clone());
+        let (stop, seen, guarded) = (stop.clone(), seen.clone(), guarded.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let r = probe.ask("pair 127.0.0.1:7000 127.0.0.1:7000");
                 seen.lock()
                     .unwrap()
                     .push((r.keepalive("client"), r.keepalive("server")));
+                let r = probe.ask("pair 127.0.0.2:7001 127.0.0.2:7001");
+                guarded.lock().unwrap().push(if r.has("errno") {
+                    Err(r.get("errno"))
+                } else {
+                    Ok(r.keepalive("client"))
+                });
             }
         })
     };
@@ -167,16 +181,33 @@ fn reload_under_churn_never_mixes_profiles() {
         count(A),
         count(B)
     );
+    let guarded = guarded.lock().unwrap();
+    let mixed: Vec<_> = guarded
+        .iter()
+        .filter(|g| **g != Err(libc::EPERM.into()) && **g != Ok(B))
+        .collect();
+    assert!(
+        mixed.is_empty(),
+        "{} of {} connections to 127.0.0.2 were neither refused (A) nor given B's profile: {:?}",
+        mixed.len(),
+        guarded.len(),
+        &mixed[..mixed.len().min(5)]
+    );
+    let refused = guarded.iter().filter(|g| g.is_err()).count();
+    assert!(
+        refused > 0 && refused < guarded.len(),
+        "{refused} of {} connections to 127.0.0.2 refused: the run saw only one rule set",
+        guarded.len()
+    );
     eprintln!(
-        "{} connections during 100 reloads: {} A, {} B",
+        "{} connections during 100 reloads: {} A, {} B; to 127.0.0.2: {refused} refused, {} with B",
         seen.len(),
         count(A),
-        count(B)
+        count(B),
+        guarded.len() - refused
     );
 }
 
-/// `--reapply-existing`: a connection made before a reload gets the new rule's keepalive; without
-/// the flag it keeps the profile it was made with.
 #[tokio::test]
 async fn reapply_existing_reaches_connections_made_before_the_reload() {
     let db = tcpmgm_tests::TestDb::new(

@@ -50,7 +50,9 @@ pub fn tools(tools: &[(&str, &str)]) -> anyhow::Result<()> {
 
 /// PostgreSQL and MariaDB on loopback for the database tests: installed from Debian's packages
 /// when missing, started when stopped, with a `tcpmgm` login that may create databases (each
-/// test makes its own). Returns the admin URLs the tests read from the environment.
+/// test makes its own), and on PostgreSQL a `tcpmgm_reader` login that tests grant only reading
+/// (as an operator gives tcpmgm a role that may not create triggers). Returns the admin URLs the
+/// tests read from the environment.
 pub fn databases() -> anyhow::Result<Vec<(&'static str, String)>> {
     let have = |path: &str| Path::new(path).exists();
     let mut apt = Vec::new();
@@ -83,7 +85,9 @@ pub fn databases() -> anyhow::Result<Vec<(&'static str, String)>> {
             .args(["-u", "postgres", "--", "psql", "-qc"])
             .arg(
                 "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'tcpmgm') THEN \
-         CREATE ROLE tcpmgm LOGIN PASSWORD 'tcpmgm' CREATEDB; END IF; END$$;",
+         CREATE ROLE tcpmgm LOGIN PASSWORD 'tcpmgm' CREATEDB; END IF; \
+         IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'tcpmgm_reader') THEN \
+         CREATE ROLE tcpmgm_reader LOGIN PASSWORD 'tcpmgm'; END IF; END$$;",
             ),
     )?;
     sql_ok(Command::new("mysql").arg("-e").arg(

@@ -125,7 +125,7 @@ impl Generation {
         self.fill_array(names::PROFILES, &ranks, &p.profiles)?;
         let header = Header {
             generation: self.number,
-            flags: p.settings,
+            _pad: 0,
         };
         self.fill_array(names::HEADER, &[0], &[header])?;
         let ids: Vec<u32> = (0..p.lists.len() as u32).collect();

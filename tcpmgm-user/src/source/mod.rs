@@ -184,23 +184,34 @@ impl Source {
     pub async fn init(&self, version: TableVersion) -> Result<bool, SourceError> {
         let created = self.create_tables(version).await?;
         if self.dialect == Dialect::Postgres {
-            for sql in schema::POSTGRES_NOTIFY {
-                sqlx::query(sql)
-                    .execute(&self.pool)
-                    .await
-                    .map_err(self.query_err("installing the change trigger"))?;
-            }
+            self.install_notify_trigger().await?;
         }
         Ok(created)
     }
 
-    /// Whether PostgreSQL's change trigger is in place.
-    pub async fn has_notify_trigger(&self) -> Result<bool, SourceError> {
-        let found: Option<i32> =
-            sqlx::query_scalar("SELECT 1 FROM pg_trigger WHERE tgname = 'tcpmgm_notify'")
-                .fetch_optional(&self.pool)
+    /// Installs PostgreSQL's change trigger on tcp_mgm, in one transaction (the table's owner,
+    /// or a role with the TRIGGER privilege on it, may).
+    pub async fn install_notify_trigger(&self) -> Result<(), SourceError> {
+        let what = "installing the change trigger";
+        let mut tx = self.pool.begin().await.map_err(self.query_err(what))?;
+        for sql in schema::POSTGRES_NOTIFY {
+            sqlx::query(sql)
+                .execute(&mut *tx)
                 .await
-                .map_err(self.query_err("looking for the change trigger"))?;
+                .map_err(self.query_err(what))?;
+        }
+        tx.commit().await.map_err(self.query_err(what))
+    }
+
+    /// Whether PostgreSQL's change trigger is on tcp_mgm.
+    pub async fn has_notify_trigger(&self) -> Result<bool, SourceError> {
+        let found: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM pg_trigger WHERE tgname = 'tcpmgm_notify' \
+             AND tgrelid = 'tcp_mgm'::regclass",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(self.query_err("looking for the change trigger"))?;
         Ok(found.is_some())
     }
 

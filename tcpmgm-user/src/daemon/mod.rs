@@ -1,0 +1,400 @@
+//! `tcpmgm run`: enforce the table on a cgroup and keep it current.
+//!
+//! The daemon is three tasks. The serve loop (here) answers signals, the control socket and the
+//! programs' log events, and never waits on slow work. The reloader (`reloader`) owns the
+//! enforced policy: it re-reads the table (with a timeout), validates, compiles and switches the
+//! kernel to the new rule set off the runtime's thread, answers every request that waited for
+//! it, and folds requests that arrive meanwhile into one more reload. The watcher (`watch`
+//! task) turns database notifications or polls into reload requests. When a reload fails, the
+//! running policy stays and the caller and the log are told why.
+mod control;
+mod reloader;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use aya_log::EbpfLogger;
+use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::compile::{CompileError, compile};
+use crate::kernel::{Enforcer, KernelError, SOCKETS_PIN};
+use crate::lifetime::{self, Sweeper};
+use crate::pipeline::{PipelineError, RuleArgs, RuleSet};
+use crate::source::{Redacted, normalize_url};
+use crate::status::{self, DaemonState};
+use crate::system::{self, SystemError};
+use crate::watch::{Change, Watcher};
+
+pub use control::request;
+use reloader::{Reloader, Request};
+
+/// How long a read of the rule table may take, by default, before the reload gives up (the
+/// policy in force stays).
+pub const DB_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Rules(#[from] PipelineError),
+    #[error(
+        "{count} faults in the table, so nothing of it was loaded (fix them, or run with --skip-invalid):\n{list}"
+    )]
+    Invalid { count: usize, list: String },
+    #[error("reading the rule table took longer than {0:?}; the policy in force stays")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    System(#[from] SystemError),
+    #[error("control socket {path}: {source}")]
+    Control {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What `run` was asked to do.
+pub struct Options {
+    pub rules: RuleArgs,
+    pub cgroup: PathBuf,
+    pub skip_invalid: bool,
+    pub pin_dir: Option<PathBuf>,
+    pub control: Option<PathBuf>,
+    /// Detach on SIGINT/SIGTERM instead of leaving the policy in force.
+    pub detach_on_exit: bool,
+    /// With SQLite and MariaDB (and PostgreSQL without the change trigger): look for table
+    /// changes this often.
+    pub poll_interval: Option<Duration>,
+    /// The network namespace the cgroup's sockets live in (for con_lifetime); None: ours.
+    pub netns: Option<PathBuf>,
+    /// Enforce con_lifetime also where it is OpenSIPS's default of 120 s.
+    pub enforce_default_lifetime: bool,
+    /// After a reload, give established connections the keepalive of the rule now matching.
+    pub reapply_existing: bool,
+    /// How long reading the table (or connecting to watch it) may take.
+    pub db_timeout: Duration,
+}
+
+/// The running daemon, between its start (policy attached) and its serve loop.
+pub struct Daemon {
+    reloader: Reloader,
+    control: PathBuf,
+    watched_db: String,
+    poll_interval: Option<Duration>,
+    db_timeout: Duration,
+    watcher: Option<Watcher>,
+    detach_on_exit: bool,
+    /// The programs' log events, forwarded to this daemon's log.
+    logs: Option<AsyncFd<EbpfLogger<&'static dyn log::Log>>>,
+    /// Closes connections idle for longer than their con_lifetime.
+    _sweeper: Option<Sweeper>,
+}
+
+/// Reads and validates the table (within `db_timeout`), refusing it on any fault unless
+/// `skip_invalid`.
+async fn read_valid(options: &Options) -> Result<RuleSet, DaemonError> {
+    let set = tokio::time::timeout(options.db_timeout, options.rules.read())
+        .await
+        .map_err(|_| DaemonError::Timeout(options.db_timeout))??;
+    if !set.errors.is_empty() {
+        for e in &set.errors {
+            tracing::error!("{e}");
+        }
+        if !options.skip_invalid {
+            let list: Vec<String> = set.errors.iter().map(ToString::to_string).collect();
+            return Err(DaemonError::Invalid {
+                count: set.errors.len(),
+                list: list.join("\n"),
+            });
+        }
+        tracing::warn!(
+            "skipping the bad rows, loading {} valid rules",
+            set.rules.len()
+        );
+    }
+    let kernel = crate::features::probe();
+    for u in crate::features::unenforceable(&set.rules, &kernel, options.enforce_default_lifetime) {
+        tracing::error!("{u}; the rule's other columns are enforced");
+    }
+    Ok(set)
+}
+
+impl Daemon {
+    /// Loads the table and attaches it. Nothing reaches the kernel unless every step succeeds.
+    pub async fn start(options: Options) -> Result<Daemon, DaemonError> {
+        let cgroup = system::resolve_cgroup(&options.cgroup)?;
+        // Watch before reading, so that no change falls between the two.
+        let watcher = connect_watcher(
+            options.rules.db(),
+            options.poll_interval,
+            options.db_timeout,
+        )
+        .await;
+        let set = read_valid(&options).await?;
+        let hz = system::kernel_hz()?;
+        let policy = compile(set.rules, &set.listeners, hz)?;
+        let pin_dir = match &options.pin_dir {
+            Some(p) => p.clone(),
+            None => system::default_pin_dir(&cgroup)?,
+        };
+        let control = match &options.control {
+            Some(p) => p.clone(),
+            None => system::default_control_socket(&cgroup)?,
+        };
+        let (mut enforcer, policy) = tokio::task::spawn_blocking(move || {
+            Enforcer::attach(&policy, &cgroup, &pin_dir).map(|e| (e, policy))
+        })
+        .await
+        .expect("attaching does not panic")?;
+        let sweep_every = Arc::new(AtomicU64::new(lifetime::sweep_interval_ms(
+            policy.rules.iter().map(|r| r.profile.con_lifetime_s),
+            options.enforce_default_lifetime,
+        )));
+        let sweeper = match Sweeper::start(
+            enforcer.cgroup(),
+            enforcer.pin_dir().join(SOCKETS_PIN),
+            options.netns.clone(),
+            options.enforce_default_lifetime,
+            sweep_every.clone(),
+        ) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("con_lifetime is not enforced: {e}");
+                None
+            }
+        };
+        let logs = match enforcer.logger() {
+            // SAFETY: the logger owns its ring buffer's fd for as long as it lives, and the
+            // AsyncFd owns the logger.
+            Ok(logger) => match unsafe {
+                AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+            } {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    tracing::warn!(
+                        "the programs' log events will not be shown: {}",
+                        e.into_parts().1
+                    );
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!("the programs' log events will not be shown: {e}");
+                None
+            }
+        };
+        if enforcer.adopted() {
+            tracing::info!(
+                "took over the policy pinned in {} by an earlier run",
+                enforcer.pin_dir().display()
+            );
+        }
+        for l in set.listeners.iter() {
+            tracing::info!("listener {l}");
+        }
+        tracing::info!(
+            "{} rules enforced on {}; maps pinned in {}",
+            policy.rules.len(),
+            enforcer.cgroup().display(),
+            enforcer.pin_dir().display(),
+        );
+        tracing::info!(
+            "to put a process under this policy: echo PID > {}/cgroup.procs",
+            enforcer.cgroup().display()
+        );
+        let state = DaemonState {
+            cgroup: enforcer.cgroup().to_path_buf(),
+            pin_dir: enforcer.pin_dir().to_path_buf(),
+            control: control.clone(),
+            pid: std::process::id(),
+            source: Redacted::new(&normalize_url(options.rules.db())).to_string(),
+            started_at: status::now(),
+            rules: policy.rules.len(),
+            generation: enforcer.generation(),
+            last_reload: None,
+            reloading_since: None,
+        };
+        let daemon = Daemon {
+            control,
+            watcher,
+            watched_db: options.rules.db().to_owned(),
+            db_timeout: options.db_timeout,
+            poll_interval: options.poll_interval,
+            detach_on_exit: options.detach_on_exit,
+            logs,
+            _sweeper: sweeper,
+            reloader: Reloader::new(enforcer, options, hz, state, sweep_every),
+        };
+        daemon.reloader.save_state();
+        Ok(daemon)
+    }
+
+    /// Serves until SIGINT or SIGTERM (the policy stays in force, unless `detach_on_exit`) or a
+    /// `detach` request (the policy goes).
+    pub async fn serve(self) -> Result<(), DaemonError> {
+        let Daemon {
+            reloader,
+            control,
+            watched_db,
+            poll_interval,
+            db_timeout,
+            watcher,
+            detach_on_exit,
+            mut logs,
+            _sweeper,
+        } = self;
+        let fail = |source| DaemonError::Control {
+            path: control.clone(),
+            source,
+        };
+        let listener = control::bind(&control)?;
+        let mut term = signal(SignalKind::terminate()).map_err(fail)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(fail)?;
+        let mut hup = signal(SignalKind::hangup()).map_err(fail)?;
+        let (requests, inbox) = mpsc::unbounded_channel();
+        let reloader = tokio::spawn(reloader.run(inbox));
+        let watcher = tokio::spawn(watch_table(
+            watcher,
+            watched_db,
+            poll_interval,
+            db_timeout,
+            requests.clone(),
+        ));
+        let (detach_tx, mut detach_rx) = mpsc::channel::<()>(1);
+        // The last line of the start: tests and scripts wait for it.
+        tracing::info!(
+            "reload with SIGHUP or `tcpmgm reload --control {}`",
+            control.display()
+        );
+        // systemd (Type=notify) starts the units ordered after tcpmgm only now: the policy is
+        // in force before the SIP server opens its first socket.
+        notify(&[sd_notify::NotifyState::Ready]);
+        let detach = loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM"); break detach_on_exit; }
+                _ = int.recv() => { tracing::info!("SIGINT"); break detach_on_exit; }
+                _ = detach_rx.recv() => break true,
+                ready = async { logs.as_mut().expect("guarded").readable_mut().await }, if logs.is_some() => {
+                    if let Ok(mut guard) = ready {
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                }
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading");
+                    let _ = requests.send(Request::Reload { reply: None, automatic: false });
+                }
+                conn = listener.accept() => match conn {
+                    Ok((stream, _)) => {
+                        tokio::spawn(control::answer(stream, requests.clone(), detach_tx.clone()));
+                    }
+                    Err(e) => tracing::warn!("control socket: {e}"),
+                },
+            }
+        };
+        notify(&[sd_notify::NotifyState::Stopping]);
+        watcher.abort();
+        let _ = std::fs::remove_file(&control);
+        if detach {
+            // The reloader finishes what it is doing (a table read gives up after db_timeout),
+            // then takes the policy off.
+            let (done, result) = oneshot::channel();
+            let _ = requests.send(Request::Stop { detach: true, done });
+            match result.await {
+                Ok(r) => r?,
+                Err(_) => tracing::error!("the reloader ended before it could detach"),
+            }
+            let _ = std::fs::remove_file(status::state_path(&control));
+        } else {
+            // Whatever the reloader was doing, the pinned policy stays in force.
+            reloader.abort();
+            tracing::info!(
+                "exiting; the policy stays enforced (pinned); `tcpmgm detach` removes it"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Tells systemd (when it started us with NOTIFY_SOCKET) how the service is doing.
+pub(crate) fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!("telling systemd: {e}");
+    }
+}
+
+/// The table watcher, or None (logged) when the database cannot be reached now.
+async fn connect_watcher(db: &str, poll: Option<Duration>, limit: Duration) -> Option<Watcher> {
+    match tokio::time::timeout(limit, Watcher::new(db, poll)).await {
+        Ok(Ok(w)) => {
+            tracing::info!("{}", w.describe());
+            Some(w)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("cannot watch the rule table: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("connecting to watch the rule table took longer than {limit:?}");
+            None
+        }
+    }
+}
+
+/// Follows the rule table and asks for a reload at each change, reconnecting (after a second,
+/// then doubling up to a minute) when the database goes away, and reloading after a reconnection
+/// in case a change was missed meanwhile.
+async fn watch_table(
+    mut watcher: Option<Watcher>,
+    db: String,
+    poll: Option<Duration>,
+    limit: Duration,
+    requests: mpsc::UnboundedSender<Request>,
+) {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        let Some(w) = watcher.as_mut() else {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(60));
+            watcher = connect_watcher(&db, poll, limit).await;
+            if watcher.is_some() {
+                wait = Duration::from_secs(1);
+                tracing::info!(
+                    "watching the rule table again: reloading in case changes were missed"
+                );
+                let _ = requests.send(Request::Reload {
+                    reply: None,
+                    automatic: true,
+                });
+            }
+            continue;
+        };
+        let change = w.changed().await;
+        match change {
+            Ok(Change::Table) => tracing::info!("the rule table changed: reloading"),
+            Ok(Change::Unknown) => {
+                tracing::info!("reconnected to the database: reloading in case changes were missed")
+            }
+            Err(e) => {
+                tracing::warn!("watching the rule table: {e}; reconnecting");
+                watcher = None;
+                continue;
+            }
+        }
+        if requests
+            .send(Request::Reload {
+                reply: None,
+                automatic: true,
+            })
+            .is_err()
+        {
+            return;
+        }
+    }
+}

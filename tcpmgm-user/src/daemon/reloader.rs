@@ -1,0 +1,259 @@
+//! The reloader: the one task that owns the enforced policy. It takes reload requests one batch
+//! at a time: every request waiting when a reload starts is answered by that reload, and those
+//! that arrive while it runs are folded into one more. The table is read with a timeout; the
+//! compile, the switch and the re-applying to existing connections run on a blocking thread, so
+//! the serve loop never waits on them. A failed automatic reload (after a table change) is
+//! retried after a second, doubling up to a minute, while the last good policy stays in force.
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{DaemonError, Options, notify, read_valid};
+use crate::compile::{Policy, compile};
+use crate::kernel::{Enforcer, GRACE, SOCKETS_PIN};
+use crate::lifetime;
+use crate::listener::Listeners;
+use crate::status::{self, DaemonState, ReloadRecord};
+
+/// What the reloader is asked.
+pub enum Request {
+    /// Reload the table; `reply` (if any) gets the report or the reason it failed. `automatic`:
+    /// nobody asked (a table change), so a failure is retried.
+    Reload {
+        reply: Option<oneshot::Sender<Result<String, String>>>,
+        automatic: bool,
+    },
+    /// Stop, taking the policy off the cgroup when `detach`.
+    Stop {
+        detach: bool,
+        done: oneshot::Sender<Result<(), DaemonError>>,
+    },
+}
+
+pub struct Reloader {
+    /// Away only while a blocking thread works on it.
+    enforcer: Option<Enforcer>,
+    options: Options,
+    hz: u32,
+    state: DaemonState,
+    sweep_every: Arc<AtomicU64>,
+}
+
+impl Reloader {
+    pub fn new(
+        enforcer: Enforcer,
+        options: Options,
+        hz: u32,
+        state: DaemonState,
+        sweep_every: Arc<AtomicU64>,
+    ) -> Reloader {
+        Reloader {
+            enforcer: Some(enforcer),
+            options,
+            hz,
+            state,
+            sweep_every,
+        }
+    }
+
+    pub fn save_state(&self) {
+        if let Some(dir) = self.state.control.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        if let Err(e) = self.state.write() {
+            tracing::warn!(
+                "writing {}: {e}",
+                status::state_path(&self.state.control).display()
+            );
+        }
+    }
+
+    pub async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Request>) {
+        let mut retry: Option<(tokio::time::Instant, Duration)> = None;
+        loop {
+            let retry_at = retry.map(|(at, _)| at);
+            let first = tokio::select! {
+                request = inbox.recv() => match request {
+                    Some(r) => r,
+                    None => return,
+                },
+                _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
+                    Request::Reload { reply: None, automatic: true }
+                }
+            };
+            // Everything waiting now is answered by this one reload.
+            let mut replies = Vec::new();
+            let mut automatic_only = true;
+            let mut stop = None;
+            let mut take = |request: Request| match request {
+                Request::Reload { reply, automatic } => {
+                    automatic_only &= automatic;
+                    replies.extend(reply);
+                }
+                Request::Stop { detach, done } => stop = Some((detach, done)),
+            };
+            take(first);
+            while let Ok(request) = inbox.try_recv() {
+                take(request);
+            }
+            if let Some((detach, done)) = stop {
+                for reply in replies {
+                    let _ = reply.send(Err("the daemon is stopping".into()));
+                }
+                let _ = done.send(self.stop(detach).await);
+                return;
+            }
+            let result = self.reload().await;
+            for reply in replies {
+                let _ = reply.send(result.clone());
+            }
+            retry = match (&result, automatic_only) {
+                (Ok(_), _) => None,
+                (Err(_), true) => {
+                    let wait = retry.map_or(Duration::from_secs(1), |(_, w)| {
+                        (w * 2).min(Duration::from_secs(60))
+                    });
+                    tracing::info!("retrying in {wait:?}");
+                    Some((tokio::time::Instant::now() + wait, wait))
+                }
+                (Err(_), false) => retry,
+            };
+            if result.is_ok() {
+                // Free the generation the switch replaced, once no program run can still read it.
+                tokio::time::sleep(GRACE).await;
+                if let Some(e) = self.enforcer.as_mut() {
+                    e.release_retired();
+                }
+            }
+        }
+    }
+
+    async fn stop(&mut self, detach: bool) -> Result<(), DaemonError> {
+        let Some(enforcer) = self.enforcer.take() else {
+            return Ok(());
+        };
+        if !detach {
+            return Ok(());
+        }
+        let cgroup = enforcer.cgroup().to_path_buf();
+        tokio::task::spawn_blocking(move || enforcer.detach())
+            .await
+            .expect("detaching does not panic")?;
+        tracing::info!(
+            "detached from {}; it is back to the system's TCP settings",
+            cgroup.display()
+        );
+        Ok(())
+    }
+
+    /// Re-reads the table and switches the kernel to it; on error nothing changes. Logged, and
+    /// recorded in the state file.
+    async fn reload(&mut self) -> Result<String, String> {
+        self.state.reloading_since = Some(status::now());
+        self.save_state();
+        let result = self.try_reload().await.map_err(|e| e.to_string());
+        self.state.reloading_since = None;
+        if let Some(e) = &self.enforcer {
+            self.state.generation = e.generation();
+        }
+        self.state.last_reload = Some(ReloadRecord {
+            at: status::now(),
+            ok: result.is_ok(),
+            message: match &result {
+                Ok(report) => report.clone(),
+                Err(e) => e.clone(),
+            },
+        });
+        self.save_state();
+        match &result {
+            Ok(report) => {
+                tracing::info!("reload: {report}");
+                notify(&[sd_notify::NotifyState::Status(&format!(
+                    "{} rules enforced on {} (generation {})",
+                    self.state.rules,
+                    self.state.cgroup.display(),
+                    self.state.generation
+                ))]);
+            }
+            Err(e) => tracing::error!("reload failed, the previous policy stays in force: {e}"),
+        }
+        result
+    }
+
+    async fn try_reload(&mut self) -> Result<String, DaemonError> {
+        let started = Instant::now();
+        let set = read_valid(&self.options).await?;
+        let read_ms = started.elapsed().as_millis();
+        let mut enforcer = self.enforcer.take().expect("the reloader holds the policy");
+        let hz = self.hz;
+        let reapply = self
+            .options
+            .reapply_existing
+            .then(|| self.options.netns.clone());
+        let (enforcer, result) = tokio::task::spawn_blocking(move || {
+            let result = compile(set.rules, &set.listeners, hz)
+                .map_err(DaemonError::from)
+                .and_then(|policy| {
+                    enforcer.replace(&policy)?;
+                    if let Some(netns) = reapply {
+                        reapply_existing(&enforcer, &policy, &set.listeners, netns);
+                    }
+                    Ok(policy)
+                });
+            (enforcer, result)
+        })
+        .await
+        .expect("reloading does not panic");
+        let generation = enforcer.generation();
+        self.enforcer = Some(enforcer);
+        let policy = result?;
+        self.state.rules = policy.rules.len();
+        self.sweep_every.store(
+            lifetime::sweep_interval_ms(
+                policy.rules.iter().map(|r| r.profile.con_lifetime_s),
+                self.options.enforce_default_lifetime,
+            ),
+            Ordering::Relaxed,
+        );
+        Ok(format!(
+            "generation {generation}: {} rules enforced ({} ms, {read_ms} of them reading the table)",
+            policy.rules.len(),
+            started.elapsed().as_millis()
+        ))
+    }
+}
+
+/// `--reapply-existing`, in the network namespace of the cgroup's sockets (a thread of its own
+/// enters it).
+fn reapply_existing(
+    enforcer: &Enforcer,
+    policy: &Policy,
+    listeners: &Listeners,
+    netns: Option<std::path::PathBuf>,
+) {
+    let cgroup = enforcer.cgroup().to_path_buf();
+    let pin = enforcer.pin_dir().join(SOCKETS_PIN);
+    let result = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                if let Some(ns) = &netns {
+                    let f = std::fs::File::open(ns)?;
+                    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(std::io::Error::from)?;
+                }
+                crate::reapply::reapply(policy, listeners, &cgroup, &pin)
+            })
+            .join()
+    });
+    match result {
+        Ok(Ok(done)) => tracing::info!(
+            "re-applied the new rules to {} existing connections ({} could not be reached)",
+            done.updated,
+            done.unreachable
+        ),
+        Ok(Err(e)) => tracing::warn!("re-applying the new rules to existing connections: {e}"),
+        Err(_) => tracing::warn!("re-applying the new rules to existing connections panicked"),
+    }
+}
