@@ -22,12 +22,11 @@ pub mod names {
     pub const LOCAL_V6: &str = "TCPMGM_LOCAL_V6";
     pub const PROFILES: &str = "TCPMGM_PROFILES";
     pub const LISTENERS: &str = "TCPMGM_LISTENERS";
-    pub const COUNTERS: &str = "TCPMGM_COUNTERS";
     /// The generation in force.
     pub const CURRENT: &str = "TCPMGM_CURRENT";
-    /// Per rule id, per CPU: sends slower than the rule's send_threshold. Shared by every
-    /// generation (a connection outlives reloads), pinned as `SLOW_PIN`.
-    pub const SLOW: &str = "TCPMGM_SLOW";
+    /// What each rule did, by rule id, per CPU; shared by every generation and every run
+    /// (pinned as `RULE_STATS_PIN`), so its counters only grow.
+    pub const RULE_STATS: &str = "TCPMGM_RULE_STATS";
     /// Per-socket decisions; shared by every generation of the programs.
     pub const SOCKETS: &str = "TCPMGM_SOCKETS";
     pub const SOCK_OPS: &str = "tcpmgm_sock_ops";
@@ -37,11 +36,10 @@ pub mod names {
     pub const SETSOCKOPT: &str = "tcpmgm_sockopt";
     /// The policy maps, made anew for every rule set, in the order the loader writes them, each
     /// with the array of maps the programs find it in.
-    pub const POLICY_MAPS: [(&str, &str); 12] = [
+    pub const POLICY_MAPS: [(&str, &str); 11] = [
         (HEADER, "TCPMGM_GEN_HEADER"),
         (LISTS, "TCPMGM_GEN_LISTS"),
         (PROFILES, "TCPMGM_GEN_PROFILES"),
-        (COUNTERS, "TCPMGM_GEN_COUNTERS"),
         (LOCAL_V4, "TCPMGM_GEN_LOCAL_V4"),
         (LOCAL_V6, "TCPMGM_GEN_LOCAL_V6"),
         (BUCKETS, "TCPMGM_GEN_BUCKETS"),
@@ -156,15 +154,30 @@ pub struct LocalKey6 {
     pub addr: [u8; 16],
 }
 
-/// What a rule did, counted per CPU by the programs (since its rule set was loaded).
+/// What a rule did, counted per CPU by the programs, by rule id, since its entry was made (the
+/// map is shared by every generation and every run, so a reload does not reset it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RuleCounters {
+pub struct RuleStats {
     /// Sockets the rule was chosen for (accepted or opened connections, refused ones included).
     pub matched: u64,
     /// connect() calls refused by the rule's no_new_conn.
     pub refused: u64,
+    /// connect() calls the rule's no_new_conn would have refused, in audit mode.
+    pub would_refuse: u64,
+    /// Socket options the kernel refused to set for the rule (bpf_setsockopt failed).
+    pub setsockopt_failures: u64,
+    /// setsockopt() calls by the application that would have changed an option the rule sets.
+    pub overrides_prevented: u64,
+    /// Sends slower than the rule's send_threshold (RTT samples over it, retransmission
+    /// timeouts).
+    pub slow_sends: u64,
 }
+
+/// Pin name of the rule statistics, shared by every generation and run.
+pub const RULE_STATS_PIN: &str = "TCPMGM_RULE_STATS_V1";
+/// The most rules the statistics hold (its memory grows with the rules that have events).
+pub const RULE_STATS_MAX: usize = 1 << 22;
 
 /// The per-CPU budget of log events (see `LOG_EVENTS_PER_SECOND`).
 #[repr(C)]
@@ -178,9 +191,6 @@ pub struct LogBudget {
 
 /// Log events each CPU may send a second; the rest are dropped (the counters still count them).
 pub const LOG_EVENTS_PER_SECOND: u32 = 20;
-
-/// Pin name of the slow-send counters, shared by every generation of the programs.
-pub const SLOW_PIN: &str = "TCPMGM_SLOW_V1";
 
 /// Pin name of the log ring buffer, shared by every generation of the programs.
 pub const LOGS_PIN: &str = "TCPMGM_LOGS";
@@ -232,7 +242,7 @@ pub mod marks {
 pub struct Profile {
     /// The rule's `id` in the table.
     pub rule_id: u32,
-    /// The rule's position in match order: its index in `PROFILES` and `COUNTERS`.
+    /// The rule's position in match order: its index in `PROFILES`.
     pub rank: u32,
     pub flags: u32,
     /// TCP_KEEPIDLE seconds; 0 leaves the system value.
@@ -299,7 +309,7 @@ mod pod {
     unsafe impl aya::Pod for LocalKey6 {}
     unsafe impl aya::Pod for SockPolicy {}
     unsafe impl aya::Pod for Header {}
-    unsafe impl aya::Pod for RuleCounters {}
+    unsafe impl aya::Pod for RuleStats {}
     unsafe impl aya::Pod for LogBudget {}
     unsafe impl aya::Pod for Attr {}
     unsafe impl aya::Pod for Profile {}

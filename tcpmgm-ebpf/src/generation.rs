@@ -4,15 +4,13 @@
 //! generation only well after it stopped being current; should a run still meet a slot already
 //! given to another generation (its header says so), it decides nothing and the socket is left
 //! for a later hook.
-use aya_ebpf::bindings::BPF_NOEXIST;
-use tcpmgm_common::{Header, Profile, RuleCounters};
+use tcpmgm_common::{Header, Profile};
 
 use crate::maps::{
     BucketMap, Host4Map, Host6Map, ListMap, ListenerMap, Local4Map, Local6Map, Remote4Map,
-    Remote6Map, TCPMGM_CURRENT, TCPMGM_GEN_BUCKETS, TCPMGM_GEN_COUNTERS, TCPMGM_GEN_HEADER,
-    TCPMGM_GEN_HOST_V4, TCPMGM_GEN_HOST_V6, TCPMGM_GEN_LISTENERS, TCPMGM_GEN_LISTS,
-    TCPMGM_GEN_LOCAL_V4, TCPMGM_GEN_LOCAL_V6, TCPMGM_GEN_PROFILES, TCPMGM_GEN_REMOTE_V4,
-    TCPMGM_GEN_REMOTE_V6,
+    Remote6Map, TCPMGM_CURRENT, TCPMGM_GEN_BUCKETS, TCPMGM_GEN_HEADER, TCPMGM_GEN_HOST_V4,
+    TCPMGM_GEN_HOST_V6, TCPMGM_GEN_LISTENERS, TCPMGM_GEN_LISTS, TCPMGM_GEN_LOCAL_V4,
+    TCPMGM_GEN_LOCAL_V6, TCPMGM_GEN_PROFILES, TCPMGM_GEN_REMOTE_V4, TCPMGM_GEN_REMOTE_V6,
 };
 
 #[derive(Clone, Copy)]
@@ -48,28 +46,6 @@ impl Gen {
     #[inline(always)]
     pub fn profile(self, rank: u32) -> Option<&'static Profile> {
         TCPMGM_GEN_PROFILES.get(self.slot)?.get(rank)
-    }
-
-    /// Bumps one of a rule's per-CPU counters. A rule's entry is made by its first event: an
-    /// entry another CPU made meanwhile is bumped instead, so no event is lost.
-    #[inline(always)]
-    pub fn count(self, rank: u32, bump: impl Fn(&mut RuleCounters)) {
-        let Some(counters) = TCPMGM_GEN_COUNTERS.get(self.slot) else {
-            return;
-        };
-        if let Some(c) = counters.get_ptr_mut(rank) {
-            // SAFETY: this CPU's value; programs do not migrate mid-run.
-            bump(unsafe { &mut *c });
-            return;
-        }
-        let mut first = RuleCounters::default();
-        bump(&mut first);
-        if counters.insert(rank, first, BPF_NOEXIST.into()).is_err()
-            && let Some(c) = counters.get_ptr_mut(rank)
-        {
-            // SAFETY: as above.
-            bump(unsafe { &mut *c });
-        }
     }
 
     #[inline(always)]

@@ -6,6 +6,7 @@
 //! - `decide`: the shared lookup over the maps the loader compiled.
 //! - `generation`: which rule set is in force, switched in one step.
 //! - `sockets`: one decision per socket, kept in socket-local storage.
+//! - `stats`: what each rule did, by rule id.
 #![no_std]
 #![no_main]
 
@@ -18,6 +19,7 @@ mod options;
 mod sock_ops;
 mod sockets;
 mod sockopt;
+mod stats;
 
 #[cfg(not(test))]
 #[panic_handler]

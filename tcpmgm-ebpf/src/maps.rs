@@ -7,30 +7,25 @@
 //! (`TCPMGM_PROFILES`, ...): the loader makes each generation's maps from those declarations, so
 //! they carry BTF for bpftool, and they are the template the arrays of maps check them against.
 //!
-//! `TCPMGM_SOCKETS`, the slow-send counters and the log ring buffer are shared by every
+//! `TCPMGM_SOCKETS`, the rule statistics and the log ring buffer are shared by every
 //! generation and every run (pinned).
 use aya_ebpf::{
-    bindings::BPF_F_INNER_MAP,
-    btf_maps::{
-        Array, ArrayOfMaps, HashMap, LpmTrie, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap,
-        SkStorage,
-    },
+    bindings::{BPF_F_INNER_MAP, BPF_F_NO_PREALLOC},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, SkStorage},
     macros::btf_map,
 };
 use tcpmgm_common::{
     Addr4, Addr6, Bucket, BucketKey, Header, ListNode, ListenerInfo, ListenerKey, LocalKey4,
-    LocalKey6, LogBudget, Profile, RuleCounters, SockPolicy,
+    LocalKey6, LogBudget, Profile, RULE_STATS_MAX, RuleStats, SockPolicy,
 };
 
 /// Arrays as inner maps: without BPF_F_INNER_MAP every generation would need the template's
-/// size (Linux 5.10 relaxed this for the other map types). Per-CPU arrays refuse the flag, so
-/// the counters are a per-CPU hash by rank.
+/// size (Linux 5.10 relaxed this for the other map types).
 const INNER: usize = BPF_F_INNER_MAP as usize;
 
 pub type HeaderMap = Array<Header, 1, INNER>;
 pub type ListMap = Array<ListNode, 1, INNER>;
 pub type ProfileMap = Array<Profile, 1, INNER>;
-pub type CounterMap = PerCpuHashMap<u32, RuleCounters, 1>;
 pub type BucketMap = HashMap<BucketKey, Bucket, 1>;
 pub type ListenerMap = HashMap<ListenerKey, ListenerInfo, 1>;
 /// The remote prefixes, each to its list id.
@@ -67,10 +62,6 @@ policy_map!(
     /// Profiles by rank (position in match order).
     TCPMGM_PROFILES, TCPMGM_GEN_PROFILES: ProfileMap
 );
-policy_map!(
-    /// Per rank, per CPU.
-    TCPMGM_COUNTERS, TCPMGM_GEN_COUNTERS: CounterMap
-);
 policy_map!(TCPMGM_BUCKETS, TCPMGM_GEN_BUCKETS: BucketMap);
 policy_map!(TCPMGM_LISTENERS, TCPMGM_GEN_LISTENERS: ListenerMap);
 policy_map!(
@@ -87,9 +78,15 @@ policy_map!(TCPMGM_LOCAL_V6, TCPMGM_GEN_LOCAL_V6: Local6Map);
 #[btf_map]
 pub static TCPMGM_CURRENT: Array<u32, 1> = Array::new();
 
-/// Sends slower than send_threshold, by rule id.
+/// What each rule did, by rule id, per CPU; entries are made as rules first act, so memory grows
+/// with the rules that do.
 #[btf_map]
-pub static TCPMGM_SLOW: LruPerCpuHashMap<u32, u64, 65536> = LruPerCpuHashMap::new();
+pub static TCPMGM_RULE_STATS: PerCpuHashMap<
+    u32,
+    RuleStats,
+    RULE_STATS_MAX,
+    { BPF_F_NO_PREALLOC as usize },
+> = PerCpuHashMap::new();
 
 #[btf_map]
 pub static TCPMGM_LOG_BUDGET: PerCpuArray<LogBudget, 1> = PerCpuArray::new();

@@ -18,11 +18,11 @@ use aya_log_ebpf::info;
 
 use crate::decide::{Conn, is_v4_mapped, load_words};
 use crate::logbook;
-use crate::maps::TCPMGM_SLOW;
 use crate::options::{
     SO_KEEPALIVE, SOL_SOCKET, SOL_TCP, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT,
 };
 use crate::sockets::{self, Decided};
+use crate::stats;
 
 const AF_INET6: u32 = 10;
 
@@ -199,13 +199,7 @@ fn slow_send(ctx: &SockOpsContext, p: &Profile, timeout: bool) {
     if !timeout && srtt_us <= p.send_threshold_us {
         return;
     }
-    match TCPMGM_SLOW.get_ptr_mut(p.rule_id) {
-        // SAFETY: this CPU's slot of a per-CPU map.
-        Some(n) => unsafe { *n += 1 },
-        None => {
-            let _ = TCPMGM_SLOW.insert(p.rule_id, 1u64, 0);
-        }
-    }
+    stats::bump(p.rule_id, |s| s.slow_sends += 1);
     if logbook::allow() {
         let (rule, threshold) = (p.rule_id, p.send_threshold_us);
         if timeout {

@@ -9,11 +9,12 @@ use aya_ebpf::{
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
     helpers::generated::bpf_sk_storage_get,
 };
-use tcpmgm_common::{Profile, RuleCounters, SOCK_NO_RULE, SOCK_RULE, SOCK_UNDECIDED, SockPolicy};
+use tcpmgm_common::{Profile, RuleStats, SOCK_NO_RULE, SOCK_RULE, SOCK_UNDECIDED, SockPolicy};
 
 use crate::decide::{Conn, decide};
 use crate::generation::Gen;
 use crate::maps::TCPMGM_SOCKETS;
+use crate::stats;
 
 /// The storage of `sk` (created zeroed, that is undecided, if it has none and `create`), or
 /// null when it has none or the kernel has no memory for it.
@@ -31,25 +32,19 @@ pub fn storage(sk: *mut bpf_sock, create: bool) -> *mut SockPolicy {
     unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), flags) }.cast::<SockPolicy>()
 }
 
-/// A socket's decision: the profile that governs it, the generation that chose it, and, when the
-/// socket has storage, that storage (for the marks hooks leave on it).
+/// A socket's decision: the profile that governs it and, when the socket has storage, that
+/// storage (for the marks hooks leave on it).
 pub struct Decided {
     pub profile: &'static Profile,
-    pub generation: u32,
     /// Null when the kernel had no memory for the storage.
     pub stored: *mut SockPolicy,
 }
 
 impl Decided {
-    /// Bumps one of the rule's counters, if its generation is still the one in force (ranks
-    /// index one generation's counters).
+    /// Bumps one of the rule's counters.
     #[inline(always)]
-    pub fn count(&self, bump: impl Fn(&mut RuleCounters)) {
-        if let Some(g) = Gen::current()
-            && g.number == self.generation
-        {
-            g.count(self.profile.rank, bump);
-        }
+    pub fn count(&self, bump: impl Fn(&mut RuleStats)) {
+        stats::bump(self.profile.rule_id, bump);
     }
 }
 
@@ -62,11 +57,7 @@ pub fn policy(sk: *mut bpf_sock, conn: impl FnOnce() -> Conn) -> Option<Decided>
     if stored.is_null() {
         // No memory for the storage: decide without remembering.
         let g = Gen::current()?;
-        return decide_profile(&g, &conn()).map(|profile| Decided {
-            profile,
-            generation: g.number,
-            stored,
-        });
+        return decide_profile(&g, &conn()).map(|profile| Decided { profile, stored });
     }
     // SAFETY: non-null storage of our value type, valid for this program run.
     let record = unsafe { &mut *stored };
@@ -85,7 +76,6 @@ pub fn policy(sk: *mut bpf_sock, conn: impl FnOnce() -> Conn) -> Option<Decided>
     if record.state == SOCK_RULE {
         Some(Decided {
             profile: &record.profile,
-            generation: record.generation,
             stored,
         })
     } else {
@@ -102,11 +92,7 @@ pub fn record(sk: *mut bpf_sock, conn: &Conn) -> Option<Decided> {
     let p = decide_profile(&g, conn)?;
     let stored = storage(sk, true);
     if stored.is_null() {
-        return Some(Decided {
-            profile: p,
-            generation: g.number,
-            stored,
-        });
+        return Some(Decided { profile: p, stored });
     }
     // SAFETY: non-null storage of our value type, valid for this program run.
     let record = unsafe { &mut *stored };
@@ -115,7 +101,6 @@ pub fn record(sk: *mut bpf_sock, conn: &Conn) -> Option<Decided> {
     record.state = SOCK_RULE;
     Some(Decided {
         profile: &record.profile,
-        generation: g.number,
         stored,
     })
 }
@@ -123,7 +108,7 @@ pub fn record(sk: *mut bpf_sock, conn: &Conn) -> Option<Decided> {
 /// The profile of the winning rule, counted as matched, without remembering it.
 #[inline(always)]
 fn decide_profile(g: &Gen, conn: &Conn) -> Option<&'static Profile> {
-    let rank = decide(g, conn)?;
-    g.count(rank, |c| c.matched += 1);
-    g.profile(rank)
+    let p = g.profile(decide(g, conn)?)?;
+    stats::bump(p.rule_id, |s| s.matched += 1);
+    Some(p)
 }

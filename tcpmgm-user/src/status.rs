@@ -151,20 +151,38 @@ impl std::fmt::Display for CgroupStatus {
                 let active: Vec<_> = k
                     .rules
                     .iter()
-                    .filter(|r| r.matched + r.refused + r.slow > 0)
+                    .filter(|r| {
+                        r.matched
+                            + r.refused
+                            + r.would_refuse
+                            + r.setsockopt_failures
+                            + r.overrides_prevented
+                            + r.slow
+                            > 0
+                    })
                     .collect();
                 writeln!(
                     f,
-                    "  counters since the last load ({} of {} rules used):",
+                    "  counters ({} of {} rules used):",
                     active.len(),
                     k.rules.len()
                 )?;
                 for r in active {
-                    writeln!(
+                    write!(
                         f,
                         "    rule {:>8}  matched {:>10}  refused {:>10}  slow sends {:>8}",
                         r.id, r.matched, r.refused, r.slow
                     )?;
+                    for (what, n) in [
+                        ("would refuse (audit)", r.would_refuse),
+                        ("overrides prevented", r.overrides_prevented),
+                        ("setsockopt failures", r.setsockopt_failures),
+                    ] {
+                        if n > 0 {
+                            write!(f, "  {what} {n}")?;
+                        }
+                    }
+                    writeln!(f)?;
                 }
             }
             (None, Some(e)) => writeln!(f, "  kernel: {e}")?,

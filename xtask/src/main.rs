@@ -117,6 +117,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Task::Vm { task } => vm_task(&root, task),
         Task::Bench { args } => {
             setup::toolchain()?;
+            // The PostgreSQL push latency needs the server.
+            let databases = setup::databases()?;
             status(cargo(&root).args([
                 "build",
                 "--release",
@@ -124,15 +126,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "tcpmgm-tests",
                 "--bin",
                 "tcpmgm-bench",
-                // The bench's peer process.
+                // The bench's peer process, and the daemon it measures the push latency of.
                 "--bin",
                 "tcpmgm-probe",
+                "--package",
+                "tcpmgm-user",
+                "--bin",
+                "tcpmgm",
             ]))?;
             status(
                 Command::new(root.join("target/release/tcpmgm-bench"))
                     .arg("--out")
                     .arg(root.join("BENCHMARKS.md"))
                     .args(&args)
+                    .envs(databases)
                     .current_dir(&root),
             )
         }

@@ -2,14 +2,18 @@
 //! ready to be installed into the programs' arrays of maps (see `programs`).
 //!
 //! The maps are made from the object's own declarations and BTF (see `programs::Templates`), so
-//! they carry the field names bpftool prints.
-use std::collections::HashMap as Maps;
+//! they carry the field names bpftool prints. A map whose contents the previous generation
+//! already holds is not made again: the new generation shares it (a change to one rule's
+//! keepalive rebuilds the profiles and nothing else). A generation never writes to a map once
+//! it is built, so sharing cannot change a rule set in force.
+use std::collections::HashMap;
+use std::hash::Hasher as _;
 use std::os::fd::AsFd as _;
 use std::path::Path;
+use std::sync::Arc;
 
 use aya::Pod;
-use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, IterableMap, Map, MapData};
+use aya::maps::{Map, MapData};
 use ipnet::IpNet;
 use tcpmgm_common::{Header, LocalKey4, LocalKey6, names};
 
@@ -19,59 +23,191 @@ use crate::compile::Policy;
 
 pub struct Generation {
     pub(super) number: u32,
-    maps: Maps<&'static str, Map>,
+    maps: HashMap<&'static str, Arc<Map>>,
+    /// A fingerprint of each map's contents, to tell whether the next generation can share it.
+    fingerprints: HashMap<&'static str, u64>,
 }
 
-fn map_err(map: &'static str, what: impl Into<String>) -> impl FnOnce(String) -> KernelError {
-    let what = what.into();
-    move |reason| KernelError::Map { map, what, reason }
+/// One map's contents as the kernel stores them: `len` keys and values of fixed sizes, end to
+/// end.
+struct Contents {
+    len: usize,
+    keys: Vec<u8>,
+    values: Vec<u8>,
+}
+
+fn bytes<T: Pod>(v: &T) -> &[u8] {
+    // SAFETY: Pod types are plain data without padding the kernel would not expect.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+}
+
+impl Contents {
+    fn of<K: Pod, V: Pod>(entries: impl IntoIterator<Item = (K, V)>) -> Contents {
+        let mut c = Contents {
+            len: 0,
+            keys: Vec::new(),
+            values: Vec::new(),
+        };
+        for (k, v) in entries {
+            c.keys.extend_from_slice(bytes(&k));
+            c.values.extend_from_slice(bytes(&v));
+            c.len += 1;
+        }
+        c
+    }
+
+    /// Array contents: values at indexes 0, 1, ...
+    fn array<V: Pod>(values: &[V]) -> Contents {
+        Contents::of((0..values.len() as u32).zip(values.iter().copied()))
+    }
+
+    /// LPM trie contents: each key is its prefix length then its data.
+    fn trie<K: Pod, V: Pod>(entries: impl IntoIterator<Item = (u32, K, V)>) -> Contents {
+        let mut c = Contents {
+            len: 0,
+            keys: Vec::new(),
+            values: Vec::new(),
+        };
+        for (prefix_len, k, v) in entries {
+            c.keys.extend_from_slice(&prefix_len.to_ne_bytes());
+            c.keys.extend_from_slice(bytes(&k));
+            c.values.extend_from_slice(bytes(&v));
+            c.len += 1;
+        }
+        c
+    }
+
+    fn fingerprint(&self) -> u64 {
+        let mut h = std::hash::DefaultHasher::new();
+        h.write_usize(self.len);
+        h.write(&self.keys);
+        h.write(&self.values);
+        h.finish()
+    }
+}
+
+fn octets<const N: usize>(net: IpNet) -> [u8; N] {
+    let v = match net.network() {
+        std::net::IpAddr::V4(a) => a.octets().to_vec(),
+        std::net::IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    v.try_into().expect("the family's length")
+}
+
+/// Every map's contents for `policy` as generation `number`, in `names::POLICY_MAPS` order.
+fn contents(p: &Policy, number: u32) -> Vec<(&'static str, Contents)> {
+    let local4 = p.local_v4.iter().map(|&(local, net, rank)| {
+        let addr = octets::<4>(net);
+        (
+            32 + u32::from(net.prefix_len()),
+            LocalKey4 { local, addr },
+            rank,
+        )
+    });
+    let local6 = p.local_v6.iter().map(|&(local, net, rank)| {
+        let addr = octets::<16>(net);
+        (
+            32 + u32::from(net.prefix_len()),
+            LocalKey6 { local, addr },
+            rank,
+        )
+    });
+    // Full-length prefixes (/32, /128) go into the exact-address hash maps, the others into
+    // the tries.
+    fn hosts(prefixes: &[(IpNet, u32)], full: u8) -> impl Iterator<Item = (IpNet, u32)> + '_ {
+        prefixes
+            .iter()
+            .filter(move |(n, _)| n.prefix_len() == full)
+            .copied()
+    }
+    fn tries(prefixes: &[(IpNet, u32)], full: u8) -> impl Iterator<Item = (IpNet, u32)> + '_ {
+        prefixes
+            .iter()
+            .filter(move |(n, _)| n.prefix_len() < full)
+            .copied()
+    }
+    vec![
+        (
+            names::HEADER,
+            Contents::array(&[Header {
+                generation: number,
+                _pad: 0,
+            }]),
+        ),
+        (names::LISTS, Contents::array(&p.lists)),
+        (names::PROFILES, Contents::array(&p.profiles)),
+        (names::LOCAL_V4, Contents::trie(local4)),
+        (names::LOCAL_V6, Contents::trie(local6)),
+        (names::BUCKETS, Contents::of(p.buckets.iter().copied())),
+        (names::LISTENERS, Contents::of(p.listeners.iter().copied())),
+        (
+            names::REMOTE_V4,
+            Contents::trie(
+                tries(&p.remote_v4, 32)
+                    .map(|(n, l)| (u32::from(n.prefix_len()), octets::<4>(n), l)),
+            ),
+        ),
+        (
+            names::REMOTE_V6,
+            Contents::trie(
+                tries(&p.remote_v6, 128)
+                    .map(|(n, l)| (u32::from(n.prefix_len()), octets::<16>(n), l)),
+            ),
+        ),
+        (
+            names::HOST_V4,
+            Contents::of(hosts(&p.remote_v4, 32).map(|(n, l)| (octets::<4>(n), l))),
+        ),
+        (
+            names::HOST_V6,
+            Contents::of(hosts(&p.remote_v6, 128).map(|(n, l)| (octets::<16>(n), l))),
+        ),
+    ]
 }
 
 impl Generation {
-    /// Makes and fills the maps of `policy` as generation `number`.
+    /// Makes and fills the maps of `policy` as generation `number`, sharing with `previous` the
+    /// maps whose contents it already holds.
     pub(super) fn build(
         policy: &Policy,
         templates: &Templates,
         number: u32,
+        previous: Option<&Generation>,
     ) -> Result<Generation, KernelError> {
         let started = std::time::Instant::now();
-        let count = |prefixes: &[(IpNet, u32)], full: u8| {
-            let hosts = prefixes
-                .iter()
-                .filter(|(n, _)| n.prefix_len() == full)
-                .count();
-            (hosts, prefixes.len() - hosts)
-        };
-        let (host4, trie4) = count(&policy.remote_v4, 32);
-        let (host6, trie6) = count(&policy.remote_v6, 128);
-        let sizes = [
-            (names::HEADER, 1),
-            (names::LISTS, policy.lists.len()),
-            (names::PROFILES, policy.profiles.len()),
-            (names::COUNTERS, policy.profiles.len()),
-            (names::LOCAL_V4, policy.local_v4.len()),
-            (names::LOCAL_V6, policy.local_v6.len()),
-            (names::BUCKETS, policy.buckets.len()),
-            (names::LISTENERS, policy.listeners.len()),
-            (names::REMOTE_V4, trie4),
-            (names::REMOTE_V6, trie6),
-            (names::HOST_V4, host4),
-            (names::HOST_V6, host6),
-        ];
-        let mut maps = Maps::new();
-        for (name, len) in sizes {
-            maps.insert(name, templates.create(name, len as u32)?);
+        let mut maps = HashMap::new();
+        let mut fingerprints = HashMap::new();
+        let mut made = Vec::new();
+        for (name, contents) in contents(policy, number) {
+            let fingerprint = contents.fingerprint();
+            let shared = previous
+                .filter(|p| p.fingerprints.get(name) == Some(&fingerprint))
+                .map(|p| p.maps[name].clone());
+            let map = match shared {
+                Some(map) => map,
+                None => {
+                    made.push(name);
+                    Arc::new(fill(
+                        templates.create(name, contents.len as u32)?,
+                        name,
+                        &contents,
+                    )?)
+                }
+            };
+            maps.insert(name, map);
+            fingerprints.insert(name, fingerprint);
         }
-        let made = started.elapsed();
-        let mut generation = Generation { number, maps };
-        generation.fill(policy)?;
         tracing::debug!(
             generation = number,
-            make_ms = made.as_millis(),
-            fill_ms = (started.elapsed() - made).as_millis(),
+            ms = started.elapsed().as_millis(),
+            made = ?made,
             "generation built"
         );
-        Ok(generation)
+        Ok(Generation {
+            number,
+            maps,
+            fingerprints,
+        })
     }
 
     /// The map of one kind (a name of `names::POLICY_MAPS`).
@@ -79,16 +215,12 @@ impl Generation {
         data(&self.maps[name])
     }
 
-    fn map_mut(&mut self, name: &'static str) -> &mut Map {
-        self.maps.get_mut(name).expect("every policy map is made")
-    }
-
     /// The `memlock` the kernel reports for each policy map (its memory use on Linux 6.4+).
     pub(super) fn map_memory(&self) -> u64 {
         use std::os::fd::AsRawFd;
         self.maps
             .values()
-            .map(data)
+            .map(|m| data(m))
             .filter_map(|map| {
                 let fdinfo = std::fs::read_to_string(format!(
                     "/proc/self/fdinfo/{}",
@@ -119,150 +251,55 @@ impl Generation {
         }
         Ok(())
     }
-
-    fn fill(&mut self, p: &Policy) -> Result<(), KernelError> {
-        let ranks: Vec<u32> = (0..p.profiles.len() as u32).collect();
-        self.fill_array(names::PROFILES, &ranks, &p.profiles)?;
-        let header = Header {
-            generation: self.number,
-            _pad: 0,
-        };
-        self.fill_array(names::HEADER, &[0], &[header])?;
-        let ids: Vec<u32> = (0..p.lists.len() as u32).collect();
-        self.fill_array(names::LISTS, &ids, &p.lists)?;
-        let (keys, values): (Vec<_>, Vec<_>) = p.buckets.iter().copied().unzip();
-        self.fill_hash(names::BUCKETS, &keys, &values)?;
-        let (keys, values): (Vec<_>, Vec<_>) = p.listeners.iter().copied().unzip();
-        self.fill_hash(names::LISTENERS, &keys, &values)?;
-        let local4 = p.local_v4.iter().map(|&(local, net, rank)| {
-            let addr: [u8; 4] = octets(net).try_into().expect("v4");
-            (
-                Key::new(32 + u32::from(net.prefix_len()), LocalKey4 { local, addr }),
-                rank,
-            )
-        });
-        self.fill_trie(names::LOCAL_V4, local4.collect())?;
-        let local6 = p.local_v6.iter().map(|&(local, net, rank)| {
-            let addr: [u8; 16] = octets(net).try_into().expect("v6");
-            (
-                Key::new(32 + u32::from(net.prefix_len()), LocalKey6 { local, addr }),
-                rank,
-            )
-        });
-        self.fill_trie(names::LOCAL_V6, local6.collect())?;
-        self.fill_remote::<4>(names::HOST_V4, names::REMOTE_V4, &p.remote_v4)?;
-        self.fill_remote::<16>(names::HOST_V6, names::REMOTE_V6, &p.remote_v6)
-    }
-
-    /// One family's remote prefixes: full-length ones (/32, /128) into the exact-address hash
-    /// map `hosts`, the others into the trie `trie`.
-    fn fill_remote<const N: usize>(
-        &mut self,
-        hosts: &'static str,
-        trie: &'static str,
-        prefixes: &[(IpNet, u32)],
-    ) -> Result<(), KernelError> {
-        let full = (N * 8) as u8;
-        let addr = |net: IpNet| -> [u8; N] { octets(net).try_into().expect("the family's length") };
-        let (exact, shorter): (Vec<_>, Vec<_>) =
-            prefixes.iter().partition(|(n, _)| n.prefix_len() == full);
-        let (keys, values): (Vec<[u8; N]>, Vec<u32>) =
-            exact.iter().map(|&&(net, list)| (addr(net), list)).unzip();
-        self.fill_hash(hosts, &keys, &values)?;
-        let entries = shorter
-            .iter()
-            .map(|&&(net, list)| (Key::new(u32::from(net.prefix_len()), addr(net)), list));
-        self.fill_trie(trie, entries.collect())
-    }
-
-    fn fill_array<V: Pod>(
-        &mut self,
-        name: &'static str,
-        keys: &[u32],
-        values: &[V],
-    ) -> Result<(), KernelError> {
-        let mut array: Array<&mut MapData, V> = Array::try_from(self.map_mut(name))
-            .map_err(|e| map_err(name, "open")(e.to_string()))?;
-        if batch(array.map(), name, keys, values)? {
-            return Ok(());
-        }
-        for (k, v) in keys.iter().zip(values) {
-            array
-                .set(*k, v, 0)
-                .map_err(|e| map_err(name, format!("index {k}"))(e.to_string()))?;
-        }
-        Ok(())
-    }
-
-    fn fill_hash<K: Pod + std::fmt::Debug, V: Pod>(
-        &mut self,
-        name: &'static str,
-        keys: &[K],
-        values: &[V],
-    ) -> Result<(), KernelError> {
-        let mut hash: HashMap<&mut MapData, K, V> = HashMap::try_from(self.map_mut(name))
-            .map_err(|e| map_err(name, "open")(e.to_string()))?;
-        if batch(hash.map(), name, keys, values)? {
-            return Ok(());
-        }
-        for (k, v) in keys.iter().zip(values) {
-            hash.insert(k, v, 0)
-                .map_err(|e| map_err(name, format!("{k:?}"))(e.to_string()))?;
-        }
-        Ok(())
-    }
-
-    fn fill_trie<K: Pod, V: Pod>(
-        &mut self,
-        name: &'static str,
-        entries: Vec<(Key<K>, V)>,
-    ) -> Result<(), KernelError> {
-        let mut trie: LpmTrie<&mut MapData, K, V> = LpmTrie::try_from(self.map_mut(name))
-            .map_err(|e| map_err(name, "open")(e.to_string()))?;
-        let (keys, values): (Vec<Key<K>>, Vec<V>) = entries.into_iter().unzip();
-        if batch(trie.map(), name, &keys, &values)? {
-            return Ok(());
-        }
-        for (k, v) in keys.iter().zip(&values) {
-            trie.insert(k, v, 0)
-                .map_err(|e| map_err(name, format!("prefix /{}", k.prefix_len()))(e.to_string()))?;
-        }
-        Ok(())
-    }
 }
 
-/// Batch-writes when the map type allows it; false when the caller must write one by one.
-fn batch<K, V>(
-    map: &MapData,
-    name: &'static str,
-    keys: &[K],
-    values: &[V],
-) -> Result<bool, KernelError> {
-    if keys.is_empty() {
-        return Ok(true);
+/// Writes `contents` into a new map: in batches when the kernel has them for the map type, else
+/// one entry at a time (LPM tries on Linux 5.10).
+fn fill(map: Map, name: &'static str, contents: &Contents) -> Result<Map, KernelError> {
+    if contents.len == 0 {
+        return Ok(map);
     }
-    let done = sys::update_batch(map.fd().as_fd(), keys, values).map_err(|e| {
-        map_err(name, format!("batch update of {} entries", keys.len()))(e.to_string())
-    })?;
-    if !done {
+    let fd = data(&map).fd().as_fd();
+    let (key_size, value_size) = (
+        contents.keys.len() / contents.len,
+        contents.values.len() / contents.len,
+    );
+    let fail = |what: String| {
+        move |e: std::io::Error| KernelError::Map {
+            map: name,
+            what,
+            reason: e.to_string(),
+        }
+    };
+    let batched = sys::update_batch(
+        fd,
+        &contents.keys,
+        &contents.values,
+        contents.len,
+        key_size,
+        value_size,
+    )
+    .map_err(fail(format!("batch update of {} entries", contents.len)))?;
+    if !batched {
         tracing::debug!(
             "{name}: the kernel has no batch update for this map type; writing one by one"
         );
+        for i in 0..contents.len {
+            sys::map_update(
+                fd,
+                &contents.keys[i * key_size..(i + 1) * key_size],
+                &contents.values[i * value_size..(i + 1) * value_size],
+            )
+            .map_err(fail(format!("entry {i} of {}", contents.len)))?;
+        }
     }
-    Ok(done)
+    Ok(map)
 }
 
 /// The map behind one of the kinds a generation holds.
 fn data(map: &Map) -> &MapData {
     match map {
-        Map::Array(m) | Map::PerCpuHashMap(m) | Map::HashMap(m) | Map::LpmTrie(m) => m,
+        Map::Array(m) | Map::HashMap(m) | Map::LpmTrie(m) => m,
         other => unreachable!("a policy map of another type: {other:?}"),
-    }
-}
-
-fn octets(net: IpNet) -> Vec<u8> {
-    match net.network() {
-        std::net::IpAddr::V4(a) => a.octets().to_vec(),
-        std::net::IpAddr::V6(a) => a.octets().to_vec(),
     }
 }

@@ -19,6 +19,7 @@ mod sys;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SockOps};
 use tcpmgm_common::names;
@@ -143,16 +144,30 @@ pub const SOCKETS_PIN: &str = "TCPMGM_SOCKETS_V3";
 
 /// How long a generation that is no longer in force stays in its slot before its maps are
 /// freed: far longer than any program run that may have read the old generation's number.
-pub const GRACE: std::time::Duration = std::time::Duration::from_millis(50);
+pub const GRACE: Duration = Duration::from_millis(50);
+
+/// Where the time of attaching, and of the last switch, went.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timings {
+    /// Loading the object and verifying the programs (once per start).
+    pub programs: Duration,
+    /// Making and filling the first generation's maps.
+    pub maps: Duration,
+    /// Installing it, attaching or adopting the links, pinning.
+    pub attach: Duration,
+    /// The last `replace`: making and filling the new maps, then switching to them.
+    pub last_switch: Duration,
+}
 
 /// A policy enforced on a cgroup through pinned links. Dropping it leaves the policy in force;
 /// `detach` removes it.
 pub struct Enforcer {
+    timings: Timings,
     programs: Programs,
     current: Generation,
     /// The generation the last switch replaced, with when it was replaced; freed once `GRACE`
     /// has passed.
-    retired: Option<(Generation, std::time::Instant)>,
+    retired: Option<(Generation, Instant)>,
     /// The cgroup links, one per hook in `HOOKS` order, opened through their pins.
     links: Vec<OwnedFd>,
     pin_dir: PathBuf,
@@ -169,8 +184,11 @@ impl Enforcer {
             reason,
         };
         std::fs::create_dir_all(pin_dir).map_err(|e| fail_pin(e.to_string()))?;
+        let started = Instant::now();
         let mut programs = Programs::load(pin_dir)?;
-        let first = Generation::build(policy, &programs.templates, 1)?;
+        let loaded = started.elapsed();
+        let first = Generation::build(policy, &programs.templates, 1, None)?;
+        let built = started.elapsed();
         programs.install(&first)?;
         let pinned = adopt_links(pin_dir, cgroup)?;
         let adopted = pinned.iter().any(Option::is_some);
@@ -213,6 +231,12 @@ impl Enforcer {
             "policy attached"
         );
         Ok(Enforcer {
+            timings: Timings {
+                programs: loaded,
+                maps: built - loaded,
+                attach: started.elapsed() - built,
+                last_switch: Duration::ZERO,
+            },
             programs,
             current: first,
             retired: None,
@@ -238,10 +262,17 @@ impl Enforcer {
     pub fn replace(&mut self, policy: &Policy) -> Result<(), KernelError> {
         // The slot the new generation takes is the retired one's.
         self.release_retired();
-        let next = Generation::build(policy, &self.programs.templates, self.current.number + 1)?;
+        let started = Instant::now();
+        let next = Generation::build(
+            policy,
+            &self.programs.templates,
+            self.current.number + 1,
+            Some(&self.current),
+        )?;
         self.programs.install(&next)?;
+        self.timings.last_switch = started.elapsed();
         let old = std::mem::replace(&mut self.current, next);
-        self.retired = Some((old, std::time::Instant::now()));
+        self.retired = Some((old, Instant::now()));
         if let Err(e) = self.current.pin(&self.pin_dir) {
             tracing::warn!("the new policy is enforced, but its maps could not be pinned: {e}");
         }
@@ -287,6 +318,10 @@ impl Enforcer {
         self.current.map_memory()
     }
 
+    pub fn timings(&self) -> Timings {
+        self.timings
+    }
+
     /// The generation in force: 1 after attach, one more for every switch.
     pub fn generation(&self) -> u64 {
         u64::from(self.current.number)
@@ -326,7 +361,7 @@ fn remove_stale_pins(dir: &Path) {
             || HOOKS.iter().any(|h| h.pin == name || h.program_pin == name)
             || name == SOCKETS_PIN
             || name == tcpmgm_common::LOGS_PIN
-            || name == tcpmgm_common::SLOW_PIN
+            || name == tcpmgm_common::RULE_STATS_PIN
     };
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -514,15 +549,12 @@ fn attach_hook(
 /// Whether this kernel batch-updates LPM tries (tried on a map of one entry).
 pub fn lpm_batch_supported() -> std::io::Result<bool> {
     use aya::maps::IterableMap as _;
-    use aya::maps::lpm_trie::{Key, LpmTrie};
+    use aya::maps::lpm_trie::LpmTrie;
     const BPF_F_NO_PREALLOC: u32 = 1;
     let trie = LpmTrie::<aya::maps::MapData, [u8; 4], u32>::create(1, BPF_F_NO_PREALLOC)
         .map_err(std::io::Error::other)?;
-    sys::update_batch(
-        trie.map().fd().as_fd(),
-        &[Key::new(8, [10, 0, 0, 0])],
-        &[1u32],
-    )
+    let key = [8u32.to_ne_bytes(), [10, 0, 0, 0]].concat();
+    sys::update_batch(trie.map().fd().as_fd(), &key, &1u32.to_ne_bytes(), 1, 8, 4)
 }
 
 /// What the pins of a cgroup show: the programs on its links, and each rule's counters.
@@ -540,20 +572,26 @@ pub struct PinnedProgram {
     pub program_id: u32,
 }
 
+/// What a rule did, summed over CPUs, since its first event (a reload keeps the counts).
 #[derive(Debug, serde::Serialize)]
 pub struct RuleCount {
     pub id: u32,
     pub matched: u64,
     pub refused: u64,
+    /// connect() calls refused in audit mode's stead.
+    pub would_refuse: u64,
+    pub setsockopt_failures: u64,
+    /// Application setsockopt() calls that would have changed an option the rule sets.
+    pub overrides_prevented: u64,
     /// Sends slower than the rule's send_threshold (RTT samples over it, retransmission
-    /// timeouts), counted since the pins were made.
+    /// timeouts).
     pub slow: u64,
 }
 
 /// Reads the links and counters pinned in `dir` (counters summed over CPUs).
 pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
     use aya::maps::{Array, Map, MapData, PerCpuHashMap};
-    use tcpmgm_common::{Profile, RuleCounters};
+    use tcpmgm_common::{Profile, RuleStats};
     let mut programs = Vec::new();
     for (hook, link) in HOOKS.iter().zip(pinned_links(dir)?) {
         if let Some((_, info)) = link {
@@ -578,13 +616,9 @@ pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
     };
     let profiles: Array<MapData, Profile> = Array::try_from(Map::Array(open(names::PROFILES)?))
         .map_err(|e| fail(names::PROFILES, e))?;
-    let counters: PerCpuHashMap<MapData, u32, RuleCounters> =
-        PerCpuHashMap::try_from(Map::PerCpuHashMap(open(names::COUNTERS)?))
-            .map_err(|e| fail(names::COUNTERS, e))?;
-    let slow: Option<aya::maps::PerCpuHashMap<MapData, u32, u64>> =
-        MapData::from_pin(dir.join(tcpmgm_common::SLOW_PIN))
-            .ok()
-            .and_then(|m| aya::maps::PerCpuHashMap::try_from(Map::PerCpuHashMap(m)).ok());
+    let stats: PerCpuHashMap<MapData, u32, RuleStats> =
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(open(tcpmgm_common::RULE_STATS_PIN)?))
+            .map_err(|e| fail(names::RULE_STATS, e))?;
     let mut rules = Vec::new();
     for rank in 0..profiles.len() {
         let profile = profiles
@@ -595,22 +629,26 @@ pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
             continue;
         }
         // A rule gets its entry with its first event.
-        let (matched, refused) = match counters.get(&rank, 0) {
-            Ok(per_cpu) => per_cpu
-                .iter()
-                .fold((0, 0), |(m, r), c| (m + c.matched, r + c.refused)),
-            Err(aya::maps::MapError::KeyNotFound) => (0, 0),
-            Err(e) => return Err(fail(names::COUNTERS, e)),
+        let total = match stats.get(&profile.rule_id, 0) {
+            Ok(per_cpu) => per_cpu.iter().fold(RuleStats::default(), |t, c| RuleStats {
+                matched: t.matched + c.matched,
+                refused: t.refused + c.refused,
+                would_refuse: t.would_refuse + c.would_refuse,
+                setsockopt_failures: t.setsockopt_failures + c.setsockopt_failures,
+                overrides_prevented: t.overrides_prevented + c.overrides_prevented,
+                slow_sends: t.slow_sends + c.slow_sends,
+            }),
+            Err(aya::maps::MapError::KeyNotFound) => RuleStats::default(),
+            Err(e) => return Err(fail(names::RULE_STATS, e)),
         };
-        let slow = slow
-            .as_ref()
-            .and_then(|m| m.get(&profile.rule_id, 0).ok())
-            .map_or(0, |per_cpu| per_cpu.iter().sum());
         rules.push(RuleCount {
             id: profile.rule_id,
-            matched,
-            refused,
-            slow,
+            matched: total.matched,
+            refused: total.refused,
+            would_refuse: total.would_refuse,
+            setsockopt_failures: total.setsockopt_failures,
+            overrides_prevented: total.overrides_prevented,
+            slow: total.slow_sends,
         });
     }
     Ok(Pinned { programs, rules })

@@ -11,6 +11,7 @@ use std::path::Path;
 // Command numbers of `enum bpf_cmd` in include/uapi/linux/bpf.h.
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_BTF_LOAD: libc::c_long = 18;
 const BPF_OBJ_PIN: libc::c_long = 6;
@@ -77,16 +78,25 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     }
 }
 
-/// Writes `keys[i] -> values[i]` with BPF_MAP_UPDATE_BATCH. Returns Ok(false), having written
-/// nothing, when the map type has no batch update (the caller then writes one by one).
-pub fn update_batch<K, V>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> io::Result<bool> {
-    assert_eq!(keys.len(), values.len());
+/// Writes `len` entries (keys and values of fixed sizes, end to end) with BPF_MAP_UPDATE_BATCH.
+/// Returns Ok(false), having written nothing, when the map type has no batch update (the caller
+/// then writes one by one).
+pub fn update_batch(
+    map: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    len: usize,
+    key_size: usize,
+    value_size: usize,
+) -> io::Result<bool> {
     const CHUNK: usize = 1 << 16;
-    for (i, (k, v)) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)).enumerate() {
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done);
         let mut attr = BatchAttr {
-            keys: k.as_ptr() as u64,
-            values: v.as_ptr() as u64,
-            count: k.len() as u32,
+            keys: keys[done * key_size..].as_ptr() as u64,
+            values: values[done * value_size..].as_ptr() as u64,
+            count: n as u32,
             map_fd: map.as_raw_fd() as u32,
             ..BatchAttr::default()
         };
@@ -96,7 +106,7 @@ pub fn update_batch<K, V>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> io::
             // `count` as it was (Linux 5.10 does so for LPM tries with ENOTSUPP, 524); a kernel
             // that knows the command but refuses the type reports no entry written.
             Err(e)
-                if i == 0
+                if done == 0
                     && (matches!(e.raw_os_error(), Some(libc::ENOTSUP | ENOTSUPP))
                         || (e.raw_os_error() == Some(libc::EINVAL) && attr.count == 0)) =>
             {
@@ -104,8 +114,20 @@ pub fn update_batch<K, V>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> io::
             }
             Err(e) => return Err(e),
         }
+        done += n;
     }
     Ok(true)
+}
+
+/// Writes one entry (BPF_MAP_UPDATE_ELEM, BPF_ANY).
+pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        ..ElemAttr::default()
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
 }
 
 /// Attaches a program to a cgroup as a bpf_link (Linux 5.7) of `attach_type` (`enum
