@@ -215,6 +215,11 @@ impl Generation {
         data(&self.maps[name])
     }
 
+    /// The map of one kind, as generations share it.
+    pub(super) fn shared(&self, name: &str) -> &Arc<Map> {
+        &self.maps[name]
+    }
+
     /// The `memlock` the kernel reports for each policy map (its memory use on Linux 6.4+).
     pub(super) fn map_memory(&self) -> u64 {
         use std::os::fd::AsRawFd;

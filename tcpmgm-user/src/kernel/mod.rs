@@ -284,7 +284,7 @@ impl Enforcer {
     pub fn release_retired(&mut self) {
         if let Some((old, since)) = self.retired.take() {
             std::thread::sleep(GRACE.saturating_sub(since.elapsed()));
-            self.programs.retire(old.number);
+            self.programs.retire(old.number, &self.current);
         }
     }
 

@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use aya::maps::{Array, Map, MapData};
 use aya::{Ebpf, EbpfLoader};
@@ -36,6 +37,9 @@ pub(super) fn shared_pins(pin_dir: &Path) -> [(&'static str, PathBuf); 3] {
 pub struct Programs {
     ebpf: Ebpf,
     pub(super) templates: Templates,
+    /// What each slot of the arrays of maps holds, by policy map: an update is skipped where the
+    /// slot already holds the map wanted (a map the generations share).
+    slots: [HashMap<&'static str, Arc<Map>>; 2],
 }
 
 /// What each generation's maps are made from: the object's declarations of the policy maps, and
@@ -120,7 +124,11 @@ impl Programs {
         }
         let templates = Templates::load()?;
         tracing::debug!(ms = started.elapsed().as_millis(), "programs loaded");
-        Ok(Programs { ebpf, templates })
+        Ok(Programs {
+            ebpf,
+            templates,
+            slots: Default::default(),
+        })
     }
 
     pub(super) fn ebpf_mut(&mut self) -> &mut Ebpf {
@@ -147,18 +155,20 @@ impl Programs {
         }
     }
 
-    /// Runs `op` on each array of maps at once, one thread each: the kernel waits for an RCU
-    /// grace period after every update or delete of an array of maps (so that no program still
-    /// holds the inner map it replaced), and waits that overlap share grace periods, where eleven
-    /// in a row took about 100 ms. `op` is given each policy map's name and its array's
-    /// descriptor. Returns the arrays `op` failed on.
-    fn on_every_outer(
+    /// Runs `op` on the arrays of maps of the policy maps `kinds` at once, one thread each: the
+    /// kernel waits for an RCU grace period after every update or delete of an array of maps (so
+    /// that no program still holds the inner map it replaced), and waits that overlap share
+    /// grace periods, where eleven in a row took about 100 ms. `op` is given each policy map's
+    /// name and its array's descriptor. Returns the arrays `op` failed on.
+    fn on_outers(
         &self,
+        kinds: &[&'static str],
         op: impl Fn(&'static str, BorrowedFd<'_>) -> std::io::Result<()> + Sync,
     ) -> Vec<(&'static str, std::io::Error)> {
         std::thread::scope(|scope| {
             let running: Vec<_> = names::POLICY_MAPS
                 .iter()
+                .filter(|(name, _)| kinds.contains(name))
                 .map(|&(name, outer)| {
                     let fd = self.outer(outer);
                     let op = &op;
@@ -176,21 +186,37 @@ impl Programs {
         })
     }
 
-    /// Puts `next` in its slot and makes it the rule set in force. On error the generation in
-    /// force is untouched.
+    /// Puts `next` in its slot (only the maps the slot does not hold already) and makes it the
+    /// rule set in force. On error the generation in force is untouched.
     pub(super) fn install(&mut self, next: &Generation) -> Result<(), KernelError> {
         let slot = next.number % 2;
-        let failed = self.on_every_outer(|name, outer| {
+        let held = &self.slots[slot as usize];
+        let changed: Vec<&'static str> = names::POLICY_MAPS
+            .iter()
+            .map(|(name, _)| *name)
+            .filter(|name| {
+                !held
+                    .get(name)
+                    .is_some_and(|m| Arc::ptr_eq(m, next.shared(name)))
+            })
+            .collect();
+        let failed = self.on_outers(&changed, |name, outer| {
             let inner = next.map(name).fd().as_fd().as_raw_fd() as u32;
             sys::map_update(outer, &slot.to_ne_bytes(), &inner.to_ne_bytes())
         });
         if let Some((outer, e)) = failed.into_iter().next() {
             // Nothing reads this slot yet: empty what was put there.
-            self.on_every_outer(|_, fd| sys::map_delete(fd, &slot));
+            self.on_outers(&changed, |_, fd| sys::map_delete(fd, &slot));
+            for name in &changed {
+                self.slots[slot as usize].remove(name);
+            }
             return Err(fail(
                 outer,
                 &format!("putting generation {} in", next.number),
             )(e.to_string()));
+        }
+        for name in changed {
+            self.slots[slot as usize].insert(name, next.shared(name).clone());
         }
         let current = self
             .ebpf
@@ -203,12 +229,21 @@ impl Programs {
             .map_err(|e| fail(names::CURRENT, "switching to the new generation")(e.to_string()))
     }
 
-    /// Empties the slot of a generation that is no longer in force; the kernel frees its maps
-    /// once nothing holds them.
-    pub(super) fn retire(&mut self, number: u32) {
-        let slot = number % 2;
-        for (outer, e) in self.on_every_outer(|_, fd| sys::map_delete(fd, &slot)) {
+    /// Empties the slot of generation `number`, no longer in force, of the maps `current` does
+    /// not share; the kernel frees them once nothing holds them.
+    pub(super) fn retire(&mut self, number: u32, current: &Generation) {
+        let slot = (number % 2) as usize;
+        let stale: Vec<&'static str> = self.slots[slot]
+            .iter()
+            .filter(|(name, map)| !Arc::ptr_eq(map, current.shared(name)))
+            .map(|(name, _)| *name)
+            .collect();
+        let failed = self.on_outers(&stale, |_, fd| sys::map_delete(fd, &(slot as u32)));
+        for (outer, e) in failed {
             tracing::warn!("freeing generation {number} from {outer}: {e}");
+        }
+        for name in stale {
+            self.slots[slot].remove(name);
         }
     }
 
