@@ -84,6 +84,9 @@ pub mod flags {
     pub const KEEPALIVE_OFF: u32 = 1 << 1;
     /// no_new_conn=1: connect() to a matching destination fails with EPERM.
     pub const NO_NEW_CONN: u32 = 1 << 2;
+    /// The rule's connect_timeout is enforced (see `tcpmgm run --enforce-default-connect-timeout`
+    /// for OpenSIPS's schema default).
+    pub const CONNECT_TIMEOUT: u32 = 1 << 3;
 }
 
 /// LPM trie key data for IPv4 prefixes (the trie key is `prefixlen: u32` then these bytes).
@@ -174,6 +177,20 @@ pub struct RuleStats {
     pub slow_sends: u64,
 }
 
+/// What the daemon's con_lifetime sweeper did for a rule, by rule id (written by the daemon
+/// only; pinned as `SWEEP_STATS_PIN`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SweepStats {
+    /// Idle connections closed.
+    pub idle_closes: u64,
+    /// Idle connections left open in audit mode that would have been closed.
+    pub would_close: u64,
+}
+
+/// Pin name of the sweeper's statistics.
+pub const SWEEP_STATS_PIN: &str = "TCPMGM_SWEEP_STATS_V1";
+
 /// Pin name of the rule statistics, shared by every generation and run.
 pub const RULE_STATS_PIN: &str = "TCPMGM_RULE_STATS_V1";
 /// The most rules the statistics hold (its memory grows with the rules that have events).
@@ -195,12 +212,35 @@ pub const LOG_EVENTS_PER_SECOND: u32 = 20;
 /// Pin name of the log ring buffer, shared by every generation of the programs.
 pub const LOGS_PIN: &str = "TCPMGM_LOGS";
 
-/// A generation's own entry: its number, which the programs check against `CURRENT`.
+/// A generation's own entry: its number, which the programs check against `CURRENT`, and how
+/// the daemon was told to enforce it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Header {
     pub generation: u32,
-    pub _pad: u32,
+    /// `settings::*` bits.
+    pub flags: u32,
+}
+
+/// The socket marks (`marks::AUDIT`, ...) that a generation's settings give the sockets it
+/// decides, so that every later hook treats a socket the same way.
+pub const fn settings_marks(settings: u32) -> u32 {
+    let mut m = 0;
+    if settings & settings::AUDIT != 0 {
+        m |= marks::AUDIT;
+    }
+    if settings & settings::APP_OPTIONS_ALLOW != 0 {
+        m |= marks::APP_OPTIONS_ALLOW;
+    }
+    m
+}
+
+/// `Header::flags` bits.
+pub mod settings {
+    /// Audit mode: decide and count, but refuse nothing and set nothing.
+    pub const AUDIT: u32 = 1 << 0;
+    /// The application's own setsockopt() may change the options a rule sets.
+    pub const APP_OPTIONS_ALLOW: u32 = 1 << 1;
 }
 
 /// What a socket was decided: stored per socket at the first hook that sees it, so that every
@@ -232,6 +272,10 @@ pub mod marks {
     pub const CONNECT_TIMEOUT: u32 = 1 << 0;
     /// The application set TCP_USER_TIMEOUT itself.
     pub const APP_USER_TIMEOUT: u32 = 1 << 1;
+    /// Decided in audit mode (`settings::AUDIT`).
+    pub const AUDIT: u32 = 1 << 2;
+    /// Decided while the application's own options were allowed (`settings::APP_OPTIONS_ALLOW`).
+    pub const APP_OPTIONS_ALLOW: u32 = 1 << 3;
 }
 
 /// What the programs apply for a rule. Every column of the OpenSIPS profile is carried so that
@@ -310,6 +354,7 @@ mod pod {
     unsafe impl aya::Pod for SockPolicy {}
     unsafe impl aya::Pod for Header {}
     unsafe impl aya::Pod for RuleStats {}
+    unsafe impl aya::Pod for SweepStats {}
     unsafe impl aya::Pod for LogBudget {}
     unsafe impl aya::Pod for Attr {}
     unsafe impl aya::Pod for Profile {}

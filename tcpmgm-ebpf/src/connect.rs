@@ -92,25 +92,42 @@ fn verdict(ctx: &SockAddrContext, sk: *mut bpf_sock, conn: Conn) -> i32 {
     let (v6, remote, port) = (conn.v6, conn.remote, conn.remote_port);
     match sockets::policy(sk, || conn) {
         Some(d) if d.profile.flags & flags::NO_NEW_CONN != 0 => {
-            d.count(|c| c.refused += 1);
-            let p = d.profile;
+            let audit = d.audit();
+            if audit {
+                d.count(|c| c.would_refuse += 1);
+            } else {
+                d.count(|c| c.refused += 1);
+            }
             if logbook::allow() {
-                let rule = p.rule_id;
+                let rule = d.profile.rule_id;
+                let verdict = if audit {
+                    "would be refused (audit mode)"
+                } else {
+                    "refused"
+                };
                 if v6 {
                     let addr = crate::decide::v6_bytes(&remote);
                     info!(
                         ctx,
-                        "connect() to [{:i}]:{} refused by rule {} (no_new_conn)", addr, port, rule
+                        "connect() to [{:i}]:{} {} by rule {} (no_new_conn)",
+                        addr,
+                        port,
+                        verdict,
+                        rule
                     );
                 } else {
                     let addr = u32::from_be(remote[0]);
                     info!(
                         ctx,
-                        "connect() to {:i}:{} refused by rule {} (no_new_conn)", addr, port, rule
+                        "connect() to {:i}:{} {} by rule {} (no_new_conn)",
+                        addr,
+                        port,
+                        verdict,
+                        rule
                     );
                 }
             }
-            REFUSE
+            if audit { ALLOW } else { REFUSE }
         }
         _ => ALLOW,
     }

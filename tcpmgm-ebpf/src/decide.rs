@@ -195,13 +195,27 @@ pub extern "C" fn tcpmgm_best_in(
     let local_port = (conn >> 24) as u16;
     let v6 = (conn >> 40) & 1 != 0;
     let g = Gen::at_slot((conn >> 41) as u32 & 1);
-    let local = [
-        local01 as u32,
-        (local01 >> 32) as u32,
-        local23 as u32,
-        (local23 >> 32) as u32,
-    ];
-    let local_known = (local[0] | local[1] | local[2] | local[3]) != 0;
+    let local_known = (local01 | local23) != 0;
+    // The local-trie keys, built once: each bucket fills in its own trie id.
+    let mut key4 = Key {
+        prefix_len: 32 + 32,
+        data: LocalKey4 {
+            local: 0,
+            addr: (local01 as u32).to_ne_bytes(),
+        },
+    };
+    let mut key6 = Key {
+        prefix_len: 32 + 128,
+        data: LocalKey6 {
+            local: 0,
+            addr: v6_bytes(&[
+                local01 as u32,
+                (local01 >> 32) as u32,
+                local23 as u32,
+                (local23 >> 32) as u32,
+            ]),
+        },
+    };
     let mut best = NO_RULE;
     let Some(buckets) = g.buckets() else {
         return best;
@@ -239,29 +253,11 @@ pub extern "C" fn tcpmgm_best_in(
         let mut rank = bucket.best;
         if bucket.local != NO_LOCAL && local_known {
             let found = if v6 {
-                let data = LocalKey6 {
-                    local: bucket.local,
-                    addr: v6_bytes(&local),
-                };
-                g.local_v6().and_then(|m| {
-                    m.get(&Key {
-                        prefix_len: 32 + 128,
-                        data,
-                    })
-                    .copied()
-                })
+                key6.data.local = bucket.local;
+                g.local_v6().and_then(|m| m.get(&key6).copied())
             } else {
-                let data = LocalKey4 {
-                    local: bucket.local,
-                    addr: local[0].to_ne_bytes(),
-                };
-                g.local_v4().and_then(|m| {
-                    m.get(&Key {
-                        prefix_len: 32 + 32,
-                        data,
-                    })
-                    .copied()
-                })
+                key4.data.local = bucket.local;
+                g.local_v4().and_then(|m| m.get(&key4).copied())
             };
             if let Some(r) = found {
                 rank = r;

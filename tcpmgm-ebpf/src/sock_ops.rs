@@ -50,7 +50,7 @@ pub fn tcpmgm_sock_ops(ctx: SockOpsContext) -> u32 {
         return 1;
     };
     match op(&ctx) {
-        BPF_SOCK_OPS_TIMEOUT_INIT => timeout_init(&ctx, d.profile),
+        BPF_SOCK_OPS_TIMEOUT_INIT => timeout_init(&ctx, &d),
         BPF_SOCK_OPS_TCP_CONNECT_CB => connect_started(&ctx, &d),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, &d, false),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(&ctx, &d, true),
@@ -125,27 +125,37 @@ fn policy(ctx: &SockOpsContext) -> Option<Decided> {
     sockets::policy(sk, || conn(ctx.ops))
 }
 
+/// Sets an int option; a failure (the kernel refusing the option) is counted for the rule.
 #[inline(always)]
-fn set(ctx: &SockOpsContext, level: i32, name: i32, value: u32) {
+fn set(ctx: &SockOpsContext, d: &Decided, level: i32, name: i32, value: u32) {
     let mut v = value as i32;
     // SAFETY: a full socket in a sock_ops callback; the option value is a 4-byte int on the stack.
-    // A failure leaves that one option at its previous value; there is nothing better to do here.
-    unsafe {
+    let r = unsafe {
         bpf_setsockopt(
             ctx.ops as *mut c_void,
             level,
             name,
             &mut v as *mut i32 as *mut c_void,
             4,
-        );
+        )
+    };
+    if r != 0 {
+        d.count(|s| s.setsockopt_failures += 1);
     }
+}
+
+/// Whether tcpmgm bounds this socket's handshake: its rule's connect_timeout is enforced, and
+/// not in audit mode.
+#[inline(always)]
+fn bounds_handshake(d: &Decided) -> bool {
+    d.profile.flags & flags::CONNECT_TIMEOUT != 0 && d.profile.connect_timeout_ms != 0 && !d.audit()
 }
 
 /// The SYN's first retransmission timeout, so that the connect timeout is not held back by the
 /// default 1 s RTO.
-fn timeout_init(ctx: &SockOpsContext, p: &Profile) {
-    if p.syn_rto_jiffies != 0 {
-        ctx.set_reply(p.syn_rto_jiffies);
+fn timeout_init(ctx: &SockOpsContext, d: &Decided) {
+    if bounds_handshake(d) && d.profile.syn_rto_jiffies != 0 {
+        ctx.set_reply(d.profile.syn_rto_jiffies);
     }
 }
 
@@ -153,14 +163,20 @@ fn timeout_init(ctx: &SockOpsContext, p: &Profile) {
 /// that set its own TCP_USER_TIMEOUT (the setsockopt hook marks the socket) keeps it. The
 /// marks stand in for reading the option back, which bpf_getsockopt cannot do before Linux 6.0.
 fn connect_started(ctx: &SockOpsContext, d: &Decided) {
-    if d.profile.connect_timeout_ms == 0 || d.stored.is_null() {
+    if !bounds_handshake(d) || d.stored.is_null() {
         // Without storage the bound could never be lifted again: leave the handshake alone.
         return;
     }
     // SAFETY: non-null storage of this socket, valid for this program run.
     let record = unsafe { &mut *d.stored };
     if record.marks & marks::APP_USER_TIMEOUT == 0 {
-        set(ctx, SOL_TCP, TCP_USER_TIMEOUT, d.profile.connect_timeout_ms);
+        set(
+            ctx,
+            d,
+            SOL_TCP,
+            TCP_USER_TIMEOUT,
+            d.profile.connect_timeout_ms,
+        );
         record.marks |= marks::CONNECT_TIMEOUT;
     }
 }
@@ -179,12 +195,15 @@ fn established(ctx: &SockOpsContext, d: &Decided, passive: bool) {
             } else {
                 0
             };
-            set(ctx, SOL_TCP, TCP_USER_TIMEOUT, after);
+            set(ctx, d, SOL_TCP, TCP_USER_TIMEOUT, after);
         }
     }
-    apply_keepalive(ctx, p);
+    if !d.audit() {
+        apply_keepalive(ctx, d);
+    }
     if p.send_threshold_us != 0 {
-        // Per-ACK callbacks for this socket only: connections that do not ask pay nothing.
+        // Per-ACK callbacks for this socket only: connections that do not ask pay nothing. They
+        // only observe, so audit mode asks for them too.
         let wanted = BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG;
         let _ = ctx.set_cb_flags((ctx.cb_flags() | wanted) as i32);
     }
@@ -192,7 +211,9 @@ fn established(ctx: &SockOpsContext, d: &Decided, passive: bool) {
 
 /// send_threshold: data stayed unacknowledged longer than the rule allows. An RTT sample whose
 /// smoothed RTT is over the threshold, or a retransmission timeout, is counted for the rule and
-/// logged (rate-limited).
+/// logged (rate-limited). Not inlined: the log event's arguments would otherwise add to the
+/// stack of the path that decides, which Linux 5.10 and 6.1 hold to 512 bytes across calls.
+#[inline(never)]
 fn slow_send(ctx: &SockOpsContext, p: &Profile, timeout: bool) {
     // SAFETY: plain ctx field load; the kernel keeps the smoothed RTT << 3, in µs.
     let srtt_us = unsafe { core::ptr::read_volatile(&(*ctx.ops).srtt_us) } >> 3;
@@ -221,22 +242,23 @@ fn slow_send(ctx: &SockOpsContext, p: &Profile, timeout: bool) {
     }
 }
 
-fn apply_keepalive(ctx: &SockOpsContext, p: &Profile) {
+fn apply_keepalive(ctx: &SockOpsContext, d: &Decided) {
+    let p = d.profile;
     if p.flags & flags::KEEPALIVE_OFF != 0 {
-        set(ctx, SOL_SOCKET, SO_KEEPALIVE, 0);
+        set(ctx, d, SOL_SOCKET, SO_KEEPALIVE, 0);
         return;
     }
     if p.flags & flags::KEEPALIVE_ON == 0 {
         return;
     }
-    set(ctx, SOL_SOCKET, SO_KEEPALIVE, 1);
+    set(ctx, d, SOL_SOCKET, SO_KEEPALIVE, 1);
     if p.keepidle != 0 {
-        set(ctx, SOL_TCP, TCP_KEEPIDLE, p.keepidle);
+        set(ctx, d, SOL_TCP, TCP_KEEPIDLE, p.keepidle);
     }
     if p.keepintvl != 0 {
-        set(ctx, SOL_TCP, TCP_KEEPINTVL, p.keepintvl);
+        set(ctx, d, SOL_TCP, TCP_KEEPINTVL, p.keepintvl);
     }
     if p.keepcnt != 0 {
-        set(ctx, SOL_TCP, TCP_KEEPCNT, p.keepcnt);
+        set(ctx, d, SOL_TCP, TCP_KEEPCNT, p.keepcnt);
     }
 }

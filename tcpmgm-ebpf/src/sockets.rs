@@ -9,7 +9,9 @@ use aya_ebpf::{
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
     helpers::generated::bpf_sk_storage_get,
 };
-use tcpmgm_common::{Profile, RuleStats, SOCK_NO_RULE, SOCK_RULE, SOCK_UNDECIDED, SockPolicy};
+use tcpmgm_common::{
+    Profile, RuleStats, SOCK_NO_RULE, SOCK_RULE, SOCK_UNDECIDED, SockPolicy, marks, settings_marks,
+};
 
 use crate::decide::{Conn, decide};
 use crate::generation::Gen;
@@ -32,10 +34,12 @@ pub fn storage(sk: *mut bpf_sock, create: bool) -> *mut SockPolicy {
     unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), flags) }.cast::<SockPolicy>()
 }
 
-/// A socket's decision: the profile that governs it and, when the socket has storage, that
-/// storage (for the marks hooks leave on it).
+/// A socket's decision: the profile that governs it, how it is enforced (`marks::AUDIT`,
+/// `marks::APP_OPTIONS_ALLOW`, from the generation that decided it) and, when the socket has
+/// storage, that storage (for the marks hooks leave on it).
 pub struct Decided {
     pub profile: &'static Profile,
+    pub marks: u32,
     /// Null when the kernel had no memory for the storage.
     pub stored: *mut SockPolicy,
 }
@@ -46,6 +50,18 @@ impl Decided {
     pub fn count(&self, bump: impl Fn(&mut RuleStats)) {
         stats::bump(self.profile.rule_id, bump);
     }
+
+    /// Audit mode: decide and count, but act on nothing.
+    #[inline(always)]
+    pub fn audit(&self) -> bool {
+        self.marks & marks::AUDIT != 0
+    }
+}
+
+/// How sockets a generation decides are enforced, as socket marks.
+#[inline(always)]
+fn enforcement(g: &Gen) -> u32 {
+    settings_marks(g.header().map_or(0, |h| h.flags))
 }
 
 /// The profile governing `sk`, deciding it with `conn` if no hook has yet. References, not
@@ -57,7 +73,11 @@ pub fn policy(sk: *mut bpf_sock, conn: impl FnOnce() -> Conn) -> Option<Decided>
     if stored.is_null() {
         // No memory for the storage: decide without remembering.
         let g = Gen::current()?;
-        return decide_profile(&g, &conn()).map(|profile| Decided { profile, stored });
+        return decide_profile(&g, &conn()).map(|profile| Decided {
+            profile,
+            marks: enforcement(&g),
+            stored,
+        });
     }
     // SAFETY: non-null storage of our value type, valid for this program run.
     let record = unsafe { &mut *stored };
@@ -68,6 +88,7 @@ pub fn policy(sk: *mut bpf_sock, conn: impl FnOnce() -> Conn) -> Option<Decided>
             Some(p) => {
                 record.profile = *p;
                 record.generation = g.number;
+                record.marks |= enforcement(&g);
                 record.state = SOCK_RULE;
             }
             None => record.state = SOCK_NO_RULE,
@@ -76,6 +97,7 @@ pub fn policy(sk: *mut bpf_sock, conn: impl FnOnce() -> Conn) -> Option<Decided>
     if record.state == SOCK_RULE {
         Some(Decided {
             profile: &record.profile,
+            marks: record.marks,
             stored,
         })
     } else {
@@ -90,17 +112,24 @@ pub fn policy(sk: *mut bpf_sock, conn: impl FnOnce() -> Conn) -> Option<Decided>
 pub fn record(sk: *mut bpf_sock, conn: &Conn) -> Option<Decided> {
     let g = Gen::current()?;
     let p = decide_profile(&g, conn)?;
+    let marks = enforcement(&g);
     let stored = storage(sk, true);
     if stored.is_null() {
-        return Some(Decided { profile: p, stored });
+        return Some(Decided {
+            profile: p,
+            marks,
+            stored,
+        });
     }
     // SAFETY: non-null storage of our value type, valid for this program run.
     let record = unsafe { &mut *stored };
     record.profile = *p;
     record.generation = g.number;
+    record.marks |= marks;
     record.state = SOCK_RULE;
     Some(Decided {
         profile: &record.profile,
+        marks: record.marks,
         stored,
     })
 }

@@ -1,12 +1,22 @@
-//! setsockopt() by the cgroup's processes. While tcpmgm's connect timeout holds a handshake
-//! (TCP_USER_TIMEOUT set at TCP_CONNECT_CB), an application's own TCP_USER_TIMEOUT is kept aside
-//! and takes over at establishment; before connect(), it marks the socket so that the connect
-//! timeout leaves it alone. Every call still succeeds.
+//! setsockopt() by the cgroup's processes, seen before the kernel acts on it. Every call still
+//! succeeds, so the application does not break.
+//!
+//! - Authoritative profiles: on a socket whose rule sets SO_KEEPALIVE, TCP_KEEPIDLE,
+//!   TCP_KEEPINTVL or TCP_KEEPCNT, the value the application passes is replaced by the rule's,
+//!   so a SIP server that applies its own keepalive settings after accept() or connect() leaves
+//!   the effective value (and what getsockopt reports) as the rule says. Each such call that
+//!   would have changed the value is counted for the rule. Not in audit mode, nor with
+//!   `--app-options allow`.
+//! - TCP_USER_TIMEOUT: while tcpmgm's connect timeout holds a handshake, the application's value
+//!   is kept aside and takes over at establishment; before connect(), it marks the socket so
+//!   that the connect timeout leaves it alone.
 use aya_ebpf::{bindings::bpf_sockopt, macros::cgroup_sockopt, programs::SockoptContext};
-use tcpmgm_common::marks;
+use tcpmgm_common::{SOCK_RULE, SockPolicy, flags, marks};
 
-use crate::options::{SOL_TCP, TCP_USER_TIMEOUT};
-use crate::sockets;
+use crate::options::{
+    SO_KEEPALIVE, SOL_SOCKET, SOL_TCP, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT,
+};
+use crate::{sockets, stats};
 
 /// Let the kernel carry on with the (possibly rewritten) option.
 const PROCEED: i32 = 1;
@@ -23,6 +33,11 @@ pub fn tcpmgm_sockopt(ctx: SockoptContext) -> i32 {
     };
     if level == SOL_TCP && name == TCP_USER_TIMEOUT {
         user_timeout(so);
+    } else if (level == SOL_SOCKET && name == SO_KEEPALIVE)
+        || (level == SOL_TCP
+            && (name == TCP_KEEPIDLE || name == TCP_KEEPINTVL || name == TCP_KEEPCNT))
+    {
+        keepalive(so, name);
     }
     PROCEED
 }
@@ -41,25 +56,59 @@ fn int_value(so: *mut bpf_sockopt) -> Option<*mut i32> {
     }
 }
 
-fn user_timeout(so: *mut bpf_sockopt) {
+/// The socket's record, if it has one (none is made here).
+#[inline(always)]
+fn record(so: *mut bpf_sockopt, create: bool) -> Option<&'static mut SockPolicy> {
     // SAFETY: ctx field load; the kernel gives a full socket in this hook.
     let sk = unsafe { (*so).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let stored = sockets::storage(sk, create);
+    // SAFETY: non-null storage of this socket, valid for this program run.
+    (!stored.is_null()).then(|| unsafe { &mut *stored })
+}
+
+fn keepalive(so: *mut bpf_sockopt, name: i32) {
+    let Some(record) = record(so, false) else {
+        return;
+    };
+    if record.state != SOCK_RULE || record.marks & (marks::AUDIT | marks::APP_OPTIONS_ALLOW) != 0 {
+        return;
+    }
+    let p = &record.profile;
+    let on = p.flags & flags::KEEPALIVE_ON != 0;
+    let rule = match name {
+        SO_KEEPALIVE if p.flags & flags::KEEPALIVE_OFF != 0 => 0,
+        SO_KEEPALIVE if on => 1,
+        TCP_KEEPIDLE if on && p.keepidle != 0 => p.keepidle,
+        TCP_KEEPINTVL if on && p.keepintvl != 0 => p.keepintvl,
+        TCP_KEEPCNT if on && p.keepcnt != 0 => p.keepcnt,
+        _ => return,
+    };
     let Some(value) = int_value(so) else {
         return;
     };
-    if sk.is_null() {
-        return;
-    }
-    let stored = sockets::storage(sk, true);
-    if stored.is_null() {
-        return;
-    }
-    // SAFETY: non-null storage of this socket, valid for this program run; `value` was bounds
-    // checked against optval_end.
+    // SAFETY: `value` was bounds checked against optval_end.
     unsafe {
-        let record = &mut *stored;
-        record.marks |= marks::APP_USER_TIMEOUT;
-        if record.marks & marks::CONNECT_TIMEOUT != 0 {
+        if *value as u32 != rule {
+            *value = rule as i32;
+            stats::bump(p.rule_id, |s| s.overrides_prevented += 1);
+        }
+    }
+}
+
+fn user_timeout(so: *mut bpf_sockopt) {
+    let Some(value) = int_value(so) else {
+        return;
+    };
+    let Some(record) = record(so, true) else {
+        return;
+    };
+    record.marks |= marks::APP_USER_TIMEOUT;
+    if record.marks & marks::CONNECT_TIMEOUT != 0 {
+        // SAFETY: `value` was bounds checked against optval_end.
+        unsafe {
             // The handshake keeps its bound; the application's value follows at establishment.
             record.app_user_timeout_ms = *value as u32;
             *value = record.profile.connect_timeout_ms as i32;

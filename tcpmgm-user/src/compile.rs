@@ -32,7 +32,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use tcpmgm_common::{
     Bucket, BucketKey, FAMILY_V4, FAMILY_V6, ListNode, ListenerInfo, ListenerKey, NO_LIST,
-    NO_LOCAL, NO_RULE, PROTO_ANY, Profile, ROOT_V4, ROOT_V6, flags, shape,
+    NO_LOCAL, NO_RULE, PROTO_ANY, Profile, ROOT_V4, ROOT_V6, flags, settings, shape,
 };
 
 use crate::listener::{Listener, Listeners};
@@ -55,6 +55,8 @@ pub struct Policy {
     pub local_v4: Vec<(u32, IpNet, u32)>,
     pub local_v6: Vec<(u32, IpNet, u32)>,
     pub listeners: Vec<(ListenerKey, ListenerInfo)>,
+    /// `settings::*` bits: how the generation is enforced.
+    pub settings: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,11 +72,54 @@ struct Member {
     rank: u32,
 }
 
+/// OpenSIPS's schema default for connect_timeout, in ms.
+pub const OPENSIPS_DEFAULT_CONNECT_TIMEOUT: u32 = 100;
+
+/// How the rules are enforced, beyond what their rows say: the daemon's options.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Enforcement {
+    /// Enforce connect_timeout also where a rule keeps OpenSIPS's schema default (100 ms).
+    /// Every OpenSIPS row carries it unless set, and OpenSIPS applies it to SIP connections
+    /// only; applied by the kernel to every connection of the cgroup it would cut the SIP
+    /// server's database or HTTP connects at 100 ms. So by default it is left alone.
+    pub default_connect_timeout: bool,
+    /// Decide and count, but refuse nothing, close nothing and set nothing.
+    pub audit: bool,
+    /// Let the application's own setsockopt() change the options a rule sets.
+    pub app_options_allow: bool,
+}
+
+impl Enforcement {
+    /// Whether a rule's connect_timeout (ms) bounds the handshake.
+    pub fn connect_timeout(&self, ms: u32) -> bool {
+        ms != 0 && (ms != OPENSIPS_DEFAULT_CONNECT_TIMEOUT || self.default_connect_timeout)
+    }
+
+    /// The generation header's `settings::*` bits.
+    fn settings(&self) -> u32 {
+        let mut s = 0;
+        if self.audit {
+            s |= settings::AUDIT;
+        }
+        if self.app_options_allow {
+            s |= settings::APP_OPTIONS_ALLOW;
+        }
+        s
+    }
+}
+
+/// Compiles rules (any order) for a kernel whose tick rate is `hz`, with the default
+/// enforcement.
+pub fn compile(rules: Vec<Rule>, listeners: &Listeners, hz: u32) -> Result<Policy, CompileError> {
+    compile_with(rules, listeners, hz, Enforcement::default())
+}
+
 /// Compiles rules (any order) for a kernel whose tick rate is `hz`.
-pub fn compile(
+pub fn compile_with(
     mut rules: Vec<Rule>,
     listeners: &Listeners,
     hz: u32,
+    enforcement: Enforcement,
 ) -> Result<Policy, CompileError> {
     if rules.len() >= NO_RULE as usize {
         return Err(CompileError::TooMany {
@@ -87,8 +132,9 @@ pub fn compile(
         profiles: rules
             .iter()
             .enumerate()
-            .map(|(rank, r)| kernel_profile(r, rank as u32, hz))
+            .map(|(rank, r)| kernel_profile(r, rank as u32, hz, &enforcement))
             .collect(),
+        settings: enforcement.settings(),
         listeners: listener_entries(listeners),
         lists: vec![
             ListNode {
@@ -271,7 +317,7 @@ pub fn syn_rto_jiffies(connect_timeout_ms: u32, hz: u32) -> u32 {
     }
 }
 
-fn kernel_profile(rule: &Rule, rank: u32, hz: u32) -> Profile {
+fn kernel_profile(rule: &Rule, rank: u32, hz: u32, enforcement: &Enforcement) -> Profile {
     let p = &rule.profile;
     let mut f = if p.keepalive {
         flags::KEEPALIVE_ON
@@ -280,6 +326,9 @@ fn kernel_profile(rule: &Rule, rank: u32, hz: u32) -> Profile {
     };
     if p.no_new_conn {
         f |= flags::NO_NEW_CONN;
+    }
+    if enforcement.connect_timeout(p.connect_timeout_ms) {
+        f |= flags::CONNECT_TIMEOUT;
     }
     Profile {
         rule_id: rule.id,

@@ -37,6 +37,20 @@ pub struct Config {
     pub reapply_existing: Option<bool>,
     pub create_cgroup: Option<bool>,
     pub db_timeout: Option<f64>,
+    pub audit: Option<bool>,
+    pub app_options: Option<AppOptions>,
+    pub enforce_default_connect_timeout: Option<bool>,
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// What a process's own setsockopt() may do to the options its socket's rule sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AppOptions {
+    /// The rule's value stays (the call succeeds; the rule's value is what getsockopt reads).
+    Enforce,
+    /// The application's value takes over, as without tcpmgm.
+    Allow,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -45,14 +45,12 @@ impl Column {
     }
 
     /// Whether `rule` asks for this column's enforcement.
-    fn asked_by(self, rule: &Rule, enforce_default_lifetime: bool) -> bool {
+    fn asked_by(self, rule: &Rule, defaults: &Defaults) -> bool {
         let p = &rule.profile;
         match self {
             Column::NoNewConn => p.no_new_conn,
-            Column::ConnectTimeout => p.connect_timeout_ms != 0,
-            Column::ConLifetime => {
-                crate::lifetime::enforced(p.con_lifetime_s, enforce_default_lifetime)
-            }
+            Column::ConnectTimeout => defaults.enforcement.connect_timeout(p.connect_timeout_ms),
+            Column::ConLifetime => crate::lifetime::enforced(p.con_lifetime_s, defaults.lifetime),
         }
     }
 }
@@ -223,15 +221,15 @@ pub fn probe() -> Vec<Feature> {
             command(BPF_LINK_DETACH, 0),
         ),
         feature(
-            "BPF_PROG_TYPE_CGROUP_SOCK_ADDR (connect4, connect6)",
+            "BPF_PROG_TYPE_CGROUP_SOCK_ADDR (connect4, connect6: outbound sockets decided, no_new_conn)",
             "Linux 4.17",
-            Column(self::Column::NoNewConn),
+            Core,
             program(ProgramType::CgroupSockAddr),
         ),
         feature(
-            "BPF_PROG_TYPE_CGROUP_SOCKOPT (the application's own options)",
+            "BPF_PROG_TYPE_CGROUP_SOCKOPT (the rule's options held against the application's, connect_timeout)",
             "Linux 5.3",
-            Column(self::Column::ConnectTimeout),
+            Core,
             program(ProgramType::CgroupSockopt),
         ),
         feature(
@@ -304,21 +302,27 @@ impl std::fmt::Display for Unenforceable {
     }
 }
 
+/// Which of OpenSIPS's column defaults are enforced (see `compile::Enforcement` and
+/// `lifetime::enforced`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Defaults {
+    pub enforcement: crate::compile::Enforcement,
+    /// con_lifetime's 120 s.
+    pub lifetime: bool,
+}
+
 /// The rules' columns that `features` cannot enforce.
 pub fn unenforceable(
     rules: &[Rule],
     features: &[Feature],
-    enforce_default_lifetime: bool,
+    defaults: &Defaults,
 ) -> Vec<Unenforceable> {
     let mut out = Vec::new();
     for f in features.iter().filter(|f| !f.supported) {
         let Need::Column(column) = f.need else {
             continue;
         };
-        for rule in rules
-            .iter()
-            .filter(|r| column.asked_by(r, enforce_default_lifetime))
-        {
+        for rule in rules.iter().filter(|r| column.asked_by(r, defaults)) {
             out.push(Unenforceable {
                 rule_id: rule.id,
                 column,

@@ -6,20 +6,26 @@
 //! shortest enforced con_lifetime of the rule set, between 250 ms and 1 s (so a connection is
 //! closed within con_lifetime + 1 s), and not at all while no rule has one.
 //!
+//! In audit mode (the socket was decided in audit mode) an idle connection is left open, and
+//! counted and logged once as one that would have been closed. What the sweeper did is counted
+//! per rule id in a map pinned beside the others (`SWEEP_STATS_PIN`), for `status` and the
+//! metrics.
+//!
 //! OpenSIPS tables carry con_lifetime on every row (default 120 s), and OpenSIPS applies it to
 //! SIP connections itself. Enforced in the kernel for every process of the cgroup, that default
 //! would close idle connections users never meant to limit (database pools, say). So a rule's
 //! con_lifetime is enforced when it differs from the column default, or for every rule with
 //! `--enforce-default-lifetime`; 0 never closes.
 use std::os::fd::AsFd;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use aya::maps::MapData;
-use tcpmgm_common::SOCK_RULE;
+use std::collections::HashSet;
+
+use aya::maps::{HashMap, MapData, MapError};
+use tcpmgm_common::{SOCK_RULE, SWEEP_STATS_PIN, SweepStats, marks};
 
 use crate::diag;
 
@@ -45,18 +51,58 @@ pub struct Sweeper {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// The sweeper's statistics, pinned at `SWEEP_STATS_PIN` in `pin_dir`; made when missing and
+/// `create`.
+pub fn stats_map(
+    pin_dir: &Path,
+    create: bool,
+) -> Result<HashMap<MapData, u32, SweepStats>, MapError> {
+    let pin = pin_dir.join(SWEEP_STATS_PIN);
+    let map = match MapData::from_pin(&pin) {
+        Ok(m) => HashMap::try_from(aya::maps::Map::HashMap(m))?,
+        Err(e) if !create => return Err(e),
+        Err(_) => {
+            const BPF_F_NO_PREALLOC: u32 = 1;
+            let m = HashMap::<MapData, u32, SweepStats>::create(
+                tcpmgm_common::RULE_STATS_MAX as u32,
+                BPF_F_NO_PREALLOC,
+            )?;
+            aya::maps::IterableMap::map(&m)
+                .pin(&pin)
+                .map_err(|e| MapError::PinError {
+                    name: Some(SWEEP_STATS_PIN.into()),
+                    error: e,
+                })?;
+            m
+        }
+    };
+    Ok(map)
+}
+
+/// Where the sweeper finds things and how it acts.
+pub struct SweepSetup {
+    /// The governed cgroup; its descendants are swept too, read again at each pass.
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    pub enforce_default: bool,
+}
+
 impl Sweeper {
-    /// Starts sweeping the sockets of `cgroup`, whose records are in the map pinned at
-    /// `sockets_pin`, in the network namespace `netns` (None: this process's).
-    /// `every_ms` (see `sweep_interval_ms`) may be changed while it runs, at a reload.
+    /// Starts sweeping the sockets of `cgroup`, whose records are pinned in `pin_dir`, in the
+    /// network namespace `netns` (None: this process's). `every_ms` (see `sweep_interval_ms`)
+    /// may be changed while it runs, at a reload.
     pub fn start(
         cgroup: &Path,
-        sockets_pin: PathBuf,
+        pin_dir: PathBuf,
         netns: Option<PathBuf>,
         enforce_default: bool,
         every_ms: Arc<AtomicU64>,
     ) -> std::io::Result<Sweeper> {
-        let cgroup_id = std::fs::metadata(cgroup)?.ino();
+        let setup = SweepSetup {
+            cgroup: cgroup.to_path_buf(),
+            pin_dir,
+            enforce_default,
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -78,13 +124,14 @@ impl Sweeper {
                         return;
                     }
                 }
+                let mut audited = HashSet::new();
                 while !flag.load(Ordering::Relaxed) {
                     let every = every_ms.load(Ordering::Relaxed);
                     if every == 0 {
                         std::thread::sleep(Duration::from_millis(250));
                         continue;
                     }
-                    if let Err(e) = sweep(cgroup_id, &sockets_pin, enforce_default) {
+                    if let Err(e) = sweep(&setup, &mut audited) {
                         tracing::warn!("con_lifetime sweep: {e}");
                     }
                     std::thread::sleep(Duration::from_millis(every));
@@ -106,36 +153,60 @@ impl Drop for Sweeper {
     }
 }
 
-/// One pass: closes the idle connections of the cgroup; returns how many.
-pub fn sweep(cgroup_id: u64, sockets_pin: &Path, enforce_default: bool) -> std::io::Result<usize> {
-    let map = MapData::from_pin(sockets_pin).map_err(std::io::Error::other)?;
+/// One pass: closes the idle connections of the cgroup (in audit mode, counts those it would
+/// close, each once: `audited` keeps their inodes between passes); returns how many it closed.
+pub fn sweep(setup: &SweepSetup, audited: &mut HashSet<u32>) -> std::io::Result<usize> {
+    let map = MapData::from_pin(setup.pin_dir.join(crate::kernel::SOCKETS_PIN))
+        .map_err(std::io::Error::other)?;
+    let mut stats = stats_map(&setup.pin_dir, true).map_err(std::io::Error::other)?;
     let mut closed = 0;
-    for s in diag::tcp_sockets(Some(map.fd().as_fd()))? {
+    let tree = crate::system::Subtree::of(&setup.cgroup)?;
+    let sockets = diag::tcp_sockets(Some(map.fd().as_fd()))?;
+    audited.retain(|inode| sockets.iter().any(|s| s.inode == *inode));
+    for s in sockets {
         let Some(record) = s.record.filter(|r| r.state == SOCK_RULE) else {
             continue;
         };
         let lifetime = record.profile.con_lifetime_s;
-        if s.cgroup_id != Some(cgroup_id)
+        if !tree.contains(s.cgroup_id)
             || !s.established()
-            || !enforced(lifetime, enforce_default)
+            || !enforced(lifetime, setup.enforce_default)
+            || u64::from(s.idle_ms()) <= u64::from(lifetime) * 1000
         {
             continue;
         }
-        if u64::from(s.idle_ms()) > u64::from(lifetime) * 1000 {
-            match diag::destroy(&s) {
-                Ok(()) => {
-                    closed += 1;
-                    tracing::info!(
-                        "closed {} -> {}: idle {} ms, rule {} con_lifetime {} s",
-                        s.local,
-                        s.remote,
-                        s.idle_ms(),
-                        record.profile.rule_id,
-                        lifetime
-                    );
-                }
-                Err(e) => tracing::warn!("closing {} -> {}: {e}", s.local, s.remote),
+        let rule = record.profile.rule_id;
+        let mut count = |bump: fn(&mut SweepStats)| {
+            let mut now = stats.get(&rule, 0).unwrap_or_default();
+            bump(&mut now);
+            if let Err(e) = stats.insert(rule, now, 0) {
+                tracing::warn!("counting for rule {rule}: {e}");
             }
+        };
+        if record.marks & marks::AUDIT != 0 {
+            if audited.insert(s.inode) {
+                count(|n| n.would_close += 1);
+                tracing::info!(
+                    "would close {} -> {} (audit mode): idle {} ms, rule {rule} con_lifetime {lifetime} s",
+                    s.local,
+                    s.remote,
+                    s.idle_ms()
+                );
+            }
+            continue;
+        }
+        match diag::destroy(&s) {
+            Ok(()) => {
+                closed += 1;
+                count(|n| n.idle_closes += 1);
+                tracing::info!(
+                    "closed {} -> {}: idle {} ms, rule {rule} con_lifetime {lifetime} s",
+                    s.local,
+                    s.remote,
+                    s.idle_ms(),
+                );
+            }
+            Err(e) => tracing::warn!("closing {} -> {}: {e}", s.local, s.remote),
         }
     }
     Ok(closed)

@@ -70,6 +70,20 @@ enum Command {
         /// stays) [default: 30].
         #[arg(long, value_name = "SECONDS")]
         db_timeout: Option<f64>,
+        /// Audit mode: decide as when enforcing, but refuse nothing, close nothing and set
+        /// nothing; count and log, per rule, what would have been done.
+        #[arg(long)]
+        audit: bool,
+        /// Whether the cgroup's processes may change, with their own setsockopt(), the options
+        /// their socket's rule sets [default: enforce].
+        #[arg(long, value_enum, value_name = "enforce|allow")]
+        app_options: Option<tcpmgm::config::AppOptions>,
+        /// Enforce connect_timeout also where a rule keeps OpenSIPS's schema default of 100 ms.
+        #[arg(long)]
+        enforce_default_connect_timeout: bool,
+        /// Serve Prometheus metrics at ADDR:PORT (/metrics).
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics: Option<SocketAddr>,
     },
     /// Take tcpmgm off a cgroup: programs and pins go, the system's TCP settings are back. A
     /// running `tcpmgm run` for it is told to detach and exit.
@@ -219,7 +233,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => conns(cgroup, pin_dir, netns, json),
         Command::Check { mut rules } => {
             let config = rules.with_config()?;
-            check(rules, config.enforce_default_lifetime.unwrap_or(false)).await
+            let defaults = tcpmgm::features::Defaults {
+                enforcement: tcpmgm::compile::Enforcement {
+                    default_connect_timeout: config
+                        .enforce_default_connect_timeout
+                        .unwrap_or(false),
+                    ..Default::default()
+                },
+                lifetime: config.enforce_default_lifetime.unwrap_or(false),
+            };
+            check(rules, defaults).await
         }
         Command::Features { json } => features(json),
         Command::Status {
@@ -275,6 +298,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             enforce_default_lifetime,
             reapply_existing,
             db_timeout,
+            audit,
+            app_options,
+            enforce_default_connect_timeout,
+            metrics,
         } => {
             system::check_privileges(&[])?;
             let config = rules.with_config()?;
@@ -300,6 +327,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 None
             };
+            let reread = rules.config.clone().map(|config| daemon::Reread {
+                config,
+                audit_given: audit,
+                app_options_given: app_options.is_some(),
+            });
             let options = daemon::Options {
                 rules,
                 cgroup,
@@ -314,6 +346,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 db_timeout: db_timeout
                     .or(config.db_timeout)
                     .map_or(daemon::DB_TIMEOUT, std::time::Duration::from_secs_f64),
+                enforcement: tcpmgm::compile::Enforcement {
+                    default_connect_timeout: enforce_default_connect_timeout
+                        || config.enforce_default_connect_timeout.unwrap_or(false),
+                    audit: audit || config.audit.unwrap_or(false),
+                    app_options_allow: app_options.or(config.app_options)
+                        == Some(tcpmgm::config::AppOptions::Allow),
+                },
+                metrics: metrics.or(config.metrics),
+                reread,
             };
             let result = match Daemon::start(options).await {
                 Ok(d) => d.serve().await,
@@ -518,14 +559,14 @@ fn features(json: bool) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn check(args: RuleArgs, enforce_default_lifetime: bool) -> anyhow::Result<ExitCode> {
+async fn check(args: RuleArgs, defaults: tcpmgm::features::Defaults) -> anyhow::Result<ExitCode> {
     let set = args.read().await?;
     for e in &set.errors {
         println!("{e}");
     }
     // Valid, but beyond this kernel: said, and not counted as bad rows.
     let kernel = tcpmgm::features::probe();
-    for u in tcpmgm::features::unenforceable(&set.rules, &kernel, enforce_default_lifetime) {
+    for u in tcpmgm::features::unenforceable(&set.rules, &kernel, &defaults) {
         println!("warning: {u}");
     }
     let bad: std::collections::BTreeSet<_> = set.errors.iter().map(|e| e.id).collect();

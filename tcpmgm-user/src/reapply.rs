@@ -2,15 +2,14 @@
 //! keepalive options of the rule that now matches them, as if they had just been made.
 //!
 //! The kernel gives no way to set another process's socket options from outside, so the daemon
-//! borrows each socket: it finds the socket's owner through /proc (the cgroup's processes and their
-//! `socket:[INODE]` fds), copies the fd with pidfd_getfd (Linux 5.6), sets the options, and
-//! rewrites the socket's tcpmgm record so that `conns` and the application API show the new rule.
+//! borrows each socket: it finds the socket's owner through /proc (the processes of the cgroup
+//! and of every cgroup below it, and their `socket:[INODE]` fds), copies the fd with pidfd_getfd
+//! (Linux 5.6), sets the options, and rewrites the socket's tcpmgm record so that `conns` and the application API show the new rule.
 //! Which way a connection goes is read from the sockets: one whose local address and port a
 //! listening socket of the cgroup holds was accepted; any other was opened.
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use aya::maps::{Map, MapData, SkStorage};
@@ -20,6 +19,7 @@ use crate::compile::Policy;
 use crate::diag;
 use crate::listener::{Direction, Listeners};
 use crate::matcher;
+use crate::system::Subtree;
 
 /// What a re-application did.
 #[derive(Debug, Default)]
@@ -28,11 +28,17 @@ pub struct Reapplied {
     pub unreachable: usize,
 }
 
-/// The (pid, fd) of every socket the cgroup's processes hold, by inode.
-fn socket_owners(cgroup: &Path) -> HashMap<u32, (i32, i32)> {
+/// The (pid, fd) of every socket the processes of the cgroups hold, by inode.
+fn socket_owners(tree: &Subtree) -> HashMap<u32, (i32, i32)> {
     let mut owners = HashMap::new();
-    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
-    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+    let pids = tree.dirs.iter().flat_map(|dir| {
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok())
+            .collect::<Vec<_>>()
+    });
+    for pid in pids {
         for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
             .into_iter()
             .flatten()
@@ -94,14 +100,14 @@ pub fn reapply(
     cgroup: &Path,
     sockets_pin: &Path,
 ) -> std::io::Result<Reapplied> {
-    let cgroup_id = std::fs::metadata(cgroup)?.ino();
+    let tree = Subtree::of(cgroup)?;
     let data = MapData::from_pin(sockets_pin).map_err(std::io::Error::other)?;
     let sockets = diag::tcp_sockets(Some(data.fd().as_fd()))?;
     let mut records: SkStorage<MapData, SockPolicy> =
         SkStorage::try_from(Map::SkStorage(data)).map_err(std::io::Error::other)?;
     let ours: Vec<&diag::Socket> = sockets
         .iter()
-        .filter(|s| s.cgroup_id == Some(cgroup_id))
+        .filter(|s| tree.contains(s.cgroup_id))
         .collect();
     let listening: Vec<SocketAddr> = ours
         .iter()
@@ -113,7 +119,7 @@ pub fn reapply(
             .iter()
             .any(|l| l.port() == local.port() && (l.ip() == local.ip() || l.ip().is_unspecified()))
     };
-    let owners = socket_owners(cgroup);
+    let owners = socket_owners(&tree);
     let mut done = Reapplied::default();
     for s in ours.into_iter().filter(|s| s.established()) {
         let direction = if accepted(s.local) {
@@ -143,6 +149,19 @@ pub fn reapply(
         };
         let p = &policy.profiles[rank];
         let rule = &policy.rules[rank].profile;
+        // The record first: the setsockopt hook holds a socket to its recorded rule, whoever
+        // calls, and would put the old values back. Established already: no handshake bound of
+        // tcpmgm's is left to track.
+        let record = SockPolicy {
+            state: SOCK_RULE,
+            marks: tcpmgm_common::settings_marks(policy.settings),
+            profile: *p,
+            ..SockPolicy::default()
+        };
+        if let Err(e) = records.insert(&sock, record, 0) {
+            tracing::warn!("recording the new rule of {} -> {}: {e}", s.local, s.remote);
+            continue;
+        }
         let tcp = libc::IPPROTO_TCP;
         let result = if rule.keepalive {
             setsockopt(&sock, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)
@@ -173,15 +192,6 @@ pub fn reapply(
         if let Err(e) = result {
             tracing::warn!("re-applying to {} -> {}: {e}", s.local, s.remote);
             continue;
-        }
-        // Established already: no handshake bound of tcpmgm's is left to track.
-        let record = SockPolicy {
-            state: SOCK_RULE,
-            profile: *p,
-            ..SockPolicy::default()
-        };
-        if let Err(e) = records.insert(&sock, record, 0) {
-            tracing::warn!("recording the new rule of {} -> {}: {e}", s.local, s.remote);
         }
         done.updated += 1;
     }

@@ -128,16 +128,15 @@ pub struct Connection {
     pub profile: Option<SocketProfile>,
 }
 
-/// The TCP connections of `cgroup` in this network namespace, with their profiles (from the
+/// The TCP connections of `cgroup` and the cgroups below it in this network namespace, with their profiles (from the
 /// records in the socket map pinned at `sockets_pin`).
 pub fn connections(cgroup: &Path, sockets_pin: &Path) -> std::io::Result<Vec<Connection>> {
     use std::os::fd::AsFd;
-    use std::os::unix::fs::MetadataExt;
-    let cgroup_id = std::fs::metadata(cgroup)?.ino();
+    let tree = crate::system::Subtree::of(cgroup)?;
     let map = MapData::from_pin(sockets_pin).map_err(std::io::Error::other)?;
     Ok(crate::diag::tcp_sockets(Some(map.fd().as_fd()))?
         .into_iter()
-        .filter(|s| s.cgroup_id == Some(cgroup_id))
+        .filter(|s| tree.contains(s.cgroup_id))
         .map(|s| Connection {
             local: s.local,
             remote: s.remote,

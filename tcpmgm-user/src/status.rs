@@ -23,6 +23,14 @@ pub struct DaemonState {
     /// When the reload under way started, if one is.
     #[serde(default)]
     pub reloading_since: Option<u64>,
+    /// Reloads since the start, by result.
+    #[serde(default)]
+    pub reloads_ok: u64,
+    #[serde(default)]
+    pub reloads_failed: u64,
+    /// Audit mode: decisions counted, nothing enforced.
+    #[serde(default)]
+    pub audit: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -30,6 +38,9 @@ pub struct ReloadRecord {
     pub at: u64,
     pub ok: bool,
     pub message: String,
+    /// How long it took, in ms.
+    #[serde(default)]
+    pub ms: u64,
 }
 
 pub fn now() -> u64 {
@@ -103,6 +114,12 @@ impl std::fmt::Display for CgroupStatus {
                     "not running; the pinned policy stays in force"
                 };
                 writeln!(f, "  daemon: pid {} ({run})", s.pid)?;
+                if s.audit {
+                    writeln!(
+                        f,
+                        "  audit mode: rules are decided and counted, nothing is enforced"
+                    )?;
+                }
                 writeln!(
                     f,
                     "  rules: {} from {}, generation {}",
@@ -158,6 +175,8 @@ impl std::fmt::Display for CgroupStatus {
                             + r.setsockopt_failures
                             + r.overrides_prevented
                             + r.slow
+                            + r.idle_closes
+                            + r.would_close
                             > 0
                     })
                     .collect();
@@ -177,6 +196,8 @@ impl std::fmt::Display for CgroupStatus {
                         ("would refuse (audit)", r.would_refuse),
                         ("overrides prevented", r.overrides_prevented),
                         ("setsockopt failures", r.setsockopt_failures),
+                        ("idle closes", r.idle_closes),
+                        ("would close (audit)", r.would_close),
                     ] {
                         if n > 0 {
                             write!(f, "  {what} {n}")?;

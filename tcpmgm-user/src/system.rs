@@ -97,15 +97,41 @@ pub fn check_privileges(options: &[(&'static str, u32, &'static str)]) -> Result
             missing.join(", ")
         )));
     }
-    let missing: Vec<String> = options
+    let mut missing: Vec<String> = options
         .iter()
         .filter(|(_, bit, _)| !has(*bit))
         .map(|(option, _, name)| format!("{option} needs {name}"))
         .collect();
+    if options
+        .iter()
+        .any(|(option, ..)| *option == "--reapply-existing")
+    {
+        missing.extend(pidfd_getfd_refused());
+    }
     if missing.is_empty() {
         Ok(())
     } else {
         Err(SystemError::OptionNotPrivileged(missing.join(", ")))
+    }
+}
+
+/// Why this process may not call pidfd_getfd(), if it may not. Called on no descriptor, the
+/// system call answers EBADF when it runs at all: a seccomp filter (systemd's
+/// `SystemCallFilter=@system-service` leaves it out up to systemd 252 at least) answers first.
+fn pidfd_getfd_refused() -> Option<String> {
+    // SAFETY: pidfd_getfd on an invalid descriptor changes nothing.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, -1, 0, 0) };
+    match (r, std::io::Error::last_os_error().raw_os_error()) {
+        (_, Some(libc::EBADF)) => None,
+        (_, Some(libc::ENOSYS)) => {
+            Some("--reapply-existing needs the pidfd_getfd system call (Linux 5.6)".into())
+        }
+        (_, Some(e)) => Some(format!(
+            "--reapply-existing needs the pidfd_getfd system call, which a system-call filter \
+             refuses ({}; under systemd add SystemCallFilter=pidfd_getfd)",
+            std::io::Error::from_raw_os_error(e)
+        )),
+        (_, None) => None,
     }
 }
 
@@ -178,6 +204,46 @@ pub fn resolve_cgroup(arg: &Path) -> Result<PathBuf, SystemError> {
         return Err(SystemError::NoSuchCgroup(path));
     }
     Ok(path)
+}
+
+/// A cgroup and every cgroup below it: what the programs attached to it govern.
+#[derive(Debug, Default)]
+pub struct Subtree {
+    /// The cgroups' directories, the root first.
+    pub dirs: Vec<PathBuf>,
+    /// Their ids (the directories' inode numbers, as sock_diag and the kernel give them).
+    pub ids: std::collections::HashSet<u64>,
+}
+
+impl Subtree {
+    /// `cgroup` and its descendants as they are now; cgroups removed during the walk are
+    /// skipped.
+    pub fn of(cgroup: &Path) -> std::io::Result<Subtree> {
+        use std::os::unix::fs::MetadataExt;
+        let mut tree = Subtree::default();
+        tree.ids.insert(std::fs::metadata(cgroup)?.ino());
+        tree.dirs.push(cgroup.to_path_buf());
+        let mut next = 0;
+        while next < tree.dirs.len() {
+            let dir = tree.dirs[next].clone();
+            next += 1;
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let Ok(meta) = entry.metadata() else { continue };
+                if meta.is_dir() {
+                    tree.ids.insert(meta.ino());
+                    tree.dirs.push(entry.path());
+                }
+            }
+        }
+        Ok(tree)
+    }
+
+    pub fn contains(&self, cgroup_id: Option<u64>) -> bool {
+        cgroup_id.is_some_and(|id| self.ids.contains(&id))
+    }
 }
 
 /// Creates a cgroup below the cgroup2 root unless it exists; returns its path when it made it.

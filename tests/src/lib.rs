@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use tcpmgm::compile::{Policy, compile};
+use tcpmgm::compile::{Enforcement, Policy, compile_with};
 use tcpmgm::kernel::Enforcer;
 use tcpmgm::listener::Listeners;
 use tcpmgm::rule::{Cell, Row, Rule, validate_rows};
@@ -134,8 +134,18 @@ impl Sandbox {
 
     /// Compiles and attaches rules to this sandbox's cgroup.
     pub fn enforce(&self, rules: Vec<Rule>, listeners: &Listeners) -> (Policy, Enforcer) {
+        self.enforce_with(rules, listeners, Enforcement::default())
+    }
+
+    /// Compiles and attaches rules to this sandbox's cgroup, enforced as `enforcement` says.
+    pub fn enforce_with(
+        &self,
+        rules: Vec<Rule>,
+        listeners: &Listeners,
+        enforcement: Enforcement,
+    ) -> (Policy, Enforcer) {
         let hz = system::kernel_hz().expect("HZ");
-        let policy = compile(rules, listeners, hz).expect("compile");
+        let policy = compile_with(rules, listeners, hz, enforcement).expect("compile");
         let enforcer = Enforcer::attach(&policy, &self.cgroup, &self.pin_dir).expect("attach");
         (policy, enforcer)
     }
@@ -143,6 +153,34 @@ impl Sandbox {
     /// A probe inside this sandbox's cgroup and namespace (told the sandbox's pin directory).
     pub fn probe(&self) -> Probe {
         Probe::spawn_with_pins(Some(&self.cgroup), &self.netns.path(), Some(&self.pin_dir))
+    }
+
+    /// A probe in a child cgroup `name` of the sandbox's (made here, removed with the sandbox),
+    /// in the sandbox's namespace.
+    pub fn probe_in_child(&self, name: &str) -> Probe {
+        let child = self.cgroup.join(name);
+        std::fs::create_dir_all(&child)
+            .unwrap_or_else(|e| panic!("mkdir {}: {e}", child.display()));
+        Probe::spawn_with_pins(Some(&child), &self.netns.path(), Some(&self.pin_dir))
+    }
+
+    /// What `tcpmgm conns --json` lists for the sandbox's cgroup (and those below it).
+    pub fn conns(&self) -> serde_json::Value {
+        let out = Command::new(binary("tcpmgm"))
+            .args(["conns", "--json", "--cgroup"])
+            .arg(&self.cgroup)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--netns")
+            .arg(self.netns.path())
+            .output()
+            .expect("run tcpmgm conns");
+        assert!(
+            out.status.success(),
+            "tcpmgm conns: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("conns --json")
     }
 
     /// What `bpftool cgroup show` lists for the sandbox's cgroup.
@@ -153,11 +191,87 @@ impl Sandbox {
     }
 }
 
+/// Namespace A (the sandbox's, in the cgroup) joined to namespace B by a veth pair. B owns
+/// 192.0.2.2; 192.0.2.3 resolves to a MAC nobody has, so SYNs to it vanish. Returns B and A's
+/// veth device.
+pub fn two_hosts(sb: &Sandbox) -> (Netns, String) {
+    let b = Netns::new("b");
+    let n = b.name.rsplit('-').next().unwrap().to_owned();
+    let (va, vb) = (
+        format!("tva{}x{n}", std::process::id() % 100_000),
+        format!("tvb{n}"),
+    );
+    sb.netns.ip(&format!(
+        "link add {va} type veth peer name {vb} netns {}",
+        b.name
+    ));
+    sb.netns.ip(&format!("addr add 192.0.2.1/24 dev {va}"));
+    sb.netns.ip(&format!("link set {va} up"));
+    b.ip(&format!("addr add 192.0.2.2/24 dev {vb}"));
+    b.ip(&format!("link set {vb} up"));
+    sb.netns.ip(&format!(
+        "neigh replace 192.0.2.3 lladdr 02:00:00:00:00:99 dev {va} nud permanent"
+    ));
+    (b, va)
+}
+
+/// `ss -tnoe` in the sandbox's namespace, for the sockets with port `port` on either side.
+pub fn ss(sb: &Sandbox, port: u16) -> String {
+    sh(Command::new("nsenter")
+        .arg(format!("--net={}", sb.netns.path()))
+        .args(["ss", "-tnoe", "state", "established"])
+        .arg(format!("( sport = :{port} or dport = :{port} )")))
+}
+
+/// GET /metrics from a daemon's metrics endpoint: the body.
+pub fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).expect("the metrics endpoint");
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+/// The value of one sample of a scrape, by its name and labels as printed.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Asserts the value of each series of a scrape (names and labels as printed, e.g.
+/// `tcpmgm_rules{cgroup="/sys/fs/cgroup/x"}`).
+pub fn assert_samples(metrics: &str, expected: &[(String, f64)]) {
+    for (series, value) in expected {
+        assert_eq!(
+            sample(metrics, series),
+            Some(*value),
+            "{series} in the scrape:\n{metrics}"
+        );
+    }
+}
+
 impl Drop for Sandbox {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.pin_dir);
-        // Processes that just exited may take a moment to leave the cgroup.
+        // Processes that just exited may take a moment to leave the cgroup; child cgroups
+        // (probe_in_child) go first.
         for _ in 0..50 {
+            for child in std::fs::read_dir(&self.cgroup)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if child.file_type().is_ok_and(|t| t.is_dir()) {
+                    let _ = std::fs::remove_dir(child.path());
+                }
+            }
             if std::fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
                 return;
             }

@@ -188,31 +188,7 @@ fn bpftool_dump_shows_field_names() {
 
 mod timeout {
     use super::*;
-    use tcpmgm_tests::{Netns, Probe};
-
-    /// Namespace A (the sandbox's, in the cgroup) joined to namespace B by a veth pair.
-    /// B owns 192.0.2.2; 192.0.2.3 resolves to a MAC nobody has, so SYNs to it vanish.
-    /// Returns B and A's veth device.
-    fn two_hosts(sb: &Sandbox) -> (Netns, String) {
-        let b = Netns::new("b");
-        let n = b.name.rsplit('-').next().unwrap().to_owned();
-        let (va, vb) = (
-            format!("tva{}x{n}", std::process::id() % 100_000),
-            format!("tvb{n}"),
-        );
-        sb.netns.ip(&format!(
-            "link add {va} type veth peer name {vb} netns {}",
-            b.name
-        ));
-        sb.netns.ip(&format!("addr add 192.0.2.1/24 dev {va}"));
-        sb.netns.ip(&format!("link set {va} up"));
-        b.ip(&format!("addr add 192.0.2.2/24 dev {vb}"));
-        b.ip(&format!("link set {vb} up"));
-        sb.netns.ip(&format!(
-            "neigh replace 192.0.2.3 lladdr 02:00:00:00:00:99 dev {va} nud permanent"
-        ));
-        (b, va)
-    }
+    use tcpmgm_tests::{Probe, two_hosts};
 
     #[test]
     fn connect_timeout_bounds_a_silent_handshake() {
@@ -377,21 +353,7 @@ fn conns_lists_each_connection_with_its_rule() {
         .ask("hold-pair 127.0.0.2:7021 127.0.0.2:7021 127.0.0.1:0")
         .get("id");
     p.ask("hold-pair 127.0.0.3:7022 127.0.0.3:7022 127.0.0.1:0");
-    let out = std::process::Command::new(tcpmgm_tests::binary("tcpmgm"))
-        .args(["conns", "--json", "--cgroup"])
-        .arg(&sb.cgroup)
-        .arg("--pin-dir")
-        .arg(&sb.pin_dir)
-        .arg("--netns")
-        .arg(sb.netns.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = sb.conns();
     let find = |remote: &str| {
         list.as_array()
             .unwrap()

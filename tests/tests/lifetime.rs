@@ -5,18 +5,38 @@ use std::time::{Duration, Instant};
 use tcpmgm::source::TableVersion;
 use tcpmgm_tests::{Backend, Daemon, Sandbox, TestDb};
 
+/// A daemon on a sandbox of its own, with one rule: 127.0.0.2, con_lifetime 2 s. Fields drop in
+/// order: the daemon first.
+struct Setup {
+    _daemon: Daemon,
+    sb: Sandbox,
+    _db: TestDb,
+}
+
+impl Setup {
+    async fn new(name: &str) -> Setup {
+        let db = TestDb::new(
+            Backend::Sqlite,
+            TableVersion::V1,
+            "INSERT INTO tcp_mgm (id, remote_addr, con_lifetime) VALUES (1, '127.0.0.2', 2);",
+        )
+        .await;
+        let sb = Sandbox::new();
+        let control =
+            std::env::temp_dir().join(format!("tcpmgm-{name}-{}.sock", std::process::id()));
+        let daemon = Daemon::start_with(&sb, &db.url, control, &["--netns", &sb.netns.path()]);
+        Setup {
+            _daemon: daemon,
+            sb,
+            _db: db,
+        }
+    }
+}
+
 #[tokio::test]
 async fn idle_connections_close_after_their_con_lifetime() {
-    let db = TestDb::new(
-        Backend::Sqlite,
-        TableVersion::V1,
-        "INSERT INTO tcp_mgm (id, remote_addr, con_lifetime) VALUES (1, '127.0.0.2', 2);",
-    )
-    .await;
-    let sb = Sandbox::new();
-    let control = std::env::temp_dir().join(format!("tcpmgm-lifetime-{}.sock", std::process::id()));
-    let _d = Daemon::start_with(&sb, &db.url, control, &["--netns", &sb.netns.path()]);
-    let mut p = sb.probe();
+    let setup = Setup::new("lifetime").await;
+    let mut p = setup.sb.probe();
     let id = |r: tcpmgm_tests::Reply| r.get("id");
     let start = Instant::now();
     let idle = id(p.ask("hold-pair 127.0.0.2:7001 127.0.0.2:7001 127.0.0.1:0"));
@@ -53,6 +73,39 @@ async fn idle_connections_close_after_their_con_lifetime() {
             (0, 0),
             "connection {conn}: {r:?}"
         );
+    }
+}
+
+/// The programs govern every cgroup below the one tcpmgm is attached to (a SIP server's unit in a
+/// slice); con_lifetime and `tcpmgm conns` reach the same sockets.
+#[tokio::test]
+async fn a_child_cgroup_is_listed_and_swept() {
+    let setup = Setup::new("lifetime-child").await;
+    let sb = &setup.sb;
+    let mut p = sb.probe_in_child("sip-server");
+    let start = Instant::now();
+    let idle = p
+        .ask("hold-pair 127.0.0.2:7011 127.0.0.2:7011 127.0.0.1:0")
+        .get("id");
+    let list = sb.conns();
+    let listed = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["remote"] == "127.0.0.2:7011")
+        .unwrap_or_else(|| panic!("the child cgroup's connection is not listed: {list:#}"));
+    assert_eq!(listed["profile"]["rule_id"], 1, "{listed:#}");
+    loop {
+        let r = p.ask(&format!("closed {idle}"));
+        if r.get("client_closed") == 1 {
+            eprintln!("closed {:?} after it was opened", start.elapsed());
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the child cgroup's idle connection was not closed within 5 s: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

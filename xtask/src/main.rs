@@ -176,6 +176,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             setup::toolchain()?;
+            // promtool lints the metrics endpoint's output.
+            setup::tools(&[("promtool", "prometheus")])?;
             let databases = setup::databases()?;
             // The CLI tests run the `tcpmgm` binary, which `cargo test` alone does not build.
             status(cargo(&root).args([
@@ -256,12 +258,19 @@ fn vm_task(root: &Path, task: VmTask) -> anyhow::Result<()> {
                 results.push((kernel, outcome));
             }
             println!();
+            let readme = std::fs::read_to_string(root.join("README.md"))?;
             let mut ok = true;
             for (kernel, o) in &results {
+                let table = vm::table::differences(&readme, kernel.series.name, &o.features);
+                for d in &table {
+                    println!("vm {}: README kernel table: {d}", kernel.series.name);
+                }
                 let verdict = if !o.finished {
                     "did not finish"
                 } else if o.failed > 0 || !o.failed_binaries.is_empty() {
                     "FAILED"
+                } else if !table.is_empty() {
+                    "FAILED (the README's kernel table differs from tcpmgm features)"
                 } else {
                     "ok"
                 };

@@ -8,6 +8,7 @@
 //! task) turns database notifications or polls into reload requests. When a reload fails, the
 //! running policy stays and the caller and the log are told why.
 mod control;
+mod metrics;
 mod reloader;
 
 use std::path::PathBuf;
@@ -20,8 +21,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::compile::{CompileError, compile};
-use crate::kernel::{Enforcer, KernelError, SOCKETS_PIN};
+use crate::compile::{CompileError, Enforcement, compile_with};
+use crate::kernel::{Enforcer, KernelError};
 use crate::lifetime::{self, Sweeper};
 use crate::pipeline::{PipelineError, RuleArgs, RuleSet};
 use crate::source::{Redacted, normalize_url};
@@ -57,6 +58,13 @@ pub enum DaemonError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// What `run` was asked to do.
@@ -79,6 +87,48 @@ pub struct Options {
     pub reapply_existing: bool,
     /// How long reading the table (or connecting to watch it) may take.
     pub db_timeout: Duration,
+    /// Audit mode, the application's own options, OpenSIPS's connect_timeout default.
+    pub enforcement: Enforcement,
+    /// The configuration file, read again at each reload for `audit` and `app_options` where
+    /// the command line did not set them: switching between audit and enforcement is a reload.
+    pub reread: Option<Reread>,
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// What a reload reads again from the configuration file.
+pub struct Reread {
+    pub config: PathBuf,
+    /// Whether the command line set --audit (then the file's `audit` is not read).
+    pub audit_given: bool,
+    /// Whether the command line set --app-options.
+    pub app_options_given: bool,
+}
+
+impl Options {
+    /// The enforcement for the next reload: the configuration file's `audit` and `app_options`
+    /// read again, where the command line did not set them.
+    fn current_enforcement(&self) -> Result<Enforcement, crate::config::ConfigError> {
+        let mut e = self.enforcement;
+        if let Some(r) = &self.reread {
+            let file = crate::config::Config::load(&r.config)?;
+            if !r.audit_given {
+                e.audit = file.audit.unwrap_or(false);
+            }
+            if !r.app_options_given {
+                e.app_options_allow = file.app_options == Some(crate::config::AppOptions::Allow);
+            }
+        }
+        Ok(e)
+    }
+
+    /// Which of OpenSIPS's column defaults this daemon enforces.
+    fn defaults(&self) -> crate::features::Defaults {
+        crate::features::Defaults {
+            enforcement: self.enforcement,
+            lifetime: self.enforce_default_lifetime,
+        }
+    }
 }
 
 /// The running daemon, between its start (policy attached) and its serve loop.
@@ -94,6 +144,8 @@ pub struct Daemon {
     logs: Option<AsyncFd<EbpfLogger<&'static dyn log::Log>>>,
     /// Closes connections idle for longer than their con_lifetime.
     _sweeper: Option<Sweeper>,
+    /// The metrics endpoint, bound, to be served.
+    metrics: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
 
 /// Reads and validates the table (within `db_timeout`), refusing it on any fault unless
@@ -119,7 +171,7 @@ async fn read_valid(options: &Options) -> Result<RuleSet, DaemonError> {
         );
     }
     let kernel = crate::features::probe();
-    for u in crate::features::unenforceable(&set.rules, &kernel, options.enforce_default_lifetime) {
+    for u in crate::features::unenforceable(&set.rules, &kernel, &options.defaults()) {
         tracing::error!("{u}; the rule's other columns are enforced");
     }
     Ok(set)
@@ -138,7 +190,7 @@ impl Daemon {
         .await;
         let set = read_valid(&options).await?;
         let hz = system::kernel_hz()?;
-        let policy = compile(set.rules, &set.listeners, hz)?;
+        let policy = compile_with(set.rules, &set.listeners, hz, options.enforcement)?;
         let pin_dir = match &options.pin_dir {
             Some(p) => p.clone(),
             None => system::default_pin_dir(&cgroup)?,
@@ -158,7 +210,7 @@ impl Daemon {
         )));
         let sweeper = match Sweeper::start(
             enforcer.cgroup(),
-            enforcer.pin_dir().join(SOCKETS_PIN),
+            enforcer.pin_dir().to_path_buf(),
             options.netns.clone(),
             options.enforce_default_lifetime,
             sweep_every.clone(),
@@ -219,8 +271,30 @@ impl Daemon {
             generation: enforcer.generation(),
             last_reload: None,
             reloading_since: None,
+            reloads_ok: 0,
+            reloads_failed: 0,
+            audit: options.enforcement.audit,
+        };
+        // Bound now, so that a taken port stops the start before systemd hears READY.
+        let metrics = match options.metrics {
+            Some(addr) => Some(Box::pin(
+                metrics::serve(
+                    addr,
+                    metrics::Sources {
+                        control: control.clone(),
+                        pin_dir: enforcer.pin_dir().to_path_buf(),
+                        cgroup: enforcer.cgroup().to_path_buf(),
+                        netns: options.netns.clone(),
+                    },
+                )
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?,
+            )
+                as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>),
+            None => None,
         };
         let daemon = Daemon {
+            metrics,
             control,
             watcher,
             watched_db: options.rules.db().to_owned(),
@@ -248,7 +322,9 @@ impl Daemon {
             detach_on_exit,
             mut logs,
             _sweeper,
+            metrics,
         } = self;
+        let metrics = metrics.map(tokio::spawn);
         let fail = |source| DaemonError::Control {
             path: control.clone(),
             source,
@@ -300,6 +376,9 @@ impl Daemon {
         };
         notify(&[sd_notify::NotifyState::Stopping]);
         watcher.abort();
+        if let Some(m) = metrics {
+            m.abort();
+        }
         let _ = std::fs::remove_file(&control);
         if detach {
             // The reloader finishes what it is doing (a table read gives up after db_timeout),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{DaemonError, Options, notify, read_valid};
-use crate::compile::{Policy, compile};
+use crate::compile::{Policy, compile_with};
 use crate::kernel::{Enforcer, GRACE, SOCKETS_PIN};
 use crate::lifetime;
 use crate::listener::Listeners;
@@ -153,7 +153,13 @@ impl Reloader {
     async fn reload(&mut self) -> Result<String, String> {
         self.state.reloading_since = Some(status::now());
         self.save_state();
+        let started = Instant::now();
         let result = self.try_reload().await.map_err(|e| e.to_string());
+        if result.is_ok() {
+            self.state.reloads_ok += 1;
+        } else {
+            self.state.reloads_failed += 1;
+        }
         self.state.reloading_since = None;
         if let Some(e) = &self.enforcer {
             self.state.generation = e.generation();
@@ -165,6 +171,7 @@ impl Reloader {
                 Ok(report) => report.clone(),
                 Err(e) => e.clone(),
             },
+            ms: started.elapsed().as_millis() as u64,
         });
         self.save_state();
         match &result {
@@ -188,12 +195,22 @@ impl Reloader {
         let read_ms = started.elapsed().as_millis();
         let mut enforcer = self.enforcer.take().expect("the reloader holds the policy");
         let hz = self.hz;
-        let reapply = self
-            .options
-            .reapply_existing
+        let enforcement = self.options.current_enforcement()?;
+        if enforcement.audit != self.options.enforcement.audit {
+            tracing::info!(
+                "{} audit mode",
+                if enforcement.audit {
+                    "entering"
+                } else {
+                    "leaving"
+                }
+            );
+        }
+        // Audit mode sets nothing, on new connections or old ones.
+        let reapply = (self.options.reapply_existing && !enforcement.audit)
             .then(|| self.options.netns.clone());
         let (enforcer, result) = tokio::task::spawn_blocking(move || {
-            let result = compile(set.rules, &set.listeners, hz)
+            let result = compile_with(set.rules, &set.listeners, hz, enforcement)
                 .map_err(DaemonError::from)
                 .and_then(|policy| {
                     enforcer.replace(&policy)?;
@@ -209,6 +226,8 @@ impl Reloader {
         let generation = enforcer.generation();
         self.enforcer = Some(enforcer);
         let policy = result?;
+        self.options.enforcement = enforcement;
+        self.state.audit = enforcement.audit;
         self.state.rules = policy.rules.len();
         self.sweep_every.store(
             lifetime::sweep_interval_ms(

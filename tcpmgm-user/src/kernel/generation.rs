@@ -131,7 +131,7 @@ fn contents(p: &Policy, number: u32) -> Vec<(&'static str, Contents)> {
             names::HEADER,
             Contents::array(&[Header {
                 generation: number,
-                _pad: 0,
+                flags: p.settings,
             }]),
         ),
         (names::LISTS, Contents::array(&p.lists)),

@@ -362,6 +362,7 @@ fn remove_stale_pins(dir: &Path) {
             || name == SOCKETS_PIN
             || name == tcpmgm_common::LOGS_PIN
             || name == tcpmgm_common::RULE_STATS_PIN
+            || name == tcpmgm_common::SWEEP_STATS_PIN
     };
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -586,6 +587,10 @@ pub struct RuleCount {
     /// Sends slower than the rule's send_threshold (RTT samples over it, retransmission
     /// timeouts).
     pub slow: u64,
+    /// Idle connections closed by con_lifetime.
+    pub idle_closes: u64,
+    /// Idle connections left open in audit mode that con_lifetime would have closed.
+    pub would_close: u64,
 }
 
 /// Reads the links and counters pinned in `dir` (counters summed over CPUs).
@@ -619,6 +624,7 @@ pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
     let stats: PerCpuHashMap<MapData, u32, RuleStats> =
         PerCpuHashMap::try_from(Map::PerCpuHashMap(open(tcpmgm_common::RULE_STATS_PIN)?))
             .map_err(|e| fail(names::RULE_STATS, e))?;
+    let sweeps = crate::lifetime::stats_map(dir, false).ok();
     let mut rules = Vec::new();
     for rank in 0..profiles.len() {
         let profile = profiles
@@ -641,6 +647,10 @@ pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
             Err(aya::maps::MapError::KeyNotFound) => RuleStats::default(),
             Err(e) => return Err(fail(names::RULE_STATS, e)),
         };
+        let swept = sweeps
+            .as_ref()
+            .and_then(|m| m.get(&profile.rule_id, 0).ok())
+            .unwrap_or_default();
         rules.push(RuleCount {
             id: profile.rule_id,
             matched: total.matched,
@@ -649,6 +659,8 @@ pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
             setsockopt_failures: total.setsockopt_failures,
             overrides_prevented: total.overrides_prevented,
             slow: total.slow_sends,
+            idle_closes: swept.idle_closes,
+            would_close: swept.would_close,
         });
     }
     Ok(Pinned { programs, rules })

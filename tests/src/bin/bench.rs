@@ -186,7 +186,6 @@ const IDLE: usize = 10_000;
 /// The con_lifetime sweeper's cost with `IDLE` idle connections that all have a rule with an
 /// enforced con_lifetime (an hour, so none is closed): median wall and CPU ms of 5 sweeps.
 fn idle_sweep_cost(sb: &Sandbox, listeners: &Listeners, hz: u32) -> anyhow::Result<(f64, f64)> {
-    use std::os::unix::fs::MetadataExt;
     let rule = Rule {
         id: 1,
         priority: 0,
@@ -216,19 +215,15 @@ fn idle_sweep_cost(sb: &Sandbox, listeners: &Listeners, hz: u32) -> anyhow::Resu
     }
     let (_peer, reply) = server.join().expect("the peer process");
     anyhow::ensure!(reply.get("accepted") == IDLE as i64, "{reply:?}");
-    let cgroup_id = std::fs::metadata(&sb.cgroup)?.ino();
-    let pin = std::fs::read_dir(&sb.pin_dir)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("TCPMGM_SOCKETS"))
-        })
-        .context("the socket map pin")?;
+    let setup = tcpmgm::lifetime::SweepSetup {
+        cgroup: sb.cgroup.clone(),
+        pin_dir: sb.pin_dir.clone(),
+        enforce_default: false,
+    };
     let (mut wall, mut cpu) = (Vec::new(), Vec::new());
     for _ in 0..5 {
         let (t, c) = (Instant::now(), cpu_time());
-        let closed = tcpmgm::lifetime::sweep(cgroup_id, &pin, false)?;
+        let closed = tcpmgm::lifetime::sweep(&setup, &mut Default::default())?;
         anyhow::ensure!(closed == 0, "the sweep closed {closed} connections");
         wall.push(t.elapsed().as_secs_f64() * 1000.0);
         cpu.push((cpu_time() - c).as_secs_f64() * 1000.0);

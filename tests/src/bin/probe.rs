@@ -10,7 +10,9 @@
 //!   (`tcpmgm::socket`) says of each socket, from the pins in `TCPMGM_TEST_PIN_DIR`.
 //! - `hold-pair LISTEN CONNECT [BIND]`: open a pair and keep both sockets (`id=N`); `ping N`
 //!   moves a byte each way on it; `closed N` tells which ends are no longer established;
-//!   `opts N` reports both ends' options.
+//!   `opts N` reports both ends' options; `app-opts N KEEPALIVE IDLE` sets SO_KEEPALIVE and
+//!   TCP_KEEPIDLE on both ends as an application would after connect() and accept(), then
+//!   reports both ends' options.
 //! - `connect CONNECT BIND|- WAIT_MS`: non-blocking connect, wait up to WAIT_MS, report.
 //! - `hold CONNECT [USER_TIMEOUT_MS]`: connect (optionally setting TCP_USER_TIMEOUT itself),
 //!   report, then read a line (the test cuts the network meanwhile), send data, wait 1 s and
@@ -105,6 +107,16 @@ fn main() -> anyhow::Result<()> {
             }
             ["opts", id] => {
                 let (c, s) = &held[id.parse::<usize>()?];
+                format!("{} {}", report("client", c), report("server", s))
+            }
+            ["app-opts", id, keepalive, idle] => {
+                // What a SIP server does with its own settings after accept() and connect().
+                let (c, s) = &held[id.parse::<usize>()?];
+                let (keepalive, idle) = (keepalive.parse::<i32>()?, idle.parse::<i32>()?);
+                for sock in [c, s] {
+                    setsockopt(sock, libc::SOL_SOCKET, libc::SO_KEEPALIVE, keepalive)?;
+                    setsockopt(sock, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle)?;
+                }
                 format!("{} {}", report("client", c), report("server", s))
             }
             ["closed", id] => {
@@ -279,6 +291,25 @@ fn connect_wait(
     match s.take_error()? {
         Some(e) => Ok(format!("errno={} ms={ms}", e.raw_os_error().unwrap_or(-1))),
         None => Ok(format!("connected ms={ms} {}", report("client", &s))),
+    }
+}
+
+/// An int option, as an application sets it; an error is the test's failure.
+fn setsockopt(s: &Socket, level: i32, name: i32, value: i32) -> std::io::Result<()> {
+    // SAFETY: an int option from an int.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -86,6 +86,10 @@ fn run(r: &mut Report) {
 
     r.check("systemctl reload applies a changed table", reload());
     r.check("a failed reload keeps the policy", failed_reload());
+    r.check(
+        "Kamailio's outbound connection carries the rule's keepalive despite its own tcp_keepidle",
+        kamailio_outbound().and_then(|got| expect_rule(got, (1, 42, 13, 5))),
+    );
 
     let mut probe = slice_probe();
     let mut port = 7000;
@@ -109,7 +113,7 @@ fn run(r: &mut Report) {
     );
     r.check("the unit's hardening holds", hardening());
     r.check(
-        "--reapply-existing is refused with the unit's capabilities alone, and works with CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH added",
+        "--reapply-existing is refused with the unit's capabilities alone, and works with CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH and pidfd_getfd added",
         reapply_existing(),
     );
 }
@@ -126,13 +130,10 @@ fn reapply_existing() -> Result<String, String> {
             "tcpmgm started with --reapply-existing and the unit's capabilities alone".into(),
         );
     }
-    let journal = Command::new("journalctl")
-        .args(["-u", "tcpmgm.service", "-n", "20", "--no-pager"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    let said =
-        "--reapply-existing needs CAP_SYS_PTRACE, --reapply-existing needs CAP_DAC_READ_SEARCH";
+    let journal = journal_tail();
+    let said = "--reapply-existing needs CAP_SYS_PTRACE, --reapply-existing needs \
+                CAP_DAC_READ_SEARCH, --reapply-existing needs the pidfd_getfd system call, which \
+                a system-call filter refuses";
     if !journal.contains(said) {
         return Err(format!("the journal does not say \"{said}\": {journal}"));
     }
@@ -140,7 +141,7 @@ fn reapply_existing() -> Result<String, String> {
     std::fs::create_dir_all("/etc/systemd/system/tcpmgm.service.d").map_err(|e| e.to_string())?;
     std::fs::write(
         drop_in,
-        "[Service]\nCapabilityBoundingSet=CAP_SYS_PTRACE CAP_DAC_READ_SEARCH\nAmbientCapabilities=CAP_SYS_PTRACE CAP_DAC_READ_SEARCH\n",
+        "[Service]\nCapabilityBoundingSet=CAP_SYS_PTRACE CAP_DAC_READ_SEARCH\nAmbientCapabilities=CAP_SYS_PTRACE CAP_DAC_READ_SEARCH\nSystemCallFilter=pidfd_getfd\n",
     )
     .map_err(|e| e.to_string())?;
     systemctl(&["daemon-reload"])?;
@@ -159,9 +160,18 @@ fn reapply_existing() -> Result<String, String> {
         ))
     } else {
         Err(format!(
-            "held connection before {before:?}, after the reload {after:?}"
+            "held connection before {before:?}, after the reload {after:?}; journal: {}",
+            journal_tail()
         ))
     }
+}
+
+fn journal_tail() -> String {
+    Command::new("journalctl")
+        .args(["-u", "tcpmgm.service", "-n", "20", "--no-pager"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 /// Kamailio's side of the connection from `port`, once Kamailio has accepted it.
@@ -207,8 +217,13 @@ fn wait_active(unit: &str) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    let journal = Command::new("journalctl")
+        .args(["-u", unit, "-n", "15", "--no-pager", "-o", "cat"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
     Err(format!(
-        "{unit} is {} after 120 s: {}",
+        "{unit} is {} after 120 s: {}; its journal:\n{journal}",
         show(unit, "ActiveState"),
         show(unit, "StatusText")
     ))
@@ -253,23 +268,34 @@ fn kamailio_options() -> Result<(i32, i32, i32, i32), String> {
     wait_for_socket(port).map(|s| options(&s))
 }
 
-/// The inode of the TCP socket 127.0.0.1:5060 -> 127.0.0.1:`peer_port`, from /proc/net/tcp.
-fn server_inode(peer_port: u16) -> Option<u64> {
+/// An IPv4 socket address as /proc/net/tcp writes it.
+fn proc_net(addr: std::net::SocketAddrV4) -> String {
+    format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(addr.ip().octets()),
+        addr.port()
+    )
+}
+
+/// The inode of the TCP socket `local` -> `remote`, from /proc/net/tcp.
+fn socket_inode(local: std::net::SocketAddrV4, remote: std::net::SocketAddrV4) -> Option<u64> {
     let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    let local = "0100007F:13C4"; // 127.0.0.1:5060
-    let remote = format!("0100007F:{peer_port:04X}");
+    let (local, remote) = (proc_net(local), proc_net(remote));
     table.lines().skip(1).find_map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
-        (f.get(1) == Some(&local) && f.get(2) == Some(&remote.as_str()))
+        (f.get(1) == Some(&local.as_str()) && f.get(2) == Some(&remote.as_str()))
             .then(|| f.get(9)?.parse().ok())
             .flatten()
     })
 }
 
-/// A copy of the socket Kamailio accepted from `peer_port`, taken from whichever of its
-/// processes holds it.
-fn accepted_socket(peer_port: u16) -> Result<Option<OwnedFd>, String> {
-    let Some(inode) = server_inode(peer_port) else {
+/// A copy of Kamailio's socket `local` -> `remote`, taken from whichever of its processes holds
+/// it.
+fn kamailio_socket(
+    local: std::net::SocketAddrV4,
+    remote: std::net::SocketAddrV4,
+) -> Result<Option<OwnedFd>, String> {
+    let Some(inode) = socket_inode(local, remote) else {
         return Ok(None);
     };
     let link = format!("socket:[{inode}]");
@@ -287,6 +313,54 @@ fn accepted_socket(peer_port: u16) -> Result<Option<OwnedFd>, String> {
         }
     }
     Ok(None)
+}
+
+/// The socket Kamailio accepted from our `peer_port`.
+fn accepted_socket(peer_port: u16) -> Result<Option<OwnedFd>, String> {
+    let kamailio: std::net::SocketAddrV4 = KAMAILIO.parse().expect("literal");
+    kamailio_socket(
+        kamailio,
+        std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, peer_port),
+    )
+}
+
+/// Sends Kamailio a request, which it forwards over a TCP connection of its own to a listener
+/// here (see its configuration in xtask's vm/systemd.rs), and reads that connection's options
+/// from inside Kamailio.
+fn kamailio_outbound() -> Result<(i32, i32, i32, i32), String> {
+    use std::io::Write as _;
+    let relay = std::net::TcpListener::bind("127.0.0.2:5070").map_err(|e| e.to_string())?;
+    let mut client = std::net::TcpStream::connect(KAMAILIO).map_err(|e| format!("connect: {e}"))?;
+    client
+        .write_all(
+            b"OPTIONS sip:relay@127.0.0.1 SIP/2.0\r\n\
+              Via: SIP/2.0/TCP 127.0.0.1:5099;branch=z9hG4bK-tcpmgm-1\r\n\
+              Max-Forwards: 70\r\n\
+              From: <sip:check@127.0.0.1>;tag=1\r\n\
+              To: <sip:relay@127.0.0.1>\r\n\
+              Call-ID: tcpmgm-check-1\r\n\
+              CSeq: 1 OPTIONS\r\n\
+              Content-Length: 0\r\n\r\n",
+        )
+        .map_err(|e| format!("sending the request: {e}"))?;
+    relay.set_nonblocking(false).map_err(|e| e.to_string())?;
+    let (_forwarded, from) = relay.accept().map_err(|e| format!("accept: {e}"))?;
+    let std::net::SocketAddr::V4(from) = from else {
+        return Err(format!("a connection from {from}"));
+    };
+    let to: std::net::SocketAddrV4 = "127.0.0.2:5070".parse().expect("literal");
+    let start = Instant::now();
+    loop {
+        if let Some(socket) = kamailio_socket(from, to)? {
+            return Ok(options(&socket));
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            return Err(format!(
+                "no Kamailio process holds the socket {from} -> {to}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// pidfd_getfd (Linux 5.6): a descriptor of another process's socket.

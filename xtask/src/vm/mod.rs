@@ -14,6 +14,7 @@
 pub mod initramfs;
 pub mod kernel;
 pub mod systemd;
+pub mod table;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -44,6 +45,7 @@ pub fn tools() -> anyhow::Result<()> {
         ("dpkg-deb", "dpkg"),
         ("ss", "iproute2"),
         ("nsenter", "util-linux"),
+        ("promtool", "prometheus"),
     ])?;
     // A dynamically linked busybox (Debian's `busybox`) cannot serve as the guest's /bin.
     let ldd = Command::new("ldd").arg(which("busybox")?).output()?;
@@ -151,6 +153,7 @@ fn initramfs(
         ("ip", "usr/bin/ip"),
         ("ss", "usr/bin/ss"),
         ("nsenter", "usr/bin/nsenter"),
+        ("promtool", "usr/bin/promtool"),
     ] {
         fs.program(at, &which(tool)?)?;
     }

@@ -36,7 +36,8 @@ const DISK_MODULES: [&str; 6] = [
 ];
 
 const KAMAILIO_CFG: &str = r#"#!KAMAILIO
-# Kamailio as the governed SIP server: TCP on loopback.
+# Kamailio as the governed SIP server: TCP on loopback, with keepalive settings of its own that
+# it applies to its connections itself, after accept() and around connect().
 debug=2
 log_stderror=no
 fork=yes
@@ -44,9 +45,14 @@ children=1
 tcp_children=2
 disable_tcp=no
 listen=tcp:127.0.0.1:5060
+tcp_keepalive=yes
+tcp_keepidle=600
+tcp_keepintvl=60
+tcp_keepcnt=3
 
 request_route {
-    drop;
+    # Every request goes on over TCP to 127.0.0.2:5070, so that Kamailio opens a connection.
+    forward_tcp("127.0.0.2", 5070);
 }
 "#;
 

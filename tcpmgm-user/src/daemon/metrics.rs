@@ -1,0 +1,223 @@
+//! Prometheus metrics (`--metrics ADDR:PORT`, path /metrics, Prometheus's text format): read at
+//! each scrape from what `tcpmgm status` reads too, the daemon's state file and the pinned maps,
+//! so the endpoint never waits on the reloader. Counters are the kernel's own per-rule counts, which reloads do not
+//! reset.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::http::header;
+use axum::response::IntoResponse;
+use prometheus::{Encoder as _, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use crate::kernel::SOCKETS_PIN;
+use crate::status::DaemonState;
+
+/// What a scrape reads: the daemon's record (beside its control socket) and its pins.
+#[derive(Clone)]
+pub struct Sources {
+    pub control: PathBuf,
+    pub pin_dir: PathBuf,
+    pub cgroup: PathBuf,
+    /// The network namespace of the cgroup's sockets, when not the daemon's own.
+    pub netns: Option<PathBuf>,
+}
+
+/// Serves the metrics until the task is dropped. Fails at once when the address cannot be bound.
+pub async fn serve(
+    addr: SocketAddr,
+    sources: Sources,
+) -> std::io::Result<impl std::future::Future<Output = ()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!("Prometheus metrics on http://{addr}/metrics");
+    let sources = Arc::new(sources);
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let sources = sources.clone();
+            async move {
+                // The pins and sock_diag are read with blocking calls.
+                let text = tokio::task::spawn_blocking(move || render(&sources))
+                    .await
+                    .unwrap_or_else(|e| format!("# the scrape failed: {e}\n"));
+                ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response()
+            }
+        }),
+    );
+    Ok(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("metrics endpoint: {e}");
+        }
+    })
+}
+
+/// Registers a family of metrics, by the labels `labels`.
+fn family<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    make: impl FnOnce(Opts, &[&str]) -> prometheus::Result<M>,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> M {
+    let metric = make(Opts::new(name, help), labels).expect("a valid metric definition");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each name registered once");
+    metric
+}
+
+/// The scrape's text, in Prometheus's text format.
+pub fn render(sources: &Sources) -> String {
+    let cgroup = sources.cgroup.display().to_string();
+    let registry = Registry::new_custom(Some("tcpmgm".into()), None).expect("a valid prefix");
+    let rule = |name: &str, help: &str| {
+        family(
+            &registry,
+            IntCounterVec::new,
+            name,
+            help,
+            &["cgroup", "rule_id"],
+        )
+    };
+    let counters = [
+        rule(
+            "rule_sockets_matched_total",
+            "Sockets the rule was chosen for (accepted or opened; refused connects included).",
+        ),
+        rule(
+            "rule_connects_refused_total",
+            "connect() calls refused by the rule's no_new_conn.",
+        ),
+        rule(
+            "rule_connects_would_refuse_total",
+            "connect() calls the rule's no_new_conn would have refused (audit mode).",
+        ),
+        rule(
+            "rule_slow_sends_total",
+            "Sends slower than the rule's send_threshold.",
+        ),
+        rule(
+            "rule_idle_closes_total",
+            "Idle connections closed by the rule's con_lifetime.",
+        ),
+        rule(
+            "rule_idle_would_close_total",
+            "Idle connections con_lifetime would have closed (audit mode).",
+        ),
+        rule(
+            "rule_setsockopt_failures_total",
+            "Socket options the kernel refused to set for the rule.",
+        ),
+        rule(
+            "rule_app_overrides_prevented_total",
+            "Application setsockopt() calls that would have changed an option the rule sets.",
+        ),
+    ];
+    match crate::kernel::inspect(&sources.pin_dir) {
+        Ok(pinned) => {
+            for r in &pinned.rules {
+                let id = r.id.to_string();
+                let values = [
+                    r.matched,
+                    r.refused,
+                    r.would_refuse,
+                    r.slow,
+                    r.idle_closes,
+                    r.would_close,
+                    r.setsockopt_failures,
+                    r.overrides_prevented,
+                ];
+                for (counter, value) in counters.iter().zip(values) {
+                    counter.with_label_values(&[&cgroup, &id]).inc_by(value);
+                }
+            }
+        }
+        Err(e) => tracing::warn!("metrics: reading the pins: {e}"),
+    }
+    let gauge = |name: &str, help: &str, value: i64| {
+        family(&registry, IntGaugeVec::new, name, help, &["cgroup"])
+            .with_label_values(&[&cgroup])
+            .set(value);
+    };
+    if let Some(s) = DaemonState::read(&sources.control) {
+        gauge(
+            "audit_mode",
+            "1 when the daemon decides and counts but enforces nothing.",
+            i64::from(s.audit),
+        );
+        let reloads = family(
+            &registry,
+            IntCounterVec::new,
+            "reloads_total",
+            "Reloads of the rule table since the daemon started, by result.",
+            &["cgroup", "result"],
+        );
+        reloads
+            .with_label_values(&[&cgroup, "ok"])
+            .inc_by(s.reloads_ok);
+        reloads
+            .with_label_values(&[&cgroup, "failed"])
+            .inc_by(s.reloads_failed);
+        let last = s.last_reload.as_ref();
+        family(
+            &registry,
+            prometheus::GaugeVec::new,
+            "last_reload_duration_seconds",
+            "How long the last reload took.",
+            &["cgroup"],
+        )
+        .with_label_values(&[&cgroup])
+        .set(last.map_or(0.0, |r| r.ms as f64 / 1000.0));
+        gauge(
+            "last_reload_timestamp_seconds",
+            "When the last reload ended (Unix time; 0: none since the start).",
+            last.map_or(0, |r| r.at as i64),
+        );
+        gauge(
+            "generation",
+            "The rule set in force (1 at the start, one more each reload).",
+            s.generation as i64,
+        );
+        gauge("rules", "Rules in the rule set in force.", s.rules as i64);
+    }
+    match governed_sockets(sources) {
+        Ok(n) => gauge(
+            "governed_sockets",
+            "TCP sockets of the cgroup that a rule governs.",
+            n as i64,
+        ),
+        Err(e) => tracing::warn!("metrics: counting the governed sockets: {e}"),
+    }
+    let mut text = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&registry.gather(), &mut text) {
+        return format!("# encoding the metrics failed: {e}\n");
+    }
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+/// The cgroup's sockets with a rule, from sock_diag in the sockets' network namespace.
+fn governed_sockets(sources: &Sources) -> std::io::Result<usize> {
+    let count = || -> std::io::Result<usize> {
+        Ok(
+            crate::socket::connections(&sources.cgroup, &sources.pin_dir.join(SOCKETS_PIN))?
+                .iter()
+                .filter(|c| c.profile.is_some())
+                .count(),
+        )
+    };
+    match &sources.netns {
+        None => count(),
+        // Only a thread of its own enters the namespace.
+        Some(ns) => std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let f = std::fs::File::open(ns)?;
+                    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(std::io::Error::from)?;
+                    count()
+                })
+                .join()
+                .map_err(|_| std::io::Error::other("the count panicked"))?
+        }),
+    }
+}

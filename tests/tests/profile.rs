@@ -1,0 +1,344 @@
+//! The profile wins over the application's own options, touches only what it is meant for, can
+//! be tried first (audit mode), and is counted (`status`, Prometheus).
+use std::process::Command;
+use std::time::Duration;
+
+use tcpmgm::compile::Enforcement;
+use tcpmgm::listener::Listeners;
+use tcpmgm::source::TableVersion;
+use tcpmgm_tests::{
+    Backend, Daemon, Probe, Sandbox, TestDb, assert_samples, row, rules, scrape, ss, two_hosts,
+};
+
+/// 127.0.0.2 is kept without keepalive; 127.0.0.3 gets keepalive 41 s / 13 s / 5.
+fn table() -> Vec<tcpmgm::rule::Row> {
+    vec![
+        row(1, &[("remote_addr", "127.0.0.2"), ("keepalive", "0")]),
+        row(
+            2,
+            &[
+                ("remote_addr", "127.0.0.3"),
+                ("keepalive", "1"),
+                ("keepidle", "41"),
+                ("keepinterval", "13"),
+                ("keepcount", "5"),
+            ],
+        ),
+    ]
+}
+
+/// Both ends of a held pair on `addr` (the client bound to it too, so that the accepted side
+/// meets the same rule), after the application set SO_KEEPALIVE 1 and TCP_KEEPIDLE 600 on each.
+fn app_sets_its_own(probe: &mut Probe, addr: &str, port: u16) -> tcpmgm_tests::Reply {
+    let id = probe
+        .ask(&format!("hold-pair {addr}:{port} {addr}:{port} {addr}:0"))
+        .get("id");
+    probe.ask(&format!("app-opts {id} 1 600"))
+}
+
+/// The keepalive timer `ss` shows for the connection on `port`, in seconds (None: no timer).
+fn keepalive_timer(sb: &Sandbox, port: u16) -> Vec<Option<u64>> {
+    ss(sb, port)
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let timer = l.split("timer:(keepalive,").nth(1)?;
+            let spec = timer.split(',').next()?;
+            let (min, sec) = match spec.split_once("min") {
+                Some((m, rest)) => (m.parse::<u64>().ok()?, rest),
+                None => (0, spec),
+            };
+            Some(min * 60 + sec.trim_end_matches("sec").parse::<u64>().unwrap_or(0))
+        })
+        .collect()
+}
+
+#[test]
+fn the_rule_wins_over_the_applications_own_keepalive_settings() {
+    let sb = Sandbox::new();
+    let none = Listeners::default();
+    let _e = sb.enforce(rules(&table(), &none), &none);
+    let mut probe = sb.probe();
+
+    let off = app_sets_its_own(&mut probe, "127.0.0.2", 7001);
+    assert_eq!(
+        (off.get("client_keepalive"), off.get("server_keepalive")),
+        (0, 0),
+        "{off:?}"
+    );
+    let on = app_sets_its_own(&mut probe, "127.0.0.3", 7002);
+    for side in ["client", "server"] {
+        assert_eq!(on.keepalive(side), (1, 41, 13, 5), "{side}: {on:?}");
+    }
+    assert_eq!(keepalive_timer(&sb, 7001), vec![None, None]);
+    let timers = keepalive_timer(&sb, 7002);
+    assert!(
+        timers.len() == 2 && timers.iter().all(|t| t.is_some_and(|s| s <= 41)),
+        "{timers:?}: {}",
+        ss(&sb, 7002)
+    );
+
+    // Each call that would have changed an option the rule sets is counted for the rule:
+    // SO_KEEPALIVE on both ends of rule 1's pair, TCP_KEEPIDLE on both ends of rule 2's.
+    let pinned = tcpmgm::kernel::inspect(&sb.pin_dir).unwrap();
+    let prevented = |id| {
+        pinned
+            .rules
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.overrides_prevented)
+    };
+    assert_eq!((prevented(1), prevented(2)), (Some(2), Some(2)));
+}
+
+#[test]
+fn with_app_options_allow_the_application_wins() {
+    let sb = Sandbox::new();
+    let none = Listeners::default();
+    let allow = Enforcement {
+        app_options_allow: true,
+        ..Enforcement::default()
+    };
+    let _e = sb.enforce_with(rules(&table(), &none), &none, allow);
+    let mut probe = sb.probe();
+    let off = app_sets_its_own(&mut probe, "127.0.0.2", 7001);
+    let on = app_sets_its_own(&mut probe, "127.0.0.3", 7002);
+    for (r, port) in [(&off, 7001), (&on, 7002)] {
+        for side in ["client", "server"] {
+            assert_eq!(
+                (
+                    r.get(&format!("{side}_keepalive")),
+                    r.get(&format!("{side}_idle"))
+                ),
+                (1, 600),
+                "{side}: {r:?}"
+            );
+        }
+        let timers = keepalive_timer(&sb, port);
+        assert!(
+            timers.iter().all(|t| t.is_some_and(|s| s > 41)),
+            "{timers:?}: {}",
+            ss(&sb, port)
+        );
+    }
+}
+
+/// A catch-all rule written for SIP peers, with OpenSIPS's schema default connect_timeout of
+/// 100 ms, meets a database connect of the same process to a peer that answers only after
+/// 300 ms: by default the connect is left its own time; `--enforce-default-connect-timeout`
+/// would cut it.
+#[test]
+fn a_catch_all_rules_default_connect_timeout_leaves_other_connects_alone() {
+    let sb = Sandbox::new();
+    let (b, dev) = two_hosts(&sb);
+    let mut database = Probe::spawn(None, &b.path());
+    assert!(database.ask("serve 192.0.2.2:5432").has("listening"));
+    let none = Listeners::default();
+    // Every column at the table's default: any peer, connect_timeout 100 ms.
+    let catch_all = rules(&[row(1, &[("keepidle", "30")])], &none);
+    assert_eq!(catch_all[0].profile.connect_timeout_ms, 100);
+
+    // The peer is silent for 300 ms, then answers (the SYN retried after it is heard).
+    let connect_after_300ms = |p: &mut Probe| {
+        sb.netns.ip(&format!(
+            "neigh replace 192.0.2.2 lladdr 02:00:00:00:00:99 dev {dev} nud permanent"
+        ));
+        let heal = {
+            let (ns, dev) = (sb.netns.name.clone(), dev.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                tcpmgm_tests::sh(Command::new("ip").args([
+                    "-n",
+                    &ns,
+                    "neigh",
+                    "del",
+                    "192.0.2.2",
+                    "dev",
+                    &dev,
+                ]));
+            })
+        };
+        let r = p.ask("connect 192.0.2.2:5432 - 5000");
+        heal.join().unwrap();
+        r
+    };
+
+    let e = sb.enforce(catch_all.clone(), &none);
+    let mut p = sb.probe();
+    let r = connect_after_300ms(&mut p);
+    assert!(
+        !r.has("errno") && !r.has("pending") && r.get("ms") >= 300,
+        "{r:?}"
+    );
+    assert_eq!(
+        r.get("client_idle"),
+        30,
+        "the rule's keepalive applies: {r:?}"
+    );
+    e.1.detach().unwrap();
+
+    let strict = Enforcement {
+        default_connect_timeout: true,
+        ..Enforcement::default()
+    };
+    let _e = sb.enforce_with(catch_all, &none, strict);
+    let mut p = sb.probe();
+    let r = connect_after_300ms(&mut p);
+    assert_eq!(r.get("errno"), libc::ETIMEDOUT as i64, "{r:?}");
+}
+
+/// Audit mode decides as enforcement does but refuses and sets nothing; the daemon's status and
+/// its Prometheus endpoint count what it would have done. Switching to enforcement is a reload.
+#[tokio::test]
+async fn audit_mode_counts_what_it_would_refuse_and_a_reload_switches_to_enforcement() {
+    let db = TestDb::new(
+        Backend::Sqlite,
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, remote_addr, no_new_conn, keepidle) VALUES (1, '127.0.0.3', 1, 41);",
+    )
+    .await;
+    let sb = Sandbox::new();
+    let config = std::env::temp_dir().join(format!("tcpmgm-audit-{}.toml", std::process::id()));
+    std::fs::write(&config, "audit = true\n").unwrap();
+    let port = 9300 + (std::process::id() % 500) as u16;
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let d = Daemon::start_with(
+        &sb,
+        &db.url,
+        tcpmgm_tests::control_socket(&sb),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--metrics",
+            &metrics.to_string(),
+        ],
+    );
+    let mut probe = sb.probe();
+    let r = probe.ask("pair 127.0.0.3:7001 127.0.0.3:7001");
+    assert!(!r.has("errno"), "audit mode refused: {r:?}");
+    assert_eq!(
+        r.keepalive("client"),
+        (0, 7200, 75, 9),
+        "audit mode set options: {r:?}"
+    );
+    let status = d.status(&sb);
+    assert_eq!(status["state"]["audit"], true, "{status:#}");
+    let rule = &status["kernel"]["rules"][0];
+    assert_eq!(
+        (&rule["id"], &rule["would_refuse"], &rule["refused"]),
+        (&1.into(), &1.into(), &0.into()),
+        "{status:#}"
+    );
+    let series = |name: &str| {
+        format!(
+            "tcpmgm_{name}{{cgroup=\"{}\",rule_id=\"1\"}}",
+            sb.cgroup.display()
+        )
+    };
+    assert_samples(
+        &scrape(metrics),
+        &[
+            (series("rule_connects_would_refuse_total"), 1.0),
+            (series("rule_connects_refused_total"), 0.0),
+            (
+                format!("tcpmgm_audit_mode{{cgroup=\"{}\"}}", sb.cgroup.display()),
+                1.0,
+            ),
+        ],
+    );
+    assert!(
+        d.logged("would be refused (audit mode) by rule 1") >= 1 || {
+            std::thread::sleep(Duration::from_secs(1));
+            d.logged("would be refused (audit mode) by rule 1") >= 1
+        }
+    );
+
+    std::fs::write(&config, "audit = false\n").unwrap();
+    let (code, out) = d.reload();
+    assert_eq!(code, 0, "{out}");
+    let r = probe.ask("pair 127.0.0.3:7002 127.0.0.3:7002");
+    assert_eq!(r.get("errno"), libc::EPERM as i64, "{r:?}");
+    assert_samples(
+        &scrape(metrics),
+        &[
+            (series("rule_connects_refused_total"), 1.0),
+            (series("rule_connects_would_refuse_total"), 1.0),
+        ],
+    );
+    let _ = std::fs::remove_file(&config);
+}
+
+/// The endpoint passes Prometheus's own linter, and a rule's counters there follow the
+/// connections made.
+#[tokio::test]
+async fn the_metrics_endpoint_passes_promtool_and_counts_connections() {
+    let db = TestDb::new(
+        Backend::Sqlite,
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (7, '127.0.0.0/8', 41);
+         INSERT INTO tcp_mgm (id, remote_addr, no_new_conn) VALUES (8, '127.0.0.9', 1);",
+    )
+    .await;
+    let sb = Sandbox::new();
+    let port = 9800 + (std::process::id() % 150) as u16;
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let d = Daemon::start_with(
+        &sb,
+        &db.url,
+        tcpmgm_tests::control_socket(&sb),
+        &["--metrics", &metrics.to_string()],
+    );
+    let mut probe = sb.probe();
+    for port in 7001..7004 {
+        let r = probe.ask(&format!("pair 127.0.0.1:{port} 127.0.0.1:{port}"));
+        assert_eq!(r.get("client_idle"), 41, "{r:?}");
+    }
+    assert_eq!(
+        probe.ask("pair 127.0.0.9:7010 127.0.0.9:7010").get("errno"),
+        1
+    );
+    let cgroup = sb.cgroup.display();
+    let series = |name: &str, labels: &str| format!("tcpmgm_{name}{{cgroup=\"{cgroup}\"{labels}}}");
+    let matched_7 = series("rule_sockets_matched_total", ",rule_id=\"7\"");
+    // Three pairs, both ends: six sockets for rule 7; one refused connect for rule 8.
+    assert_samples(
+        &scrape(metrics),
+        &[
+            (matched_7.clone(), 6.0),
+            (series("rule_connects_refused_total", ",rule_id=\"8\""), 1.0),
+            (series("rules", ""), 2.0),
+        ],
+    );
+    let (code, out) = d.reload();
+    assert_eq!(code, 0, "{out}");
+    let text = scrape(metrics);
+    // A reload does not reset the counters.
+    assert_samples(
+        &text,
+        &[
+            (series("reloads_total", ",result=\"ok\""), 1.0),
+            (matched_7, 6.0),
+        ],
+    );
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; cargo xtask test installs it)");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
