@@ -41,6 +41,10 @@ pub struct Config {
     pub app_options: Option<AppOptions>,
     pub enforce_default_connect_timeout: Option<bool>,
     pub metrics: Option<std::net::SocketAddr>,
+    /// OpenSIPS's configuration file (as `--opensips-cfg`).
+    pub opensips_cfg: Option<PathBuf>,
+    /// The rule table's name (as `--table`).
+    pub table: Option<crate::source::TableName>,
 }
 
 /// What a process's own setsockopt() may do to the options its socket's rule sets.
@@ -65,6 +69,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
+    #[error("--opensips-cfg {0}")]
+    OpenSips(#[from] crate::opensips_cfg::CfgError),
 }
 
 impl Config {

@@ -13,6 +13,8 @@ pub mod kernel;
 pub mod lifetime;
 pub mod listener;
 pub mod matcher;
+pub mod opensips_cfg;
+pub mod opensips_order;
 pub mod pipeline;
 pub mod reapply;
 pub mod rule;

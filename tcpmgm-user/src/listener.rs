@@ -212,14 +212,19 @@ impl Listeners {
             }) else {
                 continue;
             };
-            let value = value.trim();
-            let proto = value.split(':').next().unwrap_or_default();
-            if matches!(Proto::parse(proto), Err(ref e) if e.contains("not a TCP-based")) {
-                continue;
-            }
-            self.push(Listener::parse(value)?)?;
+            self.add_socket(value)?;
         }
         Ok(())
+    }
+
+    /// Adds the listener of an OpenSIPS `socket=` value, unless it is UDP or SCTP.
+    pub fn add_socket(&mut self, value: &str) -> Result<(), ListenerError> {
+        let value = value.trim();
+        let proto = value.split(':').next().unwrap_or_default();
+        if matches!(Proto::parse(proto), Err(ref e) if e.contains("not a TCP-based")) {
+            return Ok(());
+        }
+        self.push(Listener::parse(value)?)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -10,7 +10,7 @@ use tcpmgm::listener::{Direction, Lookup};
 use tcpmgm::matcher;
 use tcpmgm::pipeline::RuleArgs;
 use tcpmgm::rule::{Proto, Rule, fold_v4_mapped};
-use tcpmgm::source::{EXAMPLES, Source, TableVersion};
+use tcpmgm::source::{EXAMPLES, Source, TableName, TableVersion};
 use tcpmgm::system;
 
 #[derive(Parser)]
@@ -197,6 +197,9 @@ enum DbCommand {
         /// Also insert example rules (a TLS trunk, a NAT'ed pool, a replication peer, loopback).
         #[arg(long)]
         examples: bool,
+        /// The table's name, when it is not tcp_mgm (the tcp_mgm module's db_table).
+        #[arg(long, value_name = "NAME", default_value = "tcp_mgm")]
+        table: TableName,
     },
 }
 
@@ -267,20 +270,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     db,
                     table_version,
                     examples,
+                    table,
                 },
         } => {
-            let source = Source::open(&db, true).await?;
+            let source = Source::open_table(&db, true, &table).await?;
             if source.init(table_version).await? {
                 println!(
-                    "created table tcp_mgm (version {}) in {}",
+                    "created table {table} (version {}) in {}",
                     table_version.number(),
                     source.url()
                 );
             } else {
-                println!("table tcp_mgm already exists in {}", source.url());
+                println!("table {table} already exists in {}", source.url());
             }
             if examples {
-                source.execute_script(EXAMPLES).await?;
+                let examples =
+                    EXAMPLES.replace("INSERT INTO tcp_mgm ", &format!("INSERT INTO {table} "));
+                source.execute_script(&examples).await?;
                 println!("inserted the example rules");
             }
             Ok(ExitCode::SUCCESS)
@@ -569,6 +575,10 @@ async fn check(args: RuleArgs, defaults: tcpmgm::features::Defaults) -> anyhow::
     for u in tcpmgm::features::unenforceable(&set.rules, &kernel, &defaults) {
         println!("warning: {u}");
     }
+    // Where OpenSIPS would order the table otherwise: said, and not counted as bad rows.
+    for level in tcpmgm::opensips_order::ambiguous_levels(&set.rules) {
+        println!("warning: {}", level.warning());
+    }
     let bad: std::collections::BTreeSet<_> = set.errors.iter().map(|e| e.id).collect();
     eprintln!("{} rules valid, {} rows bad", set.rules.len(), bad.len());
     Ok(if set.errors.is_empty() {
@@ -622,6 +632,7 @@ async fn explain(
         key.local_port,
     );
     println!("  ({})", key.why);
+    let ambiguous = tcpmgm::opensips_order::ambiguous_levels(&set.rules);
     let mut rules = set.rules;
     matcher::sort(&mut rules);
     let matching: Vec<&Rule> = rules.iter().filter(|r| matcher::matches(r, &key)).collect();
@@ -658,6 +669,23 @@ async fn explain(
             winner.id,
             matcher::deciding_key(winner, other)
         );
+        if let Some(level) = ambiguous
+            .iter()
+            .find(|l| l.priority == winner.priority && other.priority == winner.priority)
+        {
+            let protocols: Vec<String> = level.protocols.iter().map(|p| p.to_string()).collect();
+            println!(
+                "    note: at priority {}, rules for {} mix: OpenSIPS's order between rules {} \
+                 and {} is not defined (it may choose rule {}); tcpmgm's documented order \
+                 chooses rule {}",
+                level.priority,
+                protocols.join(" and "),
+                winner.id,
+                other.id,
+                other.id,
+                winner.id
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -3,8 +3,9 @@ use std::path::PathBuf;
 
 use crate::config::{Config, ConfigError};
 use crate::listener::{ListenerError, Listeners};
+use crate::opensips_cfg::OpenSipsCfg;
 use crate::rule::{RowError, Rule, validate_rows};
-use crate::source::{Source, SourceError};
+use crate::source::{Source, SourceError, TableName};
 
 /// The database when neither the command line, TCPMGM_DB nor the config file names one.
 pub const DEFAULT_DB: &str = "sqlite://tcpmgm.db";
@@ -25,6 +26,18 @@ pub struct RuleArgs {
     /// Read listeners from the socket= / listen= lines of a file (e.g. your opensips.cfg).
     #[arg(long, value_name = "FILE")]
     pub sockets_from: Vec<PathBuf>,
+    /// OpenSIPS's configuration: its TCP-based socket= / listen= lines, and the tcp_mgm
+    /// module's db_url (else db_default_url) and db_table. --db, --table and the config file
+    /// win over it.
+    #[arg(long, value_name = "FILE")]
+    pub opensips_cfg: Option<PathBuf>,
+    /// The rule table, when it is not called tcp_mgm [default: tcp_mgm, or the db_table of
+    /// --opensips-cfg].
+    #[arg(long, value_name = "NAME")]
+    pub table: Option<TableName>,
+    /// What --opensips-cfg gave, once read (`with_config`).
+    #[arg(skip)]
+    pub opensips: Option<OpenSipsCfg>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,17 +59,34 @@ pub struct RuleSet {
 impl RuleArgs {
     /// Folds the configuration file (if any) in: the command line wins, listeners add up.
     /// Returns the file's contents for the options beyond the rules.
+    /// Then reads `--opensips-cfg` (from either), for what the options left unset.
     pub fn with_config(&mut self) -> Result<Config, ConfigError> {
-        let Some(path) = &self.config else {
-            return Ok(Config::default());
+        let config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
         };
-        let config = Config::load(path)?;
         if self.db.is_none() {
             self.db.clone_from(&config.db);
+        }
+        if self.table.is_none() {
+            self.table.clone_from(&config.table);
+        }
+        if self.opensips_cfg.is_none() {
+            self.opensips_cfg.clone_from(&config.opensips_cfg);
         }
         self.listeners.extend(config.listeners.iter().cloned());
         self.sockets_from
             .extend(config.sockets_from.iter().cloned());
+        if let Some(path) = &self.opensips_cfg {
+            let cfg = OpenSipsCfg::read(path)?;
+            if self.table.is_none() {
+                self.table = cfg.table()?;
+            }
+            if self.db.is_none() {
+                self.db = Some(cfg.db()?);
+            }
+            self.opensips = Some(cfg);
+        }
         Ok(config)
     }
 
@@ -65,10 +95,25 @@ impl RuleArgs {
         self.db.as_deref().unwrap_or(DEFAULT_DB)
     }
 
+    /// The rule table's name.
+    pub fn table(&self) -> TableName {
+        self.table.clone().unwrap_or_default()
+    }
+
     pub fn listeners(&self) -> Result<Listeners, ListenerError> {
         let mut listeners = Listeners::parse_all(self.listeners.iter().map(String::as_str))?;
         for file in &self.sockets_from {
             listeners.read_file(file)?;
+        }
+        if let Some(cfg) = &self.opensips {
+            for socket in &cfg.sockets {
+                listeners
+                    .add_socket(&socket.value)
+                    .map_err(|e| ListenerError {
+                        spec: format!("{}:{}: {}", cfg.path.display(), socket.line, e.spec),
+                        reason: e.reason,
+                    })?;
+            }
         }
         Ok(listeners)
     }
@@ -76,13 +121,14 @@ impl RuleArgs {
     /// Reads and validates the whole table.
     pub async fn read(&self) -> Result<RuleSet, PipelineError> {
         let listeners = self.listeners()?;
-        let source = Source::open(self.db(), false).await?;
+        let source = Source::open_table(self.db(), false, &self.table()).await?;
         let table = source.read().await?;
         if let Some(v) = table.version
             && (v == 1) != table.has_parallel_read
         {
             tracing::warn!(
-                "tcp_mgm is listed as version {v} but {} a parallel_read column",
+                "{} is listed as version {v} but {} a parallel_read column",
+                self.table(),
                 if table.has_parallel_read {
                     "has"
                 } else {

@@ -8,7 +8,9 @@ use std::time::Duration;
 use sqlx::postgres::PgListener;
 use sqlx::{AnyConnection, Connection};
 
-use crate::source::{Dialect, NOTIFY_CHANNEL, Redacted, Source, SourceError, normalize_url};
+use crate::source::{
+    Dialect, NOTIFY_CHANNEL, Redacted, Source, SourceError, TableName, normalize_url,
+};
 
 /// How often a PostgreSQL table without the change trigger is polled when no `--poll-interval`
 /// was given.
@@ -32,10 +34,11 @@ impl Fingerprint {
 enum How {
     /// Reload only on request.
     Manual,
-    Notify(Box<PgListener>),
+    Notify(Box<PgListener>, TableName),
     Poll {
         conn: AnyConnection,
         dialect: Dialect,
+        table: TableName,
         every: Duration,
         last: Option<Fingerprint>,
         /// Why a PostgreSQL table is polled rather than followed.
@@ -56,8 +59,12 @@ pub enum Change {
 }
 
 impl Watcher {
-    /// Watches the table at `url`: notifications with PostgreSQL, else polling when `poll` is set.
-    pub async fn new(url: &str, poll: Option<Duration>) -> Result<Watcher, SourceError> {
+    /// Watches `table` at `url`: notifications with PostgreSQL, else polling when `poll` is set.
+    pub async fn new(
+        url: &str,
+        table: &TableName,
+        poll: Option<Duration>,
+    ) -> Result<Watcher, SourceError> {
         let url = normalize_url(url);
         let redacted = Redacted::new(&url);
         let fail = |source| SourceError::Connect {
@@ -67,12 +74,12 @@ impl Watcher {
         let dialect = Dialect::of(&url);
         let mut why = None;
         if dialect == Some(Dialect::Postgres) {
-            match notify_trigger(&url).await? {
+            match notify_trigger(&url, table).await? {
                 Ok(()) => {
                     let mut listener = PgListener::connect(&url).await.map_err(fail)?;
                     listener.listen(NOTIFY_CHANNEL).await.map_err(fail)?;
                     return Ok(Watcher {
-                        how: How::Notify(Box::new(listener)),
+                        how: How::Notify(Box::new(listener), table.clone()),
                     });
                 }
                 Err(reason) => why = Some(reason),
@@ -87,10 +94,15 @@ impl Watcher {
                 sqlx::any::install_default_drivers();
                 let url = url.replacen("mariadb:", "mysql:", 1);
                 let mut conn = AnyConnection::connect(&url).await.map_err(fail)?;
-                let last = Some(fingerprint(&mut conn, dialect, every).await.map_err(fail)?);
+                let last = Some(
+                    fingerprint(&mut conn, dialect, table, every)
+                        .await
+                        .map_err(fail)?,
+                );
                 How::Poll {
                     conn,
                     dialect,
+                    table: table.clone(),
                     every,
                     last,
                     why,
@@ -104,7 +116,7 @@ impl Watcher {
     pub fn describe(&self) -> String {
         match &self.how {
             How::Manual => "reloads on request only (SIGHUP, `tcpmgm reload`; --poll-interval to follow the table)".into(),
-            How::Notify(_) => format!("follows the table: PostgreSQL notifies channel {NOTIFY_CHANNEL} at each commit"),
+            How::Notify(..) => format!("follows the table: PostgreSQL notifies channel {NOTIFY_CHANNEL} at each commit"),
             How::Poll {
                 every, why: None, ..
             } => format!("follows the table: polls it every {every:?}"),
@@ -122,10 +134,19 @@ impl Watcher {
     pub async fn changed(&mut self) -> Result<Change, sqlx::Error> {
         match &mut self.how {
             How::Manual => std::future::pending().await,
-            How::Notify(listener) => {
-                let change = match listener.try_recv().await? {
-                    Some(_) => Change::Table,
-                    None => Change::Unknown,
+            How::Notify(listener, table) => {
+                // The payload is the changed table's name (TG_OP from triggers installed
+                // before tables could be named: any change then counts).
+                let ours = |payload: &str| {
+                    payload.eq_ignore_ascii_case(table.as_str())
+                        || ["INSERT", "UPDATE", "DELETE", "TRUNCATE"].contains(&payload)
+                };
+                let change = loop {
+                    match listener.try_recv().await? {
+                        Some(n) if ours(n.payload()) => break Change::Table,
+                        Some(_) => continue,
+                        None => break Change::Unknown,
+                    }
                 };
                 // One reload for a burst of commits: take what arrives in the next 50 ms too.
                 while let Ok(Ok(Some(_))) =
@@ -137,12 +158,13 @@ impl Watcher {
             How::Poll {
                 conn,
                 dialect,
+                table,
                 every,
                 last,
                 ..
             } => loop {
                 tokio::time::sleep(*every).await;
-                let now = fingerprint(conn, *dialect, *every).await?;
+                let now = fingerprint(conn, *dialect, table, *every).await?;
                 let changed = last.as_ref().is_none_or(|l| l.differs(&now));
                 *last = Some(now);
                 if changed {
@@ -155,18 +177,18 @@ impl Watcher {
 
 /// Makes sure PostgreSQL's change trigger is on the table: Ok when it is (installed now if this
 /// role may create it), Err(why not) when the table will not notify.
-async fn notify_trigger(url: &str) -> Result<Result<(), String>, SourceError> {
-    let source = Source::open(url, false).await?;
+async fn notify_trigger(url: &str, table: &TableName) -> Result<Result<(), String>, SourceError> {
+    let source = Source::open_table(url, false, table).await?;
     if source.has_notify_trigger().await? {
         return Ok(Ok(()));
     }
     match source.install_notify_trigger().await {
         Ok(()) => {
-            tracing::info!("installed the change trigger tcpmgm_notify on tcp_mgm");
+            tracing::info!("installed the change trigger tcpmgm_notify on {table}");
             Ok(Ok(()))
         }
         Err(e) => Ok(Err(format!(
-            "table tcp_mgm has no tcpmgm_notify trigger, and this role cannot create it ({e})"
+            "table {table} has no tcpmgm_notify trigger, and this role cannot create it ({e})"
         ))),
     }
 }
@@ -179,6 +201,7 @@ async fn notify_trigger(url: &str) -> Result<Result<(), String>, SourceError> {
 async fn fingerprint(
     conn: &mut AnyConnection,
     dialect: Dialect,
+    table: &TableName,
     every: Duration,
 ) -> Result<Fingerprint, sqlx::Error> {
     match dialect {
@@ -192,15 +215,15 @@ async fn fingerprint(
             })
         }
         Dialect::MySql => {
-            let (updated, age): (Option<String>, Option<i64>) = sqlx::query_as(
+            let (updated, age): (Option<String>, Option<i64>) = sqlx::query_as(&format!(
                 "SELECT CAST(UPDATE_TIME AS CHAR), CAST(TIMESTAMPDIFF(SECOND, UPDATE_TIME, NOW()) AS SIGNED) \
-                 FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = 'tcp_mgm'",
-            )
+                 FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = '{table}'",
+            ))
             .fetch_one(&mut *conn)
             .await?;
             let recent = age.is_none_or(|a| a <= every.as_secs() as i64 + 2);
             let checksum = if recent {
-                let row = sqlx::query("CHECKSUM TABLE tcp_mgm")
+                let row = sqlx::query(&format!("CHECKSUM TABLE {table}"))
                     .fetch_one(&mut *conn)
                     .await?;
                 Some(checksum_text(&row))
@@ -215,10 +238,10 @@ async fn fingerprint(
         Dialect::Postgres => {
             // Without the trigger: the row count and a sum of the rows' hashes change with any
             // insert, update or delete.
-            let v: String = sqlx::query_scalar(
+            let v: String = sqlx::query_scalar(&format!(
                 "SELECT count(*)::text || ':' || coalesce(sum(hashtext(t::text)::bigint), 0)::text \
-                 FROM tcp_mgm t",
-            )
+                 FROM {table} t",
+            ))
             .fetch_one(&mut *conn)
             .await?;
             Ok(Fingerprint {

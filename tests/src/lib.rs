@@ -519,9 +519,18 @@ impl Daemon {
     }
 
     pub fn start_with(sb: &Sandbox, db: &str, control: PathBuf, extra: &[&str]) -> Daemon {
+        let args: Vec<&str> = ["--db", db]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect();
+        Daemon::start_args(sb, control, &args)
+    }
+
+    /// `tcpmgm run ARGS` on the sandbox's cgroup and pins (the rule source among the ARGS).
+    pub fn start_args(sb: &Sandbox, control: PathBuf, args: &[&str]) -> Daemon {
         let mut child = Command::new(binary("tcpmgm"))
-            .args(["run", "--db", db])
-            .args(extra)
+            .arg("run")
+            .args(args)
             .arg("--cgroup")
             .arg(&sb.cgroup)
             .arg("--pin-dir")
@@ -653,6 +662,16 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new(backend: Backend, version: tcpmgm::source::TableVersion, sql: &str) -> TestDb {
+        Self::with_table(backend, version, &Default::default(), sql).await
+    }
+
+    /// A database whose rule table is called `table`.
+    pub async fn with_table(
+        backend: Backend,
+        version: tcpmgm::source::TableVersion,
+        table: &tcpmgm::source::TableName,
+        sql: &str,
+    ) -> TestDb {
         let name = format!(
             "tcpmgm_t_{}_{}",
             std::process::id(),
@@ -702,7 +721,7 @@ impl TestDb {
             admin,
             name,
         };
-        let source = tcpmgm::source::Source::open(&db.url, true)
+        let source = tcpmgm::source::Source::open_table(&db.url, true, table)
             .await
             .expect("open");
         assert!(source.init(version).await.expect("init"));
@@ -753,6 +772,19 @@ impl Drop for TestDb {
             }
         }
     }
+}
+
+/// Runs the `tcpmgm` command: (exit code, stdout, stderr).
+pub fn tcpmgm(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary("tcpmgm"))
+        .args(args)
+        .output()
+        .expect("run tcpmgm");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A control socket path of the sandbox's own, for a daemon.

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use tcpmgm::source::TableVersion;
-use tcpmgm_tests::{Backend, Sandbox, TestDb, assert_one_program_per_hook, binary};
+use tcpmgm_tests::{Backend, Sandbox, TestDb, assert_one_program_per_hook, binary, tcpmgm};
 
 /// Runs a rule test once per database: SQLite, PostgreSQL and MariaDB.
 macro_rules! on_every_database {
@@ -26,15 +26,6 @@ macro_rules! on_every_database {
             }
         }
     };
-}
-
-fn tcpmgm(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(binary("tcpmgm")).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 const BAD_ROWS: &str = "

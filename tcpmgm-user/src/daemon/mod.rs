@@ -25,7 +25,7 @@ use crate::compile::{CompileError, Enforcement, compile_with};
 use crate::kernel::{Enforcer, KernelError};
 use crate::lifetime::{self, Sweeper};
 use crate::pipeline::{PipelineError, RuleArgs, RuleSet};
-use crate::source::{Redacted, normalize_url};
+use crate::source::{Redacted, TableName, normalize_url};
 use crate::status::{self, DaemonState};
 use crate::system::{self, SystemError};
 use crate::watch::{Change, Watcher};
@@ -136,6 +136,7 @@ pub struct Daemon {
     reloader: Reloader,
     control: PathBuf,
     watched_db: String,
+    watched_table: TableName,
     poll_interval: Option<Duration>,
     db_timeout: Duration,
     watcher: Option<Watcher>,
@@ -184,6 +185,7 @@ impl Daemon {
         // Watch before reading, so that no change falls between the two.
         let watcher = connect_watcher(
             options.rules.db(),
+            &options.rules.table(),
             options.poll_interval,
             options.db_timeout,
         )
@@ -298,6 +300,7 @@ impl Daemon {
             control,
             watcher,
             watched_db: options.rules.db().to_owned(),
+            watched_table: options.rules.table(),
             db_timeout: options.db_timeout,
             poll_interval: options.poll_interval,
             detach_on_exit: options.detach_on_exit,
@@ -316,6 +319,7 @@ impl Daemon {
             reloader,
             control,
             watched_db,
+            watched_table,
             poll_interval,
             db_timeout,
             watcher,
@@ -337,7 +341,7 @@ impl Daemon {
         let reloader = tokio::spawn(reloader.run(inbox));
         let watcher = tokio::spawn(watch_table(
             watcher,
-            watched_db,
+            (watched_db, watched_table),
             poll_interval,
             db_timeout,
             requests.clone(),
@@ -409,8 +413,13 @@ pub(crate) fn notify(states: &[sd_notify::NotifyState]) {
 }
 
 /// The table watcher, or None (logged) when the database cannot be reached now.
-async fn connect_watcher(db: &str, poll: Option<Duration>, limit: Duration) -> Option<Watcher> {
-    match tokio::time::timeout(limit, Watcher::new(db, poll)).await {
+async fn connect_watcher(
+    db: &str,
+    table: &TableName,
+    poll: Option<Duration>,
+    limit: Duration,
+) -> Option<Watcher> {
+    match tokio::time::timeout(limit, Watcher::new(db, table, poll)).await {
         Ok(Ok(w)) => {
             tracing::info!("{}", w.describe());
             Some(w)
@@ -431,7 +440,7 @@ async fn connect_watcher(db: &str, poll: Option<Duration>, limit: Duration) -> O
 /// in case a change was missed meanwhile.
 async fn watch_table(
     mut watcher: Option<Watcher>,
-    db: String,
+    (db, table): (String, TableName),
     poll: Option<Duration>,
     limit: Duration,
     requests: mpsc::UnboundedSender<Request>,
@@ -441,7 +450,7 @@ async fn watch_table(
         let Some(w) = watcher.as_mut() else {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(60));
-            watcher = connect_watcher(&db, poll, limit).await;
+            watcher = connect_watcher(&db, &table, poll, limit).await;
             if watcher.is_some() {
                 wait = Duration::from_secs(1);
                 tracing::info!(

@@ -15,16 +15,22 @@ use crate::rule::{Cell, Row};
 pub enum SourceError {
     #[error("database {url}: {source}")]
     Connect { url: Redacted, source: sqlx::Error },
-    #[error("database {url}: {what}: {source}")]
+    #[error("database {url}: {what} {table}: {source}")]
     Query {
         url: Redacted,
         what: &'static str,
+        /// The rule table, which every query concerns.
+        table: TableName,
         source: sqlx::Error,
     },
     #[error(
-        "database {url}: table tcp_mgm has no column '{column}': is it OpenSIPS's tcp_mgm table?"
+        "database {url}: table {table} has no column '{column}': is it OpenSIPS's tcp_mgm table?"
     )]
-    MissingColumn { url: Redacted, column: &'static str },
+    MissingColumn {
+        url: Redacted,
+        table: TableName,
+        column: &'static str,
+    },
     #[error("database {url}: {reason}")]
     Unsupported { url: Redacted, reason: String },
 }
@@ -54,11 +60,71 @@ impl fmt::Display for Redacted {
     }
 }
 
+/// The name of the rule table: `tcp_mgm` unless the tcp_mgm module's `db_table` says otherwise.
+/// Only plain SQL identifiers are accepted, so the name goes into queries as it is.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct TableName(String);
+
+impl TableName {
+    /// OpenSIPS's default.
+    pub const DEFAULT: &'static str = "tcp_mgm";
+
+    /// A table name: a letter or `_`, then letters, digits or `_`; at most 63 characters (the
+    /// shortest limit of the three databases, PostgreSQL's).
+    pub fn new(name: &str) -> Result<TableName, String> {
+        let mut chars = name.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!(
+                "table name {name:?}: expected a plain SQL name (a letter or _, then letters, \
+                 digits or _)"
+            ));
+        }
+        if name.len() > 63 {
+            return Err(format!("table name {name:?}: longer than 63 characters"));
+        }
+        Ok(TableName(name.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for TableName {
+    fn default() -> Self {
+        TableName(Self::DEFAULT.to_owned())
+    }
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for TableName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        TableName::new(&s)
+    }
+}
+
+impl std::str::FromStr for TableName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TableName::new(s)
+    }
+}
+
 /// What was read from the table.
 #[derive(Debug)]
 pub struct Table {
     pub rows: Vec<Row>,
-    /// From OpenSIPS's `version` table, when it has a `tcp_mgm` row.
+    /// From OpenSIPS's `version` table, when it has a row for the table.
     pub version: Option<i64>,
     pub has_parallel_read: bool,
 }
@@ -68,6 +134,7 @@ pub struct Source {
     pool: AnyPool,
     url: Redacted,
     dialect: Dialect,
+    table: TableName,
 }
 
 /// Accepts a plain file path for SQLite, as well as a URL.
@@ -80,9 +147,19 @@ pub fn normalize_url(url: &str) -> String {
 }
 
 impl Source {
-    /// Opens the database. `create` makes a missing SQLite file; otherwise a missing file is an
-    /// error (so a typo does not silently give an empty rule set).
+    /// Opens the database, for the table `tcp_mgm`. `create` makes a missing SQLite file;
+    /// otherwise a missing file is an error (so a typo does not silently give an empty rule
+    /// set).
     pub async fn open(url: &str, create: bool) -> Result<Source, SourceError> {
+        Self::open_table(url, create, &TableName::default()).await
+    }
+
+    /// Opens the database, for the rule table `table`.
+    pub async fn open_table(
+        url: &str,
+        create: bool,
+        table: &TableName,
+    ) -> Result<Source, SourceError> {
         sqlx::any::install_default_drivers();
         let mut url = normalize_url(url);
         let redacted = Redacted::new(&url);
@@ -109,6 +186,7 @@ impl Source {
             pool,
             url: redacted,
             dialect,
+            table: table.clone(),
         })
     }
 
@@ -116,19 +194,21 @@ impl Source {
         move |source| SourceError::Query {
             url: self.url.clone(),
             what,
+            table: self.table.clone(),
             source,
         }
     }
 
-    /// Reads every row of `tcp_mgm`, in id order, as raw cells.
+    /// Reads every row of the table, in id order, as raw cells.
     pub async fn read(&self) -> Result<Table, SourceError> {
-        let rows: Vec<AnyRow> = sqlx::query("SELECT * FROM tcp_mgm ORDER BY id")
+        let t = &self.table;
+        let rows: Vec<AnyRow> = sqlx::query(&format!("SELECT * FROM {t} ORDER BY id"))
             .fetch_all(&self.pool)
             .await
-            .map_err(self.query_err("reading table tcp_mgm"))?;
-        let version = sqlx::query_scalar::<_, i64>(
-            "SELECT table_version FROM version WHERE table_name = 'tcp_mgm'",
-        )
+            .map_err(self.query_err("reading table"))?;
+        let version = sqlx::query_scalar::<_, i64>(&format!(
+            "SELECT table_version FROM version WHERE table_name = '{t}'"
+        ))
         .fetch_optional(&self.pool)
         .await
         .ok()
@@ -145,6 +225,7 @@ impl Source {
             if !names.iter().any(|n| n == column) {
                 return Err(SourceError::MissingColumn {
                     url: self.url.clone(),
+                    table: self.table.clone(),
                     column,
                 });
             }
@@ -160,10 +241,10 @@ impl Source {
 
     /// Column names of an empty table.
     async fn column_names(&self) -> Result<Vec<String>, SourceError> {
-        let rows: Vec<AnyRow> = sqlx::query(self.dialect.columns_query())
+        let rows: Vec<AnyRow> = sqlx::query(&self.dialect.columns_query(&self.table))
             .fetch_all(&self.pool)
             .await
-            .map_err(self.query_err("reading the columns of tcp_mgm"))?;
+            .map_err(self.query_err("reading the columns of table"))?;
         let names: Vec<String> = rows
             .iter()
             .filter_map(|r| r.try_get::<String, _>(0).ok())
@@ -171,13 +252,16 @@ impl Source {
         if names.is_empty() {
             return Err(SourceError::Unsupported {
                 url: self.url.clone(),
-                reason: "there is no table tcp_mgm (create it with `tcpmgm db init`)".into(),
+                reason: format!(
+                    "there is no table {} (create it with `tcpmgm db init`)",
+                    self.table
+                ),
             });
         }
         Ok(names.into_iter().map(|n| n.to_ascii_lowercase()).collect())
     }
 
-    /// Creates `tcp_mgm` and OpenSIPS's `version` row for it, unless the table exists.
+    /// Creates the table and OpenSIPS's `version` row for it, unless the table exists.
     /// Returns false when it already existed.
     /// With PostgreSQL, also installs the trigger that notifies `tcpmgm run` of committed changes
     /// (on an existing table too, such as one made by OpenSIPS's own scripts).
@@ -189,13 +273,13 @@ impl Source {
         Ok(created)
     }
 
-    /// Installs PostgreSQL's change trigger on tcp_mgm, in one transaction (the table's owner,
+    /// Installs PostgreSQL's change trigger on the table, in one transaction (the table's owner,
     /// or a role with the TRIGGER privilege on it, may).
     pub async fn install_notify_trigger(&self) -> Result<(), SourceError> {
-        let what = "installing the change trigger";
+        let what = "installing the change trigger on table";
         let mut tx = self.pool.begin().await.map_err(self.query_err(what))?;
-        for sql in schema::POSTGRES_NOTIFY {
-            sqlx::query(sql)
+        for sql in schema::postgres_notify(&self.table) {
+            sqlx::query(&sql)
                 .execute(&mut *tx)
                 .await
                 .map_err(self.query_err(what))?;
@@ -203,23 +287,24 @@ impl Source {
         tx.commit().await.map_err(self.query_err(what))
     }
 
-    /// Whether PostgreSQL's change trigger is on tcp_mgm.
+    /// Whether PostgreSQL's change trigger is on the table.
     pub async fn has_notify_trigger(&self) -> Result<bool, SourceError> {
-        let found: Option<i32> = sqlx::query_scalar(
+        let found: Option<i32> = sqlx::query_scalar(&format!(
             "SELECT 1 FROM pg_trigger WHERE tgname = 'tcpmgm_notify' \
-             AND tgrelid = 'tcp_mgm'::regclass",
-        )
+             AND tgrelid = '{}'::regclass",
+            self.table
+        ))
         .fetch_optional(&self.pool)
         .await
-        .map_err(self.query_err("looking for the change trigger"))?;
+        .map_err(self.query_err("looking for the change trigger on table"))?;
         Ok(found.is_some())
     }
 
     async fn create_tables(&self, version: TableVersion) -> Result<bool, SourceError> {
-        let columns: Vec<AnyRow> = sqlx::query(self.dialect.columns_query())
+        let columns: Vec<AnyRow> = sqlx::query(&self.dialect.columns_query(&self.table))
             .fetch_all(&self.pool)
             .await
-            .map_err(self.query_err("looking for table tcp_mgm"))?;
+            .map_err(self.query_err("looking for table"))?;
         if !columns.is_empty() {
             return Ok(false);
         }
@@ -227,19 +312,21 @@ impl Source {
             .pool
             .begin()
             .await
-            .map_err(self.query_err("starting a transaction"))?;
+            .map_err(self.query_err("starting a transaction for table"))?;
         // MySQL commits DDL implicitly; the transaction still keeps the version row with it.
         for sql in [
             self.dialect.create_version_table().to_owned(),
-            self.dialect.create_table(version),
-            self.dialect.record_version(version),
+            self.dialect.create_table(version, &self.table),
+            self.dialect.record_version(version, &self.table),
         ] {
             sqlx::query(&sql)
                 .execute(&mut *tx)
                 .await
-                .map_err(self.query_err("creating tables"))?;
+                .map_err(self.query_err("creating table"))?;
         }
-        tx.commit().await.map_err(self.query_err("committing"))?;
+        tx.commit()
+            .await
+            .map_err(self.query_err("committing the changes to table"))?;
         Ok(true)
     }
 
@@ -249,14 +336,16 @@ impl Source {
             .pool
             .begin()
             .await
-            .map_err(self.query_err("starting a transaction"))?;
+            .map_err(self.query_err("starting a transaction for table"))?;
         for stmt in sql.split(';').map(strip_comments).filter(|s| !s.is_empty()) {
             sqlx::query(&stmt)
                 .execute(&mut *tx)
                 .await
-                .map_err(self.query_err("running SQL"))?;
+                .map_err(self.query_err("running SQL on table"))?;
         }
-        tx.commit().await.map_err(self.query_err("committing"))
+        tx.commit()
+            .await
+            .map_err(self.query_err("committing the changes to table"))
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -265,6 +354,10 @@ impl Source {
 
     pub fn url(&self) -> &Redacted {
         &self.url
+    }
+
+    pub fn table(&self) -> &TableName {
+        &self.table
     }
 }
 
@@ -309,5 +402,23 @@ mod tests {
             "postgres://opensips:***@db:5432/opensips"
         );
         assert_eq!(Redacted::new("sqlite://x.db").to_string(), "sqlite://x.db");
+    }
+
+    #[test]
+    fn only_plain_table_names_are_taken() {
+        for good in ["tcp_mgm", "TCP_rules2", "_x"] {
+            assert_eq!(TableName::new(good).unwrap().as_str(), good);
+        }
+        for bad in [
+            "",
+            "2rules",
+            "tcp-mgm",
+            "x; DROP TABLE version",
+            "a.b",
+            "\"t\"",
+        ] {
+            assert!(TableName::new(bad).is_err(), "{bad:?} was taken");
+        }
+        assert!(TableName::new(&"t".repeat(64)).is_err());
     }
 }

@@ -1,4 +1,5 @@
 //! The OpenSIPS `tcp_mgm` table as OpenSIPS's own scripts create it.
+use super::TableName;
 
 /// Table versions as listed in OpenSIPS's `version` table: 1 (3.3 to 3.6) has `parallel_read`,
 /// 2 (master) dropped it.
@@ -61,7 +62,7 @@ impl Dialect {
     }
 
     /// The table as OpenSIPS's `scripts/<dialect>/tcp_mgm-create.sql` creates it.
-    pub fn create_table(self, version: TableVersion) -> String {
+    pub fn create_table(self, version: TableVersion, table: &TableName) -> String {
         let (id, text, int, uint, tail) = match self {
             Dialect::Sqlite => (
                 "INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL",
@@ -90,7 +91,7 @@ impl Dialect {
             TableVersion::V2 => String::new(),
         };
         format!(
-            "CREATE TABLE tcp_mgm (
+            "CREATE TABLE {table} (
     id {id},
     proto {text}(8) DEFAULT 'any' NOT NULL,
     remote_addr {text}(43) DEFAULT NULL,
@@ -140,34 +141,36 @@ impl Dialect {
         }
     }
 
-    /// Lists the columns of `tcp_mgm` (one text column), whether or not it has rows.
-    pub fn columns_query(self) -> &'static str {
+    /// Lists the columns of the table (one text column), whether or not it has rows.
+    pub fn columns_query(self, table: &TableName) -> String {
         match self {
-            Dialect::Sqlite => "SELECT name FROM pragma_table_info('tcp_mgm')",
-            Dialect::Postgres => {
+            Dialect::Sqlite => format!("SELECT name FROM pragma_table_info('{table}')"),
+            // Unquoted names are folded to lower case by PostgreSQL.
+            Dialect::Postgres => format!(
                 "SELECT CAST(column_name AS TEXT) FROM information_schema.columns \
-                 WHERE table_schema = current_schema() AND table_name = 'tcp_mgm'"
-            }
-            Dialect::MySql => {
+                 WHERE table_schema = current_schema() AND table_name = lower('{table}')"
+            ),
+            Dialect::MySql => format!(
                 "SELECT CAST(column_name AS CHAR) FROM information_schema.columns \
-                 WHERE table_schema = DATABASE() AND table_name = 'tcp_mgm'"
-            }
+                 WHERE table_schema = DATABASE() AND table_name = '{table}'"
+            ),
         }
     }
 
     /// Records the table version, replacing an earlier record.
-    pub fn record_version(self, version: TableVersion) -> String {
+    /// (OpenSIPS checks the version under the table's own name.)
+    pub fn record_version(self, version: TableVersion, table: &TableName) -> String {
         let v = version.number();
         match self {
             Dialect::Sqlite => format!(
-                "INSERT OR REPLACE INTO version (table_name, table_version) VALUES ('tcp_mgm', {v})"
+                "INSERT OR REPLACE INTO version (table_name, table_version) VALUES ('{table}', {v})"
             ),
             Dialect::Postgres => format!(
-                "INSERT INTO version (table_name, table_version) VALUES ('tcp_mgm', {v}) \
+                "INSERT INTO version (table_name, table_version) VALUES ('{table}', {v}) \
                  ON CONFLICT (table_name) DO UPDATE SET table_version = {v}"
             ),
             Dialect::MySql => {
-                format!("REPLACE INTO version (table_name, table_version) VALUES ('tcp_mgm', {v})")
+                format!("REPLACE INTO version (table_name, table_version) VALUES ('{table}', {v})")
             }
         }
     }
@@ -176,18 +179,24 @@ impl Dialect {
 /// The channel `tcpmgm run` listens on with PostgreSQL.
 pub const NOTIFY_CHANNEL: &str = "tcpmgm_rules";
 
-/// A statement trigger that notifies `NOTIFY_CHANNEL` of every committed change to tcp_mgm
-/// (PostgreSQL delivers notifications at commit).
-pub const POSTGRES_NOTIFY: [&str; 3] = [
-    "CREATE OR REPLACE FUNCTION tcpmgm_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+/// A statement trigger that notifies `NOTIFY_CHANNEL` of every committed change to the table
+/// (PostgreSQL delivers notifications at commit), with the table's name as the payload, so that
+/// daemons following other tables of the database let it pass.
+pub fn postgres_notify(table: &TableName) -> [String; 3] {
+    [
+        "CREATE OR REPLACE FUNCTION tcpmgm_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('tcpmgm_rules', TG_OP);
+    PERFORM pg_notify('tcpmgm_rules', TG_TABLE_NAME);
     RETURN NULL;
-END $$",
-    "DROP TRIGGER IF EXISTS tcpmgm_notify ON tcp_mgm",
-    "CREATE TRIGGER tcpmgm_notify AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tcp_mgm \
-     FOR EACH STATEMENT EXECUTE FUNCTION tcpmgm_notify()",
-];
+END $$"
+            .to_owned(),
+        format!("DROP TRIGGER IF EXISTS tcpmgm_notify ON {table}"),
+        format!(
+            "CREATE TRIGGER tcpmgm_notify AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table} \
+             FOR EACH STATEMENT EXECUTE FUNCTION tcpmgm_notify()"
+        ),
+    ]
+}
 
 /// Example rules for `tcpmgm db init --examples`, from OpenSIPS use cases. Columns not named
 /// keep the table defaults.

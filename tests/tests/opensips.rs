@@ -1,0 +1,284 @@
+//! One configuration for OpenSIPS and tcpmgm (`--opensips-cfg`), a table by another name
+//! (`--table`), and the priority levels OpenSIPS orders in no defined way, named by `check` and
+//! `match`.
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tcpmgm::source::{TableName, TableVersion};
+use tcpmgm_tests::{Backend, Daemon, Sandbox, TestDb, control_socket, tcpmgm};
+
+/// A scratch directory of the test's own, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("tcpmgm-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An opensips.cfg as an operator writes it: global parameters, UDP and TCP sockets, modules
+/// with their own db_url, comments that hold what must not be read.
+fn opensips_cfg(db_url: &str, table: &str) -> String {
+    format!(
+        r#"####### Global Parameters #########
+log_level=3
+udp_workers=4
+tcp_keepidle=600
+
+socket=udp:127.0.0.1:5070
+socket=tcp:127.0.0.1:5070 tag trunks   # the carriers
+/* socket=tcp:127.0.0.9:5070 tag trunks
+   modparam("tcp_mgm", "db_table", "not_this_one") */
+
+####### Modules Section ########
+mpath="/usr/lib/x86_64-linux-gnu/opensips/modules/"
+loadmodule "db_postgres.so"
+loadmodule "usrloc.so"
+modparam("usrloc", "db_url", "mysql://opensips:other@192.0.2.1/opensips")
+loadmodule "tcp_mgm.so"
+modparam("tcp_mgm", "db_url", "{db_url}")
+modparam("tcp_mgm", "db_table", "{table}")
+
+route {{
+    if (is_method("REGISTER")) {{ save("location"); exit; }}
+}}
+"#
+    )
+}
+
+/// Only the cfg's `trunks` listener makes rule 1 valid, and gives it its local address.
+fn rule_sql(table: &str) -> String {
+    format!(
+        "INSERT INTO {table} (id, local_addr, local_port, keepidle) VALUES (1, 'trunks', 5070, 41);"
+    )
+}
+
+/// `tcpmgm run --opensips-cfg FILE` and nothing else about the rules: the table named by the
+/// tcp_mgm module's db_url and db_table, the listeners of the socket= lines.
+async fn run_from_the_opensips_cfg(backend: Backend, table: &str) {
+    let table_name = TableName::new(table).unwrap();
+    let db = TestDb::with_table(backend, TableVersion::V1, &table_name, &rule_sql(table)).await;
+    let scratch = Scratch::new(&format!("opensips-cfg-{table}"));
+    let cfg = scratch.write("opensips.cfg", &opensips_cfg(&db.url, table));
+    let sb = Sandbox::new();
+    let d = Daemon::start_args(
+        &sb,
+        control_socket(&sb),
+        &["--opensips-cfg", &cfg, "--poll-interval", "1"],
+    );
+    let mut p = sb.probe();
+    // Bound to the listener's address before connecting, as OpenSIPS does: the outbound end
+    // is attributed to that listener too.
+    let r = p.ask("pair 127.0.0.1:5070 127.0.0.1:5070 127.0.0.1:0");
+    assert_eq!(
+        (r.keepalive("server").1, r.keepalive("client").1),
+        (41, 41),
+        "{r:?}; daemon: {}",
+        d.startup_log
+    );
+    // Elsewhere the listener, hence the rule, does not apply.
+    let other = p.ask("pair 127.0.0.1:5071 127.0.0.1:5071");
+    assert_eq!(other.keepalive("server").1, 7200, "{other:?}");
+
+    // A change to the table by that name is followed (PostgreSQL: the trigger on it).
+    db.sql(&format!("UPDATE {table} SET keepidle = 42 WHERE id = 1;"))
+        .await;
+    let start = Instant::now();
+    loop {
+        let r = p.ask("pair 127.0.0.1:5070 127.0.0.1:5070");
+        if r.keepalive("server").1 == 42 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the change to {table} was not applied within 60 s: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[tokio::test]
+async fn opensips_cfg_with_sqlite() {
+    run_from_the_opensips_cfg(Backend::Sqlite, "tcp_mgm").await;
+}
+
+#[tokio::test]
+async fn opensips_cfg_with_postgres_and_another_table_name() {
+    run_from_the_opensips_cfg(Backend::Postgres, "sip_tcp_rules").await;
+}
+
+/// check, match and db init take --table; without it the default table is looked for, and its
+/// absence is named.
+#[tokio::test]
+async fn check_match_and_db_init_honour_table() {
+    let scratch = Scratch::new("table");
+    let db = format!("sqlite://{}", scratch.0.join("rules.db").display());
+    let (code, out, err) = tcpmgm(&["db", "init", "--db", &db, "--table", "carrier_rules"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("created table carrier_rules"), "{out}");
+    sql(
+        &db,
+        "INSERT INTO carrier_rules (id, remote_addr, keepidle) VALUES (5, '192.0.2.0/24', 30);",
+    )
+    .await;
+
+    let (code, _, err) = tcpmgm(&["check", "--db", &db, "--table", "carrier_rules"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("1 rules valid, 0 rows bad"), "{err}");
+    let (code, out, _) = tcpmgm(&[
+        "match",
+        "--db",
+        &db,
+        "--table",
+        "carrier_rules",
+        "--remote",
+        "192.0.2.7:5060",
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.contains("rule 5:"), "{out}");
+    let (code, _, err) = tcpmgm(&["check", "--db", &db]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("table tcp_mgm"),
+        "the missing table is not named: {err}"
+    );
+    let (code, _, err) = tcpmgm(&["check", "--db", &db, "--table", "carrier-rules"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("plain SQL name"), "{err}");
+}
+
+/// Runs SQL on a database.
+async fn sql(db: &str, sql: &str) {
+    tcpmgm::source::Source::open(db, false)
+        .await
+        .unwrap()
+        .execute_script(sql)
+        .await
+        .unwrap();
+}
+
+/// The table OpenSIPS 3.6 was seen to order differently from tcpmgm: rules 11 and 15 are both
+/// tcp, and the tls rule at the same priority, "equal" to both in OpenSIPS's comparator, lets
+/// qsort put 11 first.
+async fn ambiguous_table(db: &str, with_tls: bool) {
+    let mut sql = "INSERT INTO tcp_mgm (id, proto, remote_addr, local_port) VALUES (11, 'tcp', '127.0.0.0/9', 5080);
+        INSERT INTO tcp_mgm (id, proto, remote_addr) VALUES (15, 'tcp', '127.2.0.0/16');"
+        .to_owned();
+    if with_tls {
+        sql.push_str(
+            "INSERT INTO tcp_mgm (id, proto, remote_addr) VALUES (12, 'tls', '192.0.2.0/24');",
+        );
+    }
+    self::sql(db, &sql).await;
+}
+
+#[tokio::test]
+async fn check_names_the_priority_levels_opensips_orders_in_no_defined_way() {
+    for with_tls in [true, false] {
+        let scratch = Scratch::new(&format!("ambiguous-{with_tls}"));
+        let db = format!("sqlite://{}", scratch.0.join("rules.db").display());
+        let (code, ..) = tcpmgm(&["db", "init", "--db", &db]);
+        assert_eq!(code, 0);
+        ambiguous_table(&db, with_tls).await;
+        let (code, out, err) = tcpmgm(&["check", "--db", &db]);
+        assert_eq!(code, 0, "a warning changed the exit status: {out}{err}");
+        let warnings: Vec<&str> = out.lines().filter(|l| l.starts_with("warning:")).collect();
+        if !with_tls {
+            assert!(warnings.is_empty(), "tcp rules alone: {out}");
+            continue;
+        }
+        assert_eq!(warnings.len(), 1, "one warning per level: {out}");
+        for says in [
+            "priority 0",
+            "tcp and tls",
+            "rules 11, 15",
+            "OpenSIPS's order among its rules is not defined",
+            "tcpmgm, which applies its documented total order",
+        ] {
+            assert!(warnings[0].contains(says), "{says:?} in {}", warnings[0]);
+        }
+        let (_, out, _) = tcpmgm(&[
+            "match",
+            "--db",
+            &db,
+            "--remote",
+            "127.2.3.4:5060",
+            "--proto",
+            "tcp",
+            "--local",
+            "127.0.0.1:5080",
+        ]);
+        assert!(out.contains("rule 15:"), "{out}");
+        assert!(
+            out.contains("OpenSIPS's order between rules 15 and 11 is not defined"),
+            "{out}"
+        );
+    }
+}
+
+/// Explicit options win over the OpenSIPS configuration; what it cannot follow is an error
+/// naming the line.
+#[test]
+fn explicit_options_win_and_what_cannot_be_followed_is_named() {
+    let scratch = Scratch::new("opensips-cfg-errors");
+    let db = format!("sqlite://{}", scratch.0.join("rules.db").display());
+    let (code, ..) = tcpmgm(&["db", "init", "--db", &db, "--table", "from_cli"]);
+    assert_eq!(code, 0);
+    let cfg = scratch.write(
+        "opensips.cfg",
+        &opensips_cfg("sqlite:///nonexistent/rules.db", "from_cfg"),
+    );
+    let (code, _, err) = tcpmgm(&[
+        "check",
+        "--opensips-cfg",
+        &cfg,
+        "--db",
+        &db,
+        "--table",
+        "from_cli",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = tcpmgm(&["check", "--opensips-cfg", &cfg]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("/nonexistent/rules.db"),
+        "the cfg's db_url was not used: {err}"
+    );
+
+    let included = scratch.write(
+        "included.cfg",
+        "log_level=3\ninclude_file \"tcp_mgm.cfg\"\n",
+    );
+    let (code, _, err) = tcpmgm(&["check", "--opensips-cfg", &included]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!("{included}:2: include_file")),
+        "the line is not named: {err}"
+    );
+    let flatstore = scratch.write(
+        "flatstore.cfg",
+        "modparam(\"tcp_mgm\", \"db_url\", \"flatstore:/var/log/opensips\")\n",
+    );
+    let (code, _, err) = tcpmgm(&["check", "--opensips-cfg", &flatstore]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!(
+            "{flatstore}:1: database URL with scheme \"flatstore\""
+        )),
+        "{err}"
+    );
+}
