@@ -204,6 +204,16 @@ enum DbCommand {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        // A command whose output goes to a pipe closed early (`tcpmgm match ... | head`) ends
+        // quietly, as other Unix tools do, instead of failing on the write. Not the daemon: its
+        // control socket's clients may go away, and that must not end it.
+        // SAFETY: restoring the default disposition of a signal, before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -216,7 +226,7 @@ fn main() -> ExitCode {
         .build();
     let result = runtime
         .context("starting tokio")
-        .and_then(|rt| rt.block_on(run(Cli::parse())));
+        .and_then(|rt| rt.block_on(run(cli)));
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -386,7 +396,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(c) => c,
                 None => system::default_control_socket(&cgroup)?,
             };
-            if daemon::request(&control, "detach").await.is_ok() {
+            let daemon_detached = daemon::request(&control, "detach").await.is_ok();
+            if daemon_detached {
                 // The daemon detaches as it exits; wait for its socket to go.
                 for _ in 0..100 {
                     if !control.exists() {
@@ -399,11 +410,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(p) => p,
                 None => system::default_pin_dir(&cgroup)?,
             };
-            tcpmgm::kernel::detach_pinned(&pin_dir)?;
-            println!(
-                "detached from {}: the system's TCP settings apply",
-                cgroup.display()
-            );
+            let pinned = tcpmgm::kernel::detach_pinned(&pin_dir)?;
+            if daemon_detached || pinned {
+                println!(
+                    "detached from {}: the system's TCP settings apply",
+                    cgroup.display()
+                );
+            } else {
+                println!(
+                    "nothing was attached to {}: no daemon answered on {} and no tcpmgm links \
+                     were pinned in {}",
+                    cgroup.display(),
+                    control.display(),
+                    pin_dir.display()
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Reload {

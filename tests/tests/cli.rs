@@ -266,15 +266,18 @@ async fn run_enforces_skips_bad_rows_keeps_the_policy_on_sigterm_and_detach_remo
     assert_eq!(r.get("client_idle"), 55, "{r:?}");
 
     // `tcpmgm detach`: the system's settings are back.
-    let (code, out, err) = tcpmgm(&[
-        "detach",
-        "--cgroup",
-        sb.cgroup.to_str().unwrap(),
-        "--pin-dir",
-        sb.pin_dir.to_str().unwrap(),
-        "--control",
-        "/nonexistent/tcpmgm.sock",
-    ]);
+    let detach = || {
+        tcpmgm(&[
+            "detach",
+            "--cgroup",
+            sb.cgroup.to_str().unwrap(),
+            "--pin-dir",
+            sb.pin_dir.to_str().unwrap(),
+            "--control",
+            "/nonexistent/tcpmgm.sock",
+        ])
+    };
+    let (code, out, err) = detach();
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         !sb.attached_programs().contains("tcpmgm"),
@@ -282,8 +285,36 @@ async fn run_enforces_skips_bad_rows_keeps_the_policy_on_sigterm_and_detach_remo
         sb.attached_programs()
     );
     assert!(!sb.pin_dir.exists());
+    assert!(out.starts_with("detached from"), "{out}");
     let r = probe.ask("pair 127.0.0.1:7003 127.0.0.1:7003 10.0.0.1:0");
     assert_eq!(r.keepalive("client"), (0, 7200, 75, 9), "{r:?}");
+    // A second detach finds nothing, and says so.
+    let (code, out, err) = detach();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("nothing was attached to"), "{out}");
+}
+
+/// A reader that goes away early (`tcpmgm ... | head`) ends the command quietly, by SIGPIPE, as
+/// other Unix tools end, not with a panic.
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let mut child = Command::new(binary("tcpmgm"))
+        .arg("features")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}: {err}",
+        out.status
+    );
 }
 
 #[tokio::test]

@@ -378,3 +378,74 @@ fn conns_lists_each_connection_with_its_rule() {
     // Listening sockets and the accepted ends are listed too; nothing outside the cgroup is.
     assert!(list.as_array().unwrap().len() >= 4, "{list:#}");
 }
+
+/// sock_diag as tcpmgm parses it, on this kernel's own messages: each socket with its addresses,
+/// state, inode, cgroup and tcpmgm record. With TCPMGM_WRITE_TESTDATA=1 the dump is also written
+/// to `tcpmgm-user/testdata/sock_diag_v4.bin`, which the parser's unit tests read.
+#[test]
+fn sock_diag_answers_parse_into_sockets_with_their_records() {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let sb = Sandbox::new();
+    let none = Listeners::default();
+    let table = [row(21, &[("remote_addr", "127.0.0.2"), ("keepidle", "46")])];
+    let _e = sb.enforce(rules(&table, &none), &none);
+    let mut p = sb.probe();
+    p.ask("hold-pair 127.0.0.2:7021 127.0.0.2:7021 127.0.0.1:0");
+    p.ask("hold-pair 127.0.0.3:7022 127.0.0.3:7022 127.0.0.1:0");
+    let map = aya::maps::MapData::from_pin(sb.pin_dir.join(tcpmgm::kernel::SOCKETS_PIN)).unwrap();
+    let netns = sb.netns.path();
+    let raw = std::thread::scope(|s| {
+        s.spawn(|| {
+            let ns = std::fs::File::open(&netns).unwrap();
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            tcpmgm::diag::dump(Some(map.fd().as_fd()), libc::AF_INET as u8).unwrap()
+        })
+        .join()
+        .unwrap()
+    });
+    let sockets = tcpmgm::diag::parse_dump(&raw, libc::AF_INET as u8).unwrap();
+    let cgroup = std::fs::metadata(&sb.cgroup).unwrap().ino();
+    let find = |local: &str, remote: &str| {
+        sockets
+            .iter()
+            .find(|s| s.local.to_string() == local && s.remote.to_string() == remote)
+            .unwrap_or_else(|| panic!("{local} -> {remote} in {sockets:#?}"))
+    };
+    let listening = find("127.0.0.2:7021", "0.0.0.0:0");
+    assert!(listening.listening());
+    let client = sockets
+        .iter()
+        .find(|s| s.remote.to_string() == "127.0.0.2:7021")
+        .expect("the client end");
+    let server = find("127.0.0.2:7021", &client.local.to_string());
+    for end in [client, server] {
+        assert!(end.established(), "{end:?}");
+        assert_eq!(end.cgroup_id, Some(cgroup), "{end:?}");
+        assert_ne!(end.inode, 0);
+    }
+    // The client's peer is the rule's; the accepted end's peer, 127.0.0.1, is no rule's (and
+    // accepted sockets are recorded only when a rule matched).
+    assert_eq!(
+        client.record.map(|r| r.profile.rule_id),
+        Some(21),
+        "{client:?}"
+    );
+    assert_eq!(server.record.map(|r| r.state), None, "{server:?}");
+    let unruled = sockets
+        .iter()
+        .find(|s| s.remote.to_string() == "127.0.0.3:7022")
+        .expect("the unruled client");
+    assert_eq!(
+        unruled.record.map(|r| r.state),
+        Some(tcpmgm_common::SOCK_NO_RULE),
+        "{unruled:?}"
+    );
+    if std::env::var_os("TCPMGM_WRITE_TESTDATA").is_some() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tcpmgm-user/testdata/sock_diag_v4.bin");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &raw).unwrap();
+        eprintln!("wrote {} ({} bytes)", path.display(), raw.len());
+    }
+}
