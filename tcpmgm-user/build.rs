@@ -8,6 +8,14 @@ fn main() -> anyhow::Result<()> {
         .no_deps()
         .exec()
         .context("cargo metadata")?;
+    // The programs are built from tcpmgm-common too: a change there must rebuild them (aya-build
+    // watches the eBPF package's own directory only).
+    let common = packages
+        .iter()
+        .find(|p| p.name.as_str() == "tcpmgm-common")
+        .ok_or_else(|| anyhow!("tcpmgm-common package not found"))?;
+    let common_dir = common.manifest_path.parent().context("manifest dir")?;
+    println!("cargo:rerun-if-changed={common_dir}");
     let ebpf = packages
         .into_iter()
         .find(|p| p.name.as_str() == "tcpmgm-ebpf")

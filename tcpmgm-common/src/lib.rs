@@ -5,6 +5,8 @@
 //! words in network byte order (an IPv4 address is word 0, the rest zero). Ports are host order.
 #![no_std]
 
+pub mod decide;
+
 /// Names of the maps and programs in the eBPF object, as the loader looks them up.
 pub mod names {
     pub const REMOTE_V4: &str = "TCPMGM_REMOTE_V4";
@@ -129,6 +131,25 @@ pub struct BucketKey {
     pub local_port: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
+}
+
+impl BucketKey {
+    /// The key, padding zeroed. Made as three words: LLVM zeroes the 3-byte padding of a
+    /// field-by-field key with a call to memset, which in BPF is one more call frame in the
+    /// deepest call chain (sock_ops, tcpmgm_decide, tcpmgm_best_in), whose stack the verifier
+    /// caps at 512 bytes in all.
+    #[inline(always)]
+    pub const fn new(list: u32, proto: u8, remote_port: u16, local_port: u16) -> BucketKey {
+        let (r, l) = (remote_port.to_ne_bytes(), local_port.to_ne_bytes());
+        let words = [
+            list,
+            u32::from_ne_bytes([r[0], r[1], l[0], l[1]]),
+            u32::from_ne_bytes([proto, 0, 0, 0]),
+        ];
+        // SAFETY: BucketKey is repr(C) and 12 bytes: list at 0, the ports at 4 and 6, proto at
+        // 8 and the padding after it, as the words lay them out; any bytes are valid for it.
+        unsafe { core::mem::transmute::<[u32; 3], BucketKey>(words) }
+    }
 }
 
 /// The best rank of a bucket's rules that name no local address (`NO_RULE` if none), and the id

@@ -9,9 +9,10 @@ use aya_ebpf::{
 use aya_log_ebpf::info;
 use tcpmgm_common::flags;
 
-use crate::decide::{Conn, is_v4_mapped, load_words};
+use crate::decide::{is_v4_mapped, load_words};
 use crate::logbook;
 use crate::sockets;
+use tcpmgm_common::decide::Conn;
 
 const SOCK_STREAM: u32 = 1;
 const ALLOW: i32 = 1;

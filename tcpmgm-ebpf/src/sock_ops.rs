@@ -16,13 +16,14 @@ use tcpmgm_common::{Profile, flags, marks};
 
 use aya_log_ebpf::info;
 
-use crate::decide::{Conn, is_v4_mapped, load_words};
+use crate::decide::{is_v4_mapped, load_words};
 use crate::logbook;
 use crate::options::{
     SO_KEEPALIVE, SOL_SOCKET, SOL_TCP, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT,
 };
 use crate::sockets::{self, Decided};
 use crate::stats;
+use tcpmgm_common::decide::Conn;
 
 const AF_INET6: u32 = 10;
 

@@ -13,10 +13,11 @@ use tcpmgm_common::{
     Profile, RuleStats, SOCK_NO_RULE, SOCK_RULE, SOCK_UNDECIDED, SockPolicy, marks, settings_marks,
 };
 
-use crate::decide::{Conn, decide};
+use crate::decide::decide;
 use crate::generation::Gen;
 use crate::maps::TCPMGM_SOCKETS;
 use crate::stats;
+use tcpmgm_common::decide::Conn;
 
 /// The storage of `sk` (created zeroed, that is undecided, if it has none and `create`), or
 /// null when it has none or the kernel has no memory for it.

@@ -149,13 +149,12 @@ pub fn compile_with(
     let member = |list: u32, rank: usize| {
         let r = &rules[rank];
         Member {
-            key: BucketKey {
+            key: BucketKey::new(
                 list,
-                remote_port: r.remote_port,
-                local_port: r.local_port,
-                proto: r.proto.map_or(PROTO_ANY, |p| p.id()),
-                _pad: [0; 3],
-            },
+                r.proto.map_or(PROTO_ANY, |p| p.id()),
+                r.remote_port,
+                r.local_port,
+            ),
             local: r.local_net(),
             rank: rank as u32,
         }

@@ -8,6 +8,7 @@ pub mod compile;
 pub mod config;
 pub mod daemon;
 pub mod diag;
+pub mod evaluate;
 pub mod features;
 pub mod kernel;
 pub mod lifetime;

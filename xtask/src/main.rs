@@ -7,7 +7,7 @@ mod setup;
 mod vm;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -198,7 +198,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ])
             .args(&args)
             .envs(databases);
-            status(&mut cmd)
+            let suite = status(&mut cmd);
+            // The unit and property tests of the policy data path need neither root nor a
+            // kernel: shown by running them again as nobody.
+            let unprivileged = if args.is_empty() {
+                unprivileged_unit_tests(&root)
+            } else {
+                Ok(())
+            };
+            suite.and(unprivileged)
         }
         Task::Run { args } => {
             setup::toolchain()?;
@@ -231,6 +239,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             status(&mut cmd)
         }
     }
+}
+
+/// Runs tcpmgm-user's unit tests (the property tests of compiler and decision among them) as
+/// the unprivileged user nobody, with no capability.
+fn unprivileged_unit_tests(root: &Path) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let out = cargo(root)
+        .args([
+            "test",
+            "--package",
+            "tcpmgm-user",
+            "--lib",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cargo test --no-run")?;
+    let exe = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|m| m["reason"] == "compiler-artifact" && m["profile"]["test"] == true)
+        .and_then(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("no unit-test executable for tcpmgm-user")?;
+    eprintln!("xtask: {} as nobody", exe.display());
+    // std drops the supplementary groups when root changes uid.
+    status(
+        Command::new(&exe)
+            .uid(65534)
+            .gid(65534)
+            .env("HOME", "/nonexistent"),
+    )
 }
 
 fn vm_task(root: &Path, task: VmTask) -> anyhow::Result<()> {
