@@ -5,7 +5,13 @@
 //! words in network byte order (an IPv4 address is word 0, the rest zero). Ports are host order.
 #![no_std]
 
+pub mod abi;
 pub mod decide;
+
+pub use abi::{
+    Attr, MAX_ATTR_KEY, MAX_ATTRS, Profile, SOCK_NO_RULE, SOCK_RECORD_VERSION, SOCK_RULE,
+    SOCK_UNDECIDED, SOCKETS_PIN, SockPolicy, flags, marks,
+};
 
 /// Names of the maps and programs in the eBPF object, as the loader looks them up.
 pub mod names {
@@ -77,19 +83,6 @@ pub const PROTOCOLS: [&str; 11] = [
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
-
-/// `Profile::flags` bits.
-pub mod flags {
-    /// The rule says keepalive=1: SO_KEEPALIVE on, and the non-zero keep* values applied.
-    pub const KEEPALIVE_ON: u32 = 1 << 0;
-    /// The rule says keepalive=0: SO_KEEPALIVE off.
-    pub const KEEPALIVE_OFF: u32 = 1 << 1;
-    /// no_new_conn=1: connect() to a matching destination fails with EPERM.
-    pub const NO_NEW_CONN: u32 = 1 << 2;
-    /// The rule's connect_timeout is enforced (see `tcpmgm run --enforce-default-connect-timeout`
-    /// for OpenSIPS's schema default).
-    pub const CONNECT_TIMEOUT: u32 = 1 << 3;
-}
 
 /// LPM trie key data for IPv4 prefixes (the trie key is `prefixlen: u32` then these bytes).
 pub type Addr4 = [u8; 4];
@@ -262,85 +255,6 @@ pub mod settings {
     pub const AUDIT: u32 = 1 << 0;
     /// The application's own setsockopt() may change the options a rule sets.
     pub const APP_OPTIONS_ALLOW: u32 = 1 << 1;
-}
-
-/// What a socket was decided: stored per socket at the first hook that sees it, so that every
-/// later hook, whatever rule set is loaded by then, applies the same decision, and so that the
-/// application owning the socket can read its profile (accepted sockets: only when a rule
-/// matched).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SockPolicy {
-    /// `SOCK_UNDECIDED` (a fresh storage), `SOCK_NO_RULE` or `SOCK_RULE`.
-    pub state: u32,
-    /// `marks::*` bits: what tcpmgm and the application did to the socket's options.
-    pub marks: u32,
-    /// The TCP_USER_TIMEOUT the application asked for while tcpmgm's connect timeout held the
-    /// handshake; it takes effect once the connection is established.
-    pub app_user_timeout_ms: u32,
-    /// The generation that decided the socket: its rank indexes that generation's counters.
-    pub generation: u32,
-    pub profile: Profile,
-}
-
-pub const SOCK_UNDECIDED: u32 = 0;
-pub const SOCK_NO_RULE: u32 = 1;
-pub const SOCK_RULE: u32 = 2;
-
-/// `SockPolicy::marks` bits.
-pub mod marks {
-    /// tcpmgm set TCP_USER_TIMEOUT to bound the handshake (lifted at establishment).
-    pub const CONNECT_TIMEOUT: u32 = 1 << 0;
-    /// The application set TCP_USER_TIMEOUT itself.
-    pub const APP_USER_TIMEOUT: u32 = 1 << 1;
-    /// Decided in audit mode (`settings::AUDIT`).
-    pub const AUDIT: u32 = 1 << 2;
-    /// Decided while the application's own options were allowed (`settings::APP_OPTIONS_ALLOW`).
-    pub const APP_OPTIONS_ALLOW: u32 = 1 << 3;
-}
-
-/// What the programs apply for a rule. Every column of the OpenSIPS profile is carried so that
-/// `bpftool map dump` shows the whole profile; the programs act on the keepalive and connect
-/// fields and on `flags`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Profile {
-    /// The rule's `id` in the table.
-    pub rule_id: u32,
-    /// The rule's position in match order: its index in `PROFILES`.
-    pub rank: u32,
-    pub flags: u32,
-    /// TCP_KEEPIDLE seconds; 0 leaves the system value.
-    pub keepidle: u32,
-    /// TCP_KEEPINTVL seconds; 0 leaves the system value.
-    pub keepintvl: u32,
-    /// TCP_KEEPCNT; 0 leaves the system value.
-    pub keepcnt: u32,
-    /// TCP_USER_TIMEOUT in ms while the handshake runs; 0 leaves the system behaviour.
-    pub connect_timeout_ms: u32,
-    /// Initial SYN retransmission timeout in jiffies (TIMEOUT_INIT reply); 0 leaves the default.
-    pub syn_rto_jiffies: u32,
-    pub con_lifetime_s: u32,
-    pub msg_read_timeout_s: u32,
-    pub send_threshold_us: u32,
-    pub alias_mode: u8,
-    pub parallel_read: u8,
-    pub _pad: [u8; 2],
-    /// The rule's attrs (`key=int;...`), for the application that owns the socket.
-    pub attrs: [Attr; MAX_ATTRS],
-}
-
-/// How many attrs pairs a profile carries, and how long a key may be.
-pub const MAX_ATTRS: usize = 4;
-pub const MAX_ATTR_KEY: usize = 24;
-
-/// One `key=int` pair of a rule's attrs; an all-zero key is no pair.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Attr {
-    pub value: i64,
-    /// NUL-padded.
-    pub key: [u8; MAX_ATTR_KEY],
 }
 
 /// Key of the listener map. A listener on a wildcard address has `addr` all zero. An entry with

@@ -45,6 +45,8 @@ pub struct Config {
     pub opensips_cfg: Option<PathBuf>,
     /// The rule table's name (as `--table`).
     pub table: Option<crate::source::TableName>,
+    /// The group that may read the per-socket records (as `--api-group`).
+    pub api_group: Option<String>,
 }
 
 /// What a process's own setsockopt() may do to the options its socket's rule sets.

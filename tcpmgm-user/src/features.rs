@@ -143,8 +143,8 @@ fn sock_destroy() -> Result<bool, String> {
     }
 }
 
-/// Whether BPF memory is charged to the cgroup (Linux 5.11) rather than to RLIMIT_MEMLOCK.
-fn memcg_accounting() -> Result<bool, String> {
+/// The running kernel's (major, minor) version.
+pub fn kernel_version() -> Result<(u32, u32), String> {
     let release = nix::sys::utsname::uname()
         .map_err(|e| e.to_string())?
         .release()
@@ -153,9 +153,49 @@ fn memcg_accounting() -> Result<bool, String> {
     let mut parts = release
         .split(['.', '-'])
         .map(|p| p.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    Ok((major, minor) >= (5, 11))
+    Ok((parts.next().unwrap_or(0), parts.next().unwrap_or(0)))
 }
+
+/// Whether BPF memory is charged to the cgroup (Linux 5.11) rather than to RLIMIT_MEMLOCK.
+fn memcg_accounting() -> Result<bool, String> {
+    Ok(kernel_version()? >= (5, 11))
+}
+
+/// Whether a process without CAP_BPF may open a pinned map and look it up (what the members of
+/// `--api-group` do). Older kernels refuse every bpf() command to such processes while
+/// kernel.unprivileged_bpf_disabled is set (Debian sets it); Linux 6.5, and stable kernels that
+/// took the change, refuse only the commands that create programs and maps. Tried: a child
+/// drops every capability and asks for a pin that does not exist (EPERM: refused; ENOENT: let
+/// through).
+pub fn unprivileged_bpf() -> Result<bool, String> {
+    use nix::sys::wait::{WaitStatus, waitpid};
+    use nix::unistd::{ForkResult, fork};
+    // SAFETY: the child makes raw system calls only, then _exits.
+    match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Child => unsafe {
+            // _LINUX_CAPABILITY_VERSION_3, this process; then no capability in any set.
+            let header: [u32; 2] = [0x2008_0522, 0];
+            let data = [0u32; 6];
+            if libc::syscall(libc::SYS_capset, header.as_ptr(), data.as_ptr()) != 0 {
+                libc::_exit(2);
+            }
+            let path = c"/sys/fs/bpf/tcpmgm-probe-nonexistent";
+            // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
+            let attr: [u64; 2] = [path.as_ptr() as u64, 0];
+            let r = libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_ptr(), 16);
+            let refused = r < 0 && *libc::__errno_location() == libc::EPERM;
+            libc::_exit(i32::from(refused));
+        },
+        ForkResult::Parent { child } => match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, 0)) => Ok(true),
+            Ok(WaitStatus::Exited(_, 1)) => Ok(false),
+            other => Err(format!("the probe ended as {other:?}")),
+        },
+    }
+}
+
+/// BPF_OBJ_GET of `enum bpf_cmd`.
+const BPF_OBJ_GET: libc::c_long = 7;
 
 // Command numbers of `enum bpf_cmd` (include/uapi/linux/bpf.h).
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -243,6 +283,12 @@ pub fn probe() -> Vec<Feature> {
             "Linux 5.6",
             Option("--reapply-existing"),
             pidfd_getfd(),
+        ),
+        feature(
+            "bpf() lookups by users without CAP_BPF",
+            "Linux 6.5 and some stable kernels, or kernel.unprivileged_bpf_disabled=0",
+            Option("--api-group"),
+            unprivileged_bpf(),
         ),
         feature(
             "batch updates of LPM tries",

@@ -84,6 +84,11 @@ enum Command {
         /// Serve Prometheus metrics at ADDR:PORT (/metrics).
         #[arg(long, value_name = "ADDR:PORT")]
         metrics: Option<SocketAddr>,
+        /// Let the members of GROUP (a name or a number) read the per-socket records, as a
+        /// SIP server running as an unprivileged user reads its own sockets' profiles; nothing
+        /// else of the pins becomes readable.
+        #[arg(long, value_name = "GROUP")]
+        api_group: Option<String>,
     },
     /// Take tcpmgm off a cgroup: programs and pins go, the system's TCP settings are back. A
     /// running `tcpmgm run` for it is told to detach and exit.
@@ -318,6 +323,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             app_options,
             enforce_default_connect_timeout,
             metrics,
+            api_group,
         } => {
             system::check_privileges(&[])?;
             let config = rules.with_config()?;
@@ -334,10 +340,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 enforce_default_lifetime || config.enforce_default_lifetime.unwrap_or(false);
             let reapply_existing = reapply_existing || config.reapply_existing.unwrap_or(false);
             let create_cgroup = create_cgroup || config.create_cgroup.unwrap_or(false);
+            let api_group = api_group
+                .or(config.api_group)
+                .map(|g| system::group_id(&g))
+                .transpose()?;
             system::check_privileges(&system::option_capabilities(
                 netns.is_some(),
                 reapply_existing,
             ))?;
+            if let Some(gid) = api_group {
+                system::check_api_group(gid)?;
+            }
             let created = if create_cgroup {
                 system::create_cgroup(&cgroup)?
             } else {
@@ -370,6 +383,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         == Some(tcpmgm::config::AppOptions::Allow),
                 },
                 metrics: metrics.or(config.metrics),
+                api_group,
                 reread,
             };
             let result = match Daemon::start(options).await {

@@ -34,6 +34,7 @@ pub enum SystemError {
 }
 
 /// Capability numbers from linux/capability.h.
+const CAP_CHOWN: u32 = 0;
 const CAP_DAC_READ_SEARCH: u32 = 2;
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_PTRACE: u32 = 19;
@@ -70,6 +71,132 @@ pub fn option_capabilities(
         ));
     }
     extra
+}
+
+/// A group given by name or number.
+pub fn group_id(group: &str) -> Result<u32, SystemError> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(SystemError::OptionNotPrivileged(format!(
+            "--api-group {group}: there is no such group"
+        ))),
+        Err(e) => Err(SystemError::OptionNotPrivileged(format!(
+            "--api-group {group}: looking the group up: {e}"
+        ))),
+    }
+}
+
+/// `--api-group` hands the records' pin to the group: that needs CAP_CHOWN, or this process
+/// being a member of the group (systemd: `SupplementaryGroups=` in the unit).
+pub fn check_api_group(gid: u32) -> Result<(), SystemError> {
+    let member = nix::unistd::getegid().as_raw() == gid
+        || nix::unistd::getgroups()
+            .unwrap_or_default()
+            .iter()
+            .any(|g| g.as_raw() == gid);
+    if member || effective_capabilities() & (1 << CAP_CHOWN) != 0 {
+        Ok(())
+    } else {
+        Err(SystemError::OptionNotPrivileged(format!(
+            "--api-group {gid} needs CAP_CHOWN, or this process in group {gid} \
+             (SupplementaryGroups= in the unit)"
+        )))
+    }
+}
+
+fn effective_capabilities() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| u64::from_str_radix(l.strip_prefix("CapEff:")?.trim(), 16).ok())
+        .unwrap_or(0)
+}
+
+/// `--api-group`: the group may open the per-socket records read-only (the pin 0640, its
+/// directory 0710, both of the group), and nothing else: the other pins stay root's, and the
+/// directories above (up to bpffs's root) only let others pass through (o+x). Returns what
+/// still keeps the group out, as warnings.
+pub fn share_records(pin_dir: &Path, gid: u32) -> Result<Vec<String>, SystemError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: nix::Error| SystemError::Read {
+            path: path.clone(),
+            source: std::io::Error::from(e),
+        }
+    };
+    let group = Some(nix::unistd::Gid::from_raw(gid));
+    let pin = pin_dir.join(crate::kernel::SOCKETS_PIN);
+    for (path, mode) in [(pin_dir, 0o710), (pin.as_path(), 0o640)] {
+        nix::unistd::chown(path, None, group).map_err(fail(path))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
+            |source| SystemError::Read {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
+    }
+    let mut warnings = Vec::new();
+    let root = mounts_of("bpf")?
+        .into_iter()
+        .filter(|m| pin_dir.starts_with(m))
+        .max_by_key(|m| m.as_os_str().len());
+    for dir in pin_dir.ancestors().skip(1) {
+        let Ok(meta) = std::fs::metadata(dir) else {
+            break;
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        if Some(dir) == root.as_deref() {
+            if mode & 0o001 == 0 {
+                warnings.push(format!(
+                    "bpffs's root {} is mode {mode:o}: only root passes through it (systemd \
+                     mounts it 0700), so the group cannot reach the records; let others pass \
+                     (chmod o+x {}, or mount bpffs with mode=0711)",
+                    dir.display(),
+                    dir.display()
+                ));
+            }
+            break;
+        }
+        if mode & 0o001 == 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o001)).map_err(
+                |source| SystemError::Read {
+                    path: dir.to_path_buf(),
+                    source,
+                },
+            )?;
+        }
+    }
+    match crate::features::unprivileged_bpf() {
+        Ok(true) => {}
+        Ok(false) => warnings.push(
+            "this kernel refuses bpf() to processes without CAP_BPF while \
+             kernel.unprivileged_bpf_disabled is set: the group's members need CAP_BPF, or the \
+             sysctl at 0, or a kernel that lets lookups through (Linux 6.5)"
+                .into(),
+        ),
+        Err(e) => warnings.push(e),
+    }
+    Ok(warnings)
+}
+
+/// Without `--api-group`, the records are root's alone again (an earlier run may have shared
+/// them).
+pub fn unshare_records(pin_dir: &Path) -> Result<(), SystemError> {
+    use std::os::unix::fs::PermissionsExt;
+    let pin = pin_dir.join(crate::kernel::SOCKETS_PIN);
+    for (path, mode) in [(pin_dir, 0o700), (pin.as_path(), 0o600)] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
+            |source| SystemError::Read {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
+    }
+    Ok(())
 }
 
 /// Refuses early, with what is missing, when this process cannot load and attach programs, or

@@ -3,6 +3,7 @@
 //!
 //! This crate depends on nothing of tcpmgm's own, so it builds before the eBPF toolchain exists
 //! and can install it.
+mod header;
 mod setup;
 mod vm;
 
@@ -40,8 +41,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// rustfmt and clippy (-D warnings) on every crate, the eBPF one on its own target.
+    /// rustfmt and clippy (-D warnings) on every crate, the eBPF one on its own target; the C
+    /// header of the application ABI checked against its source.
     Lint,
+    /// Write the C header of the application ABI (tcpmgm-common/include/tcpmgm.h).
+    Header,
     /// Only install what is missing.
     Setup,
     /// The Linux test VM: Debian's own kernels (5.10, 6.1, 6.12) in QEMU.
@@ -143,8 +147,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .current_dir(&root),
             )
         }
+        Task::Header => header::write(&root),
         Task::Lint => {
             setup::toolchain()?;
+            header::check(&root)?;
             status(cargo(&root).args(["fmt", "--all", "--", "--check"]))?;
             status(cargo(&root).args([
                 "clippy",
@@ -179,6 +185,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // promtool lints the metrics endpoint's output.
             setup::tools(&[("promtool", "prometheus")])?;
             let databases = setup::databases()?;
+            // The application ABI's test runs the C example.
+            setup::c_example(&root)?;
             // The CLI tests run the `tcpmgm` binary, which `cargo test` alone does not build.
             status(cargo(&root).args([
                 "build",

@@ -172,3 +172,37 @@ pub fn toolchain() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The C example of the application ABI (`tcpmgm-common/examples/socket_profile.c`), built
+/// against the generated header and libbpf into `target/debug/tcpmgm-socket-profile`, where the
+/// tests find it (installing gcc and libbpf-dev when missing).
+pub fn c_example(root: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let mut missing = Vec::new();
+    if !on_path("cc") {
+        missing.push("gcc");
+    }
+    if !Path::new("/usr/include/bpf/bpf.h").exists() {
+        missing.push("libbpf-dev");
+    }
+    apt_install(&missing)?;
+    let out = root.join("target/debug/tcpmgm-socket-profile");
+    std::fs::create_dir_all(out.parent().expect("target/debug"))?;
+    status(
+        Command::new("cc")
+            .args([
+                "-O2",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-std=c11",
+                "-D_DEFAULT_SOURCE",
+            ])
+            .arg("-I")
+            .arg(root.join("tcpmgm-common/include"))
+            .arg(root.join("tcpmgm-common/examples/socket_profile.c"))
+            .arg("-lbpf")
+            .arg("-o")
+            .arg(&out),
+    )?;
+    Ok(out)
+}

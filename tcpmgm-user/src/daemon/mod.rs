@@ -94,6 +94,8 @@ pub struct Options {
     pub reread: Option<Reread>,
     /// Where to serve Prometheus metrics.
     pub metrics: Option<std::net::SocketAddr>,
+    /// The group whose members may read the per-socket records (`--api-group`).
+    pub api_group: Option<u32>,
 }
 
 /// What a reload reads again from the configuration file.
@@ -243,6 +245,21 @@ impl Daemon {
                 None
             }
         };
+        match options.api_group {
+            Some(gid) => {
+                for warning in system::share_records(enforcer.pin_dir(), gid)? {
+                    tracing::warn!("--api-group: {warning}");
+                }
+                tracing::info!(
+                    "group {gid} may read the per-socket records ({})",
+                    enforcer
+                        .pin_dir()
+                        .join(crate::kernel::SOCKETS_PIN)
+                        .display()
+                );
+            }
+            None => system::unshare_records(enforcer.pin_dir())?,
+        }
         if enforcer.adopted() {
             tracing::info!(
                 "took over the policy pinned in {} by an earlier run",

@@ -138,9 +138,9 @@ pub(crate) const HOOKS: [Hook; 4] = [
     },
 ];
 
-/// The layout version of the shared socket map: part of its pin name, so that a pin left by an
-/// incompatible build is never reused.
-pub const SOCKETS_PIN: &str = "TCPMGM_SOCKETS_V3";
+/// The pin name of the shared socket map: its layout version is part of it, so that a pin left
+/// by an incompatible build is never reused (and the application ABI names it).
+pub use tcpmgm_common::SOCKETS_PIN;
 
 /// How long a generation that is no longer in force stays in its slot before its maps are
 /// freed: far longer than any program run that may have read the old generation's number.

@@ -68,6 +68,8 @@ pub fn which(tool: &str) -> anyhow::Result<PathBuf> {
 pub struct Build {
     pub tcpmgm: PathBuf,
     pub probe: PathBuf,
+    /// The application ABI's C example.
+    pub c_example: PathBuf,
     /// Integration test executables, with their target names.
     pub tests: Vec<(String, PathBuf)>,
 }
@@ -121,6 +123,7 @@ pub fn build(root: &Path, only: &[String]) -> anyhow::Result<Build> {
         .map(|(name, exe)| Ok((name.clone(), strip(&exe, &scratch.join(&name))?)))
         .collect::<anyhow::Result<_>>()?;
     Ok(Build {
+        c_example: crate::setup::c_example(root)?,
         tcpmgm: strip(&target.join("tcpmgm"), &scratch.join("tcpmgm"))?,
         probe: strip(&target.join("tcpmgm-probe"), &scratch.join("tcpmgm-probe"))?,
         tests,
@@ -154,6 +157,7 @@ fn initramfs(
         ("ss", "usr/bin/ss"),
         ("nsenter", "usr/bin/nsenter"),
         ("promtool", "usr/bin/promtool"),
+        ("setpriv", "usr/bin/setpriv"),
     ] {
         fs.program(at, &which(tool)?)?;
     }
@@ -164,6 +168,7 @@ fn initramfs(
     fs.program("usr/sbin/bpftool", &bpftool)?;
     fs.program("t/tcpmgm", &build.tcpmgm)?;
     fs.program("t/tcpmgm-probe", &build.probe)?;
+    fs.program("t/tcpmgm-socket-profile", &build.c_example)?;
     // The tests find tcpmgm and the probe in the parent of their own directory, as in target/.
     for (name, exe) in &build.tests {
         fs.program(&format!("t/deps/{name}"), exe)?;

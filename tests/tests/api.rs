@@ -1,0 +1,120 @@
+//! The application ABI from C: the example program (tcpmgm-common/examples/socket_profile.c,
+//! built against the generated header and libbpf by `cargo xtask test`) reads its own socket's
+//! rule and profile, as root and as an unprivileged member of `--api-group`; a user outside the
+//! group cannot.
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tcpmgm::source::TableVersion;
+use tcpmgm_tests::{Backend, Daemon, Sandbox, TestDb, binary, control_socket};
+
+/// Runs `program` inside the sandbox's cgroup and network namespace, through `identity` (a
+/// `setpriv ...` prefix; empty: as root).
+fn in_sandbox(sb: &Sandbox, identity: &[&str], program: &Path, args: &[&str]) -> Output {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec \"$@\"",
+        sb.cgroup.display()
+    );
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("sh")
+        .arg("nsenter")
+        .arg(format!("--net={}", sb.netns.path()))
+        .args(identity)
+        .arg(program)
+        .args(args)
+        .output()
+        .expect("run the C example")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test]
+async fn the_c_example_reads_its_sockets_rule_as_root_and_as_a_member_of_api_group() {
+    let db = TestDb::new(
+        Backend::Sqlite,
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, remote_addr, keepidle, attrs) VALUES (7, '127.0.0.2', 41, 'tenant=9');",
+    )
+    .await;
+    let sb = Sandbox::new();
+    let gid = (40_000 + std::process::id() % 10_000).to_string();
+    let d = Daemon::start_with(&sb, &db.url, control_socket(&sb), &["--api-group", &gid]);
+    let mut probe = sb.probe();
+    probe.ask("serve 127.0.0.2:7050");
+    let program = binary("tcpmgm-socket-profile");
+    let pins = sb.pin_dir.to_str().unwrap();
+    let args = [pins, "127.0.0.2", "7050"];
+
+    let root = in_sandbox(&sb, &[], &program, &args);
+    assert!(root.status.success(), "{}", text(&root));
+    let said = text(&root);
+    assert!(said.contains("rule_id=7 keepidle=41"), "{said}");
+    assert!(said.contains("attr tenant=9"), "{said}");
+
+    let groups = format!("--groups={gid}");
+    let member = [
+        "/usr/bin/setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        &groups,
+        "--inh-caps=-all",
+    ];
+    let stranger = [
+        "/usr/bin/setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ];
+    let as_member = in_sandbox(&sb, &member, &program, &args);
+    let as_stranger = in_sandbox(&sb, &stranger, &program, &args);
+    if tcpmgm::features::unprivileged_bpf().unwrap() {
+        assert!(as_member.status.success(), "{}", text(&as_member));
+        assert!(
+            text(&as_member).contains("rule_id=7 keepidle=41"),
+            "{}",
+            text(&as_member)
+        );
+        // Only the group: the pin is not the world's.
+        assert!(!as_stranger.status.success());
+        assert!(
+            text(&as_stranger).contains("Permission denied"),
+            "{}",
+            text(&as_stranger)
+        );
+    } else {
+        // This kernel refuses bpf() to users without CAP_BPF, and the daemon said so.
+        for out in [&as_member, &as_stranger] {
+            assert!(!out.status.success());
+            assert!(
+                text(out).contains("Operation not permitted"),
+                "{}",
+                text(out)
+            );
+        }
+        assert!(
+            d.startup_log
+                .contains("refuses bpf() to processes without CAP_BPF"),
+            "{}",
+            d.startup_log
+        );
+    }
+    // The other pins stay root's alone.
+    use std::os::unix::fs::PermissionsExt;
+    for entry in std::fs::read_dir(&sb.pin_dir).unwrap().flatten() {
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        if entry.file_name() == tcpmgm::kernel::SOCKETS_PIN {
+            assert_eq!(mode, 0o640);
+        } else {
+            assert_eq!(mode & 0o077, 0, "{:?} is {mode:o}", entry.file_name());
+        }
+    }
+}
