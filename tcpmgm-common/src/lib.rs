@@ -6,7 +6,10 @@
 #![no_std]
 
 pub mod abi;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod decide;
+pub mod options;
 
 pub use abi::{
     Attr, MAX_ATTR_KEY, MAX_ATTRS, Profile, SOCK_NO_RULE, SOCK_RECORD_VERSION, SOCK_RULE,

@@ -15,7 +15,6 @@ mod decide;
 mod generation;
 mod logbook;
 mod maps;
-mod options;
 mod sock_ops;
 mod sockets;
 mod sockopt;

@@ -18,12 +18,10 @@ use aya_log_ebpf::info;
 
 use crate::decide::{is_v4_mapped, load_words};
 use crate::logbook;
-use crate::options::{
-    SO_KEEPALIVE, SOL_SOCKET, SOL_TCP, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT,
-};
 use crate::sockets::{self, Decided};
 use crate::stats;
 use tcpmgm_common::decide::Conn;
+use tcpmgm_common::options::{self, SOL_TCP, TCP_USER_TIMEOUT};
 
 const AF_INET6: u32 = 10;
 
@@ -244,22 +242,9 @@ fn slow_send(ctx: &SockOpsContext, p: &Profile, timeout: bool) {
 }
 
 fn apply_keepalive(ctx: &SockOpsContext, d: &Decided) {
-    let p = d.profile;
-    if p.flags & flags::KEEPALIVE_OFF != 0 {
-        set(ctx, d, SOL_SOCKET, SO_KEEPALIVE, 0);
-        return;
-    }
-    if p.flags & flags::KEEPALIVE_ON == 0 {
-        return;
-    }
-    set(ctx, d, SOL_SOCKET, SO_KEEPALIVE, 1);
-    if p.keepidle != 0 {
-        set(ctx, d, SOL_TCP, TCP_KEEPIDLE, p.keepidle);
-    }
-    if p.keepintvl != 0 {
-        set(ctx, d, SOL_TCP, TCP_KEEPINTVL, p.keepintvl);
-    }
-    if p.keepcnt != 0 {
-        set(ctx, d, SOL_TCP, TCP_KEEPCNT, p.keepcnt);
+    for (level, name) in options::KEEPALIVE {
+        if let Some(value) = d.profile.held_option(level, name) {
+            set(ctx, d, level, name, value);
+        }
     }
 }

@@ -11,12 +11,12 @@
 //!   is kept aside and takes over at establishment; before connect(), it marks the socket so
 //!   that the connect timeout leaves it alone.
 use aya_ebpf::{bindings::bpf_sockopt, macros::cgroup_sockopt, programs::SockoptContext};
-use tcpmgm_common::{SOCK_RULE, SockPolicy, flags, marks};
+use tcpmgm_common::{SOCK_RULE, SockPolicy, marks};
 
-use crate::options::{
+use crate::{sockets, stats};
+use tcpmgm_common::options::{
     SO_KEEPALIVE, SOL_SOCKET, SOL_TCP, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT,
 };
-use crate::{sockets, stats};
 
 /// Let the kernel carry on with the (possibly rewritten) option.
 const PROCEED: i32 = 1;
@@ -37,7 +37,7 @@ pub fn tcpmgm_sockopt(ctx: SockoptContext) -> i32 {
         || (level == SOL_TCP
             && (name == TCP_KEEPIDLE || name == TCP_KEEPINTVL || name == TCP_KEEPCNT))
     {
-        keepalive(so, name);
+        keepalive(so, level, name);
     }
     PROCEED
 }
@@ -69,7 +69,7 @@ fn record(so: *mut bpf_sockopt, create: bool) -> Option<&'static mut SockPolicy>
     (!stored.is_null()).then(|| unsafe { &mut *stored })
 }
 
-fn keepalive(so: *mut bpf_sockopt, name: i32) {
+fn keepalive(so: *mut bpf_sockopt, level: i32, name: i32) {
     let Some(record) = record(so, false) else {
         return;
     };
@@ -77,14 +77,8 @@ fn keepalive(so: *mut bpf_sockopt, name: i32) {
         return;
     }
     let p = &record.profile;
-    let on = p.flags & flags::KEEPALIVE_ON != 0;
-    let rule = match name {
-        SO_KEEPALIVE if p.flags & flags::KEEPALIVE_OFF != 0 => 0,
-        SO_KEEPALIVE if on => 1,
-        TCP_KEEPIDLE if on && p.keepidle != 0 => p.keepidle,
-        TCP_KEEPINTVL if on && p.keepintvl != 0 => p.keepintvl,
-        TCP_KEEPCNT if on && p.keepcnt != 0 => p.keepcnt,
-        _ => return,
+    let Some(rule) = p.held_option(level, name) else {
+        return;
     };
     let Some(value) = int_value(so) else {
         return;

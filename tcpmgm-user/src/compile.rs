@@ -316,6 +316,14 @@ pub fn syn_rto_jiffies(connect_timeout_ms: u32, hz: u32) -> u32 {
     }
 }
 
+/// The profile a socket of `rule` carries in its record, as applications and `tcpmgm conns` read
+/// it: one conversion, so `tcpmgm match` shows what the kernel will record.
+pub fn recorded_profile(rule: &Rule) -> tcpmgm_common::client::SocketProfile {
+    // Rank, HZ and enforcement only touch fields the record's reader does not show.
+    let p = kernel_profile(rule, 0, 250, &Enforcement::default());
+    tcpmgm_common::client::SocketProfile::from(&p)
+}
+
 fn kernel_profile(rule: &Rule, rank: u32, hz: u32, enforcement: &Enforcement) -> Profile {
     let p = &rule.profile;
     let mut f = if p.keepalive {

@@ -1,8 +1,15 @@
-//! The configuration file: every option of `tcpmgm run` (and the rule options of `check` and
-//! `match`), in TOML. The command line wins over the file; listeners from both are used.
+//! The configuration file and the command line, merged in one place: every option of
+//! `tcpmgm run` (and the rule options of `check` and `match`) is a TOML key of the same name.
+//! An option given on the command line wins over the file, either way (`--audit=false` turns
+//! off `audit = true`); listeners from both are used.
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+use crate::compile::Enforcement;
+use crate::opensips_cfg::OpenSipsCfg;
+use crate::pipeline::RuleArgs;
 
 /// `/etc/tcpmgm/tcpmgm.toml`, for example:
 ///
@@ -40,7 +47,7 @@ pub struct Config {
     pub audit: Option<bool>,
     pub app_options: Option<AppOptions>,
     pub enforce_default_connect_timeout: Option<bool>,
-    pub metrics: Option<std::net::SocketAddr>,
+    pub metrics: Option<SocketAddr>,
     /// OpenSIPS's configuration file (as `--opensips-cfg`).
     pub opensips_cfg: Option<PathBuf>,
     /// The rule table's name (as `--table`).
@@ -88,6 +95,155 @@ impl Config {
     }
 }
 
+/// `tcpmgm run`'s own options, as given on its command line. An on/off option is `--NAME`
+/// (on), `--NAME=true` or `--NAME=false`.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct RunFlags {
+    /// The cgroup v2 to govern: a path below the cgroup2 mount, or an absolute path.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Load the valid rows and log the bad ones, instead of refusing to start.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub skip_invalid: Option<bool>,
+    /// bpffs directory for the pinned maps [default: <bpffs>/tcpmgm/<cgroup>].
+    #[arg(long)]
+    pub pin_dir: Option<PathBuf>,
+    /// Create the cgroup when it does not exist, e.g. a slice systemd starts later
+    /// (with --detach-on-exit it is removed at exit when empty).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub create_cgroup: Option<bool>,
+    /// Control socket for `tcpmgm reload` [default: /run/tcpmgm/<cgroup>.sock].
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// On SIGINT/SIGTERM take the policy off the cgroup. By default it stays in force
+    /// (pinned) after the daemon exits, and the next `run` takes it over.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub detach_on_exit: Option<bool>,
+    /// With SQLite or MariaDB, look for changes to the table every SECONDS and reload when
+    /// it changed (PostgreSQL needs no polling: it notifies).
+    #[arg(long, value_name = "SECONDS")]
+    pub poll_interval: Option<f64>,
+    /// The network namespace the cgroup's sockets live in, for con_lifetime (a
+    /// /var/run/netns path) [default: tcpmgm's own].
+    #[arg(long, value_name = "PATH")]
+    pub netns: Option<PathBuf>,
+    /// Enforce con_lifetime also where a rule keeps OpenSIPS's default of 120 s.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub enforce_default_lifetime: Option<bool>,
+    /// After each reload, give the cgroup's established connections the keepalive options of
+    /// the rule that now matches them (by default a profile is kept for a connection's life,
+    /// as in OpenSIPS).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub reapply_existing: Option<bool>,
+    /// How long reading the table may take before a reload gives up (the policy in force
+    /// stays) [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    pub db_timeout: Option<f64>,
+    /// Audit mode: decide as when enforcing, but refuse nothing, close nothing and set
+    /// nothing; count and log, per rule, what would have been done.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub audit: Option<bool>,
+    /// Whether the cgroup's processes may change, with their own setsockopt(), the options
+    /// their socket's rule sets [default: enforce].
+    #[arg(long, value_enum, value_name = "enforce|allow")]
+    pub app_options: Option<AppOptions>,
+    /// Enforce connect_timeout also where a rule keeps OpenSIPS's schema default of 100 ms.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub enforce_default_connect_timeout: Option<bool>,
+    /// Serve Prometheus metrics at ADDR:PORT (/metrics).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
+    /// Let the members of GROUP (a name or a number) read the per-socket records, as a
+    /// SIP server running as an unprivileged user reads its own sockets' profiles; nothing
+    /// else of the pins becomes readable.
+    #[arg(long, value_name = "GROUP")]
+    pub api_group: Option<String>,
+}
+
+impl Config {
+    /// The file's settings with those given on the command line on top.
+    pub fn overlay(mut self, given: &RunFlags) -> Config {
+        macro_rules! over {
+            ($($field:ident),* $(,)?) => {
+                $(if given.$field.is_some() {
+                    self.$field.clone_from(&given.$field);
+                })*
+            };
+        }
+        over!(
+            cgroup,
+            skip_invalid,
+            pin_dir,
+            create_cgroup,
+            control,
+            detach_on_exit,
+            poll_interval,
+            netns,
+            enforce_default_lifetime,
+            reapply_existing,
+            db_timeout,
+            audit,
+            app_options,
+            enforce_default_connect_timeout,
+            metrics,
+            api_group,
+        );
+        self
+    }
+
+    /// How the rules are enforced beyond their rows.
+    pub fn enforcement(&self) -> Enforcement {
+        Enforcement {
+            default_connect_timeout: self.enforce_default_connect_timeout == Some(true),
+            audit: self.audit == Some(true),
+            app_options_allow: self.app_options == Some(AppOptions::Allow),
+        }
+    }
+
+    /// Which of OpenSIPS's column defaults are enforced.
+    pub fn defaults(&self) -> crate::features::Defaults {
+        crate::features::Defaults {
+            enforcement: self.enforcement(),
+            lifetime: self.enforce_default_lifetime == Some(true),
+        }
+    }
+}
+
+impl RuleArgs {
+    /// Folds the configuration file (if any) in: the command line wins, listeners add up.
+    /// Then reads `--opensips-cfg` (from either), for what the options left unset. Returns the
+    /// file's contents, for the options beyond the rules.
+    pub fn with_config(&mut self) -> Result<Config, ConfigError> {
+        let config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if self.db.is_none() {
+            self.db.clone_from(&config.db);
+        }
+        if self.table.is_none() {
+            self.table.clone_from(&config.table);
+        }
+        if self.opensips_cfg.is_none() {
+            self.opensips_cfg.clone_from(&config.opensips_cfg);
+        }
+        self.listeners.extend(config.listeners.iter().cloned());
+        self.sockets_from
+            .extend(config.sockets_from.iter().cloned());
+        if let Some(path) = &self.opensips_cfg {
+            let cfg = OpenSipsCfg::read(path)?;
+            if self.table.is_none() {
+                self.table = cfg.table()?;
+            }
+            if self.db.is_none() {
+                self.db = Some(cfg.db()?);
+            }
+            self.opensips = Some(cfg);
+        }
+        Ok(config)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +274,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown field `dbb`"), "{err}");
+    }
+
+    #[derive(clap::Parser)]
+    struct Run {
+        #[command(flatten)]
+        flags: RunFlags,
+    }
+
+    fn given(args: &[&str]) -> RunFlags {
+        use clap::Parser as _;
+        Run::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
+            .unwrap()
+            .flags
+    }
+
+    #[test]
+    fn the_command_line_wins_over_the_file_either_way() {
+        let file: Config = toml::from_str(
+            "audit = true\nreapply_existing = true\npoll_interval = 5.0\ncgroup = 'a'",
+        )
+        .unwrap();
+        let merged = file.clone().overlay(&given(&[
+            "--audit=false",
+            "--detach-on-exit",
+            "--cgroup",
+            "b",
+        ]));
+        assert_eq!(
+            merged.audit,
+            Some(false),
+            "--audit=false turns the file's audit off"
+        );
+        assert_eq!(
+            merged.detach_on_exit,
+            Some(true),
+            "a bare flag turns an option on"
+        );
+        assert_eq!(
+            merged.reapply_existing,
+            Some(true),
+            "what is not given keeps the file's"
+        );
+        assert_eq!(merged.poll_interval, Some(5.0));
+        assert_eq!(merged.cgroup.as_deref(), Some(Path::new("b")));
+        assert!(!merged.enforcement().audit);
+        let off: Config = toml::from_str("audit = false").unwrap();
+        assert!(off.overlay(&given(&["--audit=true"])).enforcement().audit);
+        assert!(file.overlay(&given(&[])).enforcement().audit);
+        // `--audit false` is not `--audit=false`: a value must be attached.
+        use clap::Parser as _;
+        assert!(Run::try_parse_from(["run", "--audit", "false"]).is_err());
     }
 }

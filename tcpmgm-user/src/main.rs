@@ -29,66 +29,8 @@ enum Command {
     Run {
         #[command(flatten)]
         rules: RuleArgs,
-        /// The cgroup v2 to govern: a path below the cgroup2 mount, or an absolute path
-        /// (or `cgroup` in the config file).
-        #[arg(long)]
-        cgroup: Option<PathBuf>,
-        /// Load the valid rows and log the bad ones, instead of refusing to start.
-        #[arg(long)]
-        skip_invalid: bool,
-        /// bpffs directory for the pinned maps [default: <bpffs>/tcpmgm/<cgroup>].
-        #[arg(long)]
-        pin_dir: Option<PathBuf>,
-        /// Create the cgroup when it does not exist, e.g. a slice systemd starts later
-        /// (with --detach-on-exit it is removed at exit when empty).
-        #[arg(long)]
-        create_cgroup: bool,
-        /// Control socket for `tcpmgm reload` [default: /run/tcpmgm/<cgroup>.sock].
-        #[arg(long)]
-        control: Option<PathBuf>,
-        /// On SIGINT/SIGTERM take the policy off the cgroup. By default it stays in force
-        /// (pinned) after the daemon exits, and the next `run` takes it over.
-        #[arg(long)]
-        detach_on_exit: bool,
-        /// With SQLite or MariaDB, look for changes to the table every SECONDS and reload when
-        /// it changed (PostgreSQL needs no polling: it notifies).
-        #[arg(long, value_name = "SECONDS")]
-        poll_interval: Option<f64>,
-        /// The network namespace the cgroup's sockets live in, for con_lifetime (a
-        /// /var/run/netns path) [default: tcpmgm's own].
-        #[arg(long, value_name = "PATH")]
-        netns: Option<PathBuf>,
-        /// Enforce con_lifetime also where a rule keeps OpenSIPS's default of 120 s.
-        #[arg(long)]
-        enforce_default_lifetime: bool,
-        /// After each reload, give the cgroup's established connections the keepalive options of
-        /// the rule that now matches them (by default a profile is kept for a connection's life,
-        /// as in OpenSIPS).
-        #[arg(long)]
-        reapply_existing: bool,
-        /// How long reading the table may take before a reload gives up (the policy in force
-        /// stays) [default: 30].
-        #[arg(long, value_name = "SECONDS")]
-        db_timeout: Option<f64>,
-        /// Audit mode: decide as when enforcing, but refuse nothing, close nothing and set
-        /// nothing; count and log, per rule, what would have been done.
-        #[arg(long)]
-        audit: bool,
-        /// Whether the cgroup's processes may change, with their own setsockopt(), the options
-        /// their socket's rule sets [default: enforce].
-        #[arg(long, value_enum, value_name = "enforce|allow")]
-        app_options: Option<tcpmgm::config::AppOptions>,
-        /// Enforce connect_timeout also where a rule keeps OpenSIPS's schema default of 100 ms.
-        #[arg(long)]
-        enforce_default_connect_timeout: bool,
-        /// Serve Prometheus metrics at ADDR:PORT (/metrics).
-        #[arg(long, value_name = "ADDR:PORT")]
-        metrics: Option<SocketAddr>,
-        /// Let the members of GROUP (a name or a number) read the per-socket records, as a
-        /// SIP server running as an unprivileged user reads its own sockets' profiles; nothing
-        /// else of the pins becomes readable.
-        #[arg(long, value_name = "GROUP")]
-        api_group: Option<String>,
+        #[command(flatten)]
+        given: tcpmgm::config::RunFlags,
     },
     /// Take tcpmgm off a cgroup: programs and pins go, the system's TCP settings are back. A
     /// running `tcpmgm run` for it is told to detach and exit.
@@ -250,16 +192,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => conns(cgroup, pin_dir, netns, json),
         Command::Check { mut rules } => {
-            let config = rules.with_config()?;
-            let defaults = tcpmgm::features::Defaults {
-                enforcement: tcpmgm::compile::Enforcement {
-                    default_connect_timeout: config
-                        .enforce_default_connect_timeout
-                        .unwrap_or(false),
-                    ..Default::default()
-                },
-                lifetime: config.enforce_default_lifetime.unwrap_or(false),
-            };
+            let defaults = rules.with_config()?.defaults();
             check(rules, defaults).await
         }
         Command::Features { json } => features(json),
@@ -306,83 +239,52 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run {
-            mut rules,
-            cgroup,
-            skip_invalid,
-            pin_dir,
-            create_cgroup,
-            control,
-            detach_on_exit,
-            poll_interval,
-            netns,
-            enforce_default_lifetime,
-            reapply_existing,
-            db_timeout,
-            audit,
-            app_options,
-            enforce_default_connect_timeout,
-            metrics,
-            api_group,
-        } => {
+        Command::Run { mut rules, given } => {
             system::check_privileges(&[])?;
-            let config = rules.with_config()?;
-            let cgroup = cgroup
-                .or(config.cgroup)
+            let config = rules.with_config()?.overlay(&given);
+            let on = |v: Option<bool>| v == Some(true);
+            let cgroup = config
+                .cgroup
+                .clone()
                 .context("no cgroup: give --cgroup, or `cgroup` in the config file")?;
-            let skip_invalid = skip_invalid || config.skip_invalid.unwrap_or(false);
-            let detach_on_exit = detach_on_exit || config.detach_on_exit.unwrap_or(false);
-            let pin_dir = pin_dir.or(config.pin_dir);
-            let control = control.or(config.control);
-            let poll_interval = poll_interval.or(config.poll_interval);
-            let netns = netns.or(config.netns);
-            let enforce_default_lifetime =
-                enforce_default_lifetime || config.enforce_default_lifetime.unwrap_or(false);
-            let reapply_existing = reapply_existing || config.reapply_existing.unwrap_or(false);
-            let create_cgroup = create_cgroup || config.create_cgroup.unwrap_or(false);
-            let api_group = api_group
-                .or(config.api_group)
-                .map(|g| system::group_id(&g))
+            let api_group = config
+                .api_group
+                .as_deref()
+                .map(system::group_id)
                 .transpose()?;
             system::check_privileges(&system::option_capabilities(
-                netns.is_some(),
-                reapply_existing,
+                config.netns.is_some(),
+                on(config.reapply_existing),
             ))?;
             if let Some(gid) = api_group {
                 system::check_api_group(gid)?;
             }
-            let created = if create_cgroup {
+            let created = if on(config.create_cgroup) {
                 system::create_cgroup(&cgroup)?
             } else {
                 None
             };
+            let detach_on_exit = on(config.detach_on_exit);
             let reread = rules.config.clone().map(|config| daemon::Reread {
                 config,
-                audit_given: audit,
-                app_options_given: app_options.is_some(),
+                given: given.clone(),
             });
             let options = daemon::Options {
                 rules,
                 cgroup,
-                skip_invalid,
-                pin_dir,
-                control,
+                skip_invalid: on(config.skip_invalid),
+                pin_dir: config.pin_dir.clone(),
+                control: config.control.clone(),
                 detach_on_exit,
-                poll_interval: poll_interval.map(std::time::Duration::from_secs_f64),
-                netns,
-                enforce_default_lifetime,
-                reapply_existing,
-                db_timeout: db_timeout
-                    .or(config.db_timeout)
+                poll_interval: config.poll_interval.map(std::time::Duration::from_secs_f64),
+                netns: config.netns.clone(),
+                enforce_default_lifetime: on(config.enforce_default_lifetime),
+                reapply_existing: on(config.reapply_existing),
+                db_timeout: config
+                    .db_timeout
                     .map_or(daemon::DB_TIMEOUT, std::time::Duration::from_secs_f64),
-                enforcement: tcpmgm::compile::Enforcement {
-                    default_connect_timeout: enforce_default_connect_timeout
-                        || config.enforce_default_connect_timeout.unwrap_or(false),
-                    audit: audit || config.audit.unwrap_or(false),
-                    app_options_allow: app_options.or(config.app_options)
-                        == Some(tcpmgm::config::AppOptions::Allow),
-                },
-                metrics: metrics.or(config.metrics),
+                enforcement: config.enforcement(),
+                metrics: config.metrics,
                 api_group,
                 reread,
             };
@@ -405,11 +307,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pin_dir,
             control,
         } => {
-            let cgroup = system::resolve_cgroup(&cgroup)?;
-            let control = match control {
-                Some(c) => c,
-                None => system::default_control_socket(&cgroup)?,
-            };
+            let system::Paths {
+                cgroup,
+                pin_dir,
+                control,
+            } = system::Paths::of(&cgroup, pin_dir, control)?;
             let daemon_detached = daemon::request(&control, "detach").await.is_ok();
             if daemon_detached {
                 // The daemon detaches as it exits; wait for its socket to go.
@@ -420,10 +322,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
             }
-            let pin_dir = match pin_dir {
-                Some(p) => p,
-                None => system::default_pin_dir(&cgroup)?,
-            };
             let pinned = tcpmgm::kernel::detach_pinned(&pin_dir)?;
             if daemon_detached || pinned {
                 println!(
@@ -452,7 +350,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let control = match (control.or(file.control), cgroup.or(file.cgroup)) {
                 (Some(c), _) => c,
-                (None, Some(cg)) => system::default_control_socket(&system::resolve_cgroup(&cg)?)?,
+                (None, Some(cg)) => system::Paths::of(&cg, None, None)?.control,
                 (None, None) => anyhow::bail!(
                     "no cgroup: give --cgroup or --control, or `cgroup` in the config file"
                 ),
@@ -479,18 +377,17 @@ fn conns(
     netns: Option<PathBuf>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let cgroup = system::resolve_cgroup(&cgroup)?;
-    let pins = match pin_dir {
-        Some(p) => p,
-        None => system::default_pin_dir(&cgroup)?,
-    };
+    let paths = system::Paths::of(&cgroup, pin_dir, None)?;
     if let Some(ns) = &netns {
         let f = std::fs::File::open(ns).with_context(|| format!("{}", ns.display()))?;
         nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
             .with_context(|| format!("entering {}", ns.display()))?;
     }
-    let list = tcpmgm::socket::connections(&cgroup, &pins.join(tcpmgm::socket::SOCKETS_PIN))
-        .with_context(|| format!("listing the connections of {}", cgroup.display()))?;
+    let list = tcpmgm::socket::connections(
+        &paths.cgroup,
+        &paths.pin_dir.join(tcpmgm::socket::SOCKETS_PIN),
+    )
+    .with_context(|| format!("listing the connections of {}", paths.cgroup.display()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(ExitCode::SUCCESS);
@@ -503,27 +400,7 @@ fn conns(
         let state = if c.established { "ESTAB" } else { "other" };
         let rule = match &c.profile {
             None => "none (system settings)".to_owned(),
-            Some(p) => {
-                let attrs: Vec<String> = p.attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                format!(
-                    "{}: keepalive={} idle={} intvl={} cnt={} connect_timeout={}ms lifetime={}s read_timeout={}s send_threshold={}us alias_mode={}{}",
-                    p.rule_id,
-                    u8::from(p.keepalive),
-                    p.keepidle,
-                    p.keepinterval,
-                    p.keepcount,
-                    p.connect_timeout_ms,
-                    p.con_lifetime_s,
-                    p.msg_read_timeout_s,
-                    p.send_threshold_us,
-                    p.alias_mode,
-                    if attrs.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" attrs={}", attrs.join(";"))
-                    }
-                )
-            }
+            Some(p) => format!("{}: {p}", p.rule_id),
         };
         println!(
             "{state:<6} {:<46} {:<46} {:>9}  {rule}",
@@ -544,25 +421,14 @@ fn status(
     let mut found = Vec::new();
     match cgroup {
         Some(cg) => {
-            let cg = system::resolve_cgroup(&cg)?;
-            let pins = match pin_dir {
-                Some(p) => p,
-                None => system::default_pin_dir(&cg)?,
-            };
-            let control = match control {
-                Some(c) => c,
-                None => system::default_control_socket(&cg)?,
-            };
-            let mut s = tcpmgm::status::of(&pins, &control);
-            s.cgroup.get_or_insert(cg);
+            let paths = system::Paths::of(&cg, pin_dir, control)?;
+            let mut s = tcpmgm::status::of(&paths.pin_dir, &paths.control);
+            s.cgroup.get_or_insert(paths.cgroup);
             found.push(s);
         }
         None => {
-            let root = system::bpffs()?.join("tcpmgm");
-            for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-                let slug = entry.file_name().to_string_lossy().into_owned();
-                let control = std::path::Path::new("/run/tcpmgm").join(format!("{slug}.sock"));
-                found.push(tcpmgm::status::of(&entry.path(), &control));
+            for (pins, control) in system::Paths::pinned()? {
+                found.push(tcpmgm::status::of(&pins, &control));
             }
         }
     }
@@ -679,24 +545,7 @@ async fn explain(
         return Ok(ExitCode::SUCCESS);
     };
     println!("rule {}: {}", winner.id, winner.describe());
-    let p = &winner.profile;
-    println!(
-        "  profile: connect_timeout={}ms con_lifetime={}s msg_read_timeout={}s send_threshold={}us no_new_conn={} alias_mode={} keepalive={} keepcount={} keepidle={}s keepinterval={}s",
-        p.connect_timeout_ms,
-        p.con_lifetime_s,
-        p.msg_read_timeout_s,
-        p.send_threshold_us,
-        u8::from(p.no_new_conn),
-        p.alias_mode,
-        u8::from(p.keepalive),
-        p.keepcount,
-        p.keepidle,
-        p.keepinterval,
-    );
-    if !p.attrs.is_empty() {
-        let attrs: Vec<String> = p.attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("  attrs: {}", attrs.join(";"));
-    }
+    println!("  profile: {}", tcpmgm::compile::recorded_profile(winner));
     for other in matching.iter().skip(1) {
         println!(
             "  also matches rule {}, which loses: rule {} has {}",

@@ -1,7 +1,6 @@
 //! The steps every command shares: read the table, validate, and (for `run`) compile.
 use std::path::PathBuf;
 
-use crate::config::{Config, ConfigError};
 use crate::listener::{ListenerError, Listeners};
 use crate::opensips_cfg::OpenSipsCfg;
 use crate::rule::{RowError, Rule, validate_rows};
@@ -57,39 +56,6 @@ pub struct RuleSet {
 }
 
 impl RuleArgs {
-    /// Folds the configuration file (if any) in: the command line wins, listeners add up.
-    /// Returns the file's contents for the options beyond the rules.
-    /// Then reads `--opensips-cfg` (from either), for what the options left unset.
-    pub fn with_config(&mut self) -> Result<Config, ConfigError> {
-        let config = match &self.config {
-            Some(path) => Config::load(path)?,
-            None => Config::default(),
-        };
-        if self.db.is_none() {
-            self.db.clone_from(&config.db);
-        }
-        if self.table.is_none() {
-            self.table.clone_from(&config.table);
-        }
-        if self.opensips_cfg.is_none() {
-            self.opensips_cfg.clone_from(&config.opensips_cfg);
-        }
-        self.listeners.extend(config.listeners.iter().cloned());
-        self.sockets_from
-            .extend(config.sockets_from.iter().cloned());
-        if let Some(path) = &self.opensips_cfg {
-            let cfg = OpenSipsCfg::read(path)?;
-            if self.table.is_none() {
-                self.table = cfg.table()?;
-            }
-            if self.db.is_none() {
-                self.db = Some(cfg.db()?);
-            }
-            self.opensips = Some(cfg);
-        }
-        Ok(config)
-    }
-
     /// The rule database URL.
     pub fn db(&self) -> &str {
         self.db.as_deref().unwrap_or(DEFAULT_DB)

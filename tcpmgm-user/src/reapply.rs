@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 use aya::maps::{Map, MapData, SkStorage};
-use tcpmgm_common::{SOCK_RULE, SockPolicy};
+use tcpmgm_common::{SOCK_RULE, SockPolicy, options};
 
 use crate::compile::Policy;
 use crate::diag;
@@ -148,7 +148,6 @@ pub fn reapply(
             }
         };
         let p = &policy.profiles[rank];
-        let rule = &policy.rules[rank].profile;
         // The record first: the setsockopt hook holds a socket to its recorded rule, whoever
         // calls, and would put the old values back. Established already: no handshake bound of
         // tcpmgm's is left to track.
@@ -162,33 +161,10 @@ pub fn reapply(
             tracing::warn!("recording the new rule of {} -> {}: {e}", s.local, s.remote);
             continue;
         }
-        let tcp = libc::IPPROTO_TCP;
-        let result = if rule.keepalive {
-            setsockopt(&sock, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)
-                .and_then(|()| {
-                    if p.keepidle != 0 {
-                        setsockopt(&sock, tcp, libc::TCP_KEEPIDLE, p.keepidle)
-                    } else {
-                        Ok(())
-                    }
-                })
-                .and_then(|()| {
-                    if p.keepintvl != 0 {
-                        setsockopt(&sock, tcp, libc::TCP_KEEPINTVL, p.keepintvl)
-                    } else {
-                        Ok(())
-                    }
-                })
-                .and_then(|()| {
-                    if p.keepcnt != 0 {
-                        setsockopt(&sock, tcp, libc::TCP_KEEPCNT, p.keepcnt)
-                    } else {
-                        Ok(())
-                    }
-                })
-        } else {
-            setsockopt(&sock, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 0)
-        };
+        let result = options::KEEPALIVE
+            .iter()
+            .filter_map(|&(level, name)| Some((level, name, p.held_option(level, name)?)))
+            .try_for_each(|(level, name, value)| setsockopt(&sock, level, name, value));
         if let Err(e) = result {
             tracing::warn!("re-applying to {} -> {}: {e}", s.local, s.remote);
             continue;
@@ -196,4 +172,32 @@ pub fn reapply(
         done.updated += 1;
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use tcpmgm_common::options::*;
+
+    #[test]
+    fn the_shared_option_numbers_are_this_systems() {
+        assert_eq!(
+            [
+                SOL_SOCKET,
+                SO_KEEPALIVE,
+                SOL_TCP,
+                TCP_KEEPIDLE,
+                TCP_KEEPINTVL,
+                TCP_KEEPCNT
+            ],
+            [
+                libc::SOL_SOCKET,
+                libc::SO_KEEPALIVE,
+                libc::IPPROTO_TCP,
+                libc::TCP_KEEPIDLE,
+                libc::TCP_KEEPINTVL,
+                libc::TCP_KEEPCNT
+            ]
+        );
+        assert_eq!(TCP_USER_TIMEOUT, libc::TCP_USER_TIMEOUT);
+    }
 }

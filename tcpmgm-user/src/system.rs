@@ -408,14 +408,63 @@ pub fn bpffs() -> Result<PathBuf, SystemError> {
     Ok(path)
 }
 
-/// The default pin directory for a cgroup: `<bpffs>/tcpmgm/<cgroup path, / as _ and . as ->`
-/// (bpffs refuses names with a dot).
-pub fn default_pin_dir(cgroup: &Path) -> Result<PathBuf, SystemError> {
-    Ok(bpffs()?.join("tcpmgm").join(cgroup_slug(cgroup)?))
+/// Where the control sockets of the daemons are by default.
+pub const CONTROL_DIR: &str = "/run/tcpmgm";
+
+/// What belongs to one governed cgroup: the cgroup, the pin directory of its policy and the
+/// control socket of its daemon. The one place their defaults are worked out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Paths {
+    pub cgroup: PathBuf,
+    /// Given, else `<bpffs>/tcpmgm/<slug>`.
+    pub pin_dir: PathBuf,
+    /// Given, else `/run/tcpmgm/<slug>.sock`.
+    pub control: PathBuf,
 }
 
-/// A cgroup's path below the cgroup2 root as one file name: `/` as `_`, `.` as `-`, `root` for
-/// the root itself.
+impl Paths {
+    /// `cgroup` (below the cgroup2 mount, or absolute; it must exist), with the pin directory
+    /// and control socket given, or their defaults.
+    pub fn of(
+        cgroup: &Path,
+        pin_dir: Option<PathBuf>,
+        control: Option<PathBuf>,
+    ) -> Result<Paths, SystemError> {
+        let cgroup = resolve_cgroup(cgroup)?;
+        let slug = cgroup_slug(&cgroup)?;
+        let pin_dir = match pin_dir {
+            Some(p) => p,
+            None => bpffs()?.join("tcpmgm").join(&slug),
+        };
+        Ok(Paths {
+            control: control.unwrap_or_else(|| Paths::default_control(&slug)),
+            cgroup,
+            pin_dir,
+        })
+    }
+
+    /// The pin directories under the default root, each with its default control socket: the
+    /// cgroups tcpmgm governs (`tcpmgm status` without --cgroup).
+    pub fn pinned() -> Result<Vec<(PathBuf, PathBuf)>, SystemError> {
+        let root = bpffs()?.join("tcpmgm");
+        Ok(std::fs::read_dir(&root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| {
+                let slug = entry.file_name().to_string_lossy().into_owned();
+                (entry.path(), Paths::default_control(&slug))
+            })
+            .collect())
+    }
+
+    fn default_control(slug: &str) -> PathBuf {
+        Path::new(CONTROL_DIR).join(format!("{slug}.sock"))
+    }
+}
+
+/// A cgroup's path below the cgroup2 root as one file name: `/` as `_`, `.` as `-` (bpffs
+/// refuses names with a dot), `root` for the root itself.
 pub fn cgroup_slug(cgroup: &Path) -> Result<String, SystemError> {
     let root = cgroup2_root()?;
     let rel = cgroup
@@ -430,11 +479,6 @@ pub fn cgroup_slug(cgroup: &Path) -> Result<String, SystemError> {
     } else {
         rel
     })
-}
-
-/// The default control socket of the daemon governing a cgroup: `/run/tcpmgm/<slug>.sock`.
-pub fn default_control_socket(cgroup: &Path) -> Result<PathBuf, SystemError> {
-    Ok(PathBuf::from("/run/tcpmgm").join(format!("{}.sock", cgroup_slug(cgroup)?)))
 }
 
 /// The kernel's tick rate, from its config, else measured from /proc/timer_list.

@@ -1,5 +1,6 @@
-//! The application ABI from C: the example program (tcpmgm-common/examples/socket_profile.c,
-//! built against the generated header and libbpf by `cargo xtask test`) reads its own socket's
+//! The application ABI from C and from Rust: the C example (tcpmgm-common/examples/
+//! socket_profile.c, built against the generated header and libbpf by `cargo xtask test`) and
+//! the Rust client library (`tcpmgm_common::client`, through the probe) read their own socket's
 //! rule and profile, as root and as an unprivileged member of `--api-group`; a user outside the
 //! group cannot.
 use std::path::Path;
@@ -26,6 +27,22 @@ fn in_sandbox(sb: &Sandbox, identity: &[&str], program: &Path, args: &[&str]) ->
         .args(args)
         .output()
         .expect("run the C example")
+}
+
+/// The Rust client library (`tcpmgm_common::client`), as the probe uses it for its `profiles`
+/// line: a pair of sockets to 127.0.0.2:7051, and what the records say of the client's.
+fn rust_client(sb: &Sandbox, identity: &[&str]) -> Output {
+    let script = format!(
+        "echo 'profiles 127.0.0.2:7051 127.0.0.2:7051' | TCPMGM_TEST_PIN_DIR={} \"$0\"",
+        sb.pin_dir.display()
+    );
+    let probe = binary("tcpmgm-probe");
+    in_sandbox(
+        sb,
+        identity,
+        Path::new("sh"),
+        &["-c", &script, probe.to_str().unwrap()],
+    )
 }
 
 fn text(out: &Output) -> String {
@@ -58,6 +75,11 @@ async fn the_c_example_reads_its_sockets_rule_as_root_and_as_a_member_of_api_gro
     let said = text(&root);
     assert!(said.contains("rule_id=7 keepidle=41"), "{said}");
     assert!(said.contains("attr tenant=9"), "{said}");
+    let rust = text(&rust_client(&sb, &[]));
+    assert!(
+        rust.contains("client_rule=7 ") && rust.contains("client_idle=41 client_attrs=tenant:9"),
+        "{rust}"
+    );
 
     let groups = format!("--groups={gid}");
     let member = [
@@ -76,6 +98,8 @@ async fn the_c_example_reads_its_sockets_rule_as_root_and_as_a_member_of_api_gro
     ];
     let as_member = in_sandbox(&sb, &member, &program, &args);
     let as_stranger = in_sandbox(&sb, &stranger, &program, &args);
+    let rust_member = rust_client(&sb, &member);
+    let rust_stranger = rust_client(&sb, &stranger);
     if tcpmgm::features::unprivileged_bpf().unwrap() {
         assert!(as_member.status.success(), "{}", text(&as_member));
         assert!(
@@ -83,16 +107,20 @@ async fn the_c_example_reads_its_sockets_rule_as_root_and_as_a_member_of_api_gro
             "{}",
             text(&as_member)
         );
-        // Only the group: the pin is not the world's.
-        assert!(!as_stranger.status.success());
+        assert!(rust_member.status.success(), "{}", text(&rust_member));
         assert!(
-            text(&as_stranger).contains("Permission denied"),
+            text(&rust_member).contains("client_rule=7 "),
             "{}",
-            text(&as_stranger)
+            text(&rust_member)
         );
+        // Only the group: the pin is not the world's.
+        for out in [&as_stranger, &rust_stranger] {
+            assert!(!out.status.success());
+            assert!(text(out).contains("Permission denied"), "{}", text(out));
+        }
     } else {
         // This kernel refuses bpf() to users without CAP_BPF, and the daemon said so.
-        for out in [&as_member, &as_stranger] {
+        for out in [&as_member, &as_stranger, &rust_member, &rust_stranger] {
             assert!(!out.status.success());
             assert!(
                 text(out).contains("Operation not permitted"),

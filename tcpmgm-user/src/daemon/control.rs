@@ -23,7 +23,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
     };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(fail)?;
-        if dir == Path::new("/run/tcpmgm") {
+        if dir == Path::new(crate::system::CONTROL_DIR) {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
         }
     }

@@ -101,10 +101,8 @@ pub struct Options {
 /// What a reload reads again from the configuration file.
 pub struct Reread {
     pub config: PathBuf,
-    /// Whether the command line set --audit (then the file's `audit` is not read).
-    pub audit_given: bool,
-    /// Whether the command line set --app-options.
-    pub app_options_given: bool,
+    /// What the command line gave, which wins over the file again.
+    pub given: crate::config::RunFlags,
 }
 
 impl Options {
@@ -113,13 +111,11 @@ impl Options {
     fn current_enforcement(&self) -> Result<Enforcement, crate::config::ConfigError> {
         let mut e = self.enforcement;
         if let Some(r) = &self.reread {
-            let file = crate::config::Config::load(&r.config)?;
-            if !r.audit_given {
-                e.audit = file.audit.unwrap_or(false);
-            }
-            if !r.app_options_given {
-                e.app_options_allow = file.app_options == Some(crate::config::AppOptions::Allow);
-            }
+            let now = crate::config::Config::load(&r.config)?
+                .overlay(&r.given)
+                .enforcement();
+            e.audit = now.audit;
+            e.app_options_allow = now.app_options_allow;
         }
         Ok(e)
     }
@@ -183,7 +179,15 @@ async fn read_valid(options: &Options) -> Result<RuleSet, DaemonError> {
 impl Daemon {
     /// Loads the table and attaches it. Nothing reaches the kernel unless every step succeeds.
     pub async fn start(options: Options) -> Result<Daemon, DaemonError> {
-        let cgroup = system::resolve_cgroup(&options.cgroup)?;
+        let system::Paths {
+            cgroup,
+            pin_dir,
+            control,
+        } = system::Paths::of(
+            &options.cgroup,
+            options.pin_dir.clone(),
+            options.control.clone(),
+        )?;
         // Watch before reading, so that no change falls between the two.
         let watcher = connect_watcher(
             options.rules.db(),
@@ -195,14 +199,6 @@ impl Daemon {
         let set = read_valid(&options).await?;
         let hz = system::kernel_hz()?;
         let policy = compile_with(set.rules, &set.listeners, hz, options.enforcement)?;
-        let pin_dir = match &options.pin_dir {
-            Some(p) => p.clone(),
-            None => system::default_pin_dir(&cgroup)?,
-        };
-        let control = match &options.control {
-            Some(p) => p.clone(),
-            None => system::default_control_socket(&cgroup)?,
-        };
         let (mut enforcer, policy) = tokio::task::spawn_blocking(move || {
             Enforcer::attach(&policy, &cgroup, &pin_dir).map(|e| (e, policy))
         })

@@ -7,7 +7,7 @@
 //!   CONNECT from BIND, accept, and report both sockets. `ka`: the application itself turns
 //!   SO_KEEPALIVE on, on the listening socket and on the client before connect().
 //! - `profiles LISTEN CONNECT [BIND]`: open a pair, and report what tcpmgm's application API
-//!   (`tcpmgm::socket`) says of each socket, from the pins in `TCPMGM_TEST_PIN_DIR`.
+//!   (`tcpmgm_common::client`) says of each socket, from the pins in `TCPMGM_TEST_PIN_DIR`.
 //! - `hold-pair LISTEN CONNECT [BIND]`: open a pair and keep both sockets (`id=N`); `ping N`
 //!   moves a byte each way on it; `closed N` tells which ends are no longer established;
 //!   `opts N` reports both ends' options; `app-opts N KEEPALIVE IDLE` sets SO_KEEPALIVE and
@@ -99,8 +99,8 @@ fn main() -> anyhow::Result<()> {
             ["profile", id] => {
                 let (c, _) = &held[id.parse::<usize>()?];
                 let pins = std::env::var("TCPMGM_TEST_PIN_DIR")?;
-                let api = tcpmgm::socket::SocketProfiles::open(std::path::Path::new(&pins))?;
-                match api.get(c)? {
+                let api = tcpmgm_common::client::SocketRecords::open(std::path::Path::new(&pins))?;
+                match api.profile(c)? {
                     None => "client_rule=0".to_owned(),
                     Some(p) => format!("client_profile={}", serde_json::to_string(&p)?),
                 }
@@ -233,9 +233,12 @@ fn profiles(
     let client = open(connect, bind, false, None)?;
     let (server, _) = listeners[&listen].accept()?;
     let pins = std::env::var("TCPMGM_TEST_PIN_DIR")?;
-    let api = tcpmgm::socket::SocketProfiles::open(std::path::Path::new(&pins))?;
+    let api = tcpmgm_common::client::SocketRecords::open(std::path::Path::new(&pins))?;
     let mut out = Vec::new();
-    for (side, profile) in [("client", api.get(&client)?), ("server", api.get(&server)?)] {
+    for (side, profile) in [
+        ("client", api.profile(&client)?),
+        ("server", api.profile(&server)?),
+    ] {
         match profile {
             None => out.push(format!("{side}_rule=0")),
             Some(p) => {
