@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::compile::Enforcement;
-use crate::opensips_cfg::OpenSipsCfg;
-use crate::pipeline::RuleArgs;
+use crate::policy::compile::Enforcement;
+use crate::policy::opensips_cfg::OpenSipsCfg;
+use crate::policy::pipeline::RuleArgs;
 
 /// `/etc/tcpmgm/tcpmgm.toml`, for example:
 ///
@@ -51,7 +51,7 @@ pub struct Config {
     /// OpenSIPS's configuration file (as `--opensips-cfg`).
     pub opensips_cfg: Option<PathBuf>,
     /// The rule table's name (as `--table`).
-    pub table: Option<crate::source::TableName>,
+    pub table: Option<crate::policy::source::TableName>,
     /// The group that may read the per-socket records (as `--api-group`).
     pub api_group: Option<String>,
 }
@@ -79,7 +79,7 @@ pub enum ConfigError {
         source: toml::de::Error,
     },
     #[error("--opensips-cfg {0}")]
-    OpenSips(#[from] crate::opensips_cfg::CfgError),
+    OpenSips(#[from] crate::policy::opensips_cfg::CfgError),
 }
 
 impl Config {
@@ -201,8 +201,8 @@ impl Config {
     }
 
     /// Which of OpenSIPS's column defaults are enforced.
-    pub fn defaults(&self) -> crate::features::Defaults {
-        crate::features::Defaults {
+    pub fn defaults(&self) -> crate::kernel::features::Defaults {
+        crate::kernel::features::Defaults {
             enforcement: self.enforcement(),
             lifetime: self.enforce_default_lifetime == Some(true),
         }

@@ -170,7 +170,7 @@ pub fn share_records(pin_dir: &Path, gid: u32) -> Result<Vec<String>, SystemErro
             )?;
         }
     }
-    match crate::features::unprivileged_bpf() {
+    match crate::kernel::features::unprivileged_bpf() {
         Ok(true) => {}
         Ok(false) => warnings.push(
             "this kernel refuses bpf() to processes without CAP_BPF while \

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use tcpmgm::compile::{Enforcement, Policy, compile_with};
 use tcpmgm::kernel::Enforcer;
-use tcpmgm::listener::Listeners;
-use tcpmgm::rule::{Cell, Row, Rule, validate_rows};
+use tcpmgm::policy::compile::{Enforcement, Policy, compile_with};
+use tcpmgm::policy::listener::Listeners;
+use tcpmgm::policy::rule::{Cell, Row, Rule, validate_rows};
 use tcpmgm::system;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -449,8 +449,8 @@ pub fn compare_with_reference(
     sorted: &[Rule],
     pairs: &[(std::net::SocketAddr, std::net::SocketAddr)],
 ) -> Comparison {
-    use tcpmgm::listener::Direction;
-    use tcpmgm::matcher::first_match;
+    use tcpmgm::policy::listener::Direction;
+    use tcpmgm::policy::matcher::first_match;
     let mut c = Comparison::default();
     for &(server, bind) in pairs {
         let reply = probe.ask(&format!("pair {server} {server} {bind}"));
@@ -661,15 +661,19 @@ pub struct TestDb {
 }
 
 impl TestDb {
-    pub async fn new(backend: Backend, version: tcpmgm::source::TableVersion, sql: &str) -> TestDb {
+    pub async fn new(
+        backend: Backend,
+        version: tcpmgm::policy::source::TableVersion,
+        sql: &str,
+    ) -> TestDb {
         Self::with_table(backend, version, &Default::default(), sql).await
     }
 
     /// A database whose rule table is called `table`.
     pub async fn with_table(
         backend: Backend,
-        version: tcpmgm::source::TableVersion,
-        table: &tcpmgm::source::TableName,
+        version: tcpmgm::policy::source::TableVersion,
+        table: &tcpmgm::policy::source::TableName,
         sql: &str,
     ) -> TestDb {
         let name = format!(
@@ -721,7 +725,7 @@ impl TestDb {
             admin,
             name,
         };
-        let source = tcpmgm::source::Source::open_table(&db.url, true, table)
+        let source = tcpmgm::policy::source::Source::open_table(&db.url, true, table)
             .await
             .expect("open");
         assert!(source.init(version).await.expect("init"));
@@ -731,7 +735,7 @@ impl TestDb {
 
     /// Runs SQL on the database.
     pub async fn sql(&self, sql: &str) {
-        let source = tcpmgm::source::Source::open(&self.url, false)
+        let source = tcpmgm::policy::source::Source::open(&self.url, false)
             .await
             .expect("open");
         source.execute_script(sql).await.expect("the test's SQL");

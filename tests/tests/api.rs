@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use tcpmgm::source::TableVersion;
+use tcpmgm::policy::source::TableVersion;
 use tcpmgm_tests::{Backend, Daemon, Sandbox, TestDb, binary, control_socket};
 
 /// Runs `program` inside the sandbox's cgroup and network namespace, through `identity` (a
@@ -100,7 +100,7 @@ async fn the_c_example_reads_its_sockets_rule_as_root_and_as_a_member_of_api_gro
     let as_stranger = in_sandbox(&sb, &stranger, &program, &args);
     let rust_member = rust_client(&sb, &member);
     let rust_stranger = rust_client(&sb, &stranger);
-    if tcpmgm::features::unprivileged_bpf().unwrap() {
+    if tcpmgm::kernel::features::unprivileged_bpf().unwrap() {
         assert!(as_member.status.success(), "{}", text(&as_member));
         assert!(
             text(&as_member).contains("rule_id=7 keepidle=41"),

@@ -4,7 +4,7 @@ use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use tcpmgm::source::TableVersion;
+use tcpmgm::policy::source::TableVersion;
 use tcpmgm_tests::{Backend, Sandbox, TestDb, assert_one_program_per_hook, binary, tcpmgm};
 
 /// Runs a rule test once per database: SQLite, PostgreSQL and MariaDB.

@@ -3,9 +3,9 @@
 //! be the reference matcher's decision.
 use std::net::SocketAddr;
 
-use tcpmgm::listener::{Direction, Listeners};
-use tcpmgm::matcher;
-use tcpmgm::rule::{Row, Rule};
+use tcpmgm::policy::listener::{Direction, Listeners};
+use tcpmgm::policy::matcher;
+use tcpmgm::policy::rule::{Row, Rule};
 use tcpmgm_tests::{Probe, Sandbox, compare_with_reference, idle_of, row, rules};
 
 /// A small deterministic generator (xorshift64*), so a failing run can be replayed by seed.
@@ -97,7 +97,7 @@ fn kernel_agrees_with_the_reference_matcher_on_a_mixed_rule_set() {
     let seed = 0x7c9_2026;
     let listeners = Listeners::parse_all(LISTENERS).unwrap();
     // Rows whose local and remote families differ are rejected by validation: leave them out.
-    let (mut good, _bad) = tcpmgm::rule::validate_rows(&table(seed, 90), &listeners);
+    let (mut good, _bad) = tcpmgm::policy::rule::validate_rows(&table(seed, 90), &listeners);
     good.truncate(70);
     let sb = Sandbox::new();
     sb.netns.add_local(&[

@@ -1,6 +1,6 @@
 //! The programs in the kernel, checked the way a user would: real connections in a cgroup and
 //! network namespace of the test's own, then getsockopt, errno and elapsed time.
-use tcpmgm::listener::Listeners;
+use tcpmgm::policy::listener::Listeners;
 use tcpmgm_tests::{Sandbox, row, rules};
 
 const EPERM: i64 = 1;
@@ -399,12 +399,12 @@ fn sock_diag_answers_parse_into_sockets_with_their_records() {
         s.spawn(|| {
             let ns = std::fs::File::open(&netns).unwrap();
             nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            tcpmgm::diag::dump(Some(map.fd().as_fd()), libc::AF_INET as u8).unwrap()
+            tcpmgm::kernel::diag::dump(Some(map.fd().as_fd()), libc::AF_INET as u8).unwrap()
         })
         .join()
         .unwrap()
     });
-    let sockets = tcpmgm::diag::parse_dump(&raw, libc::AF_INET as u8).unwrap();
+    let sockets = tcpmgm::kernel::diag::parse_dump(&raw, libc::AF_INET as u8).unwrap();
     let cgroup = std::fs::metadata(&sb.cgroup).unwrap().ino();
     let find = |local: &str, remote: &str| {
         sockets

@@ -2,7 +2,7 @@
 //! busy ones and those without a rule are never closed.
 use std::time::{Duration, Instant};
 
-use tcpmgm::source::TableVersion;
+use tcpmgm::policy::source::TableVersion;
 use tcpmgm_tests::{Backend, Daemon, Sandbox, TestDb};
 
 /// A daemon on a sandbox of its own, with one rule: 127.0.0.2, con_lifetime 2 s. Fields drop in
@@ -111,7 +111,7 @@ async fn a_child_cgroup_is_listed_and_swept() {
 
 #[test]
 fn the_opensips_default_is_not_enforced_unless_asked() {
-    use tcpmgm::lifetime::enforced;
+    use tcpmgm::daemon::lifetime::enforced;
     assert!(
         !enforced(120, false),
         "a table written for OpenSIPS would close every idle connection"

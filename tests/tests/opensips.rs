@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tcpmgm::source::{TableName, TableVersion};
+use tcpmgm::policy::source::{TableName, TableVersion};
 use tcpmgm_tests::{Backend, Daemon, Sandbox, TestDb, control_socket, tcpmgm};
 
 /// A scratch directory of the test's own, removed when dropped.
@@ -163,7 +163,7 @@ async fn check_match_and_db_init_honour_table() {
 
 /// Runs SQL on a database.
 async fn sql(db: &str, sql: &str) {
-    tcpmgm::source::Source::open(db, false)
+    tcpmgm::policy::source::Source::open(db, false)
         .await
         .unwrap()
         .execute_script(sql)

@@ -2,7 +2,7 @@
 //! links over instead of attaching a second set.
 use std::process::Command;
 
-use tcpmgm::source::{Source, TableVersion};
+use tcpmgm::policy::source::{Source, TableVersion};
 use tcpmgm_tests::{Daemon, PROGRAMS, Sandbox, assert_one_program_per_hook, binary};
 
 #[tokio::test]

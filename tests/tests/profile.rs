@@ -3,15 +3,15 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tcpmgm::compile::Enforcement;
-use tcpmgm::listener::Listeners;
-use tcpmgm::source::TableVersion;
+use tcpmgm::policy::compile::Enforcement;
+use tcpmgm::policy::listener::Listeners;
+use tcpmgm::policy::source::TableVersion;
 use tcpmgm_tests::{
     Backend, Daemon, Probe, Sandbox, TestDb, assert_samples, row, rules, scrape, ss, two_hosts,
 };
 
 /// 127.0.0.2 is kept without keepalive; 127.0.0.3 gets keepalive 41 s / 13 s / 5.
-fn table() -> Vec<tcpmgm::rule::Row> {
+fn table() -> Vec<tcpmgm::policy::rule::Row> {
     vec![
         row(1, &[("remote_addr", "127.0.0.2"), ("keepalive", "0")]),
         row(

@@ -6,7 +6,7 @@
 //! any reload on a slow machine. `cargo xtask bench` measures the push latency.
 use std::time::Duration;
 
-use tcpmgm::source::TableVersion;
+use tcpmgm::policy::source::TableVersion;
 use tcpmgm_tests::{
     Backend, Daemon, Sandbox, TestDb, control_socket as control, next_idle as idle,
     wait_for_idle as wait_for,

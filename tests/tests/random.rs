@@ -6,8 +6,8 @@
 //! `TCPMGM_SEED=<n>` replays one run; without it the seed is new each run and printed.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use tcpmgm::listener::Listeners;
-use tcpmgm::rule::{Row, validate_rows};
+use tcpmgm::policy::listener::Listeners;
+use tcpmgm::policy::rule::{Row, validate_rows};
 use tcpmgm_tests::{Sandbox, compare_with_reference, row};
 
 const RULES: usize = 1200;

@@ -3,9 +3,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tcpmgm::compile::compile;
-use tcpmgm::listener::Listeners;
-use tcpmgm::source::{Source, TableVersion};
+use tcpmgm::policy::compile::compile;
+use tcpmgm::policy::listener::Listeners;
+use tcpmgm::policy::source::{Source, TableVersion};
 use tcpmgm::system;
 use tcpmgm_tests::{Daemon, Sandbox, assert_one_program_per_hook, row, rules};
 

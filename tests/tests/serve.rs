@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use sqlx::{Connection, Executor, PgConnection};
-use tcpmgm::source::TableVersion;
+use tcpmgm::policy::source::TableVersion;
 use tcpmgm_tests::{Backend, Daemon, Sandbox, TestDb, binary, control_socket as control};
 
 const RULES: &str = "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (1, '127.0.0.0/8', 91);

@@ -10,8 +10,8 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use prometheus::{Encoder as _, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
+use crate::daemon::status::DaemonState;
 use crate::kernel::SOCKETS_PIN;
-use crate::status::DaemonState;
 
 /// What a scrape reads: the daemon's record (beside its control socket) and its pins.
 #[derive(Clone)]
@@ -197,14 +197,16 @@ pub fn render(sources: &Sources) -> String {
 
 /// The cgroup's sockets with a rule, from sock_diag in the sockets' network namespace.
 fn governed_sockets(sources: &Sources) -> std::io::Result<usize> {
-    let count = || -> std::io::Result<usize> {
-        Ok(
-            crate::socket::connections(&sources.cgroup, &sources.pin_dir.join(SOCKETS_PIN))?
-                .iter()
-                .filter(|c| c.profile.is_some())
-                .count(),
-        )
-    };
+    let count =
+        || -> std::io::Result<usize> {
+            Ok(crate::kernel::socket::connections(
+                &sources.cgroup,
+                &sources.pin_dir.join(SOCKETS_PIN),
+            )?
+            .iter()
+            .filter(|c| c.profile.is_some())
+            .count())
+        };
     match &sources.netns {
         None => count(),
         // Only a thread of its own enters the namespace.

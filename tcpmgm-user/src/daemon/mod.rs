@@ -8,8 +8,12 @@
 //! task) turns database notifications or polls into reload requests. When a reload fails, the
 //! running policy stays and the caller and the log are told why.
 mod control;
+pub mod lifetime;
 mod metrics;
+pub mod reapply;
 mod reloader;
+pub mod status;
+pub mod watch;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,14 +25,14 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::compile::{CompileError, Enforcement, compile_with};
+use self::watch::{Change, Watcher};
 use crate::kernel::{Enforcer, KernelError};
-use crate::lifetime::{self, Sweeper};
-use crate::pipeline::{PipelineError, RuleArgs, RuleSet};
-use crate::source::{Redacted, TableName, normalize_url};
-use crate::status::{self, DaemonState};
+use crate::policy::compile::{CompileError, Enforcement, compile_with};
+use crate::policy::pipeline::{PipelineError, RuleArgs, RuleSet};
+use crate::policy::source::{Redacted, TableName, normalize_url};
 use crate::system::{self, SystemError};
-use crate::watch::{Change, Watcher};
+use lifetime::Sweeper;
+use status::DaemonState;
 
 pub use control::request;
 use reloader::{Reloader, Request};
@@ -121,8 +125,8 @@ impl Options {
     }
 
     /// Which of OpenSIPS's column defaults this daemon enforces.
-    fn defaults(&self) -> crate::features::Defaults {
-        crate::features::Defaults {
+    fn defaults(&self) -> crate::kernel::features::Defaults {
+        crate::kernel::features::Defaults {
             enforcement: self.enforcement,
             lifetime: self.enforce_default_lifetime,
         }
@@ -169,8 +173,8 @@ async fn read_valid(options: &Options) -> Result<RuleSet, DaemonError> {
             set.rules.len()
         );
     }
-    let kernel = crate::features::probe();
-    for u in crate::features::unenforceable(&set.rules, &kernel, &options.defaults()) {
+    let kernel = crate::kernel::features::probe();
+    for u in crate::kernel::features::unenforceable(&set.rules, &kernel, &options.defaults()) {
         tracing::error!("{u}; the rule's other columns are enforced");
     }
     Ok(set)

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{DaemonError, Options, notify, read_valid};
-use crate::compile::{Policy, compile_with};
+use crate::daemon::lifetime;
+use crate::daemon::status::{self, DaemonState, ReloadRecord};
 use crate::kernel::{Enforcer, GRACE, SOCKETS_PIN};
-use crate::lifetime;
-use crate::listener::Listeners;
-use crate::status::{self, DaemonState, ReloadRecord};
+use crate::policy::compile::{Policy, compile_with};
+use crate::policy::listener::Listeners;
 
 /// What the reloader is asked.
 pub enum Request {
@@ -262,7 +262,7 @@ fn reapply_existing(
                     nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
                         .map_err(std::io::Error::from)?;
                 }
-                crate::reapply::reapply(policy, listeners, &cgroup, &pin)
+                crate::daemon::reapply::reapply(policy, listeners, &cgroup, &pin)
             })
             .join()
     });

@@ -19,7 +19,7 @@ use tcpmgm_common::{Header, LocalKey4, LocalKey6, names};
 
 use super::programs::Templates;
 use super::{KernelError, sys};
-use crate::compile::Policy;
+use crate::policy::compile::Policy;
 
 pub struct Generation {
     pub(super) number: u32,

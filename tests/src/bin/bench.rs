@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use tcpmgm::compile::{Policy, compile};
 use tcpmgm::kernel::Enforcer;
-use tcpmgm::listener::{Direction, Listeners};
-use tcpmgm::matcher;
-use tcpmgm::rule::{LocalMatch, Profile, Proto, Rule};
+use tcpmgm::policy::compile::{Policy, compile};
+use tcpmgm::policy::listener::{Direction, Listeners};
+use tcpmgm::policy::matcher;
+use tcpmgm::policy::rule::{LocalMatch, Profile, Proto, Rule};
 use tcpmgm::system;
 use tcpmgm_tests::Sandbox;
 
@@ -215,7 +215,7 @@ fn idle_sweep_cost(sb: &Sandbox, listeners: &Listeners, hz: u32) -> anyhow::Resu
     }
     let (_peer, reply) = server.join().expect("the peer process");
     anyhow::ensure!(reply.get("accepted") == IDLE as i64, "{reply:?}");
-    let setup = tcpmgm::lifetime::SweepSetup {
+    let setup = tcpmgm::daemon::lifetime::SweepSetup {
         cgroup: sb.cgroup.clone(),
         pin_dir: sb.pin_dir.clone(),
         enforce_default: false,
@@ -223,7 +223,7 @@ fn idle_sweep_cost(sb: &Sandbox, listeners: &Listeners, hz: u32) -> anyhow::Resu
     let (mut wall, mut cpu) = (Vec::new(), Vec::new());
     for _ in 0..5 {
         let (t, c) = (Instant::now(), cpu_time());
-        let closed = tcpmgm::lifetime::sweep(&setup, &mut Default::default())?;
+        let closed = tcpmgm::daemon::lifetime::sweep(&setup, &mut Default::default())?;
         anyhow::ensure!(closed == 0, "the sweep closed {closed} connections");
         wall.push(t.elapsed().as_secs_f64() * 1000.0);
         cpu.push((cpu_time() - c).as_secs_f64() * 1000.0);
@@ -401,7 +401,7 @@ fn push_latency(sb: &Sandbox) -> anyhow::Result<Duration> {
     let rt = tokio::runtime::Runtime::new()?;
     let db = rt.block_on(tcpmgm_tests::TestDb::new(
         tcpmgm_tests::Backend::Postgres,
-        tcpmgm::source::TableVersion::V1,
+        tcpmgm::policy::source::TableVersion::V1,
         "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (1, '127.0.0.0/8', 300);",
     ));
     let control = std::env::temp_dir().join(format!("tcpmgm-bench-{}.sock", std::process::id()));

@@ -1,10 +1,10 @@
 //! The steps every command shares: read the table, validate, and (for `run`) compile.
 use std::path::PathBuf;
 
-use crate::listener::{ListenerError, Listeners};
-use crate::opensips_cfg::OpenSipsCfg;
-use crate::rule::{RowError, Rule, validate_rows};
-use crate::source::{Source, SourceError, TableName};
+use crate::policy::listener::{ListenerError, Listeners};
+use crate::policy::opensips_cfg::OpenSipsCfg;
+use crate::policy::rule::{RowError, Rule, validate_rows};
+use crate::policy::source::{Source, SourceError, TableName};
 
 /// The database when neither the command line, TCPMGM_DB nor the config file names one.
 pub const DEFAULT_DB: &str = "sqlite://tcpmgm.db";

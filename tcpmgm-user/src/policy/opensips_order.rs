@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use ipnet::IpNet;
 
-use crate::rule::{Proto, Rule};
+use crate::policy::rule::{Proto, Rule};
 
 /// Above this many rules in one ambiguous level, the rules are not compared pairwise (the
 /// level is still reported, with its size).
@@ -121,7 +121,7 @@ fn nets_meet(a: Option<IpNet>, b: Option<IpNet>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rule::{Cell, Row, validate_rows};
+    use crate::policy::rule::{Cell, Row, validate_rows};
 
     fn rules(rows: &[(u32, &[(&str, &str)])]) -> Vec<Rule> {
         let rows: Vec<Row> = rows

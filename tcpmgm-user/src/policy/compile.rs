@@ -35,9 +35,9 @@ use tcpmgm_common::{
     NO_LOCAL, NO_RULE, PROTO_ANY, Profile, ROOT_V4, ROOT_V6, flags, settings, shape,
 };
 
-use crate::listener::{Listener, Listeners};
-use crate::matcher;
-use crate::rule::Rule;
+use crate::policy::listener::{Listener, Listeners};
+use crate::policy::matcher;
+use crate::policy::rule::Rule;
 
 /// Everything the kernel maps will hold.
 #[derive(Clone, Debug, Default)]

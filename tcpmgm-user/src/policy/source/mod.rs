@@ -9,7 +9,7 @@ use sqlx::{AnyPool, Column, Row as _};
 
 pub use schema::{COLUMNS, Dialect, EXAMPLES, NOTIFY_CHANNEL, TableVersion};
 
-use crate::rule::{Cell, Row};
+use crate::policy::rule::{Cell, Row};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {

@@ -7,8 +7,8 @@
 //! finally the lowest id. The first rule that matches wins.
 use std::cmp::{Ordering, Reverse};
 
-use crate::listener::Lookup;
-use crate::rule::Rule;
+use crate::policy::listener::Lookup;
+use crate::policy::rule::Rule;
 
 /// The sort key of a rule in match order.
 type OrderKey = (
@@ -120,7 +120,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::rule::{LocalMatch, Profile, Proto};
+    use crate::policy::rule::{LocalMatch, Profile, Proto};
 
     fn rule(id: u32) -> Rule {
         Rule {

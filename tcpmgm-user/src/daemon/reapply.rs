@@ -15,10 +15,10 @@ use std::path::Path;
 use aya::maps::{Map, MapData, SkStorage};
 use tcpmgm_common::{SOCK_RULE, SockPolicy, options};
 
-use crate::compile::Policy;
-use crate::diag;
-use crate::listener::{Direction, Listeners};
-use crate::matcher;
+use crate::kernel::diag;
+use crate::policy::compile::Policy;
+use crate::policy::listener::{Direction, Listeners};
+use crate::policy::matcher;
 use crate::system::Subtree;
 
 /// What a re-application did.

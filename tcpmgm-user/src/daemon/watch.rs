@@ -8,7 +8,7 @@ use std::time::Duration;
 use sqlx::postgres::PgListener;
 use sqlx::{AnyConnection, Connection};
 
-use crate::source::{
+use crate::policy::source::{
     Dialect, NOTIFY_CHANNEL, Redacted, Source, SourceError, TableName, normalize_url,
 };
 

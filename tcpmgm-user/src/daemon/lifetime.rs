@@ -27,7 +27,7 @@ use std::collections::HashSet;
 use aya::maps::{HashMap, MapData, MapError};
 use tcpmgm_common::{SOCK_RULE, SWEEP_STATS_PIN, SweepStats, marks};
 
-use crate::diag;
+use crate::kernel::diag;
 
 /// OpenSIPS's default for the column.
 pub const OPENSIPS_DEFAULT_LIFETIME: u32 = 120;

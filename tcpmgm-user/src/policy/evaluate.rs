@@ -9,8 +9,8 @@ use ipnet::IpNet;
 use tcpmgm_common::decide::{self, Conn, PolicyMaps};
 use tcpmgm_common::{Bucket, BucketKey, ListNode, ListenerInfo, ListenerKey, NO_RULE};
 
-use crate::compile::Policy;
-use crate::rule::fold_v4_mapped;
+use crate::policy::compile::Policy;
+use crate::policy::rule::fold_v4_mapped;
 
 /// A prefix as the tries hold it: (prefix length, network address as a number).
 type Prefix = (u8, u128);
@@ -166,9 +166,9 @@ mod tests {
     use proptest::test_runner::{Config, TestRunner};
 
     use super::*;
-    use crate::compile::compile;
-    use crate::listener::{Direction, Listeners, Lookup};
-    use crate::rule::{LocalMatch, Profile, Proto, Rule};
+    use crate::policy::compile::compile;
+    use crate::policy::listener::{Direction, Listeners, Lookup};
+    use crate::policy::rule::{LocalMatch, Profile, Proto, Rule};
 
     /// Peers near the rules' prefixes, so that tables and connections meet often.
     const PEERS_V4: [&str; 7] = [

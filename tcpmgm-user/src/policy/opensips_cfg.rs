@@ -7,7 +7,7 @@
 //! module other than SQLite, MySQL/MariaDB and PostgreSQL, a setting made twice.
 use std::path::{Path, PathBuf};
 
-use crate::source::TableName;
+use crate::policy::source::TableName;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{}{}: {reason}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]

@@ -375,7 +375,7 @@ mod tests {
     /// test `sock_diag_answers_parse_into_sockets_with_their_records`): two held connections,
     /// one to 127.0.0.2:7021 (rule 21) and one to 127.0.0.3:7022 (no rule), with their
     /// listeners and accepted ends.
-    const CAPTURED: &[u8] = include_bytes!("../testdata/sock_diag_v4.bin");
+    const CAPTURED: &[u8] = include_bytes!("../../testdata/sock_diag_v4.bin");
     const AF_INET: u8 = libc::AF_INET as u8;
 
     #[test]

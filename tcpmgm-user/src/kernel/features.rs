@@ -10,7 +10,7 @@ use aya::programs::ProgramType;
 use aya::sys::{BpfHelper, is_helper_supported, is_map_supported, is_program_supported};
 use serde::Serialize;
 
-use crate::rule::Rule;
+use crate::policy::rule::Rule;
 
 /// Who needs a feature.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -50,7 +50,9 @@ impl Column {
         match self {
             Column::NoNewConn => p.no_new_conn,
             Column::ConnectTimeout => defaults.enforcement.connect_timeout(p.connect_timeout_ms),
-            Column::ConLifetime => crate::lifetime::enforced(p.con_lifetime_s, defaults.lifetime),
+            Column::ConLifetime => {
+                crate::daemon::lifetime::enforced(p.con_lifetime_s, defaults.lifetime)
+            }
         }
     }
 }
@@ -131,12 +133,12 @@ fn pidfd_getfd() -> Result<bool, String> {
 fn sock_destroy() -> Result<bool, String> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    let sockets = crate::diag::tcp_sockets(None)
+    let sockets = crate::kernel::diag::tcp_sockets(None)
         .map_err(|e| format!("sock_diag (inet_diag and tcp_diag loaded?): {e}"))?;
     let Some(ours) = sockets.iter().find(|s| s.local == local) else {
         return Err("sock_diag did not list a socket just opened".into());
     };
-    match crate::diag::destroy(ours) {
+    match crate::kernel::diag::destroy(ours) {
         Ok(()) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
         Err(e) => Err(e.to_string()),
@@ -352,7 +354,7 @@ impl std::fmt::Display for Unenforceable {
 /// `lifetime::enforced`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Defaults {
-    pub enforcement: crate::compile::Enforcement,
+    pub enforcement: crate::policy::compile::Enforcement,
     /// con_lifetime's 120 s.
     pub lifetime: bool,
 }

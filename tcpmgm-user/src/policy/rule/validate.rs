@@ -7,7 +7,7 @@ use std::str::FromStr;
 use ipnet::IpNet;
 
 use super::{Cell, LocalMatch, Profile, Proto, Row, Rule, fold_v4_mapped_net, parse_attrs};
-use crate::listener::Listeners;
+use crate::policy::listener::Listeners;
 
 /// One fault in one row.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

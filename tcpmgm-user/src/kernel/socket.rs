@@ -35,7 +35,7 @@ pub fn connections(cgroup: &Path, sockets_pin: &Path) -> std::io::Result<Vec<Con
     use std::os::fd::AsFd;
     let tree = crate::system::Subtree::of(cgroup)?;
     let map = aya::maps::MapData::from_pin(sockets_pin).map_err(std::io::Error::other)?;
-    Ok(crate::diag::tcp_sockets(Some(map.fd().as_fd()))?
+    Ok(crate::kernel::diag::tcp_sockets(Some(map.fd().as_fd()))?
         .into_iter()
         .filter(|s| tree.contains(s.cgroup_id))
         .map(|s| Connection {
