@@ -181,10 +181,27 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tcpmgm: {e:#}");
+            eprintln!("tcpmgm: {}", error_text(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// An error and its causes, each said once: most of tcpmgm's errors quote their cause in their
+/// own message already (a database error, then the driver's), so a cause is added only when
+/// the text so far does not hold it.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&said);
+        }
+    }
+    text
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -372,5 +389,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_says_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = anyhow::Error::new(io).context("config /x: No such file");
+        assert_eq!(super::error_text(&e), "config /x: No such file");
+        let e = anyhow::anyhow!("the cause").context("reading the table");
+        assert_eq!(super::error_text(&e), "reading the table: the cause");
     }
 }
