@@ -116,6 +116,96 @@ fn run(r: &mut Report) {
         "--reapply-existing is refused with the unit's capabilities alone, and works with CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH and pidfd_getfd added",
         reapply_existing(),
     );
+    r.check(
+        "api_group is refused without the group, and with SupplementaryGroups= Kamailio's user reads its socket's rule",
+        api_group(),
+    );
+}
+
+/// `api_group`: the unit's capabilities lack CAP_CHOWN, so the daemon refuses to start until a
+/// drop-in puts it in the group; then a process of the slice running as Kamailio's user reads
+/// its own socket's rule through the Rust client library (the probe's `profiles` line), as root
+/// does, and a user outside the group cannot.
+fn api_group() -> Result<String, String> {
+    let config = "/etc/tcpmgm/tcpmgm.toml";
+    let text = std::fs::read_to_string(config).map_err(|e| e.to_string())?;
+    std::fs::write(config, format!("{text}api_group = \"kamailio\"\n"))
+        .map_err(|e| e.to_string())?;
+    if systemctl(&["restart", "tcpmgm.service"]).is_ok() {
+        return Err("tcpmgm started with api_group, without CAP_CHOWN or the group".into());
+    }
+    let journal = journal_tail();
+    let said = "needs CAP_CHOWN, or this process in group";
+    if !journal.contains(said) {
+        return Err(format!("the journal does not say \"{said}\": {journal}"));
+    }
+    std::fs::write(
+        "/etc/systemd/system/tcpmgm.service.d/api-group.conf",
+        "[Service]\nSupplementaryGroups=kamailio\n",
+    )
+    .map_err(|e| e.to_string())?;
+    systemctl(&["daemon-reload"])?;
+    systemctl(&["reset-failed", "tcpmgm.service"])?;
+    systemctl(&["restart", "tcpmgm.service"])?;
+    // systemd mounts bpffs 0700; the README's step for an unprivileged reader lets others pass.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions("/sys/fs/bpf", std::fs::Permissions::from_mode(0o711))
+        .map_err(|e| e.to_string())?;
+    let read_as = |user: &str, port: u16| -> Result<String, String> {
+        let mut child = Command::new("systemd-run")
+            .args([
+                "--quiet",
+                "--pipe",
+                "--wait",
+                "--collect",
+                "--slice=sip.slice",
+                &format!("--uid={user}"),
+                "--setenv=TCPMGM_TEST_PIN_DIR=/sys/fs/bpf/tcpmgm/sip-slice",
+                "/usr/local/bin/tcpmgm-probe",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("systemd-run: {e}"))?;
+        let line = format!("profiles 127.0.0.1:{port} 127.0.0.1:{port}\n");
+        let mut stdin = child.stdin.take().expect("piped");
+        std::io::Write::write_all(&mut stdin, line.as_bytes()).map_err(|e| e.to_string())?;
+        drop(stdin);
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() {
+            Ok(said)
+        } else {
+            Err(said)
+        }
+    };
+    let fields = |said: &str| -> Vec<String> {
+        said.split_whitespace()
+            .filter(|w| w.starts_with("client_rule=") || w.starts_with("client_idle="))
+            .map(str::to_owned)
+            .collect()
+    };
+    let root = read_as("root", 7301).map_err(|e| format!("as root: {e}"))?;
+    let member = read_as("kamailio", 7302).map_err(|e| format!("as kamailio: {e}"))?;
+    if fields(&root).len() != 2 || fields(&root)[0] == "client_rule=0" {
+        return Err(format!("root read no rule: {root}"));
+    }
+    if fields(&member) != fields(&root) {
+        return Err(format!("kamailio read {member}, root {root}"));
+    }
+    match read_as("nobody", 7303) {
+        Ok(said) => Err(format!("nobody read the records: {said}")),
+        Err(said) if said.contains("Permission denied") => Ok(format!(
+            "kamailio and root read {}",
+            fields(&member).join(" ")
+        )),
+        Err(said) => Err(format!("nobody failed otherwise: {said}")),
+    }
 }
 
 /// The daemon's own answer to an option it lacks capabilities for, then the option at work
