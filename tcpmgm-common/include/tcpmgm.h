@@ -160,7 +160,8 @@ struct tcpmgm_sock_record {
    */
   uint32_t app_user_timeout_ms;
   /**
-   * The generation that decided the socket: its rank indexes that generation's counters.
+   * The generation (rule set) that decided the socket, for inspection with bpftool; tcpmgm
+   * itself does not read it.
    */
   uint32_t generation;
   struct tcpmgm_profile profile;

@@ -27,7 +27,8 @@ pub struct SockPolicy {
     /// The TCP_USER_TIMEOUT the application asked for while tcpmgm's connect timeout held the
     /// handshake; it takes effect once the connection is established.
     pub app_user_timeout_ms: u32,
-    /// The generation that decided the socket: its rank indexes that generation's counters.
+    /// The generation (rule set) that decided the socket, for inspection with bpftool; tcpmgm
+    /// itself does not read it.
     pub generation: u32,
     pub profile: Profile,
 }

@@ -51,7 +51,13 @@ impl SocketRecords {
     /// Opens the records pinned at `pin` (`<pin_dir>/TCPMGM_SOCKETS_V<n>`).
     pub fn open_pin(pin: &Path) -> io::Result<SocketRecords> {
         let at = |e: MapError| io::Error::other(std::format!("{}: {e}", pin.display()));
-        let map = MapData::from_fd(obj_get_read_only(pin)?).map_err(at)?;
+        let fd = obj_get(pin, BPF_F_RDONLY).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                std::format!("opening {} read-only: {e}", pin.display()),
+            )
+        })?;
+        let map = MapData::from_fd(fd).map_err(at)?;
         let map = SkStorage::try_from(Map::SkStorage(map)).map_err(at)?;
         Ok(SocketRecords { map })
     }
@@ -76,9 +82,12 @@ impl SocketRecords {
     }
 }
 
-/// BPF_OBJ_GET with BPF_F_RDONLY: a pin readable by the caller's group is enough (aya's
-/// `MapData::from_pin` asks for read-write access).
-fn obj_get_read_only(pin: &Path) -> io::Result<OwnedFd> {
+/// `file_flags` of BPF_OBJ_GET: read-only access, for which a pin readable by the caller's
+/// group is enough (aya's `MapData::from_pin` asks for read-write access).
+pub const BPF_F_RDONLY: u32 = 1 << 3;
+
+/// BPF_OBJ_GET: the object pinned at `pin`, opened with `file_flags` (0: read-write).
+pub fn obj_get(pin: &Path, file_flags: u32) -> io::Result<OwnedFd> {
     /// `union bpf_attr`'s `obj_get` member.
     #[repr(C)]
     struct ObjGet {
@@ -87,13 +96,12 @@ fn obj_get_read_only(pin: &Path) -> io::Result<OwnedFd> {
         file_flags: u32,
     }
     const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_F_RDONLY: u32 = 1 << 3;
     let name = CString::new(pin.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let attr = ObjGet {
         pathname: name.as_ptr() as u64,
         bpf_fd: 0,
-        file_flags: BPF_F_RDONLY,
+        file_flags,
     };
     // SAFETY: `attr` is a valid bpf_attr prefix of the size given, `name` outlives the call.
     let fd = unsafe {
@@ -105,11 +113,7 @@ fn obj_get_read_only(pin: &Path) -> io::Result<OwnedFd> {
         )
     };
     if fd < 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(
-            e.kind(),
-            std::format!("opening {} read-only: {e}", pin.display()),
-        ));
+        return Err(io::Error::last_os_error());
     }
     // SAFETY: the kernel returned a new descriptor, which nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })

@@ -22,6 +22,12 @@ pub const KEEPALIVE: [(i32, i32); 4] = [
     (SOL_TCP, TCP_KEEPCNT),
 ];
 
+/// Whether option `name` of `level` is one of `KEEPALIVE`.
+#[inline(always)]
+pub fn is_keepalive(level: i32, name: i32) -> bool {
+    KEEPALIVE.contains(&(level, name))
+}
+
 impl Profile {
     /// The value this profile holds option `name` of `level` at, or None where the rule leaves
     /// it to the system and the application: keepalive=0 holds SO_KEEPALIVE off and nothing
@@ -62,5 +68,6 @@ mod tests {
         p.flags = 0;
         assert_eq!(held(&p), [None; 4]);
         assert_eq!(p.held_option(SOL_TCP, TCP_USER_TIMEOUT), None);
+        assert!(is_keepalive(SOL_TCP, TCP_KEEPCNT) && !is_keepalive(SOL_TCP, TCP_USER_TIMEOUT));
     }
 }

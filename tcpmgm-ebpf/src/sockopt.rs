@@ -14,9 +14,7 @@ use aya_ebpf::{bindings::bpf_sockopt, macros::cgroup_sockopt, programs::SockoptC
 use tcpmgm_common::{SOCK_RULE, SockPolicy, marks};
 
 use crate::{sockets, stats};
-use tcpmgm_common::options::{
-    SO_KEEPALIVE, SOL_SOCKET, SOL_TCP, TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_USER_TIMEOUT,
-};
+use tcpmgm_common::options::{self, SOL_TCP, TCP_USER_TIMEOUT};
 
 /// Let the kernel carry on with the (possibly rewritten) option.
 const PROCEED: i32 = 1;
@@ -33,10 +31,7 @@ pub fn tcpmgm_sockopt(ctx: SockoptContext) -> i32 {
     };
     if level == SOL_TCP && name == TCP_USER_TIMEOUT {
         user_timeout(so);
-    } else if (level == SOL_SOCKET && name == SO_KEEPALIVE)
-        || (level == SOL_TCP
-            && (name == TCP_KEEPIDLE || name == TCP_KEEPINTVL || name == TCP_KEEPCNT))
-    {
+    } else if options::is_keepalive(level, name) {
         keepalive(so, level, name);
     }
     PROCEED

@@ -199,14 +199,6 @@ impl Config {
             app_options_allow: self.app_options == Some(AppOptions::Allow),
         }
     }
-
-    /// Which of OpenSIPS's column defaults are enforced.
-    pub fn defaults(&self) -> crate::kernel::features::Defaults {
-        crate::kernel::features::Defaults {
-            enforcement: self.enforcement(),
-            lifetime: self.enforce_default_lifetime == Some(true),
-        }
-    }
 }
 
 impl RuleArgs {

@@ -97,7 +97,7 @@ pub fn check_api_group(gid: u32) -> Result<(), SystemError> {
             .unwrap_or_default()
             .iter()
             .any(|g| g.as_raw() == gid);
-    if member || effective_capabilities() & (1 << CAP_CHOWN) != 0 {
+    if member || effective_capabilities()? & (1 << CAP_CHOWN) != 0 {
         Ok(())
     } else {
         Err(SystemError::OptionNotPrivileged(format!(
@@ -107,12 +107,17 @@ pub fn check_api_group(gid: u32) -> Result<(), SystemError> {
     }
 }
 
-fn effective_capabilities() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
+/// This process's effective capabilities, as a bit mask.
+fn effective_capabilities() -> Result<u64, SystemError> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").map_err(|source| SystemError::Read {
+            path: "/proc/self/status".into(),
+            source,
+        })?;
+    Ok(status
         .lines()
         .find_map(|l| u64::from_str_radix(l.strip_prefix("CapEff:")?.trim(), 16).ok())
-        .unwrap_or(0)
+        .unwrap_or(0))
 }
 
 /// `--api-group`: the group may open the per-socket records read-only (the pin 0640, its
@@ -202,15 +207,7 @@ pub fn unshare_records(pin_dir: &Path) -> Result<(), SystemError> {
 /// Refuses early, with what is missing, when this process cannot load and attach programs, or
 /// lacks what an option it was given needs (`option_capabilities`).
 pub fn check_privileges(options: &[(&'static str, u32, &'static str)]) -> Result<(), SystemError> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").map_err(|source| SystemError::Read {
-            path: "/proc/self/status".into(),
-            source,
-        })?;
-    let effective = status
-        .lines()
-        .find_map(|l| u64::from_str_radix(l.strip_prefix("CapEff:")?.trim(), 16).ok())
-        .unwrap_or(0);
+    let effective = effective_capabilities()?;
     let has = |bit: u32| effective & (1 << bit) != 0;
     let missing: Vec<&str> = ALWAYS
         .into_iter()
@@ -242,23 +239,17 @@ pub fn check_privileges(options: &[(&'static str, u32, &'static str)]) -> Result
     }
 }
 
-/// Why this process may not call pidfd_getfd(), if it may not. Called on no descriptor, the
-/// system call answers EBADF when it runs at all: a seccomp filter (systemd's
-/// `SystemCallFilter=@system-service` leaves it out up to systemd 252 at least) answers first.
+/// Why this process may not call pidfd_getfd(), if it may not.
 fn pidfd_getfd_refused() -> Option<String> {
-    // SAFETY: pidfd_getfd on an invalid descriptor changes nothing.
-    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, -1, 0, 0) };
-    match (r, std::io::Error::last_os_error().raw_os_error()) {
-        (_, Some(libc::EBADF)) => None,
-        (_, Some(libc::ENOSYS)) => {
+    match crate::kernel::features::pidfd_getfd_refusal()? {
+        libc::ENOSYS => {
             Some("--reapply-existing needs the pidfd_getfd system call (Linux 5.6)".into())
         }
-        (_, Some(e)) => Some(format!(
+        e => Some(format!(
             "--reapply-existing needs the pidfd_getfd system call, which a system-call filter \
              refuses ({}; under systemd add SystemCallFilter=pidfd_getfd)",
             std::io::Error::from_raw_os_error(e)
         )),
-        (_, None) => None,
     }
 }
 

@@ -213,8 +213,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => conns(cgroup, pin_dir, netns, json),
         Command::Check { mut rules } => {
-            let defaults = rules.with_config()?.defaults();
-            check(rules, defaults).await
+            let config = rules.with_config()?;
+            check(rules, config.enforce_default_lifetime == Some(true)).await
         }
         Command::Features { json } => features(json),
         Command::Status {

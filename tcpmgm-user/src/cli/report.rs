@@ -109,15 +109,15 @@ pub(super) fn features(json: bool) -> anyhow::Result<ExitCode> {
 
 pub(super) async fn check(
     args: RuleArgs,
-    defaults: crate::kernel::features::Defaults,
+    enforce_default_lifetime: bool,
 ) -> anyhow::Result<ExitCode> {
     let set = args.read().await?;
     for e in &set.errors {
         println!("{e}");
     }
     // Valid, but beyond this kernel: said, and not counted as bad rows.
-    let kernel = crate::kernel::features::probe();
-    for u in crate::kernel::features::unenforceable(&set.rules, &kernel, &defaults) {
+    let kernel = crate::kernel::features::column_features();
+    for u in crate::kernel::features::unenforceable(&set.rules, kernel, enforce_default_lifetime) {
         println!("warning: {u}");
     }
     // Where OpenSIPS would order the table otherwise: said, and not counted as bad rows.

@@ -123,14 +123,6 @@ impl Options {
         }
         Ok(e)
     }
-
-    /// Which of OpenSIPS's column defaults this daemon enforces.
-    fn defaults(&self) -> crate::kernel::features::Defaults {
-        crate::kernel::features::Defaults {
-            enforcement: self.enforcement,
-            lifetime: self.enforce_default_lifetime,
-        }
-    }
 }
 
 /// The running daemon, between its start (policy attached) and its serve loop.
@@ -173,8 +165,10 @@ async fn read_valid(options: &Options) -> Result<RuleSet, DaemonError> {
             set.rules.len()
         );
     }
-    let kernel = crate::kernel::features::probe();
-    for u in crate::kernel::features::unenforceable(&set.rules, &kernel, &options.defaults()) {
+    let kernel = crate::kernel::features::column_features();
+    for u in
+        crate::kernel::features::unenforceable(&set.rules, kernel, options.enforce_default_lifetime)
+    {
         tracing::error!("{u}; the rule's other columns are enforced");
     }
     Ok(set)

@@ -30,29 +30,24 @@ pub enum Need {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Column {
-    NoNewConn,
-    ConnectTimeout,
     ConLifetime,
 }
 
 impl Column {
     pub fn name(self) -> &'static str {
         match self {
-            Column::NoNewConn => "no_new_conn",
-            Column::ConnectTimeout => "connect_timeout",
             Column::ConLifetime => "con_lifetime",
         }
     }
 
-    /// Whether `rule` asks for this column's enforcement.
-    fn asked_by(self, rule: &Rule, defaults: &Defaults) -> bool {
-        let p = &rule.profile;
+    /// Whether `rule` asks for this column's enforcement (`enforce_default_lifetime`: also
+    /// where it keeps OpenSIPS's default).
+    fn asked_by(self, rule: &Rule, enforce_default_lifetime: bool) -> bool {
         match self {
-            Column::NoNewConn => p.no_new_conn,
-            Column::ConnectTimeout => defaults.enforcement.connect_timeout(p.connect_timeout_ms),
-            Column::ConLifetime => {
-                crate::daemon::lifetime::enforced(p.con_lifetime_s, defaults.lifetime)
-            }
+            Column::ConLifetime => crate::daemon::lifetime::enforced(
+                rule.profile.con_lifetime_s,
+                enforce_default_lifetime,
+            ),
         }
     }
 }
@@ -122,11 +117,29 @@ fn command(cmd: libc::c_long, fd_word: usize) -> Result<bool, String> {
     }
 }
 
-/// pidfd_getfd (Linux 5.6): ENOSYS where missing, EBADF for a bad pidfd otherwise.
-fn pidfd_getfd() -> Result<bool, String> {
-    // SAFETY: a syscall with a descriptor that is never valid.
+/// Whether this process may call pidfd_getfd() (Linux 5.6): None when it may, else the errno
+/// it gets. Called on a descriptor that is never valid, the system call answers EBADF when it
+/// runs at all; ENOSYS where the kernel lacks it; a seccomp filter (systemd's
+/// `SystemCallFilter=@system-service` leaves it out up to systemd 252 at least) answers first.
+pub fn pidfd_getfd_refusal() -> Option<i32> {
+    // SAFETY: pidfd_getfd on a descriptor that is never valid changes nothing.
     let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, -1, 0, 0) };
-    Ok(r >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS))
+    match std::io::Error::last_os_error().raw_os_error() {
+        _ if r >= 0 => None,
+        Some(libc::EBADF) | None => None,
+        Some(e) => Some(e),
+    }
+}
+
+fn pidfd_getfd() -> Result<bool, String> {
+    match pidfd_getfd_refusal() {
+        None => Ok(true),
+        Some(libc::ENOSYS) => Ok(false),
+        Some(e) => Err(format!(
+            "refused to tcpmgm by a system-call filter: {}",
+            std::io::Error::from_raw_os_error(e)
+        )),
+    }
 }
 
 /// SOCK_DESTROY through sock_diag, tried on a listening socket of our own.
@@ -207,7 +220,7 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 /// Probes everything but the programs themselves (see `programs_load`).
 pub fn probe() -> Vec<Feature> {
     use Need::*;
-    vec![
+    let mut found = vec![
         feature(
             "BPF_PROG_TYPE_SOCK_OPS",
             "Linux 4.13",
@@ -274,12 +287,9 @@ pub fn probe() -> Vec<Feature> {
             Core,
             program(ProgramType::CgroupSockopt),
         ),
-        feature(
-            "SOCK_DESTROY through sock_diag",
-            "CONFIG_INET_DIAG_DESTROY",
-            Column(self::Column::ConLifetime),
-            sock_destroy(),
-        ),
+    ];
+    found.extend_from_slice(column_features());
+    found.extend([
         feature(
             "pidfd_getfd()",
             "Linux 5.6",
@@ -306,7 +316,22 @@ pub fn probe() -> Vec<Feature> {
             ),
             memcg_accounting(),
         ),
-    ]
+    ]);
+    found
+}
+
+/// The features some rules' columns need (what `unenforceable` reads), probed once a process:
+/// the kernel does not change under a running daemon, and a reload need not probe again.
+pub fn column_features() -> &'static [Feature] {
+    static FOUND: std::sync::OnceLock<Vec<Feature>> = std::sync::OnceLock::new();
+    FOUND.get_or_init(|| {
+        vec![feature(
+            "SOCK_DESTROY through sock_diag",
+            "CONFIG_INET_DIAG_DESTROY",
+            Need::Column(Column::ConLifetime),
+            sock_destroy(),
+        )]
+    })
 }
 
 /// Loads and verifies the programs (in a pin directory of its own, removed after).
@@ -352,25 +377,22 @@ impl std::fmt::Display for Unenforceable {
 
 /// Which of OpenSIPS's column defaults are enforced (see `compile::Enforcement` and
 /// `lifetime::enforced`).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Defaults {
-    pub enforcement: crate::policy::compile::Enforcement,
-    /// con_lifetime's 120 s.
-    pub lifetime: bool,
-}
-
-/// The rules' columns that `features` cannot enforce.
+/// The rules' columns that `features` cannot enforce (`enforce_default_lifetime`: as
+/// `run --enforce-default-lifetime`).
 pub fn unenforceable(
     rules: &[Rule],
     features: &[Feature],
-    defaults: &Defaults,
+    enforce_default_lifetime: bool,
 ) -> Vec<Unenforceable> {
     let mut out = Vec::new();
     for f in features.iter().filter(|f| !f.supported) {
         let Need::Column(column) = f.need else {
             continue;
         };
-        for rule in rules.iter().filter(|r| column.asked_by(r, defaults)) {
+        for rule in rules
+            .iter()
+            .filter(|r| column.asked_by(r, enforce_default_lifetime))
+        {
             out.push(Unenforceable {
                 rule_id: rule.id,
                 column,

@@ -6,17 +6,6 @@ use std::path::Path;
 pub use tcpmgm_common::SOCKETS_PIN;
 pub use tcpmgm_common::client::{SocketProfile, SocketRecords};
 
-use crate::system;
-
-/// Opens the records of the cgroup tcpmgm governs at its default pin directory.
-pub fn records_of_cgroup(
-    cgroup: &Path,
-) -> Result<SocketRecords, Box<dyn std::error::Error + Send + Sync>> {
-    Ok(SocketRecords::open(
-        &system::Paths::of(cgroup, None, None)?.pin_dir,
-    )?)
-}
-
 /// A connection of the cgroup, as `tcpmgm conns` lists it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Connection {

@@ -15,7 +15,6 @@ const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_BTF_LOAD: libc::c_long = 18;
 const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_DETACH: libc::c_long = 34;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -221,15 +220,7 @@ pub fn map_delete<K>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
 
 /// Opens a pinned object (a link, a program or a map) through its bpffs path.
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    let name = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut attr = ObjAttr {
-        pathname: name.as_ptr() as u64,
-        ..ObjAttr::default()
-    };
-    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
-    // SAFETY: the kernel returned a new fd we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    tcpmgm_common::client::obj_get(path, 0)
 }
 
 /// `struct bpf_link_info` up to its cgroup member.

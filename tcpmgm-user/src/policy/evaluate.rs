@@ -121,17 +121,6 @@ impl PolicyMaps for Compiled<'_> {
 pub fn conn(remote: SocketAddr, local: Option<SocketAddr>, passive: bool) -> Conn {
     let remote_ip = fold_v4_mapped(remote.ip());
     let v6 = remote_ip.is_ipv6();
-    let words = |ip: IpAddr| -> [u32; 4] {
-        match ip {
-            IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
-            IpAddr::V6(a) => {
-                let o = a.octets();
-                core::array::from_fn(|i| {
-                    u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]])
-                })
-            }
-        }
-    };
     let (local_ip, local_port) = match local {
         // A v4-mapped local address goes with a v4-mapped peer; a native one as it is.
         Some(l) => {
@@ -147,11 +136,11 @@ pub fn conn(remote: SocketAddr, local: Option<SocketAddr>, passive: bool) -> Con
     };
     Conn {
         v6,
-        remote: words(remote_ip),
+        remote: crate::policy::compile::addr_words(remote_ip),
         remote_port: remote.port(),
         local: local_ip
             .filter(|ip| !ip.is_unspecified())
-            .map_or([0; 4], words),
+            .map_or([0; 4], crate::policy::compile::addr_words),
         local_port,
         passive,
     }

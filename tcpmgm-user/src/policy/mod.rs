@@ -1,11 +1,12 @@
 //! The policy data path, from the table to the maps' contents: `source` (rows from the database)
 //! -> `rule` (validated rules) -> `matcher` (the match order, the specification) -> `compile`
 //! (map contents). `listener` resolves a connection's protocol and local side for `matcher` and
-//! `compile`; `evaluate` runs the kernel's decision on compiled contents; `pipeline` ties the
+//! `compile`; `evaluate` (for the tests) runs the kernel's decision on compiled contents; `pipeline` ties the
 //! steps together for a command; `opensips_cfg` and `opensips_order` read OpenSIPS's own
 //! configuration and say where its order is not defined.
 pub mod compile;
-pub mod evaluate;
+#[cfg(test)]
+mod evaluate;
 pub mod listener;
 pub mod matcher;
 pub mod opensips_cfg;

@@ -355,10 +355,6 @@ impl Source {
     pub fn url(&self) -> &Redacted {
         &self.url
     }
-
-    pub fn table(&self) -> &TableName {
-        &self.table
-    }
 }
 
 fn strip_comments(stmt: &str) -> String {
