@@ -166,21 +166,14 @@ impl Sandbox {
 
     /// What `tcpmgm conns --json` lists for the sandbox's cgroup (and those below it).
     pub fn conns(&self) -> serde_json::Value {
-        let out = Command::new(binary("tcpmgm"))
+        let out = sh(Command::new(binary("tcpmgm"))
             .args(["conns", "--json", "--cgroup"])
             .arg(&self.cgroup)
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             .arg("--netns")
-            .arg(self.netns.path())
-            .output()
-            .expect("run tcpmgm conns");
-        assert!(
-            out.status.success(),
-            "tcpmgm conns: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("conns --json")
+            .arg(self.netns.path()));
+        serde_json::from_str(&out).expect("conns --json")
     }
 
     /// What `bpftool cgroup show` lists for the sandbox's cgroup.
@@ -585,21 +578,14 @@ impl Daemon {
 
     /// `tcpmgm status --json` for this daemon's sandbox (its first entry).
     pub fn status(&self, sb: &Sandbox) -> serde_json::Value {
-        let out = Command::new(binary("tcpmgm"))
+        let out = sh(Command::new(binary("tcpmgm"))
             .args(["status", "--json", "--cgroup"])
             .arg(&sb.cgroup)
             .arg("--pin-dir")
             .arg(&sb.pin_dir)
             .arg("--control")
-            .arg(&self.control)
-            .output()
-            .expect("tcpmgm status");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+            .arg(&self.control));
+        let mut all: serde_json::Value = serde_json::from_str(&out).expect("JSON");
         all[0].take()
     }
 
@@ -735,11 +721,16 @@ impl TestDb {
 
     /// Runs SQL on the database.
     pub async fn sql(&self, sql: &str) {
-        let source = tcpmgm::policy::source::Source::open(&self.url, false)
-            .await
-            .expect("open");
-        source.execute_script(sql).await.expect("the test's SQL");
+        run_sql(&self.url, sql).await;
     }
+}
+
+/// Runs the test's SQL on the database at `url`.
+pub async fn run_sql(url: &str, sql: &str) {
+    let source = tcpmgm::policy::source::Source::open(url, false)
+        .await
+        .expect("open");
+    source.execute_script(sql).await.expect("the test's SQL");
 }
 
 impl Drop for TestDb {

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use tcpmgm::policy::source::TableVersion;
-use tcpmgm_tests::{Backend, Daemon, Sandbox, TestDb};
+use tcpmgm_tests::{Backend, Daemon, Sandbox, TestDb, control_socket};
 
 /// A daemon on a sandbox of its own, with one rule: 127.0.0.2, con_lifetime 2 s. Fields drop in
 /// order: the daemon first.
@@ -14,7 +14,7 @@ struct Setup {
 }
 
 impl Setup {
-    async fn new(name: &str) -> Setup {
+    async fn new() -> Setup {
         let db = TestDb::new(
             Backend::Sqlite,
             TableVersion::V1,
@@ -22,9 +22,12 @@ impl Setup {
         )
         .await;
         let sb = Sandbox::new();
-        let control =
-            std::env::temp_dir().join(format!("tcpmgm-{name}-{}.sock", std::process::id()));
-        let daemon = Daemon::start_with(&sb, &db.url, control, &["--netns", &sb.netns.path()]);
+        let daemon = Daemon::start_with(
+            &sb,
+            &db.url,
+            control_socket(&sb),
+            &["--netns", &sb.netns.path()],
+        );
         Setup {
             _daemon: daemon,
             sb,
@@ -35,7 +38,7 @@ impl Setup {
 
 #[tokio::test]
 async fn idle_connections_close_after_their_con_lifetime() {
-    let setup = Setup::new("lifetime").await;
+    let setup = Setup::new().await;
     let mut p = setup.sb.probe();
     let id = |r: tcpmgm_tests::Reply| r.get("id");
     let start = Instant::now();
@@ -80,7 +83,7 @@ async fn idle_connections_close_after_their_con_lifetime() {
 /// slice); con_lifetime and `tcpmgm conns` reach the same sockets.
 #[tokio::test]
 async fn a_child_cgroup_is_listed_and_swept() {
-    let setup = Setup::new("lifetime-child").await;
+    let setup = Setup::new().await;
     let sb = &setup.sb;
     let mut p = sb.probe_in_child("sip-server");
     let start = Instant::now();

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tcpmgm::policy::source::{TableName, TableVersion};
-use tcpmgm_tests::{Backend, Daemon, Sandbox, TestDb, control_socket, tcpmgm};
+use tcpmgm_tests::{Backend, Daemon, Sandbox, TestDb, control_socket, run_sql, tcpmgm};
 
 /// A scratch directory of the test's own, removed when dropped.
 struct Scratch(PathBuf);
@@ -130,7 +130,7 @@ async fn check_match_and_db_init_honour_table() {
     let (code, out, err) = tcpmgm(&["db", "init", "--db", &db, "--table", "carrier_rules"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("created table carrier_rules"), "{out}");
-    sql(
+    run_sql(
         &db,
         "INSERT INTO carrier_rules (id, remote_addr, keepidle) VALUES (5, '192.0.2.0/24', 30);",
     )
@@ -161,16 +161,6 @@ async fn check_match_and_db_init_honour_table() {
     assert!(err.contains("plain SQL name"), "{err}");
 }
 
-/// Runs SQL on a database.
-async fn sql(db: &str, sql: &str) {
-    tcpmgm::policy::source::Source::open(db, false)
-        .await
-        .unwrap()
-        .execute_script(sql)
-        .await
-        .unwrap();
-}
-
 /// The table OpenSIPS 3.6 was seen to order differently from tcpmgm: rules 11 and 15 are both
 /// tcp, and the tls rule at the same priority, "equal" to both in OpenSIPS's comparator, lets
 /// qsort put 11 first.
@@ -183,7 +173,7 @@ async fn ambiguous_table(db: &str, with_tls: bool) {
             "INSERT INTO tcp_mgm (id, proto, remote_addr) VALUES (12, 'tls', '192.0.2.0/24');",
         );
     }
-    self::sql(db, &sql).await;
+    run_sql(db, &sql).await;
 }
 
 #[tokio::test]

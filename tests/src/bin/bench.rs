@@ -404,8 +404,7 @@ fn push_latency(sb: &Sandbox) -> anyhow::Result<Duration> {
         tcpmgm::policy::source::TableVersion::V1,
         "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (1, '127.0.0.0/8', 300);",
     ));
-    let control = std::env::temp_dir().join(format!("tcpmgm-bench-{}.sock", std::process::id()));
-    let daemon = tcpmgm_tests::Daemon::start(sb, &db.url, control);
+    let daemon = tcpmgm_tests::Daemon::start(sb, &db.url, tcpmgm_tests::control_socket(sb));
     let mut probe = sb.probe();
     let mut port = 7200;
     let mut samples = Vec::new();
@@ -681,10 +680,19 @@ fn report(
     )?;
     writeln!(
         report,
-        "| nested 1M loads | {} | {} |",
-        ms(row("nested", 1_000_000).cold_start()),
-        met(true)
+        "| flat 100k cold start (compile + load + attach) ≤ 1 s | {} | {} |",
+        ms(flat100k.cold_start()),
+        met(flat100k.cold_start() <= Duration::from_secs(1))
     )?;
+    for t in ["flat", "nested"] {
+        let m1 = row(t, 1_000_000);
+        writeln!(
+            report,
+            "| {t} 1M cold start (compile + load + attach) ≤ 10 s | {} | {} |",
+            ms(m1.cold_start()),
+            met(m1.cold_start() <= Duration::from_secs(10))
+        )?;
+    }
     for t in ["flat", "nested"] {
         let (k1, m1) = (row(t, 1_000), row(t, 1_000_000));
         writeln!(
