@@ -421,7 +421,24 @@ impl Paths {
         pin_dir: Option<PathBuf>,
         control: Option<PathBuf>,
     ) -> Result<Paths, SystemError> {
-        let cgroup = resolve_cgroup(cgroup)?;
+        Paths::named(resolve_cgroup(cgroup)?, pin_dir, control)
+    }
+
+    /// `of` for a cgroup that may not exist now (removed, to be made again): what `status`
+    /// reports on.
+    pub fn of_maybe_gone(
+        cgroup: &Path,
+        pin_dir: Option<PathBuf>,
+        control: Option<PathBuf>,
+    ) -> Result<Paths, SystemError> {
+        Paths::named(cgroup_path(cgroup)?, pin_dir, control)
+    }
+
+    fn named(
+        cgroup: PathBuf,
+        pin_dir: Option<PathBuf>,
+        control: Option<PathBuf>,
+    ) -> Result<Paths, SystemError> {
         let slug = cgroup_slug(&cgroup)?;
         let pin_dir = match pin_dir {
             Some(p) => p,

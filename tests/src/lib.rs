@@ -521,7 +521,40 @@ impl Daemon {
 
     /// `tcpmgm run ARGS` on the sandbox's cgroup and pins (the rule source among the ARGS).
     pub fn start_args(sb: &Sandbox, control: PathBuf, args: &[&str]) -> Daemon {
-        let mut child = Command::new(binary("tcpmgm"))
+        Daemon::start_env(sb, control, args, &[])
+    }
+
+    /// `start_args` with environment variables of the daemon's own (`TCPMGM_FAULT`, say).
+    pub fn start_env(
+        sb: &Sandbox,
+        control: PathBuf,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        Daemon::start_in(sb, control, args, env, None)
+    }
+
+    /// `start_env`, the daemon first moving itself into the cgroup whose `cgroup.procs` is
+    /// `procs` (a memory-limited one, say).
+    pub fn start_in(
+        sb: &Sandbox,
+        control: PathBuf,
+        args: &[&str],
+        env: &[(&str, &str)],
+        procs: Option<&Path>,
+    ) -> Daemon {
+        let mut cmd = match procs {
+            Some(procs) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", "echo $$ > \"$0\" && exec \"$@\""])
+                    .arg(procs)
+                    .arg(binary("tcpmgm"));
+                sh
+            }
+            None => Command::new(binary("tcpmgm")),
+        };
+        let mut child = cmd
+            .envs(env.iter().copied())
             .arg("run")
             .args(args)
             .arg("--cgroup")
@@ -609,6 +642,10 @@ impl Daemon {
             .iter()
             .filter(|l| l.contains(text))
             .count()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
@@ -813,4 +850,92 @@ pub fn wait_for_idle(
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     None
+}
+
+/// What the kernel and bpffs hold for a sandbox: the programs attached to its cgroup (ids
+/// included) and every pin with the id of the object it holds. Equal snapshots mean nothing
+/// was changed.
+pub fn snapshot(sb: &Sandbox) -> String {
+    let mut out = sh(Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&sb.cgroup));
+    let Ok(entries) = std::fs::read_dir(&sb.pin_dir) else {
+        return out + "(no pin directory)";
+    };
+    let mut pins: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    pins.sort();
+    for pin in pins {
+        let kind = if pin.starts_with("TCPMGM_LINK_") {
+            "link"
+        } else if pin.starts_with("TCPMGM_PROG_") {
+            "prog"
+        } else {
+            "map"
+        };
+        let shown = sh(Command::new("bpftool")
+            .args(["-j", kind, "show", "pinned"])
+            .arg(sb.pin_dir.join(&pin)));
+        let id: serde_json::Value = serde_json::from_str(&shown).expect("bpftool -j");
+        out.push_str(&format!("\n{pin} {}", id["id"]));
+    }
+    out
+}
+
+/// The keepidle of a new loopback connection (port `port + 1`) made from the sandbox's cgroup.
+pub fn idle_in(sb: &Sandbox, port: &mut u16) -> i64 {
+    *port += 1;
+    sb.probe()
+        .ask(&format!("pair 127.0.0.1:{port} 127.0.0.1:{port}"))
+        .get("client_idle")
+}
+
+/// Runs `tcpmgm ARGS` (with `env`), which must fail without panicking within two minutes:
+/// its stderr.
+pub fn refused(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> String {
+    let mut child = Command::new(binary("tcpmgm"))
+        .envs(env.iter().copied())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tcpmgm");
+    let mut err = child.stderr.take().expect("stderr");
+    let reader = std::thread::spawn(move || {
+        let mut log = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut log);
+        log
+    });
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tcpmgm {args:?} did not stop");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let log = reader.join().expect("stderr reader");
+    assert!(
+        !status.success() && status.code() != Some(101),
+        "tcpmgm {args:?}: {status}: {log}"
+    );
+    log
+}
+
+/// Waits up to `limit` for a daemon log line containing `text`.
+pub fn wait_logged(daemon: &Daemon, text: &str, limit: std::time::Duration) -> bool {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if daemon.logged(text) > 0 {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
 }

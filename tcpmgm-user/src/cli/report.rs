@@ -62,7 +62,7 @@ pub(super) fn status(
     let mut found = Vec::new();
     match cgroup {
         Some(cg) => {
-            let paths = system::Paths::of(&cg, pin_dir, control)?;
+            let paths = system::Paths::of_maybe_gone(&cg, pin_dir, control)?;
             let mut s = crate::daemon::status::of(&paths.pin_dir, &paths.control);
             s.cgroup.get_or_insert(paths.cgroup);
             found.push(s);

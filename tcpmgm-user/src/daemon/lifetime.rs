@@ -51,6 +51,11 @@ pub struct Sweeper {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// How many rule ids the sweeper's statistics hold at first; they double when full (the
+/// kernel sizes a hash map's buckets by its maximum, so a map sized for every possible rule
+/// would cost 64 MiB whatever the table).
+const SWEEP_STATS_FIRST: u32 = 1024;
+
 /// The sweeper's statistics, pinned at `SWEEP_STATS_PIN` in `pin_dir`; made when missing and
 /// `create`.
 pub fn stats_map(
@@ -58,25 +63,53 @@ pub fn stats_map(
     create: bool,
 ) -> Result<HashMap<MapData, u32, SweepStats>, MapError> {
     let pin = pin_dir.join(SWEEP_STATS_PIN);
-    let map = match MapData::from_pin(&pin) {
-        Ok(m) => HashMap::try_from(aya::maps::Map::HashMap(m))?,
-        Err(e) if !create => return Err(e),
-        Err(_) => {
-            const BPF_F_NO_PREALLOC: u32 = 1;
-            let m = HashMap::<MapData, u32, SweepStats>::create(
-                tcpmgm_common::RULE_STATS_MAX as u32,
-                BPF_F_NO_PREALLOC,
-            )?;
-            aya::maps::IterableMap::map(&m)
-                .pin(&pin)
-                .map_err(|e| MapError::PinError {
-                    name: Some(SWEEP_STATS_PIN.into()),
-                    error: e,
-                })?;
-            m
+    match MapData::from_pin(&pin) {
+        Ok(m) => HashMap::try_from(aya::maps::Map::HashMap(m)),
+        Err(e) if !create => Err(e),
+        Err(_) => new_stats_map(&pin, SWEEP_STATS_FIRST),
+    }
+}
+
+fn new_stats_map(pin: &Path, entries: u32) -> Result<HashMap<MapData, u32, SweepStats>, MapError> {
+    const BPF_F_NO_PREALLOC: u32 = 1;
+    let m = HashMap::<MapData, u32, SweepStats>::create(entries, BPF_F_NO_PREALLOC)?;
+    // Only this daemon writes the map: replacing the pin is all it takes to grow it.
+    let _ = std::fs::remove_file(pin);
+    aya::maps::IterableMap::map(&m)
+        .pin(pin)
+        .map_err(|e| MapError::PinError {
+            name: Some(SWEEP_STATS_PIN.into()),
+            error: e,
+        })?;
+    Ok(m)
+}
+
+/// Adds to rule `rule`'s sweep counts, doubling the map (pinned in its place) when it is full.
+fn count(
+    pin_dir: &Path,
+    stats: &mut HashMap<MapData, u32, SweepStats>,
+    rule: u32,
+    bump: fn(&mut SweepStats),
+) -> Result<(), MapError> {
+    let mut now = stats.get(&rule, 0).unwrap_or_default();
+    bump(&mut now);
+    match stats.insert(rule, now, 0) {
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+            let size = aya::maps::IterableMap::map(stats)
+                .info()?
+                .max_entries()
+                .saturating_mul(2);
+            let mut bigger = new_stats_map(&pin_dir.join(SWEEP_STATS_PIN), size)?;
+            for entry in stats.iter() {
+                let (id, counts) = entry?;
+                bigger.insert(id, counts, 0)?;
+            }
+            bigger.insert(rule, now, 0)?;
+            *stats = bigger;
+            Ok(())
         }
-    };
-    Ok(map)
+        other => other,
+    }
 }
 
 /// Where the sweeper finds things and how it acts.
@@ -131,7 +164,10 @@ impl Sweeper {
                         std::thread::sleep(Duration::from_millis(250));
                         continue;
                     }
-                    if let Err(e) = sweep(&setup, &mut audited) {
+                    // A cgroup removed has no connections to sweep; the keeper says it once.
+                    if setup.cgroup.exists()
+                        && let Err(e) = sweep(&setup, &mut audited)
+                    {
                         tracing::warn!("con_lifetime sweep: {e}");
                     }
                     std::thread::sleep(Duration::from_millis(every));
@@ -177,9 +213,7 @@ pub fn sweep(setup: &SweepSetup, audited: &mut HashSet<u32>) -> std::io::Result<
         }
         let rule = record.profile.rule_id;
         let mut count = |bump: fn(&mut SweepStats)| {
-            let mut now = stats.get(&rule, 0).unwrap_or_default();
-            bump(&mut now);
-            if let Err(e) = stats.insert(rule, now, 0) {
+            if let Err(e) = count(&setup.pin_dir, &mut stats, rule, bump) {
                 tracing::warn!("counting for rule {rule}: {e}");
             }
         };

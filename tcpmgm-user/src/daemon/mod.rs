@@ -8,6 +8,7 @@
 //! task) turns database notifications or polls into reload requests. When a reload fails, the
 //! running policy stays and the caller and the log are told why.
 mod control;
+mod keeper;
 pub mod lifetime;
 mod metrics;
 pub mod reapply;
@@ -26,6 +27,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 
 use self::watch::{Change, Watcher};
+use crate::kernel::claim::Claim;
 use crate::kernel::{Enforcer, KernelError};
 use crate::policy::compile::{CompileError, Enforcement, compile_with};
 use crate::policy::pipeline::{PipelineError, RuleArgs, RuleSet};
@@ -55,6 +57,8 @@ pub enum DaemonError {
     Compile(#[from] CompileError),
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Claim(#[from] crate::kernel::claim::ClaimError),
     #[error(transparent)]
     System(#[from] SystemError),
     #[error("control socket {path}: {source}")]
@@ -129,6 +133,10 @@ impl Options {
 pub struct Daemon {
     reloader: Reloader,
     control: PathBuf,
+    /// Bound before anything reached the kernel, so a second run is refused before it acts.
+    listener: tokio::net::UnixListener,
+    /// What this run pinned, to pin again when the pins are removed.
+    keeper: keeper::Keeper,
     watched_db: String,
     watched_table: TableName,
     poll_interval: Option<Duration>,
@@ -175,17 +183,43 @@ async fn read_valid(options: &Options) -> Result<RuleSet, DaemonError> {
 }
 
 impl Daemon {
-    /// Loads the table and attaches it. Nothing reaches the kernel unless every step succeeds.
+    /// Loads the table and attaches it. Nothing reaches the kernel unless every step succeeds,
+    /// and nothing at all when another run governs the cgroup.
     pub async fn start(options: Options) -> Result<Daemon, DaemonError> {
-        let system::Paths {
-            cgroup,
-            pin_dir,
-            control,
-        } = system::Paths::of(
+        let paths = system::Paths::of(
             &options.cgroup,
             options.pin_dir.clone(),
             options.control.clone(),
         )?;
+        // One daemon per cgroup, decided first: the cgroup's lock, then what is attached to it
+        // from elsewhere, then the control socket.
+        let claim = crate::kernel::claim::claim(&paths.cgroup, &paths.pin_dir, &system::bpffs()?)?;
+        let listener = control::bind(&paths.control)?;
+        let control = paths.control.clone();
+        let started = Daemon::start_claimed(options, paths, claim, listener).await;
+        if started.is_err() {
+            let _ = std::fs::remove_file(&control);
+        }
+        started
+    }
+
+    async fn start_claimed(
+        options: Options,
+        paths: system::Paths,
+        claim: Claim,
+        listener: tokio::net::UnixListener,
+    ) -> Result<Daemon, DaemonError> {
+        let system::Paths {
+            cgroup,
+            pin_dir,
+            control,
+        } = paths;
+        if cgroup.extension().is_some_and(|e| e == "service") {
+            tracing::warn!(
+                "{} is a service's own cgroup: systemd removes it at every stop of the service, and the policy with it until the service starts again (tcpmgm then governs the new cgroup); govern the slice the service runs in instead (README: \"Put your OpenSIPS or Kamailio under tcpmgm\")",
+                cgroup.display()
+            );
+        }
         // Watch before reading, so that no change falls between the two.
         let watcher = connect_watcher(
             options.rules.db(),
@@ -196,6 +230,25 @@ impl Daemon {
         .await;
         let set = read_valid(&options).await?;
         let hz = system::kernel_hz()?;
+        // Bound before the kernel step, so that a taken port stops the start with nothing
+        // attached (and before systemd hears READY).
+        let metrics = match options.metrics {
+            Some(addr) => Some(Box::pin(
+                metrics::serve(
+                    addr,
+                    metrics::Sources {
+                        control: control.clone(),
+                        pin_dir: pin_dir.clone(),
+                        cgroup: cgroup.clone(),
+                        netns: options.netns.clone(),
+                    },
+                )
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?,
+            )
+                as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>),
+            None => None,
+        };
         let policy = compile_with(set.rules, &set.listeners, hz, options.enforcement)?;
         let (mut enforcer, policy) = tokio::task::spawn_blocking(move || {
             Enforcer::attach(&policy, &cgroup, &pin_dir).map(|e| (e, policy))
@@ -239,9 +292,11 @@ impl Daemon {
                 None
             }
         };
-        match options.api_group {
-            Some(gid) => {
-                for warning in system::share_records(enforcer.pin_dir(), gid)? {
+        // The last steps that can fail: on a first start, a failure takes the policy off
+        // again (an adopted policy stays, with this run's programs in it).
+        let shared = match options.api_group {
+            Some(gid) => system::share_records(enforcer.pin_dir(), gid).map(|warnings| {
+                for warning in warnings {
                     tracing::warn!("--api-group: {warning}");
                 }
                 tracing::info!(
@@ -251,9 +306,24 @@ impl Daemon {
                         .join(crate::kernel::SOCKETS_PIN)
                         .display()
                 );
+            }),
+            None => system::unshare_records(enforcer.pin_dir()),
+        };
+        let keeper = shared
+            .map_err(DaemonError::from)
+            .and_then(|()| keeper::Keeper::new(&enforcer, claim.cgroup_id));
+        let keeper = match keeper {
+            Ok(k) => k,
+            Err(e) => {
+                drop(sweeper);
+                if !enforcer.adopted()
+                    && let Err(undo) = enforcer.detach()
+                {
+                    tracing::error!("taking the policy off again: {undo}");
+                }
+                return Err(e);
             }
-            None => system::unshare_records(enforcer.pin_dir())?,
-        }
+        };
         if enforcer.adopted() {
             tracing::info!(
                 "took over the policy pinned in {} by an earlier run",
@@ -288,26 +358,10 @@ impl Daemon {
             reloads_failed: 0,
             audit: options.enforcement.audit,
         };
-        // Bound now, so that a taken port stops the start before systemd hears READY.
-        let metrics = match options.metrics {
-            Some(addr) => Some(Box::pin(
-                metrics::serve(
-                    addr,
-                    metrics::Sources {
-                        control: control.clone(),
-                        pin_dir: enforcer.pin_dir().to_path_buf(),
-                        cgroup: enforcer.cgroup().to_path_buf(),
-                        netns: options.netns.clone(),
-                    },
-                )
-                .await
-                .map_err(|source| DaemonError::Metrics { addr, source })?,
-            )
-                as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>),
-            None => None,
-        };
         let daemon = Daemon {
             metrics,
+            listener,
+            keeper: keeper.clone(),
             control,
             watcher,
             watched_db: options.rules.db().to_owned(),
@@ -317,7 +371,7 @@ impl Daemon {
             detach_on_exit: options.detach_on_exit,
             logs,
             _sweeper: sweeper,
-            reloader: Reloader::new(enforcer, options, hz, state, sweep_every),
+            reloader: Reloader::new(enforcer, options, hz, state, sweep_every, claim, keeper),
         };
         daemon.reloader.save_state();
         Ok(daemon)
@@ -329,6 +383,8 @@ impl Daemon {
         let Daemon {
             reloader,
             control,
+            listener,
+            keeper,
             watched_db,
             watched_table,
             poll_interval,
@@ -344,7 +400,6 @@ impl Daemon {
             path: control.clone(),
             source,
         };
-        let listener = control::bind(&control)?;
         let mut term = signal(SignalKind::terminate()).map_err(fail)?;
         let mut int = signal(SignalKind::interrupt()).map_err(fail)?;
         let mut hup = signal(SignalKind::hangup()).map_err(fail)?;
@@ -358,6 +413,7 @@ impl Daemon {
             requests.clone(),
         ));
         let (detach_tx, mut detach_rx) = mpsc::channel::<()>(1);
+        let keeping = tokio::spawn(keeper.clone().run(requests.clone()));
         // The last line of the start: tests and scripts wait for it.
         tracing::info!(
             "reload with SIGHUP or `tcpmgm reload --control {}`",
@@ -391,6 +447,7 @@ impl Daemon {
         };
         notify(&[sd_notify::NotifyState::Stopping]);
         watcher.abort();
+        keeping.abort();
         if let Some(m) = metrics {
             m.abort();
         }
@@ -406,11 +463,10 @@ impl Daemon {
             }
             let _ = std::fs::remove_file(status::state_path(&control));
         } else {
-            // Whatever the reloader was doing, the pinned policy stays in force.
+            // Whatever the reloader was doing, the pinned policy stays in force, as long as it
+            // is pinned: what was unpinned meanwhile is pinned again first.
             reloader.abort();
-            tracing::info!(
-                "exiting; the policy stays enforced (pinned); `tcpmgm detach` removes it"
-            );
+            tracing::info!("exiting; {}", keeper.on_exit().await);
         }
         Ok(())
     }

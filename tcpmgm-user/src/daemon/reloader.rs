@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::keeper::Keeper;
 use super::{DaemonError, Options, notify, read_valid};
 use crate::daemon::lifetime;
 use crate::daemon::status::{self, DaemonState, ReloadRecord};
+use crate::kernel::claim::Claim;
 use crate::kernel::{Enforcer, GRACE, SOCKETS_PIN};
 use crate::policy::compile::{Policy, compile_with};
 use crate::policy::listener::Listeners;
@@ -25,6 +27,8 @@ pub enum Request {
         reply: Option<oneshot::Sender<Result<String, String>>>,
         automatic: bool,
     },
+    /// Govern the cgroup made again at the governed cgroup's path (see `keeper`).
+    Rebind,
     /// Stop, taking the policy off the cgroup when `detach`.
     Stop {
         detach: bool,
@@ -39,6 +43,9 @@ pub struct Reloader {
     hz: u32,
     state: DaemonState,
     sweep_every: Arc<AtomicU64>,
+    /// The cgroup's lock (one daemon per cgroup), taken again for a cgroup made again.
+    _claim: Claim,
+    keeper: Keeper,
 }
 
 impl Reloader {
@@ -48,6 +55,8 @@ impl Reloader {
         hz: u32,
         state: DaemonState,
         sweep_every: Arc<AtomicU64>,
+        claim: Claim,
+        keeper: Keeper,
     ) -> Reloader {
         Reloader {
             enforcer: Some(enforcer),
@@ -55,6 +64,8 @@ impl Reloader {
             hz,
             state,
             sweep_every,
+            _claim: claim,
+            keeper,
         }
     }
 
@@ -86,12 +97,16 @@ impl Reloader {
             // Everything waiting now is answered by this one reload.
             let mut replies = Vec::new();
             let mut automatic_only = true;
+            let mut reload = false;
+            let mut rebind = false;
             let mut stop = None;
             let mut take = |request: Request| match request {
                 Request::Reload { reply, automatic } => {
+                    reload = true;
                     automatic_only &= automatic;
                     replies.extend(reply);
                 }
+                Request::Rebind => rebind = true,
                 Request::Stop { detach, done } => stop = Some((detach, done)),
             };
             take(first);
@@ -104,6 +119,12 @@ impl Reloader {
                 }
                 let _ = done.send(self.stop(detach).await);
                 return;
+            }
+            if rebind {
+                self.rebind().await;
+            }
+            if !reload {
+                continue;
             }
             let result = self.reload().await;
             for reply in replies {
@@ -126,6 +147,53 @@ impl Reloader {
                 if let Some(e) = self.enforcer.as_mut() {
                     e.release_retired();
                 }
+            }
+        }
+    }
+
+    /// Governs the cgroup made again at the governed path: its lock, then new links. On
+    /// failure the keeper asks again when the cgroup changes again.
+    async fn rebind(&mut self) {
+        let Some(mut enforcer) = self.enforcer.take() else {
+            return;
+        };
+        let keeper = self.keeper.clone();
+        let (enforcer, result) = tokio::task::spawn_blocking(move || {
+            let result = crate::system::bpffs()
+                .map_err(DaemonError::from)
+                .and_then(|bpffs| {
+                    Ok(crate::kernel::claim::claim(
+                        enforcer.cgroup(),
+                        enforcer.pin_dir(),
+                        &bpffs,
+                    )?)
+                })
+                .and_then(|claim| {
+                    let mut pins = keeper.hold();
+                    enforcer.rebind()?;
+                    if let Ok(now) = enforcer.pins() {
+                        *pins = now;
+                    }
+                    Ok(claim)
+                });
+            (enforcer, result)
+        })
+        .await
+        .expect("rebinding does not panic");
+        let cgroup = enforcer.cgroup().display().to_string();
+        self.enforcer = Some(enforcer);
+        match result {
+            Ok(claim) => {
+                self.keeper.governing(claim.cgroup_id);
+                self._claim = claim;
+                tracing::info!(
+                    "cgroup {cgroup} is governed again: {} rules (generation {})",
+                    self.state.rules,
+                    self.state.generation
+                );
+            }
+            Err(e) => {
+                tracing::error!("cgroup {cgroup} was made again, but governing it failed: {e}")
             }
         }
     }
@@ -209,11 +277,18 @@ impl Reloader {
         // Audit mode sets nothing, on new connections or old ones.
         let reapply = (self.options.reapply_existing && !enforcement.audit)
             .then(|| self.options.netns.clone());
+        let keeper = self.keeper.clone();
         let (enforcer, result) = tokio::task::spawn_blocking(move || {
             let result = compile_with(set.rules, &set.listeners, hz, enforcement)
                 .map_err(DaemonError::from)
                 .and_then(|policy| {
+                    let mut pins = keeper.hold();
                     enforcer.replace(&policy)?;
+                    match enforcer.pins() {
+                        Ok(now) => *pins = now,
+                        Err(e) => tracing::warn!("holding the new pins: {e}"),
+                    }
+                    drop(pins);
                     if let Some(netns) = reapply {
                         reapply_existing(&enforcer, &policy, &set.listeners, netns);
                     }

@@ -77,6 +77,9 @@ pub struct CgroupStatus {
     pub kernel: Option<Pinned>,
     /// Why the pins could not be read, when they could not.
     pub kernel_error: Option<String>,
+    /// Whether the pinned links hold the cgroup now at the recorded path (false when it was
+    /// removed, or removed and made again); None without links or a record.
+    pub cgroup_governed: Option<bool>,
 }
 
 /// The status of the cgroup pinned in `pin_dir`, whose daemon (if any) listens on `control`.
@@ -90,7 +93,16 @@ pub fn of(pin_dir: &Path, control: &Path) -> CgroupStatus {
         Ok(k) => (Some(k), None),
         Err(e) => (None, Some(e.to_string())),
     };
+    let cgroup_governed = match (&state, &kernel) {
+        (Some(s), Some(k)) if !k.programs.is_empty() => {
+            use std::os::unix::fs::MetadataExt as _;
+            let now = std::fs::metadata(&s.cgroup).map(|m| m.ino()).ok();
+            Some(k.programs.iter().all(|p| Some(p.cgroup_id) == now))
+        }
+        _ => None,
+    };
     CgroupStatus {
+        cgroup_governed,
         cgroup: state.as_ref().map(|s| s.cgroup.clone()),
         pin_dir: pin_dir.to_path_buf(),
         daemon_running,
@@ -156,6 +168,12 @@ impl std::fmt::Display for CgroupStatus {
                     .iter()
                     .map(|p| format!("{} (prog {}, link {})", p.hook, p.program_id, p.link_id))
                     .collect();
+                if self.cgroup_governed == Some(false) {
+                    writeln!(
+                        f,
+                        "  NOT GOVERNED: the links hold a cgroup that is no longer at this path (removed, or made again); a running daemon governs the new one"
+                    )?;
+                }
                 writeln!(
                     f,
                     "  programs: {}",

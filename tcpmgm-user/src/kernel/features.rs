@@ -341,7 +341,10 @@ pub fn programs_load() -> Feature {
         .and_then(|bpffs| {
             let dir = bpffs.join(format!("tcpmgm-features-{}", std::process::id()));
             std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-            let loaded = crate::kernel::Programs::load(&dir).map(drop);
+            // The undo log removes the pins the load makes.
+            let mut undo = super::undo::Undo::default();
+            let loaded = super::Programs::load(&dir, super::stats_capacity(0), &mut undo).map(drop);
+            drop(undo);
             let _ = std::fs::remove_dir_all(&dir);
             loaded.map(|()| true).map_err(|e| e.to_string())
         });

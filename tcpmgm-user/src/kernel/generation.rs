@@ -18,6 +18,7 @@ use ipnet::IpNet;
 use tcpmgm_common::{Header, LocalKey4, LocalKey6, names};
 
 use super::programs::Templates;
+use super::undo::Undo;
 use super::{KernelError, sys};
 use crate::policy::compile::Policy;
 
@@ -239,20 +240,11 @@ impl Generation {
             .sum()
     }
 
-    /// Pins the maps under `dir` for bpftool and `status`, replacing the previous generation's.
-    pub(super) fn pin(&self, dir: &Path) -> Result<(), KernelError> {
-        let fail = |reason: String| KernelError::Pin {
-            path: dir.to_path_buf(),
-            reason,
-        };
+    /// Pins the maps under `dir` for bpftool and `status`, replacing the previous generation's
+    /// (put back on undo).
+    pub(super) fn pin(&self, dir: &Path, undo: &mut Undo) -> Result<(), KernelError> {
         for (name, _) in names::POLICY_MAPS {
-            let path = dir.join(name);
-            if path.exists() {
-                std::fs::remove_file(&path).map_err(|e| fail(format!("{name}: {e}")))?;
-            }
-            self.map(name)
-                .pin(&path)
-                .map_err(|e| fail(format!("{name}: {e}")))?;
+            undo.pin(self.map(name).fd().as_fd(), &dir.join(name))?;
         }
         Ok(())
     }

@@ -19,6 +19,8 @@ pub struct PinnedProgram {
     pub hook: &'static str,
     pub link_id: u32,
     pub program_id: u32,
+    /// The cgroup the link holds (its directory's inode number); 0 once that cgroup is gone.
+    pub cgroup_id: u64,
 }
 
 /// What a rule did, summed over CPUs, since its first event (a reload keeps the counts).
@@ -52,6 +54,7 @@ pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
                 hook: hook.name,
                 link_id: info.id,
                 program_id: info.program_id,
+                cgroup_id: info.cgroup_id,
             });
         }
     }

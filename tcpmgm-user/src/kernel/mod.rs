@@ -12,13 +12,22 @@
 //! daemon adopts the pinned links and swaps its own programs into them the same way, so the
 //! cgroup never has two sets of tcpmgm programs, nor a moment without one. Only `detach` (or
 //! removing the pins) takes the policy away.
+//!
+//! A start, an adoption and a reload are one kernel step (`Enforcer::apply`): load the programs
+//! when there are none yet or they are too small for the table, build and stage the generation,
+//! put the programs into the links (adopted, this run's, or new ones), pin, switch. Every change
+//! is recorded (`undo`) and undone when a later one fails, so a failure at any hook or pin
+//! leaves what was there before: nothing, or the policy in force.
+pub mod claim;
 pub mod diag;
+pub mod fault;
 pub mod features;
 mod generation;
 mod inspect;
 mod programs;
 pub mod socket;
 mod sys;
+mod undo;
 
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -31,7 +40,9 @@ use tcpmgm_common::names;
 use crate::policy::compile::Policy;
 pub use generation::Generation;
 pub use inspect::{Pinned, PinnedProgram, RuleCount, inspect};
-pub use programs::Programs;
+use programs::Programs;
+pub use programs::stats_capacity;
+use undo::Undo;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -79,6 +90,11 @@ pub enum KernelError {
     },
     #[error("pinning in {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
+    #[error("{what}: {source}")]
+    Step {
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// The program type of a hook, for loading and attaching it.
@@ -180,76 +196,89 @@ pub struct Enforcer {
     adopted: bool,
 }
 
+/// What `apply` starts from: nothing of this run's yet (a start, maybe adopting pinned links),
+/// or the policy this run enforces.
+enum From<'a> {
+    Start { cgroup: &'a Path, pin_dir: &'a Path },
+    Running(&'a mut Enforcer),
+}
+
 impl Enforcer {
     /// Enforces `policy` on `cgroup`, pinning links and maps in `pin_dir`. Links pinned there by
-    /// an earlier run are adopted: their programs are swapped for this run's.
+    /// an earlier run are adopted: their programs are swapped for this run's. On error nothing
+    /// was changed: the cgroup has what it had (an earlier run's policy, or none) and no pin of
+    /// this run's is left.
     pub fn attach(policy: &Policy, cgroup: &Path, pin_dir: &Path) -> Result<Enforcer, KernelError> {
-        let fail_pin = |reason: String| KernelError::Pin {
-            path: pin_dir.to_path_buf(),
-            reason,
-        };
-        std::fs::create_dir_all(pin_dir).map_err(|e| fail_pin(e.to_string()))?;
-        let started = Instant::now();
-        let mut programs = Programs::load(pin_dir)?;
-        let loaded = started.elapsed();
-        let first = Generation::build(policy, &programs.templates, 1, None)?;
-        let built = started.elapsed();
-        programs.install(&first)?;
-        let pinned = adopt_links(pin_dir, cgroup)?;
-        let adopted = pinned.iter().any(Option::is_some);
-        // Swap this run's programs into the adopted links first (undoing on failure), so that a
-        // failure leaves the running policy exactly as it was.
-        let old_programs: Vec<Option<OwnedFd>> = HOOKS
-            .iter()
-            .map(|h| sys::obj_get(&pin_dir.join(h.program_pin)).ok())
-            .collect();
-        for (i, (hook, link)) in HOOKS.iter().zip(&pinned).enumerate() {
-            let Some(fd) = link else { continue };
-            if let Err(source) = sys::link_update(fd.as_fd(), programs.program_fd(hook.name)) {
-                put_back(&pinned[..i], &old_programs[..i]);
-                return Err(KernelError::LinkUpdate {
-                    program: hook.name,
-                    source,
-                });
+        let mut made = None;
+        apply(policy, From::Start { cgroup, pin_dir }, &mut made)?;
+        Ok(made.expect("a start makes the enforcer"))
+    }
+
+    /// Switches the cgroup to `policy`: its maps are built and filled aside, then every hook
+    /// moves to them in one step. On error the running policy stays as it was.
+    pub fn replace(&mut self, policy: &Policy) -> Result<(), KernelError> {
+        // The slot the new generation takes is the retired one's.
+        self.release_retired();
+        apply(policy, From::Running(self), &mut None)
+    }
+
+    /// Every pin of this run's with the object it should hold: the links, the programs, the
+    /// maps all generations share and the policy maps in force. What `repin` puts back.
+    pub fn pins(&self) -> std::io::Result<Vec<(PathBuf, OwnedFd)>> {
+        let mut pins = Vec::new();
+        for (hook, link) in HOOKS.iter().zip(&self.links) {
+            pins.push((self.pin_dir.join(hook.pin), link.try_clone()?));
+            pins.push((
+                self.pin_dir.join(hook.program_pin),
+                self.programs.program_fd(hook.name).try_clone_to_owned()?,
+            ));
+        }
+        for (name, path) in programs::shared_pins(&self.pin_dir) {
+            // The log ring buffer belongs to the log reader once it runs.
+            if let Some(fd) = self.programs.map_fd(name) {
+                pins.push((path, fd.try_clone_to_owned()?));
             }
         }
-        let cgroup_file = File::open(cgroup).map_err(|source| KernelError::Cgroup {
-            path: cgroup.to_path_buf(),
-            source,
-        })?;
-        let mut links = Vec::new();
-        for (hook, link) in HOOKS.iter().zip(pinned) {
-            let link = match link {
-                Some(fd) => fd,
-                None => attach_hook(&programs, hook, &cgroup_file, &pin_dir.join(hook.pin))?,
-            };
-            links.push(link);
+        for (name, _) in names::POLICY_MAPS {
+            pins.push((
+                self.pin_dir.join(name),
+                self.current.map(name).fd().as_fd().try_clone_to_owned()?,
+            ));
         }
-        programs.pin(pin_dir)?;
-        first.pin(pin_dir)?;
-        remove_stale_pins(pin_dir);
-        tracing::info!(
-            cgroup = %cgroup.display(),
-            pins = %pin_dir.display(),
-            rules = policy.rules.len(),
-            adopted,
-            "policy attached"
-        );
-        Ok(Enforcer {
-            timings: Timings {
-                programs: loaded,
-                maps: built - loaded,
-                attach: started.elapsed() - built,
-                last_switch: Duration::ZERO,
-            },
-            programs,
-            current: first,
-            retired: None,
-            links,
-            pin_dir: pin_dir.to_path_buf(),
-            cgroup: cgroup.to_path_buf(),
-            adopted,
-        })
+        Ok(pins)
+    }
+
+    /// Pins again what was unpinned since (the pin directory removed, say), before a reload
+    /// pins anything new.
+    fn restore_pins(&self) -> Result<(), KernelError> {
+        let fail = |e: std::io::Error| KernelError::Pin {
+            path: self.pin_dir.clone(),
+            reason: e.to_string(),
+        };
+        let restored = repin(&self.pin_dir, &self.pins().map_err(fail)?).map_err(fail)?;
+        if !restored.is_empty() {
+            tracing::warn!(
+                "{} of this run's pins in {} were gone: pinned again",
+                restored.len(),
+                self.pin_dir.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Governs the cgroup made again at this enforcer's path (the one it governed is gone, and
+    /// its links with it): new links with the programs in force, pinned in place of the old
+    /// ones. On error nothing changed.
+    pub fn rebind(&mut self) -> Result<(), KernelError> {
+        let mut undo = Undo::default();
+        let none = HOOKS.iter().map(|_| None).collect();
+        let links = put_in_links(&self.programs, none, &self.cgroup, &self.pin_dir, &mut undo)?;
+        undo.commit();
+        for old in std::mem::replace(&mut self.links, links) {
+            // Defunct already (their cgroup is gone); detaching only frees them sooner.
+            let _ = sys::link_detach(old.as_fd());
+        }
+        Ok(())
     }
 
     /// A reader of the programs' log events (aya-log).
@@ -260,28 +289,6 @@ impl Enforcer {
     /// Whether `attach` took over links an earlier run had pinned.
     pub fn adopted(&self) -> bool {
         self.adopted
-    }
-
-    /// Switches the cgroup to `policy`: its maps are built and filled aside, then every hook
-    /// moves to them in one step. On error the running policy stays as it was.
-    pub fn replace(&mut self, policy: &Policy) -> Result<(), KernelError> {
-        // The slot the new generation takes is the retired one's.
-        self.release_retired();
-        let started = Instant::now();
-        let next = Generation::build(
-            policy,
-            &self.programs.templates,
-            self.current.number + 1,
-            Some(&self.current),
-        )?;
-        self.programs.install(&next)?;
-        self.timings.last_switch = started.elapsed();
-        let old = std::mem::replace(&mut self.current, next);
-        self.retired = Some((old, Instant::now()));
-        if let Err(e) = self.current.pin(&self.pin_dir) {
-            tracing::warn!("the new policy is enforced, but its maps could not be pinned: {e}");
-        }
-        Ok(())
     }
 
     /// Frees the generation the last switch replaced, once `GRACE` has passed since (waiting
@@ -341,23 +348,165 @@ impl Enforcer {
     }
 }
 
-/// Puts the programs of an earlier run back into the links (undoing a partial swap at adoption).
-fn put_back(links: &[Option<OwnedFd>], programs: &[Option<OwnedFd>]) {
-    for ((hook, link), program) in HOOKS.iter().zip(links).zip(programs) {
-        let Some(link) = link else { continue };
-        let result = match program {
-            Some(program) => sys::link_update(link.as_fd(), program.as_fd()),
-            None => Err(std::io::Error::other("its program was not pinned")),
-        };
-        if let Err(e) = result {
-            tracing::error!(
-                "putting the earlier run's program back into the {} link failed: {e}",
-                hook.name
+/// The kernel step of a start, an adoption and a reload (see the module documentation). On
+/// error, every change it made is undone.
+fn apply(policy: &Policy, from: From<'_>, made: &mut Option<Enforcer>) -> Result<(), KernelError> {
+    let started = Instant::now();
+    let mut undo = Undo::default();
+    let wanted = programs::stats_capacity(policy.rules.len());
+    match from {
+        From::Start { cgroup, pin_dir } => {
+            if !pin_dir.exists() {
+                fault::point("pin-dir")
+                    .and_then(|()| std::fs::create_dir_all(pin_dir))
+                    .map_err(|e| KernelError::Pin {
+                        path: pin_dir.to_path_buf(),
+                        reason: e.to_string(),
+                    })?;
+                undo.made_dir(pin_dir);
+            }
+            let (pinned, defunct) = adopt_links(pin_dir, cgroup)?;
+            let adopted = pinned.iter().any(Option::is_some);
+            let mut programs = Programs::load(pin_dir, wanted, &mut undo)?;
+            let loaded = started.elapsed();
+            let first = Generation::build(policy, &programs.templates, 1, None)?;
+            // These programs run nowhere yet: staging and switching are theirs alone.
+            programs.stage(&first)?;
+            programs.switch(first.number)?;
+            let built = started.elapsed();
+            let links = put_in_links(&programs, pinned, cgroup, pin_dir, &mut undo)?;
+            programs.pin(pin_dir, &mut undo)?;
+            first.pin(pin_dir, &mut undo)?;
+            undo.commit();
+            for pin in defunct {
+                let _ = std::fs::remove_file(pin);
+            }
+            remove_stale_pins(pin_dir);
+            tracing::info!(
+                cgroup = %cgroup.display(),
+                pins = %pin_dir.display(),
+                rules = policy.rules.len(),
+                adopted,
+                "policy attached"
             );
+            *made = Some(Enforcer {
+                timings: Timings {
+                    programs: loaded,
+                    maps: built - loaded,
+                    attach: started.elapsed() - built,
+                    last_switch: Duration::ZERO,
+                },
+                programs,
+                current: first,
+                retired: None,
+                links,
+                pin_dir: pin_dir.to_path_buf(),
+                cgroup: cgroup.to_path_buf(),
+                adopted,
+            });
+        }
+        From::Running(e) => {
+            e.restore_pins()?;
+            let number = e.current.number + 1;
+            if wanted > e.programs.stats_capacity() {
+                // The table outgrew the rule statistics: programs with larger ones take over
+                // the links, as a restart would.
+                let mut programs = Programs::load(&e.pin_dir, wanted, &mut undo)?;
+                let next =
+                    Generation::build(policy, &programs.templates, number, Some(&e.current))?;
+                programs.stage(&next)?;
+                programs.switch(number)?;
+                let links = e
+                    .links
+                    .iter()
+                    .map(|l| l.try_clone().map(Some))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|source| KernelError::Step {
+                        what: "holding the links",
+                        source,
+                    })?;
+                put_in_links(&programs, links, &e.cgroup, &e.pin_dir, &mut undo)?;
+                programs.pin(&e.pin_dir, &mut undo)?;
+                next.pin(&e.pin_dir, &mut undo)?;
+                undo.commit();
+                // The old programs' maps go when nothing holds them; their slots with them.
+                e.retired = None;
+                e.programs = programs;
+                e.current = next;
+            } else {
+                let next =
+                    Generation::build(policy, &e.programs.templates, number, Some(&e.current))?;
+                e.programs.stage(&next)?;
+                let pinned_and_switched = next
+                    .pin(&e.pin_dir, &mut undo)
+                    .and_then(|()| e.programs.switch(number));
+                if let Err(err) = pinned_and_switched {
+                    e.programs.abandon(&next, Some(&e.current));
+                    return Err(err);
+                }
+                undo.commit();
+                let old = std::mem::replace(&mut e.current, next);
+                e.retired = Some((old, Instant::now()));
+            }
+            e.timings.last_switch = started.elapsed();
         }
     }
+    Ok(())
 }
 
+/// Puts `programs` into the cgroup's links: each hook's link in `links` (adopted from an
+/// earlier run, or this run's) gets its program swapped; a hook without one gets a new link,
+/// pinned. Recorded in `undo`.
+fn put_in_links(
+    programs: &Programs,
+    links: Vec<Option<OwnedFd>>,
+    cgroup: &Path,
+    pin_dir: &Path,
+    undo: &mut Undo,
+) -> Result<Vec<OwnedFd>, KernelError> {
+    let cgroup_file = File::open(cgroup).map_err(|source| KernelError::Cgroup {
+        path: cgroup.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for (hook, link) in HOOKS.iter().zip(links) {
+        let program = programs.program_fd(hook.name);
+        let link = match link {
+            Some(link) => {
+                let old = sys::link_info(link.as_fd())
+                    .and_then(|_| sys::obj_get(&pin_dir.join(hook.program_pin)))
+                    .map_err(|e| KernelError::Link {
+                        program: hook.name,
+                        what: "opening the program it holds, to put it back on failure",
+                        reason: e.to_string(),
+                    })?;
+                undo.swap(&link, program, old, hook.name)?;
+                link
+            }
+            None => {
+                let link = fault::point(&format!("link-create:{}", hook.name))
+                    .and_then(|()| sys::link_create(program, cgroup_file.as_fd(), hook.attach_type))
+                    .map_err(|e| KernelError::Link {
+                        program: hook.name,
+                        what: "attaching it to the cgroup (BPF_LINK_CREATE, needs Linux 5.7)",
+                        reason: format!(
+                            "{e} ({}, needs Linux {})",
+                            hook.kernel_kind, hook.min_kernel
+                        ),
+                    })?;
+                undo.attached(&link, hook.name)
+                    .map_err(|source| KernelError::Step {
+                        what: "holding the new link",
+                        source,
+                    })?;
+                undo.pin(link.as_fd(), &pin_dir.join(hook.pin))?;
+                link
+            }
+        };
+        out.push(link);
+    }
+    Ok(out)
+}
 /// Removes pins of names this version does not use (left by an older layout), now that the
 /// current ones are in place.
 fn remove_stale_pins(dir: &Path) {
@@ -382,7 +531,11 @@ fn remove_stale_pins(dir: &Path) {
 /// (removed and perhaps made again: its programs run for nothing) is unpinned and left for a
 /// new attachment; a link that holds another cgroup is an error, as a pin directory is one
 /// cgroup's.
-fn adopt_links(dir: &Path, cgroup: &Path) -> Result<Vec<Option<OwnedFd>>, KernelError> {
+/// Also returns the pins of links whose cgroup is gone, to remove once the start succeeded.
+fn adopt_links(
+    dir: &Path,
+    cgroup: &Path,
+) -> Result<(Vec<Option<OwnedFd>>, Vec<PathBuf>), KernelError> {
     use std::os::unix::fs::MetadataExt;
     let want = std::fs::metadata(cgroup)
         .map_err(|source| KernelError::Cgroup {
@@ -392,6 +545,7 @@ fn adopt_links(dir: &Path, cgroup: &Path) -> Result<Vec<Option<OwnedFd>>, Kernel
         .ino();
     let links = pinned_links(dir)?;
     let mut adopted = Vec::new();
+    let mut defunct = Vec::new();
     for (hook, link) in HOOKS.iter().zip(links) {
         let Some((fd, info)) = link else {
             adopted.push(None);
@@ -403,7 +557,7 @@ fn adopt_links(dir: &Path, cgroup: &Path) -> Result<Vec<Option<OwnedFd>>, Kernel
                 hook.name,
                 cgroup.display()
             );
-            let _ = std::fs::remove_file(dir.join(hook.pin));
+            defunct.push(dir.join(hook.pin));
             adopted.push(None);
             continue;
         }
@@ -419,7 +573,7 @@ fn adopt_links(dir: &Path, cgroup: &Path) -> Result<Vec<Option<OwnedFd>>, Kernel
         }
         adopted.push(Some(fd));
     }
-    Ok(adopted)
+    Ok((adopted, defunct))
 }
 
 /// Opens the links pinned in `dir`, in `HOOKS` order, with what the kernel says of each.
@@ -453,6 +607,23 @@ fn remove_pins(dir: &Path) {
         }
     }
     let _ = std::fs::remove_dir(dir);
+}
+
+/// Pins each object of `pins` whose path is missing (making `pin_dir` again if it is gone).
+/// Returns the paths pinned again.
+pub fn repin(pin_dir: &Path, pins: &[(PathBuf, OwnedFd)]) -> std::io::Result<Vec<PathBuf>> {
+    let missing: Vec<&(PathBuf, OwnedFd)> = pins.iter().filter(|(p, _)| !p.exists()).collect();
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    std::fs::create_dir_all(pin_dir)?;
+    let mut done = Vec::new();
+    for (path, fd) in missing {
+        fault::point("repin")?;
+        sys::obj_pin(fd.as_fd(), path)?;
+        done.push(path.clone());
+    }
+    Ok(done)
 }
 
 /// `tcpmgm detach` without a daemon: detaches the links pinned in `dir` and removes its pins.
@@ -518,38 +689,6 @@ pub(crate) fn load_program(ebpf: &mut aya::Ebpf, hook: &'static Hook) -> Result<
             p.load().map_err(&fail)
         }
     }
-}
-
-/// Attaches one hook's program to the cgroup as a bpf_link and pins the link at `pin`: the link
-/// lives as long as its pin, not as long as this run.
-fn attach_hook(
-    programs: &Programs,
-    hook: &'static Hook,
-    cgroup: &File,
-    pin: &Path,
-) -> Result<OwnedFd, KernelError> {
-    let fail = |what: &'static str| {
-        move |e: std::io::Error| KernelError::Link {
-            program: hook.name,
-            what,
-            reason: e.to_string(),
-        }
-    };
-    let link = sys::link_create(
-        programs.program_fd(hook.name),
-        cgroup.as_fd(),
-        hook.attach_type,
-    )
-    .map_err(|e| KernelError::Link {
-        program: hook.name,
-        what: "attaching it to the cgroup (BPF_LINK_CREATE, needs Linux 5.7)",
-        reason: format!(
-            "{e} ({}, needs Linux {})",
-            hook.kernel_kind, hook.min_kernel
-        ),
-    })?;
-    sys::obj_pin(link.as_fd(), pin).map_err(fail("pinning it"))?;
-    Ok(link)
 }
 
 /// Whether this kernel batch-updates LPM tries (tried on a map of one entry).

@@ -16,14 +16,15 @@ use aya::{Ebpf, EbpfLoader};
 use tcpmgm_common::names;
 
 use super::generation::Generation;
-use super::{HOOKS, KernelError, SOCKETS_PIN, load_program, sys};
+use super::undo::Undo;
+use super::{HOOKS, KernelError, SOCKETS_PIN, fault, load_program, sys};
 
 /// The eBPF object, built by tcpmgm-user's build script.
 pub(super) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpmgm"));
 
 /// The maps every generation and every run share, with their pins in `pin_dir`: the per-socket
 /// decisions, the rule statistics and the log ring buffer.
-pub(super) fn shared_pins(pin_dir: &Path) -> [(&'static str, PathBuf); 3] {
+pub(crate) fn shared_pins(pin_dir: &Path) -> [(&'static str, PathBuf); 3] {
     [
         (names::SOCKETS, pin_dir.join(SOCKETS_PIN)),
         ("AYA_LOGS", pin_dir.join(tcpmgm_common::LOGS_PIN)),
@@ -40,6 +41,7 @@ pub struct Programs {
     /// What each slot of the arrays of maps holds, by policy map: an update is skipped where the
     /// slot already holds the map wanted (a map the generations share).
     slots: [HashMap<&'static str, Arc<Map>>; 2],
+    stats_capacity: u32,
 }
 
 /// What each generation's maps are made from: the object's declarations of the policy maps, and
@@ -101,15 +103,58 @@ fn fail(map: &'static str, what: &str) -> impl FnOnce(String) -> KernelError {
     move |reason| KernelError::Map { map, what, reason }
 }
 
+/// How many rule ids the rule statistics hold for a table of `rules` rules: twice the table
+/// (room for the rules of later reloads, and for ids a reload removed, whose counts stay), at
+/// least 1,024, a power of two, at most `RULE_STATS_MAX`. The kernel sizes a hash map's
+/// buckets by its maximum, even without preallocation (16 bytes each), so the maximum is what
+/// the map costs: 16 KiB for a small table, 64 MiB at 4M.
+pub fn stats_capacity(rules: usize) -> u32 {
+    (rules.saturating_mul(2).max(1024))
+        .checked_next_power_of_two()
+        .unwrap_or(usize::MAX)
+        .min(tcpmgm_common::RULE_STATS_MAX) as u32
+}
+
 impl Programs {
-    /// Loads the object and verifies every hook's program.
-    pub fn load(pin_dir: &Path) -> Result<Programs, KernelError> {
+    /// Loads the object and verifies every hook's program, with rule statistics for
+    /// `stats_capacity` rule ids: the pinned statistics are used when they are that large, else
+    /// copied into larger ones, pinned in their place once everything else succeeded. Pins this
+    /// makes are recorded in `undo`.
+    pub(super) fn load(
+        pin_dir: &Path,
+        stats_capacity: u32,
+        undo: &mut Undo,
+    ) -> Result<Programs, KernelError> {
         let started = std::time::Instant::now();
         crate::system::raise_memlock();
+        let stats_pin = pin_dir.join(tcpmgm_common::RULE_STATS_PIN);
+        let old_stats = MapData::from_pin(&stats_pin).ok();
+        let grow = old_stats.as_ref().is_some_and(|m| {
+            m.info()
+                .map_or(true, |info| info.max_entries() < stats_capacity)
+        });
+        // The larger statistics are pinned aside until they replace the old ones (bpffs
+        // refuses names with a dot).
+        let next_stats_pin = pin_dir.join(format!("{}_NEXT", tcpmgm_common::RULE_STATS_PIN));
         let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::RULE_STATS, stats_capacity);
         for (name, pin) in shared_pins(pin_dir) {
+            let pin = if name == names::RULE_STATS && grow {
+                let _ = std::fs::remove_file(&next_stats_pin);
+                next_stats_pin.clone()
+            } else {
+                pin
+            };
+            if !pin.exists() {
+                // Made by the load below (aya pins a map it creates).
+                undo.made_pin(&pin);
+            }
             loader.map_pin_path(name, pin);
         }
+        fault::point("load").map_err(|source| KernelError::Step {
+            what: "loading the eBPF object",
+            source,
+        })?;
         let mut ebpf = loader
             .load(OBJECT)
             .map_err(|e| KernelError::Load(Box::new(e)))?;
@@ -123,12 +168,77 @@ impl Programs {
             );
         }
         let templates = Templates::load()?;
-        tracing::debug!(ms = started.elapsed().as_millis(), "programs loaded");
-        Ok(Programs {
+        let mut programs = Programs {
             ebpf,
             templates,
             slots: Default::default(),
-        })
+            stats_capacity,
+        };
+        if let (true, Some(old)) = (grow, old_stats) {
+            programs.take_stats(old, &stats_pin, undo)?;
+            let _ = std::fs::remove_file(&next_stats_pin);
+        }
+        tracing::debug!(ms = started.elapsed().as_millis(), "programs loaded");
+        Ok(programs)
+    }
+
+    /// Copies the counts of the smaller statistics `old` into this load's, and pins these at
+    /// `pin` in their place (put back on undo). Counts the old programs add between the copy and
+    /// the switch of the links are lost: a few events at most.
+    fn take_stats(&mut self, old: MapData, pin: &Path, undo: &mut Undo) -> Result<(), KernelError> {
+        use aya::maps::PerCpuHashMap;
+        use tcpmgm_common::RuleStats;
+        let fail = |what: &'static str| fail(names::RULE_STATS, what);
+        let old: PerCpuHashMap<MapData, u32, RuleStats> =
+            PerCpuHashMap::try_from(Map::PerCpuHashMap(old))
+                .map_err(|e| fail("opening the smaller one")(e.to_string()))?;
+        let map = self
+            .ebpf
+            .map_mut(names::RULE_STATS)
+            .expect("the object defines it");
+        let mut new: PerCpuHashMap<&mut MapData, u32, RuleStats> = PerCpuHashMap::try_from(map)
+            .map_err(|e| fail("opening the larger one")(e.to_string()))?;
+        let mut copied = 0;
+        for entry in old.iter() {
+            let (id, counts) = entry.map_err(|e| fail("reading the smaller one")(e.to_string()))?;
+            new.insert(id, counts, 0)
+                .map_err(|e| fail("copying into the larger one")(e.to_string()))?;
+            copied += 1;
+        }
+        fault::point("stats-copy")
+            .map_err(|e| fail("copying into the larger one")(e.to_string()))?;
+        let fd = self.stats_fd();
+        undo.pin(fd, pin)?;
+        tracing::info!(
+            "rule statistics grown to {} rule ids ({copied} rules' counts kept)",
+            self.stats_capacity
+        );
+        Ok(())
+    }
+
+    /// The descriptor of the map `name` of the object, unless something took it out (the log
+    /// reader takes its ring buffer).
+    pub(super) fn map_fd(&self, name: &str) -> Option<BorrowedFd<'_>> {
+        let fd = match self.ebpf.map(name)? {
+            Map::PerCpuHashMap(m)
+            | Map::SkStorage(m)
+            | Map::RingBuf(m)
+            | Map::PerfEventArray(m) => m.fd(),
+            _ => return None,
+        };
+        Some(fd.as_fd())
+    }
+
+    fn stats_fd(&self) -> BorrowedFd<'_> {
+        match self.ebpf.map(names::RULE_STATS) {
+            Some(Map::PerCpuHashMap(m)) => m.fd().as_fd(),
+            other => unreachable!("{} is not a per-CPU hash: {other:?}", names::RULE_STATS),
+        }
+    }
+
+    /// How many rule ids the rule statistics of these programs hold.
+    pub(super) fn stats_capacity(&self) -> u32 {
+        self.stats_capacity
     }
 
     pub(super) fn ebpf_mut(&mut self) -> &mut Ebpf {
@@ -186,9 +296,9 @@ impl Programs {
         })
     }
 
-    /// Puts `next` in its slot (only the maps the slot does not hold already) and makes it the
-    /// rule set in force. On error the generation in force is untouched.
-    pub(super) fn install(&mut self, next: &Generation) -> Result<(), KernelError> {
+    /// Puts `next` in its slot (only the maps the slot does not hold already), not yet in
+    /// force. On error the slot is as it was.
+    pub(super) fn stage(&mut self, next: &Generation) -> Result<(), KernelError> {
         let slot = next.number % 2;
         let held = &self.slots[slot as usize];
         let changed: Vec<&'static str> = names::POLICY_MAPS
@@ -201,15 +311,12 @@ impl Programs {
             })
             .collect();
         let failed = self.on_outers(&changed, |name, outer| {
+            fault::point(&format!("stage:{name}"))?;
             let inner = next.map(name).fd().as_fd().as_raw_fd() as u32;
             sys::map_update(outer, &slot.to_ne_bytes(), &inner.to_ne_bytes())
         });
         if let Some((outer, e)) = failed.into_iter().next() {
-            // Nothing reads this slot yet: empty what was put there.
-            self.on_outers(&changed, |_, fd| sys::map_delete(fd, &slot));
-            for name in &changed {
-                self.slots[slot as usize].remove(name);
-            }
+            self.unstage(next.number, &changed);
             return Err(fail(
                 outer,
                 &format!("putting generation {} in", next.number),
@@ -218,14 +325,44 @@ impl Programs {
         for name in changed {
             self.slots[slot as usize].insert(name, next.shared(name).clone());
         }
+        Ok(())
+    }
+
+    /// Empties generation `number`'s slot of the maps `kinds`: nothing reads it yet.
+    fn unstage(&mut self, number: u32, kinds: &[&'static str]) {
+        let slot = number % 2;
+        self.on_outers(kinds, |_, fd| sys::map_delete(fd, &slot));
+        for name in kinds {
+            self.slots[slot as usize].remove(name);
+        }
+    }
+
+    /// Takes a staged generation that will not be switched to out of its slot again.
+    pub(super) fn abandon(&mut self, next: &Generation, current: Option<&Generation>) {
+        let slot = (next.number % 2) as usize;
+        let stale: Vec<&'static str> = self.slots[slot]
+            .iter()
+            .filter(|(name, map)| {
+                Arc::ptr_eq(map, next.shared(name))
+                    && !current.is_some_and(|c| Arc::ptr_eq(map, c.shared(name)))
+            })
+            .map(|(name, _)| *name)
+            .collect();
+        self.unstage(next.number, &stale);
+    }
+
+    /// Makes the staged generation `number` the rule set in force: one map update.
+    pub(super) fn switch(&mut self, number: u32) -> Result<(), KernelError> {
         let current = self
             .ebpf
             .map_mut(names::CURRENT)
             .expect("the object defines it");
         let mut current: Array<&mut MapData, u32> = Array::try_from(current)
             .map_err(|e| fail(names::CURRENT, "opening it")(e.to_string()))?;
+        fault::point("switch")
+            .map_err(|e| fail(names::CURRENT, "switching to the new generation")(e.to_string()))?;
         current
-            .set(0, next.number, 0)
+            .set(0, number, 0)
             .map_err(|e| fail(names::CURRENT, "switching to the new generation")(e.to_string()))
     }
 
@@ -248,21 +385,9 @@ impl Programs {
     }
 
     /// Pins the programs, so that a later run can put them back without CAP_SYS_ADMIN.
-    pub(super) fn pin(&mut self, dir: &Path) -> Result<(), KernelError> {
+    pub(super) fn pin(&self, dir: &Path, undo: &mut Undo) -> Result<(), KernelError> {
         for hook in &HOOKS {
-            let path = dir.join(hook.program_pin);
-            let fail = |reason: String| KernelError::Pin {
-                path: path.clone(),
-                reason,
-            };
-            if path.exists() {
-                std::fs::remove_file(&path).map_err(|e| fail(e.to_string()))?;
-            }
-            self.ebpf
-                .program_mut(hook.name)
-                .expect("the object defines every hook")
-                .pin(&path)
-                .map_err(|e| fail(e.to_string()))?;
+            undo.pin(self.program_fd(hook.name), &dir.join(hook.program_pin))?;
         }
         Ok(())
     }

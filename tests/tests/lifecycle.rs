@@ -1,0 +1,293 @@
+//! What the daemon says about the policy's life is true under faults: a second run is refused
+//! before it changes anything, removed pins are pinned again (and the exit message says what
+//! really stays), a cgroup removed and made again is governed again, and a small policy fits
+//! a 64 MiB memory limit.
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tcpmgm::policy::source::{Source, TableVersion};
+use tcpmgm_tests::{
+    Daemon, Sandbox, assert_one_program_per_hook, control_socket, idle_in as idle, refused,
+    snapshot, wait_logged,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A SQLite rule table in a directory of the test's own: loopback with `keepidle`, and a
+/// con_lifetime rule so that the sweeper runs.
+async fn rules(tag: &str, keepidle: u32) -> (PathBuf, String, Source) {
+    let dir = std::env::temp_dir().join(format!("tcpmgm-life-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}", dir.join("rules.db").display());
+    let source = Source::open(&url, true).await.unwrap();
+    source.init(TableVersion::V1).await.unwrap();
+    source
+        .execute_script(&format!(
+            "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (1, '127.0.0.0/8', {keepidle});
+             INSERT INTO tcp_mgm (id, remote_addr, con_lifetime) VALUES (2, '192.0.2.0/24', 30);"
+        ))
+        .await
+        .unwrap();
+    (dir, url, source)
+}
+
+fn run_args<'a>(
+    url: &'a str,
+    cgroup: &'a Path,
+    pins: &'a Path,
+    control: &'a Path,
+) -> Vec<&'a OsStr> {
+    vec![
+        "run".as_ref(),
+        "--db".as_ref(),
+        url.as_ref(),
+        "--cgroup".as_ref(),
+        cgroup.as_os_str(),
+        "--pin-dir".as_ref(),
+        pins.as_os_str(),
+        "--control".as_ref(),
+        control.as_os_str(),
+    ]
+}
+
+#[tokio::test]
+async fn a_second_run_is_refused_before_it_changes_anything() {
+    let sb = Sandbox::new();
+    let (dir, url, source) = rules("second", 41).await;
+    let control = control_socket(&sb);
+    let first = Daemon::start(&sb, &url, control.clone());
+    let mut port = 7400;
+    assert_eq!(idle(&sb, &mut port), 41);
+    let before = snapshot(&sb);
+    let other_control = dir.join("other.sock");
+    let other_pins = sb.pin_dir.with_file_name(format!(
+        "{}-other",
+        sb.pin_dir.file_name().unwrap().to_string_lossy()
+    ));
+    let held = format!(
+        "another tcpmgm run (pid {}) governs cgroup {}",
+        first.pid(),
+        sb.cgroup.display()
+    );
+    for (what, pins, control) in [
+        ("the same command line", &sb.pin_dir, &control),
+        ("another control socket", &sb.pin_dir, &other_control),
+        ("another pin directory", &other_pins, &control),
+    ] {
+        let log = refused(&run_args(&url, &sb.cgroup, pins, control), &[]);
+        assert!(log.contains(&held), "{what}: {log}");
+        assert!(!log.contains("took over"), "{what}: {log}");
+        assert_eq!(snapshot(&sb), before, "{what} changed the kernel");
+        assert!(!other_pins.exists(), "{what} made {}", other_pins.display());
+        assert!(
+            !other_control.exists(),
+            "{what} bound {}",
+            other_control.display()
+        );
+    }
+    // The first daemon still owns the policy: its reload is what is enforced.
+    source
+        .execute_script("UPDATE tcp_mgm SET keepidle = 43 WHERE id = 1;")
+        .await
+        .unwrap();
+    let (code, out) = first.reload();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(idle(&sb, &mut port), 43);
+    assert_one_program_per_hook(&sb.attached_programs());
+
+    // With the first daemon gone, its pinned policy still holds the cgroup: a run with another
+    // pin directory is told where that policy is pinned, and changes nothing.
+    first.kill();
+    let before = snapshot(&sb);
+    let log = refused(
+        &run_args(&url, &sb.cgroup, &other_pins, &other_control),
+        &[],
+    );
+    assert!(
+        log.contains(&format!(
+            "already has tcpmgm's programs attached through the links pinned in {}",
+            sb.pin_dir.display()
+        )),
+        "{log}"
+    );
+    assert_eq!(snapshot(&sb), before);
+    assert!(!other_pins.exists());
+    assert_eq!(idle(&sb, &mut port), 43);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn removed_pins_are_pinned_again_and_the_exit_says_what_stays() {
+    let sb = Sandbox::new();
+    let (dir, url, _source) = rules("pins", 44).await;
+    let mut port = 7500;
+    let mut daemon = Daemon::start(&sb, &url, control_socket(&sb));
+    std::fs::remove_dir_all(&sb.pin_dir).unwrap();
+    assert!(
+        wait_logged(&daemon, "were removed: pinned again", WAIT),
+        "{:?}",
+        daemon.log.lock().unwrap()
+    );
+    assert!(sb.pin_dir.join("TCPMGM_LINK_SOCK_OPS").exists());
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(WAIT).is_some_and(|s| s.success()));
+    assert!(
+        daemon.logged("exiting; the policy stays enforced") == 1,
+        "{:?}",
+        daemon.log.lock().unwrap()
+    );
+    // It does: the pins hold the links after the daemon is gone.
+    assert_one_program_per_hook(&sb.attached_programs());
+    assert_eq!(idle(&sb, &mut port), 44);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn pins_that_cannot_be_restored_end_the_policy_with_the_process_as_said() {
+    let sb = Sandbox::new();
+    let (dir, url, _source) = rules("nopins", 45).await;
+    let mut port = 7600;
+    let mut daemon = Daemon::start_env(
+        &sb,
+        control_socket(&sb),
+        &["--db", &url],
+        &[("TCPMGM_FAULT", "repin")],
+    );
+    assert_eq!(idle(&sb, &mut port), 45);
+    std::fs::remove_dir_all(&sb.pin_dir).unwrap();
+    assert!(
+        wait_logged(&daemon, "cannot be pinned again", WAIT),
+        "{:?}",
+        daemon.log.lock().unwrap()
+    );
+    // While it runs, its descriptors keep the policy in force.
+    assert_eq!(idle(&sb, &mut port), 45);
+    daemon.signal(Signal::SIGTERM);
+    assert!(daemon.wait_exit(WAIT).is_some_and(|s| s.success()));
+    assert!(
+        daemon.logged("ends with this process") == 1,
+        "{:?}",
+        daemon.log.lock().unwrap()
+    );
+    // And it did end: nothing attached, the system's keepidle.
+    let started = std::time::Instant::now();
+    while sb.attached_programs().contains("tcpmgm_") && started.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!sb.attached_programs().contains("tcpmgm_"));
+    assert_eq!(idle(&sb, &mut port), 7200);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_cgroup_made_again_is_governed_again() {
+    let sb = Sandbox::new();
+    let (dir, url, _source) = rules("cgroup", 46).await;
+    let mut port = 7700;
+    let daemon = Daemon::start(&sb, &url, control_socket(&sb));
+    assert_eq!(daemon.status(&sb)["cgroup_governed"], true);
+    // The probes have left; a slice stop removes the cgroup.
+    let started = std::time::Instant::now();
+    while std::fs::remove_dir(&sb.cgroup).is_err() {
+        assert!(started.elapsed() < WAIT, "rmdir {}", sb.cgroup.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        wait_logged(&daemon, "was removed", WAIT),
+        "{:?}",
+        daemon.log.lock().unwrap()
+    );
+    let status = daemon.status(&sb);
+    assert_eq!(status["cgroup_governed"], false, "{status}");
+    // A slice start makes it again: governed again, with the same rules.
+    std::fs::create_dir(&sb.cgroup).unwrap();
+    assert!(
+        wait_logged(&daemon, "is governed again", WAIT),
+        "{:?}",
+        daemon.log.lock().unwrap()
+    );
+    assert_eq!(daemon.status(&sb)["cgroup_governed"], true);
+    assert_one_program_per_hook(&sb.attached_programs());
+    assert_eq!(idle(&sb, &mut port), 46);
+    // Said once, not every sweep.
+    assert_eq!(daemon.logged("was removed"), 1);
+    assert_eq!(daemon.logged("con_lifetime sweep"), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A memory-limited cgroup for the daemon itself (cgroup v2's memory.max where the cgroup2
+/// tree has the memory controller, else cgroup v1's memory hierarchy): its `cgroup.procs`.
+struct MemoryLimit {
+    dir: PathBuf,
+}
+
+impl MemoryLimit {
+    fn new(bytes: u64) -> MemoryLimit {
+        let name = format!("tcpmgm-test-mem-{}", std::process::id());
+        let v2 = tcpmgm::system::cgroup2_root().expect("cgroup2");
+        let controllers =
+            std::fs::read_to_string(v2.join("cgroup.controllers")).unwrap_or_default();
+        if controllers.split_whitespace().any(|c| c == "memory") {
+            let _ = std::fs::write(v2.join("cgroup.subtree_control"), "+memory");
+            let dir = v2.join(&name);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("memory.max"), bytes.to_string()).unwrap();
+            return MemoryLimit { dir };
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let v1 = mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| {
+                f.get(2) == Some(&"cgroup")
+                    && f.get(3)
+                        .is_some_and(|o| o.split(',').any(|o| o == "memory"))
+            })
+            .map(|f| PathBuf::from(f[1]))
+            .expect("a memory controller, in cgroup v2 or v1");
+        let dir = v1.join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("memory.limit_in_bytes"), bytes.to_string()).unwrap();
+        MemoryLimit { dir }
+    }
+
+    fn procs(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+}
+
+impl Drop for MemoryLimit {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_one_rule_policy_starts_under_a_64_mib_memory_limit() {
+    let sb = Sandbox::new();
+    let (dir, url, _source) = rules("memory", 47).await;
+    let limit = MemoryLimit::new(64 << 20);
+    let mut port = 7800;
+    let daemon = Daemon::start_in(
+        &sb,
+        control_socket(&sb),
+        &["--db", &url],
+        &[],
+        Some(&limit.procs()),
+    );
+    assert_eq!(idle(&sb, &mut port), 47);
+    let procs = std::fs::read_to_string(limit.procs()).unwrap();
+    assert!(
+        procs.lines().any(|p| p == daemon.pid().to_string()),
+        "the daemon ran outside the limit: {procs}"
+    );
+    daemon.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
