@@ -420,3 +420,39 @@ async fn a_config_file_gives_every_run_option() {
     assert!(code == 2 && err.contains("unknown field `dbb`"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A number of seconds out of its option's range, on the command line or in the config file, is
+/// refused before anything starts: the error names the option (and the file), the value, the
+/// range and the unit; no value makes the command panic (exit code 101).
+#[test]
+fn seconds_out_of_range_are_refused_naming_the_option() {
+    let dir = std::env::temp_dir().join(format!("tcpmgm-seconds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("tcpmgm.toml");
+    let file = config.to_str().unwrap();
+    for (flag, key, range) in [
+        ("--poll-interval", "poll_interval", "from 0.01 to 86400"),
+        ("--db-timeout", "db_timeout", "from 0.1 to 86400"),
+    ] {
+        for value in ["-1", "nan", "inf", "1e300"] {
+            let expected = format!("{value} is not a number of seconds {range}");
+            let (code, _, err) = tcpmgm(&["run", "--cgroup", "tcpmgm-never", flag, value]);
+            assert!(
+                code == 2 && err.contains(&format!("'{value}' for '{flag} <SECONDS>'")),
+                "{flag} {value}: exit {code}: {err}"
+            );
+            assert!(err.contains(&expected), "{flag} {value}: {err}");
+            std::fs::write(&config, format!("{key} = {value}\n")).unwrap();
+            for command in ["run", "check"] {
+                let (code, _, err) = tcpmgm(&[command, "--config", file]);
+                assert!(
+                    code == 2
+                        && err.contains(&format!("config {file}"))
+                        && err.contains(&format!("{key}: {expected}")),
+                    "{command}, {key} = {value}: exit {code}: {err}"
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
