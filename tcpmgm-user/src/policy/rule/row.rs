@@ -10,6 +10,9 @@ pub enum Cell {
     Int(i64),
     Real(f64),
     Text(String),
+    Blob(Vec<u8>),
+    /// A value the driver could not hand over as any of the above: why.
+    Unreadable(String),
 }
 
 impl fmt::Display for Cell {
@@ -22,6 +25,20 @@ impl fmt::Display for Cell {
             Cell::Real(r) if r.fract() == 0.0 && r.abs() < 1e21 => write!(f, "{r:.0}"),
             Cell::Real(r) => write!(f, "{r:?}"),
             Cell::Text(s) => f.write_str(&quote(s)),
+            Cell::Blob(b) => {
+                let hex: String = b
+                    .iter()
+                    .take(QUOTED_CHARS / 2)
+                    .map(|x| format!("{x:02x}"))
+                    .collect();
+                let cut = if b.len() > QUOTED_CHARS / 2 {
+                    "…"
+                } else {
+                    ""
+                };
+                write!(f, "x'{hex}{cut}' ({} bytes)", b.len())
+            }
+            Cell::Unreadable(why) => write!(f, "an unreadable value ({})", quote(why)),
         }
     }
 }
@@ -80,5 +97,6 @@ mod tests {
         assert_eq!(Cell::Real(2f64.powi(63)).to_string(), "9223372036854775808");
         assert_eq!(Cell::Real(1.5).to_string(), "1.5");
         assert_eq!(Cell::Real(1e300).to_string(), "1e300");
+        assert_eq!(Cell::Blob(vec![1, 0xab]).to_string(), "x'01ab' (2 bytes)");
     }
 }
