@@ -170,3 +170,54 @@ async fn sqlite_changes_are_polled() {
 async fn mariadb_changes_are_polled() {
     polled(Backend::MariaDb).await;
 }
+
+/// A SQLite file at the polled path, made aside with `keepidle` for rule 1.
+async fn sqlite_file(path: &std::path::Path, keepidle: i64) {
+    let url = format!("sqlite://{}", path.display());
+    let source = tcpmgm::policy::source::Source::open(&url, true)
+        .await
+        .unwrap();
+    source.init(TableVersion::V1).await.unwrap();
+    source
+        .execute_script(&format!(
+            "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (1, '127.0.0.0/8', {keepidle});"
+        ))
+        .await
+        .unwrap();
+}
+
+/// Editors and `mv` replace a file with a new one (a new inode); a restore after a delete does
+/// too. The polled path is followed: the new file's rules are enforced.
+#[tokio::test]
+async fn a_polled_sqlite_file_replaced_or_deleted_and_restored_is_followed() {
+    let db = TestDb::new(Backend::Sqlite, TableVersion::V1, RULE).await;
+    let path = std::path::PathBuf::from(db.url.strip_prefix("sqlite://").unwrap());
+    let sb = Sandbox::new();
+    let _d = Daemon::start_with(&sb, &db.url, control(&sb), &["--poll-interval", "0.2"]);
+    let mut probe = sb.probe();
+    let mut port = 7000;
+    assert_eq!(idle(&mut probe, &mut port), 91);
+
+    let aside = path.with_file_name("aside.db");
+    sqlite_file(&aside, 92).await;
+    std::fs::rename(&aside, &path).unwrap();
+    assert!(
+        wait_for(&mut probe, &mut port, 92, ARRIVES).is_some(),
+        "a file moved over the polled one was not followed within {ARRIVES:?}"
+    );
+
+    sqlite_file(&aside, 93).await;
+    std::fs::remove_file(&path).unwrap();
+    // Some polls without the file.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        idle(&mut probe, &mut port),
+        92,
+        "the policy stays while the file is gone"
+    );
+    std::fs::rename(&aside, &path).unwrap();
+    assert!(
+        wait_for(&mut probe, &mut port, 93, ARRIVES).is_some(),
+        "the restored file was not followed within {ARRIVES:?}"
+    );
+}
