@@ -4,8 +4,9 @@
 //! off `audit = true`); listeners from both are used.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 use crate::policy::compile::Enforcement;
 use crate::policy::opensips_cfg::OpenSipsCfg;
@@ -37,13 +38,15 @@ pub struct Config {
     pub skip_invalid: Option<bool>,
     pub pin_dir: Option<PathBuf>,
     pub control: Option<PathBuf>,
-    pub poll_interval: Option<f64>,
+    #[serde(default, deserialize_with = "poll_interval")]
+    pub poll_interval: Option<Duration>,
     pub detach_on_exit: Option<bool>,
     pub netns: Option<PathBuf>,
     pub enforce_default_lifetime: Option<bool>,
     pub reapply_existing: Option<bool>,
     pub create_cgroup: Option<bool>,
-    pub db_timeout: Option<f64>,
+    #[serde(default, deserialize_with = "db_timeout")]
+    pub db_timeout: Option<Duration>,
     pub audit: Option<bool>,
     pub app_options: Option<AppOptions>,
     pub enforce_default_connect_timeout: Option<bool>,
@@ -80,6 +83,84 @@ pub enum ConfigError {
     },
     #[error("--opensips-cfg {0}")]
     OpenSips(#[from] crate::policy::opensips_cfg::CfgError),
+}
+
+/// A value of an option outside what the option accepts: the value as given, and the range.
+#[derive(Debug, thiserror::Error)]
+#[error("{value} is not {unit} from {min} to {max}")]
+pub struct BadValue {
+    pub value: String,
+    pub unit: &'static str,
+    pub min: f64,
+    pub max: f64,
+}
+
+/// An option that takes a number of seconds, and the range it accepts: the range keeps a
+/// `Duration` from panicking (negative, NaN, infinite or too large) and a poll from spinning.
+pub struct Seconds {
+    /// The key in the configuration file (the command line's `--key-name`).
+    pub key: &'static str,
+    pub min: f64,
+    pub max: f64,
+}
+
+pub const POLL_INTERVAL: Seconds = Seconds {
+    key: "poll_interval",
+    min: 0.01,
+    max: 86_400.0,
+};
+
+pub const DB_TIMEOUT: Seconds = Seconds {
+    key: "db_timeout",
+    min: 0.1,
+    max: 86_400.0,
+};
+
+impl Seconds {
+    /// The command line's value (clap names the option with the error).
+    pub fn parse(&self, text: &str) -> Result<Duration, BadValue> {
+        let secs = text.trim().parse().unwrap_or(f64::NAN);
+        self.check(secs, text)
+    }
+
+    fn check(&self, secs: f64, text: &str) -> Result<Duration, BadValue> {
+        // NaN is in no range.
+        if (self.min..=self.max).contains(&secs) {
+            Ok(Duration::from_secs_f64(secs))
+        } else {
+            Err(BadValue {
+                value: text.to_owned(),
+                unit: "a number of seconds",
+                min: self.min,
+                max: self.max,
+            })
+        }
+    }
+
+    /// The configuration file's value, an integer or a float: an error names the key, and the
+    /// TOML error around it the file and the line.
+    fn deserialize<'de, D: Deserializer<'de>>(&self, d: D) -> Result<Option<Duration>, D::Error> {
+        let value = toml::Value::deserialize(d)?;
+        // As TOML writes them (toml's own Display gives 1e300 in 301 digits).
+        let (secs, text) = match value {
+            toml::Value::Integer(i) => (i as f64, i.to_string()),
+            toml::Value::Float(f) if f.is_nan() => (f, "nan".to_owned()),
+            toml::Value::Float(f) if f.is_infinite() => (f, format!("{f}")),
+            toml::Value::Float(f) => (f, format!("{f:?}")),
+            other => (f64::NAN, other.to_string()),
+        };
+        self.check(secs, &text)
+            .map(Some)
+            .map_err(|bad| serde::de::Error::custom(format!("{}: {bad}", self.key)))
+    }
+}
+
+fn poll_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    POLL_INTERVAL.deserialize(d)
+}
+
+fn db_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    DB_TIMEOUT.deserialize(d)
 }
 
 impl Config {
@@ -120,9 +201,10 @@ pub struct RunFlags {
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub detach_on_exit: Option<bool>,
     /// With SQLite or MariaDB, look for changes to the table every SECONDS and reload when
-    /// it changed (PostgreSQL needs no polling: it notifies).
-    #[arg(long, value_name = "SECONDS")]
-    pub poll_interval: Option<f64>,
+    /// it changed (PostgreSQL needs no polling: it notifies). From 0.01 to 86400.
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true,
+          value_parser = |s: &str| POLL_INTERVAL.parse(s))]
+    pub poll_interval: Option<Duration>,
     /// The network namespace the cgroup's sockets live in, for con_lifetime (a
     /// /var/run/netns path) [default: tcpmgm's own].
     #[arg(long, value_name = "PATH")]
@@ -136,9 +218,10 @@ pub struct RunFlags {
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub reapply_existing: Option<bool>,
     /// How long reading the table may take before a reload gives up (the policy in force
-    /// stays) [default: 30].
-    #[arg(long, value_name = "SECONDS")]
-    pub db_timeout: Option<f64>,
+    /// stays), from 0.1 to 86400 [default: 30].
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true,
+          value_parser = |s: &str| DB_TIMEOUT.parse(s))]
+    pub db_timeout: Option<Duration>,
     /// Audit mode: decide as when enforcing, but refuse nothing, close nothing and set
     /// nothing; count and log, per rule, what would have been done.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
@@ -258,7 +341,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             (c.poll_interval, c.skip_invalid, c.listeners.len()),
-            (Some(2.5), Some(true), 1)
+            (Some(Duration::from_millis(2500)), Some(true), 1)
         );
         let shipped: Config = toml::from_str(include_str!("../../contrib/tcpmgm.toml")).unwrap();
         assert_eq!(shipped.cgroup.as_deref(), Some(Path::new("sip.slice")));
@@ -308,7 +391,7 @@ mod tests {
             Some(true),
             "what is not given keeps the file's"
         );
-        assert_eq!(merged.poll_interval, Some(5.0));
+        assert_eq!(merged.poll_interval, Some(Duration::from_secs(5)));
         assert_eq!(merged.cgroup.as_deref(), Some(Path::new("b")));
         assert!(!merged.enforcement().audit);
         let off: Config = toml::from_str("audit = false").unwrap();
@@ -317,5 +400,45 @@ mod tests {
         // `--audit false` is not `--audit=false`: a value must be attached.
         use clap::Parser as _;
         assert!(Run::try_parse_from(["run", "--audit", "false"]).is_err());
+    }
+
+    #[test]
+    fn seconds_out_of_range_are_refused_naming_the_option_and_the_range() {
+        use clap::Parser as _;
+        for (key, range) in [
+            ("poll_interval", "from 0.01 to 86400"),
+            ("db_timeout", "from 0.1 to 86400"),
+        ] {
+            for value in ["-1", "nan", "inf", "1e300", "0", "soon"] {
+                let flag = format!("--{}", key.replace('_', "-"));
+                let err = Run::try_parse_from(["run", &flag, value])
+                    .err()
+                    .unwrap_or_else(|| panic!("{flag} {value} was taken"))
+                    .to_string();
+                assert!(
+                    err.contains(&flag)
+                        && err.contains(&format!("{value} is not a number of seconds {range}")),
+                    "{err}"
+                );
+                let toml_value = if value == "soon" { "\"soon\"" } else { value };
+                let err = toml::from_str::<Config>(&format!("{key} = {toml_value}"))
+                    .expect_err(value)
+                    .to_string();
+                assert!(
+                    err.contains(&format!(
+                        "{key}: {toml_value} is not a number of seconds {range}"
+                    )),
+                    "{err}"
+                );
+            }
+        }
+        let c: Config = toml::from_str("poll_interval = 1\ndb_timeout = 0.5").unwrap();
+        assert_eq!(
+            (c.poll_interval, c.db_timeout),
+            (
+                Some(Duration::from_secs(1)),
+                Some(Duration::from_millis(500))
+            )
+        );
     }
 }

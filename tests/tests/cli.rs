@@ -420,3 +420,87 @@ async fn a_config_file_gives_every_run_option() {
     assert!(code == 2 && err.contains("unknown field `dbb`"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A number of seconds out of its option's range, on the command line or in the config file, is
+/// refused before anything starts: the error names the option (and the file), the value, the
+/// range and the unit; no value makes the command panic (exit code 101).
+#[test]
+fn seconds_out_of_range_are_refused_naming_the_option() {
+    let dir = std::env::temp_dir().join(format!("tcpmgm-seconds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("tcpmgm.toml");
+    let file = config.to_str().unwrap();
+    for (flag, key, range) in [
+        ("--poll-interval", "poll_interval", "from 0.01 to 86400"),
+        ("--db-timeout", "db_timeout", "from 0.1 to 86400"),
+    ] {
+        for value in ["-1", "nan", "inf", "1e300"] {
+            let expected = format!("{value} is not a number of seconds {range}");
+            let (code, _, err) = tcpmgm(&["run", "--cgroup", "tcpmgm-never", flag, value]);
+            assert!(
+                code == 2 && err.contains(&format!("'{value}' for '{flag} <SECONDS>'")),
+                "{flag} {value}: exit {code}: {err}"
+            );
+            assert!(err.contains(&expected), "{flag} {value}: {err}");
+            std::fs::write(&config, format!("{key} = {value}\n")).unwrap();
+            for command in ["run", "check"] {
+                let (code, _, err) = tcpmgm(&[command, "--config", file]);
+                assert!(
+                    code == 2
+                        && err.contains(&format!("config {file}"))
+                        && err.contains(&format!("{key}: {expected}")),
+                    "{command}, {key} = {value}: exit {code}: {err}"
+                );
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What a megabyte in a cell and an integer beyond 64 bits look like in `check`'s report and in
+/// a refused start: the value quoted short, the integer said to be out of range, in full.
+#[tokio::test]
+async fn huge_values_are_quoted_short_and_big_integers_in_full() {
+    let huge = "x".repeat(1 << 20);
+    let db = TestDb::new(
+        Backend::Sqlite,
+        TableVersion::V1,
+        &format!(
+            "INSERT INTO tcp_mgm (id, proto) VALUES (1, '{huge}');
+             INSERT INTO tcp_mgm (id, keepidle) VALUES (2, '9223372036854775808');"
+        ),
+    )
+    .await;
+    let (code, out, _) = tcpmgm(&["check", "--db", &db.url]);
+    assert_eq!(
+        (code, out.lines().collect::<Vec<_>>()),
+        (
+            1,
+            vec![
+                format!(
+                    "id 1: proto: unknown protocol '{}…' (1048576 characters) (expected any or one of {})",
+                    "x".repeat(100),
+                    tcpmgm_common::PROTOCOLS.join(", ")
+                )
+                .as_str(),
+                "id 2: keepidle: 9223372036854775808 is out of range (0 to 32767)",
+            ]
+        )
+    );
+    let sb = Sandbox::new();
+    let (code, _, err) = tcpmgm(&[
+        "run",
+        "--db",
+        &db.url,
+        "--cgroup",
+        sb.cgroup.to_str().unwrap(),
+        "--pin-dir",
+        sb.pin_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        code == 2 && err.contains("(1048576 characters)") && err.len() < 4000,
+        "exit {code}, {} bytes: {}",
+        err.len(),
+        &err[..err.len().min(4000)]
+    );
+}

@@ -170,3 +170,133 @@ async fn sqlite_changes_are_polled() {
 async fn mariadb_changes_are_polled() {
     polled(Backend::MariaDb).await;
 }
+
+/// A SQLite file at the polled path, made aside with `keepidle` for rule 1.
+async fn sqlite_file(path: &std::path::Path, keepidle: i64) {
+    let url = format!("sqlite://{}", path.display());
+    let source = tcpmgm::policy::source::Source::open(&url, true)
+        .await
+        .unwrap();
+    source.init(TableVersion::V1).await.unwrap();
+    source
+        .execute_script(&format!(
+            "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (1, '127.0.0.0/8', {keepidle});"
+        ))
+        .await
+        .unwrap();
+}
+
+/// Waits up to `ARRIVES` for `status --json`'s source health to satisfy `ok`: the last health.
+fn wait_for_health(
+    d: &Daemon,
+    sb: &Sandbox,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    loop {
+        let health = d.status(sb)["state"]["source_health"].take();
+        if ok(&health) || start.elapsed() > ARRIVES {
+            return health;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Editors and `mv` replace a file with a new one (a new inode); a restore after a delete does
+/// too. The polled path is followed: the new file's rules are enforced, and meanwhile `status`
+/// says the file was gone, since when, and then when it was read again.
+#[tokio::test]
+async fn a_polled_sqlite_file_replaced_or_deleted_and_restored_is_followed() {
+    let db = TestDb::new(Backend::Sqlite, TableVersion::V1, RULE).await;
+    let path = std::path::PathBuf::from(db.url.strip_prefix("sqlite://").unwrap());
+    let sb = Sandbox::new();
+    let d = Daemon::start_with(&sb, &db.url, control(&sb), &["--poll-interval", "0.2"]);
+    let mut probe = sb.probe();
+    let mut port = 7000;
+    assert_eq!(idle(&mut probe, &mut port), 91);
+
+    let aside = path.with_file_name("aside.db");
+    sqlite_file(&aside, 92).await;
+    std::fs::rename(&aside, &path).unwrap();
+    assert!(
+        wait_for(&mut probe, &mut port, 92, ARRIVES).is_some(),
+        "a file moved over the polled one was not followed within {ARRIVES:?}"
+    );
+
+    sqlite_file(&aside, 93).await;
+    let started = d.status(&sb)["state"]["started_at"].as_u64().unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let health = wait_for_health(&d, &sb, |h| h["last_error"]["ongoing"] == true);
+    let error = &health["last_error"];
+    assert!(
+        error["ongoing"] == true
+            && error["message"].as_str().unwrap().contains("rules.db")
+            && error["since"].as_u64().unwrap() >= started,
+        "status while the file is gone: {health}"
+    );
+    let (_, text, _) = tcpmgm_tests::tcpmgm(&[
+        "status",
+        "--cgroup",
+        sb.cgroup.to_str().unwrap(),
+        "--pin-dir",
+        sb.pin_dir.to_str().unwrap(),
+        "--control",
+        d.control.to_str().unwrap(),
+    ]);
+    assert!(text.contains("  source: FAILING for "), "{text}");
+    assert_eq!(
+        idle(&mut probe, &mut port),
+        92,
+        "the policy stays while the file is gone"
+    );
+
+    let read_before = health["last_read"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    std::fs::rename(&aside, &path).unwrap();
+    assert!(
+        wait_for(&mut probe, &mut port, 93, ARRIVES).is_some(),
+        "the restored file was not followed within {ARRIVES:?}"
+    );
+    let health = wait_for_health(&d, &sb, |h| h["last_error"]["ongoing"] == false);
+    assert!(
+        health["last_error"]["ongoing"] == false
+            && health["last_read"].as_u64().unwrap() > read_before,
+        "status once the file is back: {health}"
+    );
+}
+
+/// A PostgreSQL database that goes away (dropped here; an outage looks the same to the
+/// daemon): `status` says the source fails, and since when, while the policy stays.
+#[tokio::test]
+async fn status_says_when_postgres_cannot_be_reached() {
+    let db = TestDb::new(Backend::Postgres, TableVersion::V1, RULE).await;
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb, &db.url, control(&sb));
+    let health = d.status(&sb)["state"]["source_health"].take();
+    assert!(
+        health["last_read"].is_u64() && health["last_error"].is_null(),
+        "{health}"
+    );
+    let name = db.url.rsplit('/').next().unwrap();
+    // Not in a transaction, which DROP DATABASE refuses.
+    let admin = std::env::var("TCPMGM_TEST_POSTGRES").unwrap();
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(&admin)
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let health = wait_for_health(&d, &sb, |h| h["last_error"]["ongoing"] == true);
+    assert!(
+        health["last_error"]["ongoing"] == true
+            && health["last_error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(name),
+        "status while the database is gone: {health}"
+    );
+    let mut probe = sb.probe();
+    let mut port = 7000;
+    assert_eq!(idle(&mut probe, &mut port), 91);
+}

@@ -124,7 +124,7 @@ pub(super) async fn check(
     for level in crate::policy::opensips_order::ambiguous_levels(&set.rules) {
         println!("warning: {}", level.warning());
     }
-    let bad: std::collections::BTreeSet<_> = set.errors.iter().map(|e| e.id).collect();
+    let bad: std::collections::BTreeSet<_> = set.errors.iter().map(|e| &e.id).collect();
     eprintln!("{} rules valid, {} rows bad", set.rules.len(), bad.len());
     Ok(if set.errors.is_empty() {
         ExitCode::SUCCESS

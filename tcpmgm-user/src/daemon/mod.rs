@@ -227,7 +227,8 @@ impl Daemon {
             options.poll_interval,
             options.db_timeout,
         )
-        .await;
+        .await
+        .ok();
         let set = read_valid(&options).await?;
         let hz = system::kernel_hz()?;
         // Bound before the kernel step, so that a taken port stops the start with nothing
@@ -357,6 +358,7 @@ impl Daemon {
             reloads_ok: 0,
             reloads_failed: 0,
             audit: options.enforcement.audit,
+            source_health: status::SourceHealth::read_now(),
         };
         let daemon = Daemon {
             metrics,
@@ -479,32 +481,29 @@ pub(crate) fn notify(states: &[sd_notify::NotifyState]) {
     }
 }
 
-/// The table watcher, or None (logged) when the database cannot be reached now.
+/// The table watcher, or why (logged) the database cannot be reached now.
 async fn connect_watcher(
     db: &str,
     table: &TableName,
     poll: Option<Duration>,
     limit: Duration,
-) -> Option<Watcher> {
-    match tokio::time::timeout(limit, Watcher::new(db, table, poll)).await {
+) -> Result<Watcher, String> {
+    let fault = match tokio::time::timeout(limit, Watcher::new(db, table, poll)).await {
         Ok(Ok(w)) => {
             tracing::info!("{}", w.describe());
-            Some(w)
+            return Ok(w);
         }
-        Ok(Err(e)) => {
-            tracing::warn!("cannot watch the rule table: {e}");
-            None
-        }
-        Err(_) => {
-            tracing::warn!("connecting to watch the rule table took longer than {limit:?}");
-            None
-        }
-    }
+        Ok(Err(e)) => format!("cannot watch the rule table: {e}"),
+        Err(_) => format!("connecting to watch the rule table took longer than {limit:?}"),
+    };
+    tracing::warn!("{fault}");
+    Err(fault)
 }
 
 /// Follows the rule table and asks for a reload at each change, reconnecting (after a second,
 /// then doubling up to a minute) when the database goes away, and reloading after a reconnection
-/// in case a change was missed meanwhile.
+/// in case a change was missed meanwhile. Each failure to reach the database goes to the
+/// reloader too, which keeps the state `status` reads.
 async fn watch_table(
     mut watcher: Option<Watcher>,
     (db, table): (String, TableName),
@@ -517,7 +516,13 @@ async fn watch_table(
         let Some(w) = watcher.as_mut() else {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(60));
-            watcher = connect_watcher(&db, &table, poll, limit).await;
+            watcher = match connect_watcher(&db, &table, poll, limit).await {
+                Ok(w) => Some(w),
+                Err(fault) => {
+                    let _ = requests.send(Request::SourceFault(fault));
+                    None
+                }
+            };
             if watcher.is_some() {
                 wait = Duration::from_secs(1);
                 tracing::info!(
@@ -537,7 +542,9 @@ async fn watch_table(
                 tracing::info!("reconnected to the database: reloading in case changes were missed")
             }
             Err(e) => {
-                tracing::warn!("watching the rule table: {e}; reconnecting");
+                let fault = format!("watching the rule table: {e}");
+                tracing::warn!("{fault}; reconnecting");
+                let _ = requests.send(Request::SourceFault(fault));
                 watcher = None;
                 continue;
             }

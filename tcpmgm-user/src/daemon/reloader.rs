@@ -18,6 +18,7 @@ use crate::kernel::claim::Claim;
 use crate::kernel::{Enforcer, GRACE, SOCKETS_PIN};
 use crate::policy::compile::{Policy, compile_with};
 use crate::policy::listener::Listeners;
+use crate::policy::pipeline::PipelineError;
 
 /// What the reloader is asked.
 pub enum Request {
@@ -34,6 +35,8 @@ pub enum Request {
         detach: bool,
         done: oneshot::Sender<Result<(), DaemonError>>,
     },
+    /// The watcher could not reach the database: recorded for `status`, nothing reloaded.
+    SourceFault(String),
 }
 
 pub struct Reloader {
@@ -100,6 +103,7 @@ impl Reloader {
             let mut reload = false;
             let mut rebind = false;
             let mut stop = None;
+            let mut faults = Vec::new();
             let mut take = |request: Request| match request {
                 Request::Reload { reply, automatic } => {
                     reload = true;
@@ -108,10 +112,17 @@ impl Reloader {
                 }
                 Request::Rebind => rebind = true,
                 Request::Stop { detach, done } => stop = Some((detach, done)),
+                Request::SourceFault(fault) => faults.push(fault),
             };
             take(first);
             while let Ok(request) = inbox.try_recv() {
                 take(request);
+            }
+            for fault in &faults {
+                self.state.source_health.failed(fault);
+            }
+            if !faults.is_empty() {
+                self.save_state();
             }
             if let Some((detach, done)) = stop {
                 for reply in replies {
@@ -259,7 +270,16 @@ impl Reloader {
 
     async fn try_reload(&mut self) -> Result<String, DaemonError> {
         let started = Instant::now();
-        let set = read_valid(&self.options).await?;
+        let set = read_valid(&self.options).await;
+        match &set {
+            Err(e @ (DaemonError::Rules(PipelineError::Source(_)) | DaemonError::Timeout(_))) => {
+                self.state.source_health.failed(&e.to_string());
+            }
+            // The listeners, refused before the database was opened.
+            Err(DaemonError::Rules(PipelineError::Listener(_))) => {}
+            _ => self.state.source_health.read(),
+        }
+        let set = set?;
         let read_ms = started.elapsed().as_millis();
         let mut enforcer = self.enforcer.take().expect("the reloader holds the policy");
         let hz = self.hz;

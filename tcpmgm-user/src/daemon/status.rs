@@ -31,6 +31,92 @@ pub struct DaemonState {
     /// Audit mode: decisions counted, nothing enforced.
     #[serde(default)]
     pub audit: bool,
+    /// Whether the rule database can be reached and read.
+    #[serde(default)]
+    pub source_health: SourceHealth,
+}
+
+/// The rule database as the daemon last found it, by its reads (start, reloads) and by the
+/// watcher that follows the table.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SourceHealth {
+    /// When the table was last read whole.
+    pub last_read: Option<u64>,
+    /// The last failure to reach or read it; kept, no longer `ongoing`, after a read succeeds.
+    pub last_error: Option<SourceFault>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SourceFault {
+    /// The latest failure's text, shortened.
+    pub message: String,
+    /// When the failures began (the first since the last good read).
+    pub since: u64,
+    /// When the latest failure was.
+    pub at: u64,
+    /// No read has succeeded since.
+    pub ongoing: bool,
+}
+
+/// How much of an error's text the state keeps.
+const FAULT_CHARS: usize = 500;
+
+impl SourceHealth {
+    /// Just read.
+    pub fn read_now() -> SourceHealth {
+        SourceHealth {
+            last_read: Some(now()),
+            last_error: None,
+        }
+    }
+
+    pub fn read(&mut self) {
+        self.last_read = Some(now());
+        if let Some(e) = &mut self.last_error {
+            e.ongoing = false;
+        }
+    }
+
+    pub fn failed(&mut self, error: &str) {
+        let at = now();
+        let since = match &self.last_error {
+            Some(e) if e.ongoing => e.since,
+            _ => at,
+        };
+        let message = match error.char_indices().nth(FAULT_CHARS) {
+            Some((cut, _)) => format!("{}… ({} characters)", &error[..cut], error.chars().count()),
+            None => error.to_owned(),
+        };
+        self.last_error = Some(SourceFault {
+            message,
+            since,
+            at,
+            ongoing: true,
+        });
+    }
+}
+
+impl std::fmt::Display for SourceHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ago = |t: u64| now().saturating_sub(t);
+        let read = match self.last_read {
+            Some(t) => format!("last read {} s ago", ago(t)),
+            None => "never read".to_owned(),
+        };
+        match &self.last_error {
+            Some(e) if e.ongoing => {
+                write!(f, "FAILING for {} s ({read}): {}", ago(e.since), e.message)
+            }
+            Some(e) => write!(
+                f,
+                "ok, {read} (last error {} s ago, after {} s of errors: {})",
+                ago(e.at),
+                e.at.saturating_sub(e.since),
+                e.message
+            ),
+            None => write!(f, "ok, {read}"),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -137,6 +223,7 @@ impl std::fmt::Display for CgroupStatus {
                     "  rules: {} from {}, generation {}",
                     s.rules, s.source, s.generation
                 )?;
+                writeln!(f, "  source: {}", s.source_health)?;
                 if let Some(since) = s.reloading_since {
                     writeln!(
                         f,

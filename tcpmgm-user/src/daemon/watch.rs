@@ -2,7 +2,11 @@
 //! (LISTEN/NOTIFY, through the trigger `tcpmgm db init` installs, or that the daemon installs
 //! when its role may); SQLite and MariaDB are asked every `--poll-interval`, with a query that
 //! costs little when nothing changed, and so is a PostgreSQL table without the trigger whose
-//! role may not create it.
+//! role may not create it. A polled SQLite file is followed by its name: an editor or `mv` that
+//! replaces it, or a restore after it was deleted, gives a new file, which a connection to the
+//! old one would never see.
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sqlx::postgres::PgListener;
@@ -37,6 +41,10 @@ enum How {
     Notify(Box<PgListener>, TableName),
     Poll {
         conn: AnyConnection,
+        /// What `conn` was opened from, to open it again when a SQLite file is replaced.
+        url: String,
+        /// The SQLite file `conn` has open.
+        file: Option<FileId>,
         dialect: Dialect,
         table: TableName,
         every: Duration,
@@ -48,6 +56,43 @@ enum How {
 
 pub struct Watcher {
     how: How,
+}
+
+/// A SQLite file by its path and the inode it had when it was opened.
+struct FileId {
+    path: PathBuf,
+    inode: Inode,
+}
+
+/// Device, inode number and birth time (where the file system keeps one): a file deleted and
+/// made again between two polls may get the same inode number, not the same birth time.
+type Inode = (u64, u64, Option<std::time::SystemTime>);
+
+impl FileId {
+    /// The file a `sqlite:` URL names, as it is now; None for an in-memory database (or a file
+    /// that is missing now, which the connection then fails to open).
+    fn of(url: &str) -> Option<FileId> {
+        use std::str::FromStr as _;
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
+        let path = options.get_filename().to_path_buf();
+        let inode = inode(&path).ok()?;
+        Some(FileId { path, inode })
+    }
+}
+
+fn inode(path: &Path) -> std::io::Result<Inode> {
+    std::fs::metadata(path).map(|m| (m.dev(), m.ino(), m.created().ok()))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error("{}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// The change detector's verdict.
@@ -93,6 +138,11 @@ impl Watcher {
             (Some(dialect), Some(every)) => {
                 sqlx::any::install_default_drivers();
                 let url = url.replacen("mariadb:", "mysql:", 1);
+                // Before connecting: a file replaced in between is then seen as replaced at the
+                // first poll, which costs one reload more, never a change missed.
+                let file = (dialect == Dialect::Sqlite)
+                    .then(|| FileId::of(&url))
+                    .flatten();
                 let mut conn = AnyConnection::connect(&url).await.map_err(fail)?;
                 let last = Some(
                     fingerprint(&mut conn, dialect, table, every)
@@ -101,6 +151,8 @@ impl Watcher {
                 );
                 How::Poll {
                     conn,
+                    url,
+                    file,
                     dialect,
                     table: table.clone(),
                     every,
@@ -130,8 +182,9 @@ impl Watcher {
         }
     }
 
-    /// Resolves when the table changed (or may have). Never resolves in manual mode.
-    pub async fn changed(&mut self) -> Result<Change, sqlx::Error> {
+    /// Resolves when the table changed (or may have), or the polled SQLite file is gone. Never
+    /// resolves in manual mode.
+    pub async fn changed(&mut self) -> Result<Change, WatchError> {
         match &mut self.how {
             How::Manual => std::future::pending().await,
             How::Notify(listener, table) => {
@@ -157,6 +210,8 @@ impl Watcher {
             }
             How::Poll {
                 conn,
+                url,
+                file,
                 dialect,
                 table,
                 every,
@@ -164,6 +219,22 @@ impl Watcher {
                 ..
             } => loop {
                 tokio::time::sleep(*every).await;
+                if let Some(file) = file {
+                    let now = inode(&file.path).map_err(|source| WatchError::File {
+                        path: file.path.clone(),
+                        source,
+                    })?;
+                    if now != file.inode {
+                        tracing::info!(
+                            "{} was replaced: following the new file",
+                            file.path.display()
+                        );
+                        *conn = AnyConnection::connect(url).await?;
+                        file.inode = now;
+                        *last = Some(fingerprint(conn, *dialect, table, *every).await?);
+                        return Ok(Change::Table);
+                    }
+                }
                 let now = fingerprint(conn, *dialect, table, *every).await?;
                 let changed = last.as_ref().is_none_or(|l| l.differs(&now));
                 *last = Some(now);

@@ -1,4 +1,5 @@
 //! The `attrs` column: `key=int;key=int`.
+use super::quote;
 
 /// Parses `key=int;key=int`. Empty pairs (a trailing `;`) are allowed; everything else that is
 /// not `key=integer` is an error naming the piece at fault.
@@ -7,23 +8,33 @@ pub fn parse_attrs(s: &str) -> Result<Vec<(String, i64)>, String> {
     for piece in s.split(';').map(str::trim).filter(|p| !p.is_empty()) {
         let (key, value) = piece
             .split_once('=')
-            .ok_or_else(|| format!("'{piece}' is not key=integer"))?;
+            .ok_or_else(|| format!("{} is not key=integer", quote(piece)))?;
         let key = key.trim();
         if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("'{piece}': key must be letters, digits or '_'"));
+            return Err(format!(
+                "{}: key must be letters, digits or '_'",
+                quote(piece)
+            ));
         }
-        let value: i64 = value
-            .trim()
-            .parse()
-            .map_err(|_| format!("'{piece}': value is not an integer"))?;
+        let value: i64 =
+            value
+                .trim()
+                .parse()
+                .map_err(|e: std::num::ParseIntError| match e.kind() {
+                    std::num::IntErrorKind::PosOverflow | std::num::IntErrorKind::NegOverflow => {
+                        format!("{}: value is out of range (64-bit integers)", quote(piece))
+                    }
+                    _ => format!("{}: value is not an integer", quote(piece)),
+                })?;
         if key.len() > tcpmgm_common::MAX_ATTR_KEY {
             return Err(format!(
-                "'{key}': keys are at most {} bytes",
+                "{}: keys are at most {} bytes",
+                quote(key),
                 tcpmgm_common::MAX_ATTR_KEY
             ));
         }
         if out.iter().any(|(k, _)| k == key) {
-            return Err(format!("'{key}' is given twice"));
+            return Err(format!("{} is given twice", quote(key)));
         }
         out.push((key.to_owned(), value));
     }
@@ -57,6 +68,10 @@ mod tests {
             parse_attrs("max_msg_chunks=eight")
                 .unwrap_err()
                 .contains("not an integer")
+        );
+        assert_eq!(
+            parse_attrs("max_msg_chunks=9223372036854775808").unwrap_err(),
+            "'max_msg_chunks=9223372036854775808': value is out of range (64-bit integers)"
         );
         assert!(parse_attrs("=3").unwrap_err().contains("key must be"));
         assert!(parse_attrs("a=1;a=2").unwrap_err().contains("twice"));

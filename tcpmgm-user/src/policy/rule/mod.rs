@@ -9,8 +9,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 pub use attrs::parse_attrs;
-pub use row::{Cell, Row};
-pub use validate::{RowError, validate_rows};
+pub use row::{Cell, Row, quote};
+pub use validate::{RowError, RowId, validate_rows};
 
 /// A TCP-based OpenSIPS protocol, by its id in `tcpmgm_common::PROTOCOLS` (index + 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -35,9 +35,10 @@ impl Proto {
             return Ok(Some(Proto(i as u8 + 1)));
         }
         match lower.as_str() {
-            "udp" | "sctp" | "hep_udp" => Err(format!("'{s}' is not a TCP-based protocol")),
+            "udp" | "sctp" | "hep_udp" => Err(format!("{} is not a TCP-based protocol", quote(s))),
             _ => Err(format!(
-                "unknown protocol '{s}' (expected any or one of {})",
+                "unknown protocol {} (expected any or one of {})",
+                quote(s),
                 tcpmgm_common::PROTOCOLS.join(", ")
             )),
         }

@@ -6,24 +6,37 @@ use std::str::FromStr;
 
 use ipnet::IpNet;
 
-use super::{Cell, LocalMatch, Profile, Proto, Row, Rule, fold_v4_mapped_net, parse_attrs};
+use super::{Cell, LocalMatch, Profile, Proto, Row, Rule, fold_v4_mapped_net, parse_attrs, quote};
 use crate::policy::listener::Listeners;
 
 /// One fault in one row.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub struct RowError {
-    /// The row's id, or None when the id itself is unusable.
-    pub id: Option<i64>,
+    pub id: RowId,
     pub column: &'static str,
     pub reason: String,
 }
 
+/// The row a fault is in: its id, or the id's value as the table holds it when that is no
+/// integer.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RowId {
+    Int(i64),
+    Value(String),
+}
+
+impl fmt::Display for RowId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RowId::Int(i) => write!(f, "{i}"),
+            RowId::Value(v) => f.write_str(v),
+        }
+    }
+}
+
 impl fmt::Display for RowError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.id {
-            Some(id) => write!(f, "id {id}: {}: {}", self.column, self.reason),
-            None => write!(f, "id ?: {}: {}", self.column, self.reason),
-        }
+        write!(f, "id {}: {}: {}", self.id, self.column, self.reason)
     }
 }
 
@@ -43,14 +56,42 @@ pub fn validate_rows(rows: &[Row], listeners: &Listeners) -> (Vec<Rule>, Vec<Row
 /// Collects the faults of one row while its columns are read.
 struct Checker<'a> {
     row: &'a Row,
-    id: Option<i64>,
+    id: RowId,
     errors: Vec<RowError>,
+}
+
+/// What an integer column's cell holds.
+enum Integer {
+    Fits(i64),
+    /// An integer beyond 64 bits (as text, or as the float SQLite keeps it as); true: negative.
+    TooLarge(bool),
+    Not,
+}
+
+fn integer(cell: &Cell) -> Integer {
+    const TWO_63: f64 = 9_223_372_036_854_775_808.0;
+    match cell {
+        Cell::Int(i) => Integer::Fits(*i),
+        Cell::Real(r) if r.fract() == 0.0 && (-TWO_63..TWO_63).contains(r) => {
+            Integer::Fits(*r as i64)
+        }
+        Cell::Real(r) if r.fract() == 0.0 => Integer::TooLarge(*r < 0.0),
+        Cell::Text(s) => match s.trim().parse::<i64>() {
+            Ok(i) => Integer::Fits(i),
+            Err(e) => match e.kind() {
+                std::num::IntErrorKind::PosOverflow => Integer::TooLarge(false),
+                std::num::IntErrorKind::NegOverflow => Integer::TooLarge(true),
+                _ => Integer::Not,
+            },
+        },
+        _ => Integer::Not,
+    }
 }
 
 impl Checker<'_> {
     fn fail(&mut self, column: &'static str, reason: String) {
         self.errors.push(RowError {
-            id: self.id,
+            id: self.id.clone(),
             column,
             reason,
         });
@@ -58,29 +99,30 @@ impl Checker<'_> {
 
     /// An integer column within `min..=max`; a missing column takes `default`.
     fn int(&mut self, column: &'static str, default: i64, min: i64, max: i64) -> Option<i64> {
-        let value = match self.row.get(column) {
-            None => default,
-            Some(Cell::Int(i)) => *i,
-            Some(Cell::Text(s)) if s.trim().parse::<i64>().is_ok() => s.trim().parse().ok()?,
+        let cell = match self.row.get(column) {
+            None => return Some(default),
             Some(Cell::Null) => {
                 self.fail(column, "must not be NULL".into());
                 return None;
             }
-            Some(other) => {
-                self.fail(column, format!("{other} is not an integer"));
+            Some(cell) => cell,
+        };
+        let negative = match integer(cell) {
+            Integer::Fits(value) if (min..=max).contains(&value) => return Some(value),
+            Integer::Fits(value) => value < 0,
+            Integer::TooLarge(negative) => negative,
+            Integer::Not => {
+                self.fail(column, format!("{cell} is not an integer"));
                 return None;
             }
         };
-        if value < min || value > max {
-            let what = match (min, max) {
-                (0, 65535) => "is not a port (0 to 65535, 0 = any)".to_owned(),
-                (0, i64::MAX) | (0, 0x7fff_ffff) if value < 0 => "must not be negative".to_owned(),
-                _ => format!("is out of range ({min} to {max})"),
-            };
-            self.fail(column, format!("{value} {what}"));
-            return None;
-        }
-        Some(value)
+        let what = match (min, max) {
+            (0, 65535) => "is not a port (0 to 65535, 0 = any)".to_owned(),
+            (0, i64::MAX) | (0, 0x7fff_ffff) if negative => "must not be negative".to_owned(),
+            _ => format!("is out of range ({min} to {max})"),
+        };
+        self.fail(column, format!("{cell} {what}"));
+        None
     }
 
     /// A text column that may be NULL.
@@ -99,16 +141,16 @@ impl Checker<'_> {
 const U31: i64 = 0x7fff_ffff;
 
 fn validate_row(row: &Row, listeners: &Listeners) -> Result<Rule, Vec<RowError>> {
+    let cell = row.get("id").unwrap_or(&Cell::Null);
     let mut c = Checker {
         row,
-        id: None,
+        id: match integer(cell) {
+            Integer::Fits(i) => RowId::Int(i),
+            _ => RowId::Value(cell.to_string()),
+        },
         errors: Vec::new(),
     };
     let id = c.int("id", 0, 1, i64::from(u32::MAX));
-    c.id = match row.get("id") {
-        Some(Cell::Int(i)) => Some(*i),
-        _ => None,
-    };
 
     let proto = match c.text("proto") {
         Some(None) if row.get("proto").is_some() => {
@@ -234,16 +276,17 @@ pub fn parse_net(value: Option<&str>) -> Result<Option<IpNet>, String> {
         .strip_prefix('[')
         .and_then(|a| a.strip_suffix(']'))
         .unwrap_or(addr);
-    let ip = IpAddr::from_str(addr).map_err(|_| format!("'{raw}' is not an IP address or CIDR"))?;
+    let ip = IpAddr::from_str(addr)
+        .map_err(|_| format!("{} is not an IP address or CIDR", quote(raw)))?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
     let len = match len {
         None => max,
         Some(l) => l
             .parse::<u8>()
-            .map_err(|_| format!("'{raw}': prefix length '{l}' is not a number"))?,
+            .map_err(|_| format!("{}: prefix length {} is not a number", quote(raw), quote(l)))?,
     };
     let net = IpNet::new(ip, len)
-        .map_err(|_| format!("'{raw}': prefix length /{len} is longer than /{max}"))?;
+        .map_err(|_| format!("{}: prefix length /{len} is longer than /{max}", quote(raw)))?;
     let masked = net.trunc();
     if masked != net {
         tracing::warn!("{raw}: host bits set, using {masked}");
@@ -264,17 +307,22 @@ fn parse_local(value: Option<&str>, listeners: &Listeners) -> Result<Option<Loca
             }
             let listener = listeners.by_name(name).ok_or_else(|| {
                 if listeners.is_empty() {
-                    format!("unknown listener tag '{name}' (no listeners are declared)")
+                    format!(
+                        "unknown listener tag {} (no listeners are declared)",
+                        quote(name)
+                    )
                 } else {
                     format!(
-                        "unknown listener tag '{name}' (declared: {})",
+                        "unknown listener tag {} (declared: {})",
+                        quote(name),
                         listeners.names()
                     )
                 }
             })?;
             if listener.addr.is_unspecified() {
                 return Err(format!(
-                    "listener '{name}' listens on a wildcard address, which names no local address"
+                    "listener {} listens on a wildcard address, which names no local address",
+                    quote(name)
                 ));
             }
             Ok(Some(LocalMatch {
@@ -374,6 +422,93 @@ mod tests {
             assert!(
                 got.len() == 1 && got[0].starts_with(want),
                 "{column}={cell}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn values_beyond_64_bits_are_out_of_range_and_named_in_full() {
+        let cases: &[(&str, Cell, &str)] = &[
+            (
+                "keepidle",
+                Cell::Real(2f64.powi(63)),
+                "id 1: keepidle: 9223372036854775808 is out of range (0 to 32767)",
+            ),
+            (
+                "remote_port",
+                Cell::Text("9223372036854775808".into()),
+                "id 1: remote_port: '9223372036854775808' is not a port (0 to 65535, 0 = any)",
+            ),
+            (
+                "con_lifetime",
+                Cell::Text("-99999999999999999999".into()),
+                "id 1: con_lifetime: '-99999999999999999999' must not be negative",
+            ),
+            (
+                "keepcount",
+                Cell::Real(1.5),
+                "id 1: keepcount: 1.5 is not an integer",
+            ),
+        ];
+        for (column, cell, want) in cases {
+            assert_eq!(
+                errors(row(1).with(column, cell.clone()), &Listeners::default()),
+                [*want]
+            );
+        }
+        // A whole number kept as a float is that number.
+        let (rules, errs) = validate_rows(
+            &[row(1).with("keepidle", Cell::Real(60.0))],
+            &Listeners::default(),
+        );
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(rules[0].profile.keepidle, 60);
+    }
+
+    #[test]
+    fn a_bad_id_names_the_row_by_its_value() {
+        let none = Listeners::default();
+        for (id, want) in [
+            (
+                Cell::Int(0),
+                "id 0: id: 0 is out of range (1 to 4294967295)",
+            ),
+            (
+                Cell::Int(1 << 32),
+                "id 4294967296: id: 4294967296 is out of range (1 to 4294967295)",
+            ),
+            (
+                Cell::Text("9223372036854775808".into()),
+                "id '9223372036854775808': id: '9223372036854775808' is out of range (1 to 4294967295)",
+            ),
+            (
+                Cell::Text("x7".into()),
+                "id 'x7': id: 'x7' is not an integer",
+            ),
+        ] {
+            let bad = Row::default()
+                .with("id", id)
+                .with("remote_port", Cell::Int(70000));
+            let got = errors(bad, &none);
+            assert_eq!(got[0], want);
+            assert!(
+                got[1].starts_with(&want[..want.find(": id:").unwrap()]),
+                "the row's other faults name it the same way: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_huge_value_is_quoted_short_everywhere() {
+        let huge = "9".repeat(1 << 20);
+        let l = Listeners::parse_all(["tls:10.0.0.1:5061 tag trunks"]).unwrap();
+        for column in ["remote_addr", "local_addr", "proto", "attrs", "keepidle"] {
+            let got = errors(row(1).with(column, Cell::Text(huge.clone())), &l);
+            assert_eq!(got.len(), 1, "{column}: {got:?}");
+            assert!(
+                got[0].len() < 400 && got[0].contains("…' (1048576 characters)"),
+                "{column}: {}",
+                &got[0][..got[0].len().min(400)]
             );
         }
     }

@@ -202,7 +202,7 @@ impl Source {
     /// Reads every row of the table, in id order, as raw cells.
     pub async fn read(&self) -> Result<Table, SourceError> {
         let t = &self.table;
-        let rows: Vec<AnyRow> = sqlx::query(&format!("SELECT * FROM {t} ORDER BY id"))
+        let rows: Vec<AnyRow> = sqlx::query(&self.select_all().await?)
             .fetch_all(&self.pool)
             .await
             .map_err(self.query_err("reading table"))?;
@@ -237,6 +237,30 @@ impl Source {
             version,
             has_parallel_read,
         })
+    }
+
+    /// The query for every row. SQLite's columns are selected as expressions (`+name`): sqlx's
+    /// Any driver refuses a whole result for a column declared with a type it does not map
+    /// (BOOLEAN, DATE, DATETIME...), and an expression has no declared type, so each value comes
+    /// back as what it is, and a value of the wrong kind is a fault of its row.
+    async fn select_all(&self) -> Result<String, SourceError> {
+        let t = &self.table;
+        if self.dialect != Dialect::Sqlite {
+            return Ok(format!("SELECT * FROM {t} ORDER BY id"));
+        }
+        let columns: Vec<String> = self
+            .column_names()
+            .await?
+            .iter()
+            .map(|name| {
+                let name = name.replace('"', "\"\"");
+                format!("+\"{name}\" AS \"{name}\"")
+            })
+            .collect();
+        Ok(format!(
+            "SELECT {} FROM {t} ORDER BY id",
+            columns.join(", ")
+        ))
     }
 
     /// Column names of an empty table.
@@ -384,7 +408,10 @@ fn read_cell(row: &AnyRow, i: usize) -> Cell {
     if let Ok(v) = row.try_get::<Option<f64>, _>(i) {
         return v.map_or(Cell::Null, Cell::Real);
     }
-    Cell::Text("<unreadable value>".into())
+    match row.try_get::<Option<Vec<u8>>, _>(i) {
+        Ok(v) => v.map_or(Cell::Null, Cell::Blob),
+        Err(e) => Cell::Unreadable(e.to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -398,6 +425,59 @@ mod tests {
             "postgres://opensips:***@db:5432/opensips"
         );
         assert_eq!(Redacted::new("sqlite://x.db").to_string(), "sqlite://x.db");
+    }
+
+    /// A table whose columns are declared with types sqlx's Any driver does not map is read by
+    /// its values: good rows are rules, a value of the wrong kind is a fault of its row.
+    #[tokio::test]
+    async fn sqlite_columns_are_read_by_value_whatever_their_declared_type() {
+        use crate::policy::listener::Listeners;
+        use crate::policy::rule::validate_rows;
+        let dir = std::env::temp_dir().join(format!("tcpmgm-decltype-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}", dir.join("rules.db").display());
+        let source = Source::open(&url, true).await.unwrap();
+        let mut table =
+            schema::Dialect::Sqlite.create_table(TableVersion::V2, &TableName::default());
+        for (column, declared) in [
+            ("keepalive", "BOOLEAN"),
+            ("keepidle", "DATE"),
+            ("con_lifetime", "DATETIME"),
+            ("remote_port", "TIMESTAMP"),
+        ] {
+            let at = table.find(&format!("    {column} ")).unwrap() + column.len() + 5;
+            let end = at + table[at..].find(" DEFAULT").unwrap();
+            table.replace_range(at..end, declared);
+        }
+        source
+            .execute_script(&format!(
+                "{table};
+                 INSERT INTO tcp_mgm (id, keepalive, keepidle, con_lifetime, remote_port)
+                     VALUES (1, 1, 60, 300, 5060);
+                 INSERT INTO tcp_mgm (id, keepalive, keepidle, con_lifetime, remote_port)
+                     VALUES (2, 'true', '2024-01-01', X'0102', 5060);
+                 INSERT INTO tcp_mgm (id, keepidle) VALUES (3, 9223372036854775808);"
+            ))
+            .await
+            .unwrap();
+        let read = source.read().await.unwrap();
+        let (rules, errors) = validate_rows(&read.rows, &Listeners::default());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(rules.len(), 1, "{errors:?}");
+        assert_eq!(
+            (rules[0].id, rules[0].profile.keepidle, rules[0].remote_port),
+            (1, 60, 5060)
+        );
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [
+                "id 2: con_lifetime: x'0102' (2 bytes) is not an integer",
+                "id 2: keepalive: 'true' is not an integer",
+                "id 2: keepidle: '2024-01-01' is not an integer",
+                "id 3: keepidle: 9223372036854775808 is out of range (0 to 32767)",
+            ]
+        );
     }
 
     #[test]
