@@ -593,6 +593,11 @@ impl Daemon {
         }
     }
 
+    /// The daemon's process id, to read what /proc shows of it.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `tcpmgm reload --control ...`: (exit code, stdout + stderr).
     pub fn reload(&self) -> (i32, String) {
         let out = Command::new(binary("tcpmgm"))

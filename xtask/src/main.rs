@@ -38,6 +38,10 @@ enum Task {
     /// Measure compile/load/reload times, per-invocation kernel cost, connection rates and map
     /// memory (root); writes BENCHMARKS.md. Arguments after `--` go to the bench.
     Bench {
+        /// Only the soak: one daemon under steady load for MINUTES, its memory, fds and map
+        /// memory sampled every 10 s; replaces BENCHMARKS.md's Soak section and nothing else.
+        #[arg(long, value_name = "MINUTES")]
+        soak: Option<u64>,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -119,10 +123,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.task {
         Task::Setup => setup::toolchain(),
         Task::Vm { task } => vm_task(&root, task),
-        Task::Bench { args } => {
+        Task::Bench { soak, args } => {
             setup::toolchain()?;
-            // The PostgreSQL push latency needs the server.
-            let databases = setup::databases()?;
+            // The PostgreSQL push latency needs the server; the soak's table is SQLite.
+            let databases = if soak.is_none() {
+                setup::databases()?
+            } else {
+                Vec::new()
+            };
             status(cargo(&root).args([
                 "build",
                 "--release",
@@ -142,6 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Command::new(root.join("target/release/tcpmgm-bench"))
                     .arg("--out")
                     .arg(root.join("BENCHMARKS.md"))
+                    .args(soak.map(|m| format!("--soak={m}")))
                     .args(&args)
                     .envs(databases)
                     .current_dir(&root),

@@ -10,6 +10,10 @@
 //!   OpenSIPS's way in userspace;
 //! - PostgreSQL's push latency, from a commit to the change enforced by a running daemon;
 //! - the con_lifetime sweep's cost with 10,000 idle connections.
+//!
+//! `--soak MINUTES` runs only the soak instead (see `soak`), which writes its own section.
+mod soak;
+
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -36,6 +40,10 @@ struct Args {
     /// Leave out the PostgreSQL push latency (it needs the server `cargo xtask bench` starts).
     #[arg(long)]
     skip_push: bool,
+    /// Only the soak: a daemon under steady load for this many minutes, sampled every 10 s;
+    /// replaces the Soak section of the report and nothing else.
+    #[arg(long, value_name = "MINUTES", value_parser = clap::value_parser!(u64).range(1..))]
+    soak: Option<u64>,
 }
 
 const SERVER: &str = "127.0.0.1:7000";
@@ -309,6 +317,9 @@ fn machine() -> String {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(minutes) = args.soak {
+        return soak::run(minutes, &args.out);
+    }
     let stats_path = "/proc/sys/kernel/bpf_stats_enabled";
     let stats_before = std::fs::read_to_string(stats_path).context("bpf_stats_enabled")?;
     std::fs::write(stats_path, "1").context("enabling kernel.bpf_stats_enabled (needs root)")?;
@@ -522,6 +533,15 @@ fn run(args: &Args) -> anyhow::Result<()> {
         n,
     )?;
     print!("{report}");
+    // The soak's section comes from runs of its own: keep it.
+    let report = match std::fs::read_to_string(&args.out)
+        .ok()
+        .as_deref()
+        .and_then(soak::section_of)
+    {
+        Some(soak) => format!("{report}\n{soak}\n"),
+        None => report,
+    };
     std::fs::write(&args.out, &report)
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("written to {}", args.out.display());
