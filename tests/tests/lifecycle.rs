@@ -124,7 +124,9 @@ async fn removed_pins_are_pinned_again_and_the_exit_says_what_stays() {
     let (dir, url, _source) = rules("pins", 44).await;
     let mut port = 7500;
     let mut daemon = Daemon::start(&sb, &url, control_socket(&sb));
-    std::fs::remove_dir_all(&sb.pin_dir).unwrap();
+    // The daemon may pin a file again while the directory is being emptied, so that the
+    // directory itself stays: either way its pins were removed.
+    let _ = std::fs::remove_dir_all(&sb.pin_dir);
     assert!(
         wait_logged(&daemon, "were removed: pinned again", WAIT),
         "{:?}",
