@@ -95,6 +95,10 @@ async fn a_second_run_is_refused_before_it_changes_anything() {
     let (code, out) = first.reload();
     assert_eq!(code, 0, "{out}");
     assert_eq!(idle(&sb, &mut port), 43);
+    // status reads the generation from the kernel's maps: the reload's, not a refused run's.
+    let status = first.status(&sb);
+    assert_eq!(status["kernel"]["generation"], 2, "{status}");
+    assert_eq!(status["state"]["generation"], 2, "{status}");
     assert_one_program_per_hook(&sb.attached_programs());
 
     // With the first daemon gone, its pinned policy still holds the cgroup: a run with another

@@ -159,7 +159,8 @@ async fn status_counts_exactly_the_connections_made() {
     assert_eq!(rule(3), (0, 0));
     let text = status(false);
     assert!(
-        text.contains("rules: 3 from sqlite://") && text.contains("refused          5"),
+        text.contains("rules: 3 enforced (generation 1), from sqlite://")
+            && text.contains("refused          5"),
         "{text}"
     );
     daemon.kill();

@@ -217,9 +217,15 @@ impl Reloader {
             return Ok(());
         }
         let cgroup = enforcer.cgroup().to_path_buf();
-        tokio::task::spawn_blocking(move || enforcer.detach())
-            .await
-            .expect("detaching does not panic")?;
+        let keeper = self.keeper.clone();
+        tokio::task::spawn_blocking(move || {
+            // Held, and emptied: nothing is to be pinned again once the pins are removed.
+            let mut pins = keeper.hold();
+            pins.clear();
+            enforcer.detach()
+        })
+        .await
+        .expect("detaching does not panic")?;
         tracing::info!(
             "detached from {}; it is back to the system's TCP settings",
             cgroup.display()

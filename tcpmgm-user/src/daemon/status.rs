@@ -218,11 +218,32 @@ impl std::fmt::Display for CgroupStatus {
                         "  audit mode: rules are decided and counted, nothing is enforced"
                     )?;
                 }
-                writeln!(
-                    f,
-                    "  rules: {} from {}, generation {}",
-                    s.rules, s.source, s.generation
-                )?;
+                // What is enforced is read from the kernel's maps; the daemon's record is shown
+                // beside it only where the two differ.
+                match &self.kernel {
+                    Some(k) => {
+                        write!(
+                            f,
+                            "  rules: {} enforced (generation {}), from {}",
+                            k.rules.len(),
+                            k.generation,
+                            s.source
+                        )?;
+                        if u64::from(k.generation) != s.generation || k.rules.len() != s.rules {
+                            write!(
+                                f,
+                                "; the daemon's record says {} rules, generation {}",
+                                s.rules, s.generation
+                            )?;
+                        }
+                        writeln!(f)?;
+                    }
+                    None => writeln!(
+                        f,
+                        "  rules: {} from {}, generation {} (the daemon's record; the kernel could not be read)",
+                        s.rules, s.source, s.generation
+                    )?,
+                }
                 writeln!(f, "  source: {}", s.source_health)?;
                 if let Some(since) = s.reloading_since {
                     writeln!(

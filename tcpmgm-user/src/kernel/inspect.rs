@@ -10,6 +10,8 @@ use super::{HOOKS, KernelError, pinned_links};
 #[derive(Debug, serde::Serialize)]
 pub struct Pinned {
     pub programs: Vec<PinnedProgram>,
+    /// The generation the pinned policy maps are, from their header.
+    pub generation: u32,
     /// In match order.
     pub rules: Vec<RuleCount>,
 }
@@ -70,6 +72,12 @@ pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
         what: "reading".into(),
         reason: e.to_string(),
     };
+    let header: Array<MapData, tcpmgm_common::Header> =
+        Array::try_from(Map::Array(open(names::HEADER)?)).map_err(|e| fail(names::HEADER, e))?;
+    let generation = header
+        .get(&0, 0)
+        .map_err(|e| fail(names::HEADER, e))?
+        .generation;
     let profiles: Array<MapData, Profile> = Array::try_from(Map::Array(open(names::PROFILES)?))
         .map_err(|e| fail(names::PROFILES, e))?;
     let stats: PerCpuHashMap<MapData, u32, RuleStats> =
@@ -114,5 +122,9 @@ pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
             would_close: swept.would_close,
         });
     }
-    Ok(Pinned { programs, rules })
+    Ok(Pinned {
+        programs,
+        generation,
+        rules,
+    })
 }
