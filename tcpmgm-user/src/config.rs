@@ -4,6 +4,7 @@
 //! off `audit = true`); listeners from both are used.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -88,7 +89,12 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        Config::parse(path, &text)
+    }
+
+    /// Reads the configuration from `text`, the contents of the file at `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
             source,
         })
@@ -189,6 +195,16 @@ impl Config {
             api_group,
         );
         self
+    }
+
+    /// `poll_interval`, as the daemon takes it.
+    pub fn poll_interval(&self) -> Option<Duration> {
+        self.poll_interval.map(Duration::from_secs_f64)
+    }
+
+    /// `db_timeout`, as the daemon takes it (None: the daemon's default).
+    pub fn db_timeout(&self) -> Option<Duration> {
+        self.db_timeout.map(Duration::from_secs_f64)
     }
 
     /// How the rules are enforced beyond their rows.

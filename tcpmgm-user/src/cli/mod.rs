@@ -297,13 +297,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 pin_dir: config.pin_dir.clone(),
                 control: config.control.clone(),
                 detach_on_exit,
-                poll_interval: config.poll_interval.map(std::time::Duration::from_secs_f64),
+                poll_interval: config.poll_interval(),
                 netns: config.netns.clone(),
                 enforce_default_lifetime: on(config.enforce_default_lifetime),
                 reapply_existing: on(config.reapply_existing),
-                db_timeout: config
-                    .db_timeout
-                    .map_or(daemon::DB_TIMEOUT, std::time::Duration::from_secs_f64),
+                db_timeout: config.db_timeout().unwrap_or(daemon::DB_TIMEOUT),
                 enforcement: config.enforcement(),
                 metrics: config.metrics,
                 api_group,
