@@ -79,6 +79,11 @@ pub enum ConfigError {
         path: PathBuf,
         source: toml::de::Error,
     },
+    #[error(
+        "{key} {value}: not a number of seconds above 0 and at most {MAX_SECONDS} (from the \
+         config file or the command line)"
+    )]
+    Seconds { key: &'static str, value: f64 },
     #[error("--opensips-cfg {0}")]
     OpenSips(#[from] crate::policy::opensips_cfg::CfgError),
 }
@@ -198,13 +203,17 @@ impl Config {
     }
 
     /// `poll_interval`, as the daemon takes it.
-    pub fn poll_interval(&self) -> Option<Duration> {
-        self.poll_interval.map(Duration::from_secs_f64)
+    pub fn poll_interval(&self) -> Result<Option<Duration>, ConfigError> {
+        self.poll_interval
+            .map(|s| seconds("poll_interval", s))
+            .transpose()
     }
 
     /// `db_timeout`, as the daemon takes it (None: the daemon's default).
-    pub fn db_timeout(&self) -> Option<Duration> {
-        self.db_timeout.map(Duration::from_secs_f64)
+    pub fn db_timeout(&self) -> Result<Option<Duration>, ConfigError> {
+        self.db_timeout
+            .map(|s| seconds("db_timeout", s))
+            .transpose()
     }
 
     /// How the rules are enforced beyond their rows.
@@ -214,6 +223,20 @@ impl Config {
             audit: self.audit == Some(true),
             app_options_allow: self.app_options == Some(AppOptions::Allow),
         }
+    }
+}
+
+/// The longest period or timeout taken: a day. Longer ones are surely a slip (milliseconds
+/// given as seconds), and a bound keeps deadline arithmetic far from overflowing.
+const MAX_SECONDS: f64 = 86_400.0;
+
+/// `value` seconds of the option `key`: zero, negative, NaN and endless values are refused
+/// (a zero poll interval would poll without pause; `Duration::from_secs_f64` panics on the rest).
+fn seconds(key: &'static str, value: f64) -> Result<Duration, ConfigError> {
+    if value > 0.0 && value <= MAX_SECONDS {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(ConfigError::Seconds { key, value })
     }
 }
 
@@ -255,6 +278,39 @@ impl RuleArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `config` fuzz target: a NaN `--poll-interval` panicked in
+    /// `Duration::from_secs_f64`; negative, endless and zero values did or polled without pause.
+    #[test]
+    fn durations_out_of_range_are_errors_naming_the_key() {
+        let flags = RunFlags {
+            poll_interval: Some(f64::NAN),
+            ..RunFlags::default()
+        };
+        let c = Config::default().overlay(&flags);
+        assert_eq!(
+            c.poll_interval().unwrap_err().to_string(),
+            "poll_interval NaN: not a number of seconds above 0 and at most 86400 (from the \
+             config file or the command line)"
+        );
+        for bad in [-1.0, 0.0, f64::INFINITY, 1e300, f64::MAX] {
+            let c = Config::parse(Path::new("t.toml"), &format!("db_timeout = {bad:?}"));
+            let err = c.map(|c| c.db_timeout());
+            assert!(
+                matches!(
+                    err,
+                    Ok(Err(ConfigError::Seconds {
+                        key: "db_timeout",
+                        ..
+                    }))
+                ),
+                "{bad}: {err:?}"
+            );
+        }
+        let c = Config::parse(Path::new("t.toml"), "poll_interval = 0.5\ndb_timeout = 30").unwrap();
+        assert_eq!(c.poll_interval().unwrap(), Some(Duration::from_millis(500)));
+        assert_eq!(c.db_timeout().unwrap(), Some(Duration::from_secs(30)));
+    }
 
     #[test]
     fn every_option_parses_and_unknown_keys_are_named() {
