@@ -68,8 +68,14 @@ pub fn run(root: &Path, seconds: u64, targets: &[String]) -> anyhow::Result<()> 
             eprintln!("xtask: fuzz {target}: ok, {done}");
             continue;
         }
-        let tail: Vec<&str> = text.lines().rev().take(40).collect();
-        for line in tail.iter().rev() {
+        // The panic (or sanitizer report) and libFuzzer's summary, not the thousands of lines
+        // of progress before them.
+        let lines: Vec<&str> = text.lines().collect();
+        let cause = lines
+            .iter()
+            .position(|l| l.contains("panicked at") || l.contains("ERROR: "))
+            .unwrap_or(lines.len().saturating_sub(20));
+        for line in lines[cause..].iter().take(20) {
             eprintln!("  {line}");
         }
         let artifacts = new_artifacts(&fuzz.join("artifacts").join(target), started);
