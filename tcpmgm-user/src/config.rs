@@ -169,7 +169,12 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        Config::parse(path, &text)
+    }
+
+    /// Reads the configuration from `text`, the contents of the file at `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
             source,
         })
@@ -322,6 +327,21 @@ impl RuleArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `config` fuzz target too: a NaN, negative, endless or huge seconds value
+    /// panicked in `Duration::from_secs_f64` once overlaid and turned into a duration.
+    #[test]
+    fn seconds_out_of_range_in_the_file_are_errors_naming_the_key() {
+        for bad in ["-1.0", "0.0", "inf", "nan", "1e300"] {
+            let err = Config::parse(Path::new("t.toml"), &format!("db_timeout = {bad}"))
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains("db_timeout"), "{bad}: {err}");
+        }
+        let c = Config::parse(Path::new("t.toml"), "poll_interval = 0.5\ndb_timeout = 30").unwrap();
+        assert_eq!(c.poll_interval, Some(Duration::from_millis(500)));
+        assert_eq!(c.db_timeout, Some(Duration::from_secs(30)));
+    }
 
     #[test]
     fn every_option_parses_and_unknown_keys_are_named() {

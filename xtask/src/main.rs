@@ -1,8 +1,10 @@
 //! `cargo xtask run` and `cargo xtask test`: set up what a fresh machine lacks, then build and run.
 //! `cargo xtask vm`: the same tests on Debian's own kernels in QEMU, and the systemd deployment.
+//! `cargo xtask fuzz`: the fuzz targets of `fuzz/`, a while each.
 //!
 //! This crate depends on nothing of tcpmgm's own, so it builds before the eBPF toolchain exists
 //! and can install it.
+mod fuzz;
 mod header;
 mod setup;
 mod vm;
@@ -50,6 +52,16 @@ enum Task {
     Lint,
     /// Write the C header of the application ABI (tcpmgm-common/include/tcpmgm.h).
     Header,
+    /// Run the fuzz targets of fuzz/ (cargo-fuzz on the nightly toolchain, installed when
+    /// missing) for SECONDS each; fails naming each target that crashed and its input.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long = "time", value_name = "SECONDS", default_value = "30")]
+        seconds: u64,
+        /// Only these targets; all of them by default.
+        #[arg(value_name = "TARGET")]
+        targets: Vec<String>,
+    },
     /// Only install what is missing.
     Setup,
     /// The Linux test VM: Debian's own kernels (5.10, 6.1, 6.12) in QEMU.
@@ -157,6 +169,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )
         }
         Task::Header => header::write(&root),
+        Task::Fuzz { seconds, targets } => {
+            // The targets link tcpmgm-user, whose build script builds the eBPF programs.
+            setup::toolchain()?;
+            fuzz::run(&root, seconds, &targets)
+        }
         Task::Lint => {
             setup::toolchain()?;
             header::check(&root)?;
@@ -187,6 +204,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "warnings",
                     ])
                     .current_dir(root.join("tcpmgm-ebpf")),
+            )?;
+            // The fuzz targets are a workspace of their own, which `--all` does not reach.
+            let fuzz = root.join("fuzz/Cargo.toml");
+            status(
+                cargo(&root)
+                    .arg("fmt")
+                    .arg("--manifest-path")
+                    .arg(&fuzz)
+                    .args(["--all", "--", "--check"]),
+            )?;
+            status(
+                cargo(&root)
+                    .arg("clippy")
+                    .arg("--manifest-path")
+                    .arg(&fuzz)
+                    .args(["--all-targets", "--", "-D", "warnings"]),
             )
         }
         Task::Test { args } => {

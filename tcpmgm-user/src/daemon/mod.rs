@@ -7,7 +7,7 @@
 //! it, and folds requests that arrive meanwhile into one more reload. The watcher (`watch`
 //! task) turns database notifications or polls into reload requests. When a reload fails, the
 //! running policy stays and the caller and the log are told why.
-mod control;
+pub mod control;
 mod keeper;
 pub mod lifetime;
 mod metrics;
@@ -402,6 +402,7 @@ impl Daemon {
             path: control.clone(),
             source,
         };
+        let mut acceptor = control::Acceptor::new(listener);
         let mut term = signal(SignalKind::terminate()).map_err(fail)?;
         let mut int = signal(SignalKind::interrupt()).map_err(fail)?;
         let mut hup = signal(SignalKind::hangup()).map_err(fail)?;
@@ -439,12 +440,9 @@ impl Daemon {
                     tracing::info!("SIGHUP: reloading");
                     let _ = requests.send(Request::Reload { reply: None, automatic: false });
                 }
-                conn = listener.accept() => match conn {
-                    Ok((stream, _)) => {
-                        tokio::spawn(control::answer(stream, requests.clone(), detach_tx.clone()));
-                    }
-                    Err(e) => tracing::warn!("control socket: {e}"),
-                },
+                (stream, slot) = acceptor.next() => {
+                    tokio::spawn(control::answer(stream, slot, requests.clone(), detach_tx.clone()));
+                }
             }
         };
         notify(&[sd_notify::NotifyState::Stopping]);

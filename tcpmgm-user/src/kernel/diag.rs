@@ -265,10 +265,17 @@ pub fn parse_dump(buf: &[u8], family: u8) -> io::Result<Vec<Socket>> {
                 let errno = body
                     .get(..4)
                     .map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4 bytes")));
-                if errno != 0 {
-                    return Err(io::Error::from_raw_os_error(-errno));
+                if errno == 0 {
+                    break;
                 }
-                break;
+                // The kernel sends a negative errno; anything else is a corrupt answer.
+                return Err(match errno.checked_neg().filter(|e| *e > 0) {
+                    Some(e) => io::Error::from_raw_os_error(e),
+                    None => io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("sock_diag: an error message with errno {errno}, not below 0"),
+                    ),
+                });
             }
             _ => out.extend(parse(body, family)),
         }
@@ -427,6 +434,14 @@ mod tests {
         msg.extend_from_slice(&(-libc::EPERM).to_ne_bytes());
         let err = parse_dump(&msg, AF_INET).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        // Found by review and confirmed through the `diag` fuzz target: i32::MIN overflowed
+        // the negation.
+        for corrupt in [i32::MIN, libc::EPERM] {
+            msg[16..20].copy_from_slice(&corrupt.to_ne_bytes());
+            let err = parse_dump(&msg, AF_INET).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+            assert!(err.to_string().contains(&corrupt.to_string()), "{err}");
+        }
         // A header claiming more than the buffer holds ends the walk.
         msg[0] = 200;
         assert!(parse_dump(&msg, AF_INET).unwrap().is_empty());
