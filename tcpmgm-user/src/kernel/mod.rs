@@ -18,18 +18,19 @@
 //! put the programs into the links (adopted, this run's, or new ones), pin, switch. Every change
 //! is recorded (`undo`) and undone when a later one fails, so a failure at any hook or pin
 //! leaves what was there before: nothing, or the policy in force.
+mod apply;
 pub mod claim;
 pub mod diag;
 pub mod fault;
 pub mod features;
 mod generation;
 mod inspect;
+mod pins;
 mod programs;
 pub mod socket;
 mod sys;
 mod undo;
 
-use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -38,8 +39,11 @@ use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SockOps};
 use tcpmgm_common::names;
 
 use crate::policy::compile::Policy;
+use apply::{From, apply, put_in_links};
 pub use generation::Generation;
 pub use inspect::{Pinned, PinnedProgram, RuleCount, inspect};
+pub use pins::{detach_pinned, repin};
+use pins::{pinned_links, remove_pins};
 use programs::Programs;
 pub use programs::stats_capacity;
 use undo::Undo;
@@ -196,13 +200,6 @@ pub struct Enforcer {
     adopted: bool,
 }
 
-/// What `apply` starts from: nothing of this run's yet (a start, maybe adopting pinned links),
-/// or the policy this run enforces.
-enum From<'a> {
-    Start { cgroup: &'a Path, pin_dir: &'a Path },
-    Running(&'a mut Enforcer),
-}
-
 impl Enforcer {
     /// Enforces `policy` on `cgroup`, pinning links and maps in `pin_dir`. Links pinned there by
     /// an earlier run are adopted: their programs are swapped for this run's. On error nothing
@@ -346,302 +343,6 @@ impl Enforcer {
     pub fn cgroup(&self) -> &Path {
         &self.cgroup
     }
-}
-
-/// The kernel step of a start, an adoption and a reload (see the module documentation). On
-/// error, every change it made is undone.
-fn apply(policy: &Policy, from: From<'_>, made: &mut Option<Enforcer>) -> Result<(), KernelError> {
-    let started = Instant::now();
-    let mut undo = Undo::default();
-    let wanted = programs::stats_capacity(policy.rules.len());
-    match from {
-        From::Start { cgroup, pin_dir } => {
-            if !pin_dir.exists() {
-                fault::point("pin-dir")
-                    .and_then(|()| std::fs::create_dir_all(pin_dir))
-                    .map_err(|e| KernelError::Pin {
-                        path: pin_dir.to_path_buf(),
-                        reason: e.to_string(),
-                    })?;
-                undo.made_dir(pin_dir);
-            }
-            let (pinned, defunct) = adopt_links(pin_dir, cgroup)?;
-            let adopted = pinned.iter().any(Option::is_some);
-            let mut programs = Programs::load(pin_dir, wanted, &mut undo)?;
-            let loaded = started.elapsed();
-            let first = Generation::build(policy, &programs.templates, 1, None)?;
-            // These programs run nowhere yet: staging and switching are theirs alone.
-            programs.stage(&first)?;
-            programs.switch(first.number)?;
-            let built = started.elapsed();
-            let links = put_in_links(&programs, pinned, cgroup, pin_dir, &mut undo)?;
-            programs.pin(pin_dir, &mut undo)?;
-            first.pin(pin_dir, &mut undo)?;
-            undo.commit();
-            for pin in defunct {
-                let _ = std::fs::remove_file(pin);
-            }
-            remove_stale_pins(pin_dir);
-            tracing::info!(
-                cgroup = %cgroup.display(),
-                pins = %pin_dir.display(),
-                rules = policy.rules.len(),
-                adopted,
-                "policy attached"
-            );
-            *made = Some(Enforcer {
-                timings: Timings {
-                    programs: loaded,
-                    maps: built - loaded,
-                    attach: started.elapsed() - built,
-                    last_switch: Duration::ZERO,
-                },
-                programs,
-                current: first,
-                retired: None,
-                links,
-                pin_dir: pin_dir.to_path_buf(),
-                cgroup: cgroup.to_path_buf(),
-                adopted,
-            });
-        }
-        From::Running(e) => {
-            e.restore_pins()?;
-            let number = e.current.number + 1;
-            if wanted > e.programs.stats_capacity() {
-                // The table outgrew the rule statistics: programs with larger ones take over
-                // the links, as a restart would.
-                let mut programs = Programs::load(&e.pin_dir, wanted, &mut undo)?;
-                let next =
-                    Generation::build(policy, &programs.templates, number, Some(&e.current))?;
-                programs.stage(&next)?;
-                programs.switch(number)?;
-                let links = e
-                    .links
-                    .iter()
-                    .map(|l| l.try_clone().map(Some))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|source| KernelError::Step {
-                        what: "holding the links",
-                        source,
-                    })?;
-                put_in_links(&programs, links, &e.cgroup, &e.pin_dir, &mut undo)?;
-                programs.pin(&e.pin_dir, &mut undo)?;
-                next.pin(&e.pin_dir, &mut undo)?;
-                undo.commit();
-                // The old programs' maps go when nothing holds them; their slots with them.
-                e.retired = None;
-                e.programs = programs;
-                e.current = next;
-            } else {
-                let next =
-                    Generation::build(policy, &e.programs.templates, number, Some(&e.current))?;
-                e.programs.stage(&next)?;
-                let pinned_and_switched = next
-                    .pin(&e.pin_dir, &mut undo)
-                    .and_then(|()| e.programs.switch(number));
-                if let Err(err) = pinned_and_switched {
-                    e.programs.abandon(&next, Some(&e.current));
-                    return Err(err);
-                }
-                undo.commit();
-                let old = std::mem::replace(&mut e.current, next);
-                e.retired = Some((old, Instant::now()));
-            }
-            e.timings.last_switch = started.elapsed();
-        }
-    }
-    Ok(())
-}
-
-/// Puts `programs` into the cgroup's links: each hook's link in `links` (adopted from an
-/// earlier run, or this run's) gets its program swapped; a hook without one gets a new link,
-/// pinned. Recorded in `undo`.
-fn put_in_links(
-    programs: &Programs,
-    links: Vec<Option<OwnedFd>>,
-    cgroup: &Path,
-    pin_dir: &Path,
-    undo: &mut Undo,
-) -> Result<Vec<OwnedFd>, KernelError> {
-    let cgroup_file = File::open(cgroup).map_err(|source| KernelError::Cgroup {
-        path: cgroup.to_path_buf(),
-        source,
-    })?;
-    let mut out = Vec::new();
-    for (hook, link) in HOOKS.iter().zip(links) {
-        let program = programs.program_fd(hook.name);
-        let link = match link {
-            Some(link) => {
-                let old = sys::link_info(link.as_fd())
-                    .and_then(|_| sys::obj_get(&pin_dir.join(hook.program_pin)))
-                    .map_err(|e| KernelError::Link {
-                        program: hook.name,
-                        what: "opening the program it holds, to put it back on failure",
-                        reason: e.to_string(),
-                    })?;
-                undo.swap(&link, program, old, hook.name)?;
-                link
-            }
-            None => {
-                let link = fault::point(&format!("link-create:{}", hook.name))
-                    .and_then(|()| sys::link_create(program, cgroup_file.as_fd(), hook.attach_type))
-                    .map_err(|e| KernelError::Link {
-                        program: hook.name,
-                        what: "attaching it to the cgroup (BPF_LINK_CREATE, needs Linux 5.7)",
-                        reason: format!(
-                            "{e} ({}, needs Linux {})",
-                            hook.kernel_kind, hook.min_kernel
-                        ),
-                    })?;
-                undo.attached(&link, hook.name)
-                    .map_err(|source| KernelError::Step {
-                        what: "holding the new link",
-                        source,
-                    })?;
-                undo.pin(link.as_fd(), &pin_dir.join(hook.pin))?;
-                link
-            }
-        };
-        out.push(link);
-    }
-    Ok(out)
-}
-/// Removes pins of names this version does not use (left by an older layout), now that the
-/// current ones are in place.
-fn remove_stale_pins(dir: &Path) {
-    let keep = |name: &str| {
-        names::POLICY_MAPS.iter().any(|(map, _)| *map == name)
-            || HOOKS.iter().any(|h| h.pin == name || h.program_pin == name)
-            || name == SOCKETS_PIN
-            || name == tcpmgm_common::LOGS_PIN
-            || name == tcpmgm_common::RULE_STATS_PIN
-            || name == tcpmgm_common::SWEEP_STATS_PIN
-    };
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("TCPMGM_") && !keep(&name) {
-            tracing::info!("removing {}, a pin of an older layout", e.path().display());
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
-}
-
-/// The links pinned in `dir` by an earlier run, in `HOOKS` order. A link whose cgroup is gone
-/// (removed and perhaps made again: its programs run for nothing) is unpinned and left for a
-/// new attachment; a link that holds another cgroup is an error, as a pin directory is one
-/// cgroup's.
-/// Also returns the pins of links whose cgroup is gone, to remove once the start succeeded.
-fn adopt_links(
-    dir: &Path,
-    cgroup: &Path,
-) -> Result<(Vec<Option<OwnedFd>>, Vec<PathBuf>), KernelError> {
-    use std::os::unix::fs::MetadataExt;
-    let want = std::fs::metadata(cgroup)
-        .map_err(|source| KernelError::Cgroup {
-            path: cgroup.to_path_buf(),
-            source,
-        })?
-        .ino();
-    let links = pinned_links(dir)?;
-    let mut adopted = Vec::new();
-    let mut defunct = Vec::new();
-    for (hook, link) in HOOKS.iter().zip(links) {
-        let Some((fd, info)) = link else {
-            adopted.push(None);
-            continue;
-        };
-        if info.cgroup_id == 0 {
-            tracing::warn!(
-                "the pinned {} link's cgroup is gone; attaching anew to {}",
-                hook.name,
-                cgroup.display()
-            );
-            defunct.push(dir.join(hook.pin));
-            adopted.push(None);
-            continue;
-        }
-        if info.cgroup_id != want {
-            return Err(KernelError::Pin {
-                path: dir.to_path_buf(),
-                reason: format!(
-                    "its links belong to cgroup id {}, not to {} (id {want}); each cgroup needs a pin directory of its own",
-                    info.cgroup_id,
-                    cgroup.display()
-                ),
-            });
-        }
-        adopted.push(Some(fd));
-    }
-    Ok((adopted, defunct))
-}
-
-/// Opens the links pinned in `dir`, in `HOOKS` order, with what the kernel says of each.
-fn pinned_links(dir: &Path) -> Result<Vec<Option<(OwnedFd, sys::CgroupLink)>>, KernelError> {
-    HOOKS
-        .iter()
-        .map(|hook| {
-            let path = dir.join(hook.pin);
-            if !path.exists() {
-                return Ok(None);
-            }
-            let fail = |what: &'static str, reason: String| KernelError::Link {
-                program: hook.name,
-                what,
-                reason,
-            };
-            let fd = sys::obj_get(&path).map_err(|e| fail("opening its pin", e.to_string()))?;
-            let info = sys::link_info(fd.as_fd()).map_err(|e| fail("reading it", e.to_string()))?;
-            Ok(Some((fd, info)))
-        })
-        .collect()
-}
-
-/// Removes every pin of tcpmgm's in `dir`, then `dir` if empty.
-fn remove_pins(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with("TCPMGM_") {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
-}
-
-/// Pins each object of `pins` whose path is missing (making `pin_dir` again if it is gone).
-/// Returns the paths pinned again.
-pub fn repin(pin_dir: &Path, pins: &[(PathBuf, OwnedFd)]) -> std::io::Result<Vec<PathBuf>> {
-    let missing: Vec<&(PathBuf, OwnedFd)> = pins.iter().filter(|(p, _)| !p.exists()).collect();
-    if missing.is_empty() {
-        return Ok(Vec::new());
-    }
-    std::fs::create_dir_all(pin_dir)?;
-    let mut done = Vec::new();
-    for (path, fd) in missing {
-        fault::point("repin")?;
-        sys::obj_pin(fd.as_fd(), path)?;
-        done.push(path.clone());
-    }
-    Ok(done)
-}
-
-/// `tcpmgm detach` without a daemon: detaches the links pinned in `dir` and removes its pins.
-/// Returns false when there was nothing pinned.
-pub fn detach_pinned(dir: &Path) -> Result<bool, KernelError> {
-    let links = pinned_links(dir)?;
-    let found = links.iter().any(Option::is_some);
-    for (hook, link) in HOOKS.iter().zip(&links) {
-        if let Some((fd, _)) = link {
-            sys::link_detach(fd.as_fd()).map_err(|e| KernelError::Link {
-                program: hook.name,
-                what: "detaching it (BPF_LINK_DETACH, needs Linux 5.9)",
-                reason: e.to_string(),
-            })?;
-        }
-    }
-    remove_pins(dir);
-    Ok(found)
 }
 
 fn program_error(hook: &'static Hook, what: &'static str) -> impl Fn(ProgramError) -> KernelError {
