@@ -100,7 +100,13 @@ impl Checker<'_> {
     /// An integer column within `min..=max`; a missing column takes `default`.
     fn int(&mut self, column: &'static str, default: i64, min: i64, max: i64) -> Option<i64> {
         let cell = match self.row.get(column) {
-            None => return Some(default),
+            // A column the table lacks takes OpenSIPS's default; one without a default (id)
+            // is a fault.
+            None if (min..=max).contains(&default) => return Some(default),
+            None => {
+                self.fail(column, "is missing".into());
+                return None;
+            }
             Some(Cell::Null) => {
                 self.fail(column, "must not be NULL".into());
                 return None;
@@ -344,6 +350,19 @@ mod tests {
     fn errors(row: Row, listeners: &Listeners) -> Vec<String> {
         let (_, errs) = validate_rows(&[row], listeners);
         errs.iter().map(ToString::to_string).collect()
+    }
+
+    /// Found by the `row` fuzz target (the empty input): a row without an id became rule 0.
+    #[test]
+    fn a_row_without_an_id_is_a_fault() {
+        let (rules, errs) = validate_rows(&[Row::default()], &Listeners::default());
+        assert!(rules.is_empty(), "{rules:?}");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].to_string().contains("id: is missing"),
+            "{}",
+            errs[0]
+        );
     }
 
     #[test]
