@@ -297,3 +297,28 @@ async fn a_one_rule_policy_starts_under_a_64_mib_memory_limit() {
     daemon.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_start_after_the_cgroup_was_made_again_pins_its_new_links() {
+    let sb = Sandbox::new();
+    let (dir, url, _source) = rules("remade", 48).await;
+    let mut port = 7900;
+    Daemon::start(&sb, &url, control_socket(&sb)).kill();
+    // No daemon while the slice stops and starts: the pinned links hold a cgroup that is gone.
+    std::fs::remove_dir(&sb.cgroup).unwrap();
+    std::fs::create_dir(&sb.cgroup).unwrap();
+    let daemon = Daemon::start(&sb, &url, control_socket(&sb));
+    assert!(
+        daemon
+            .startup_log
+            .contains("cgroup is gone; attaching anew"),
+        "{}",
+        daemon.startup_log
+    );
+    // Killed at once, before its keeper could pin anything again: what the start pinned is
+    // what keeps the policy.
+    daemon.kill();
+    assert_one_program_per_hook(&sb.attached_programs());
+    assert_eq!(idle(&sb, &mut port), 48);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -40,7 +40,7 @@ pub(super) fn apply(
                     })?;
                 undo.made_dir(pin_dir);
             }
-            let (pinned, defunct) = adopt_links(pin_dir, cgroup)?;
+            let pinned = adopt_links(pin_dir, cgroup)?;
             let adopted = pinned.iter().any(Option::is_some);
             let mut programs = Programs::load(pin_dir, wanted, &mut undo)?;
             let loaded = started.elapsed();
@@ -53,9 +53,6 @@ pub(super) fn apply(
             programs.pin(pin_dir, &mut undo)?;
             first.pin(pin_dir, &mut undo)?;
             undo.commit();
-            for pin in defunct {
-                let _ = std::fs::remove_file(pin);
-            }
             remove_stale_pins(pin_dir);
             tracing::info!(
                 cgroup = %cgroup.display(),

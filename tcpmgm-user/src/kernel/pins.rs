@@ -29,12 +29,9 @@ pub(super) fn remove_stale_pins(dir: &Path) {
 
 /// The links pinned in `dir` by an earlier run, in `HOOKS` order. A link whose cgroup is gone
 /// (removed and perhaps made again: its programs run for nothing) is left for a new attachment,
-/// and its pin returned, to remove once the start succeeded; a link that holds another cgroup
-/// is an error, as a pin directory is one cgroup's.
-pub(super) fn adopt_links(
-    dir: &Path,
-    cgroup: &Path,
-) -> Result<(Vec<Option<OwnedFd>>, Vec<PathBuf>), KernelError> {
+/// whose pin replaces its own; a link that holds another cgroup is an error, as a pin directory
+/// is one cgroup's.
+pub(super) fn adopt_links(dir: &Path, cgroup: &Path) -> Result<Vec<Option<OwnedFd>>, KernelError> {
     use std::os::unix::fs::MetadataExt;
     let want = std::fs::metadata(cgroup)
         .map_err(|source| KernelError::Cgroup {
@@ -44,7 +41,6 @@ pub(super) fn adopt_links(
         .ino();
     let links = pinned_links(dir)?;
     let mut adopted = Vec::new();
-    let mut defunct = Vec::new();
     for (hook, link) in HOOKS.iter().zip(links) {
         let Some((fd, info)) = link else {
             adopted.push(None);
@@ -56,7 +52,6 @@ pub(super) fn adopt_links(
                 hook.name,
                 cgroup.display()
             );
-            defunct.push(dir.join(hook.pin));
             adopted.push(None);
             continue;
         }
@@ -72,7 +67,7 @@ pub(super) fn adopt_links(
         }
         adopted.push(Some(fd));
     }
-    Ok((adopted, defunct))
+    Ok(adopted)
 }
 
 /// Opens the links pinned in `dir`, in `HOOKS` order, with what the kernel says of each.
