@@ -94,16 +94,23 @@ async fn idle_connections_over_the_cap_and_at_the_fd_limit_leave_reload_answerin
     assert!(busy >= 1, "no connection over the cap was told it was busy");
 
     // The daemon at its open-file limit: the limit is its lowest free fd number, so accept()
-    // fails while more clients wait in the listen backlog. The idle clients' fds lie below it
-    // (accepted first), so their closing makes room again.
-    let fds: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
-        .collect();
+    // fails while more clients wait in the listen backlog. The daemon's descriptors are not
+    // contiguous (loading the programs opens and closes many), so a limit low enough to fail
+    // accept() may lie below some it holds for good: the old limit is put back once the
+    // clients are gone, as an operator would raise it.
+    let fds = daemon_fds(pid);
     let lowest_free = (0..).find(|n| !fds.contains(n)).unwrap();
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reads another process's limit into a valid struct.
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    // The soft limit only, so that putting it back needs no privilege.
     let limit = libc::rlimit {
         rlim_cur: lowest_free,
-        rlim_max: lowest_free,
+        rlim_max: old.rlim_max,
     };
     // SAFETY: sets another process's limit from a valid struct.
     let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) };
@@ -115,6 +122,9 @@ async fn idle_connections_over_the_cap_and_at_the_fd_limit_leave_reload_answerin
     std::thread::sleep(Duration::from_secs(3));
     drop(waiting);
     drop(idle);
+    // SAFETY: as above.
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &old, std::ptr::null_mut()) };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
 
     let (code, text) = reload_until_ok(&d);
     assert_eq!(code, 0, "{text}");
@@ -134,4 +144,12 @@ async fn idle_connections_over_the_cap_and_at_the_fd_limit_leave_reload_answerin
         log.len(),
         log.join("\n")
     );
+}
+
+/// The daemon's open descriptor numbers.
+fn daemon_fds(pid: libc::pid_t) -> std::collections::HashSet<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().parse().unwrap())
+        .collect()
 }
