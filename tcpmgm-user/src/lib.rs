@@ -7,10 +7,12 @@
 //! - `daemon`: `tcpmgm run` and its tasks (serve, reload, watch, con_lifetime, reapply, status).
 //! - `cli`: the `tcpmgm` command line.
 //! - `config`: the configuration file, merged with the command line.
+//! - `memory`: the memory limit this process runs under, for tables too large for it.
 //! - `system`: the host: cgroups, bpffs, privileges, and the default paths.
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod kernel;
+pub mod memory;
 pub mod policy;
 pub mod system;

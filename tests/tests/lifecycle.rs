@@ -1,9 +1,10 @@
 //! What the daemon says about the policy's life is true under faults: a second run is refused
 //! before it changes anything, removed pins are pinned again (and the exit message says what
 //! really stays), a cgroup removed and made again is governed again, and a small policy fits
-//! a 64 MiB memory limit.
+//! a 64 MiB memory limit while a table too large for it is refused.
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -227,6 +228,8 @@ async fn a_cgroup_made_again_is_governed_again() {
 /// tree has the memory controller, else cgroup v1's memory hierarchy): its `cgroup.procs`.
 struct MemoryLimit {
     dir: PathBuf,
+    /// The cgroup's name, as the daemon's messages show it.
+    name: String,
 }
 
 impl MemoryLimit {
@@ -240,7 +243,7 @@ impl MemoryLimit {
             let dir = v2.join(&name);
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join("memory.max"), bytes.to_string()).unwrap();
-            return MemoryLimit { dir };
+            return MemoryLimit { dir, name };
         }
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
         let v1 = mounts
@@ -256,7 +259,7 @@ impl MemoryLimit {
         let dir = v1.join(&name);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("memory.limit_in_bytes"), bytes.to_string()).unwrap();
-        MemoryLimit { dir }
+        MemoryLimit { dir, name }
     }
 
     fn procs(&self) -> PathBuf {
@@ -295,6 +298,87 @@ async fn a_one_rule_policy_starts_under_a_64_mib_memory_limit() {
         "the daemon ran outside the limit: {procs}"
     );
     daemon.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Adds `rows` rules (ids from 1000) to a table: a /32 each, in 10.0.0.0/8.
+async fn grow(source: &Source, rows: u32) {
+    source
+        .execute_script(&format!(
+            "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < {rows})
+             INSERT INTO tcp_mgm (id, remote_addr, keepidle)
+             SELECT 1000 + x, '10.' || ((x >> 16) & 255) || '.' || ((x >> 8) & 255) || '.'
+                 || (x & 255) || '/32', 30 FROM n"
+        ))
+        .await
+        .unwrap();
+}
+
+const TOO_LARGE: &str = "the table is too large for this process's memory limit";
+
+/// 200,000 rules need far more than 64 MiB to compile and load: the reload that meets them is
+/// refused with the limit named, the daemon and its policy stay as they were; a first start on
+/// them is refused with nothing attached and nothing pinned. (Without the check the kernel's OOM
+/// killer ended the daemon in the middle of the read.)
+#[tokio::test]
+async fn a_table_too_large_for_the_memory_limit_is_refused() {
+    let sb = Sandbox::new();
+    let (dir, url, source) = rules("toolarge", 49).await;
+    let limit = MemoryLimit::new(64 << 20);
+    let mut port = 8000;
+    // The refusal comes after some 20,000 rows; a debug build under QEMU's emulation reads them
+    // slower than the default timeout allows.
+    let daemon = Daemon::start_in(
+        &sb,
+        control_socket(&sb),
+        &["--db", &url, "--db-timeout", "900"],
+        &[],
+        Some(&limit.procs()),
+    );
+    assert_eq!(idle(&sb, &mut port), 49);
+    let before = snapshot(&sb);
+    grow(&source, 200_000).await;
+    let (code, said) = daemon.reload();
+    assert_eq!(code, 1, "{said}");
+    assert!(said.contains(TOO_LARGE), "{said}");
+    assert!(
+        said.contains(&limit.name),
+        "the limit's cgroup is not named: {said}"
+    );
+    // Alive, in the limit, with the old policy whole.
+    let procs = std::fs::read_to_string(limit.procs()).unwrap();
+    assert!(
+        procs.lines().any(|p| p == daemon.pid().to_string()),
+        "the daemon is gone: {procs}; {:?}",
+        daemon.log.lock().unwrap()
+    );
+    assert_eq!(snapshot(&sb), before);
+    assert_eq!(idle(&sb, &mut port), 49);
+    assert_eq!(daemon.status(&sb)["kernel"]["generation"], 1);
+    daemon.kill();
+
+    // A first start on the same table, on a cgroup of its own.
+    let fresh = Sandbox::new();
+    let control = control_socket(&fresh);
+    let out = Command::new("sh")
+        .args(["-c", "echo $$ > \"$0\" && exec \"$@\""])
+        .arg(limit.procs())
+        .arg(tcpmgm_tests::binary("tcpmgm"))
+        .args(run_args(&url, &fresh.cgroup, &fresh.pin_dir, &control))
+        .args(["--db-timeout", "900"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code().is_some_and(|c| c != 0 && c != 101),
+        "not a refusal but {}: {log}",
+        out.status
+    );
+    assert!(log.contains(TOO_LARGE), "{log}");
+    assert_eq!(fresh.attached_programs().trim(), "", "{log}");
+    assert!(!fresh.pin_dir.exists(), "{log}");
+    assert!(!control.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

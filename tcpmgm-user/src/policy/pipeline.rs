@@ -1,9 +1,10 @@
 //! The steps every command shares: read the table, validate, and (for `run`) compile.
 use std::path::PathBuf;
 
+use crate::memory::{Budget, TooLarge};
 use crate::policy::listener::{ListenerError, Listeners};
 use crate::policy::opensips_cfg::OpenSipsCfg;
-use crate::policy::rule::{RowError, Rule, validate_rows};
+use crate::policy::rule::{RowError, Rule, validate_row};
 use crate::policy::source::{Source, SourceError, TableName};
 
 /// The database when neither the command line, TCPMGM_DB nor the config file names one.
@@ -45,6 +46,8 @@ pub enum PipelineError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Listener(#[from] ListenerError),
+    #[error(transparent)]
+    Memory(#[from] TooLarge),
 }
 
 /// The table, validated.
@@ -84,11 +87,32 @@ impl RuleArgs {
         Ok(listeners)
     }
 
-    /// Reads and validates the whole table.
+    /// Reads and validates the whole table, row by row as the database sends it, within the
+    /// memory limit of this process's cgroup when it has one.
     pub async fn read(&self) -> Result<RuleSet, PipelineError> {
         let listeners = self.listeners()?;
         let source = Source::open_table(self.db(), false, &self.table()).await?;
-        let table = source.read().await?;
+        let budget = Budget::of_self();
+        let (mut rules, mut errors) = (Vec::new(), Vec::new());
+        let mut rows = 0usize;
+        let table = source
+            .read_each(|row| {
+                rows += 1;
+                if rows.is_multiple_of(BUDGET_EVERY)
+                    && let Some(budget) = &budget
+                {
+                    budget.check(rows)?;
+                }
+                match validate_row(&row, &listeners) {
+                    Ok(rule) => rules.push(rule),
+                    Err(mut e) => errors.append(&mut e),
+                }
+                Ok::<_, PipelineError>(())
+            })
+            .await?;
+        if let Some(budget) = &budget {
+            budget.check(rules.len())?;
+        }
         if let Some(v) = table.version
             && (v == 1) != table.has_parallel_read
         {
@@ -102,7 +126,6 @@ impl RuleArgs {
                 }
             );
         }
-        let (rules, errors) = validate_rows(&table.rows, &listeners);
         Ok(RuleSet {
             rules,
             errors,
@@ -111,3 +134,6 @@ impl RuleArgs {
         })
     }
 }
+
+/// How many rows are read between two looks at the memory limit (a look reads two files).
+const BUDGET_EVERY: usize = 4096;

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 pub use attrs::parse_attrs;
 pub use row::{Cell, Row, quote};
-pub use validate::{RowError, RowId, validate_rows};
+pub use validate::{RowError, RowId, validate_row, validate_rows};
 
 /// A TCP-based OpenSIPS protocol, by its id in `tcpmgm_common::PROTOCOLS` (index + 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -146,7 +146,7 @@ impl Checker<'_> {
 
 const U31: i64 = 0x7fff_ffff;
 
-fn validate_row(row: &Row, listeners: &Listeners) -> Result<Rule, Vec<RowError>> {
+pub fn validate_row(row: &Row, listeners: &Listeners) -> Result<Rule, Vec<RowError>> {
     let cell = row.get("id").unwrap_or(&Cell::Null);
     let mut c = Checker {
         row,

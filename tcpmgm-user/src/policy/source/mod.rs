@@ -4,6 +4,7 @@ mod schema;
 
 use std::fmt;
 
+use futures_util::TryStreamExt as _;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Column, Row as _};
 
@@ -120,6 +121,14 @@ impl std::str::FromStr for TableName {
     }
 }
 
+/// What a read says of the table besides its rows.
+#[derive(Clone, Copy, Debug)]
+pub struct TableInfo {
+    /// From OpenSIPS's `version` table, when it has a row for the table.
+    pub version: Option<i64>,
+    pub has_parallel_read: bool,
+}
+
 /// What was read from the table.
 #[derive(Debug)]
 pub struct Table {
@@ -201,11 +210,51 @@ impl Source {
 
     /// Reads every row of the table, in id order, as raw cells.
     pub async fn read(&self) -> Result<Table, SourceError> {
+        let mut rows = Vec::new();
+        let info = self
+            .read_each(|row| {
+                rows.push(row);
+                Ok::<_, SourceError>(())
+            })
+            .await?;
+        Ok(Table {
+            rows,
+            version: info.version,
+            has_parallel_read: info.has_parallel_read,
+        })
+    }
+
+    /// Hands every row of the table to `each`, in id order, as raw cells, as the database sends
+    /// them: only what `each` keeps of a row stays in memory. An error of `each` ends the read.
+    pub async fn read_each<E: From<SourceError>>(
+        &self,
+        mut each: impl FnMut(Row) -> Result<(), E>,
+    ) -> Result<TableInfo, E> {
         let t = &self.table;
-        let rows: Vec<AnyRow> = sqlx::query(&self.select_all().await?)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(self.query_err("reading table"))?;
+        let select = self.select_all().await?;
+        let mut names: Option<Vec<String>> = None;
+        {
+            let mut rows = sqlx::query(&select).fetch(&self.pool);
+            while let Some(row) = rows
+                .try_next()
+                .await
+                .map_err(self.query_err("reading table"))?
+            {
+                if names.is_none() {
+                    let found = row
+                        .columns()
+                        .iter()
+                        .map(|c| c.name().to_ascii_lowercase())
+                        .collect();
+                    names = Some(self.has_every_column(found)?);
+                }
+                each(read_row(&row, names.as_deref().unwrap_or_default()))?;
+            }
+        }
+        let names = match names {
+            Some(names) => names,
+            None => self.has_every_column(self.column_names().await?)?,
+        };
         let version = sqlx::query_scalar::<_, i64>(&format!(
             "SELECT table_version FROM version WHERE table_name = '{t}'"
         ))
@@ -213,14 +262,14 @@ impl Source {
         .await
         .ok()
         .flatten();
-        let names: Vec<String> = match rows.first() {
-            Some(r) => r
-                .columns()
-                .iter()
-                .map(|c| c.name().to_ascii_lowercase())
-                .collect(),
-            None => self.column_names().await?,
-        };
+        Ok(TableInfo {
+            version,
+            has_parallel_read: names.iter().any(|n| n == "parallel_read"),
+        })
+    }
+
+    /// The table's column names, when it has every column of OpenSIPS's table.
+    fn has_every_column(&self, names: Vec<String>) -> Result<Vec<String>, SourceError> {
         for column in COLUMNS.iter().chain(&["id"]) {
             if !names.iter().any(|n| n == column) {
                 return Err(SourceError::MissingColumn {
@@ -230,13 +279,7 @@ impl Source {
                 });
             }
         }
-        let has_parallel_read = names.iter().any(|n| n == "parallel_read");
-        let rows = rows.iter().map(|r| read_row(r, &names)).collect();
-        Ok(Table {
-            rows,
-            version,
-            has_parallel_read,
-        })
+        Ok(names)
     }
 
     /// The query for every row. SQLite's columns are selected as expressions (`+name`): sqlx's
@@ -398,20 +441,25 @@ fn read_row(row: &AnyRow, names: &[String]) -> Row {
 }
 
 /// The cell's value whatever its storage type: databases do not always hold what the schema says.
+/// The value's own kind picks the decoding, so a cell is decoded once.
 fn read_cell(row: &AnyRow, i: usize) -> Cell {
-    if let Ok(v) = row.try_get::<Option<i64>, _>(i) {
-        return v.map_or(Cell::Null, Cell::Int);
-    }
-    if let Ok(v) = row.try_get::<Option<String>, _>(i) {
-        return v.map_or(Cell::Null, Cell::Text);
-    }
-    if let Ok(v) = row.try_get::<Option<f64>, _>(i) {
-        return v.map_or(Cell::Null, Cell::Real);
-    }
-    match row.try_get::<Option<Vec<u8>>, _>(i) {
-        Ok(v) => v.map_or(Cell::Null, Cell::Blob),
-        Err(e) => Cell::Unreadable(e.to_string()),
-    }
+    use sqlx::any::AnyTypeInfoKind as Kind;
+    use sqlx::ValueRef as _;
+    let kind = match row.try_get_raw(i) {
+        Ok(value) if value.is_null() => return Cell::Null,
+        Ok(value) => value.type_info().kind(),
+        Err(e) => return Cell::Unreadable(e.to_string()),
+    };
+    let cell = match kind {
+        Kind::Null => Ok(Cell::Null),
+        Kind::Bool => row.try_get::<bool, _>(i).map(|b| Cell::Int(b.into())),
+        Kind::SmallInt | Kind::Integer | Kind::BigInt => row.try_get::<i64, _>(i).map(Cell::Int),
+        Kind::Real => row.try_get::<f32, _>(i).map(|r| Cell::Real(r.into())),
+        Kind::Double => row.try_get::<f64, _>(i).map(Cell::Real),
+        Kind::Text => row.try_get::<String, _>(i).map(Cell::Text),
+        Kind::Blob => row.try_get::<Vec<u8>, _>(i).map(Cell::Blob),
+    };
+    cell.unwrap_or_else(|e| Cell::Unreadable(e.to_string()))
 }
 
 #[cfg(test)]
