@@ -33,6 +33,18 @@ pub struct SockPolicy {
     pub profile: Profile,
 }
 
+// The stable layout, checked by the compiler: what fails here is a new layout, which takes a new
+// `SOCK_RECORD_VERSION` (and pin name) and a new `include/tcpmgm.h`.
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(size_of::<Attr>() == 32);
+    assert!(offset_of!(Profile, alias_mode) == 44);
+    assert!(offset_of!(Profile, attrs) == 48);
+    assert!(size_of::<Profile>() == 176);
+    assert!(offset_of!(SockPolicy, profile) == 16);
+    assert!(size_of::<SockPolicy>() == 192);
+};
+
 /// `SockPolicy::state`: a storage made but not decided yet.
 pub const SOCK_UNDECIDED: u32 = 0;
 /// `SockPolicy::state`: decided, and no rule matched: the system's settings apply.

@@ -109,9 +109,38 @@ fn netlink() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn bytes_of<T: Copy>(v: &T) -> &[u8] {
-    // SAFETY: T is plain repr(C) data without padding holes that matter to the kernel.
-    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+impl SockId {
+    /// The kernel's `struct inet_diag_sockid`, field by field (no padding can leak).
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.sport);
+        out.extend_from_slice(&self.dport);
+        out.extend_from_slice(&self.src);
+        out.extend_from_slice(&self.dst);
+        out.extend_from_slice(&self.interface.to_ne_bytes());
+        for half in self.cookie {
+            out.extend_from_slice(&half.to_ne_bytes());
+        }
+    }
+}
+
+impl ReqV2 {
+    /// The kernel's `struct inet_diag_req_v2`.
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&[self.family, self.protocol, self.ext, self.pad]);
+        out.extend_from_slice(&self.states.to_ne_bytes());
+        self.id.put(out);
+    }
+}
+
+impl NlMsgHdr {
+    /// The kernel's `struct nlmsghdr`.
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.len.to_ne_bytes());
+        out.extend_from_slice(&self.kind.to_ne_bytes());
+        out.extend_from_slice(&self.flags.to_ne_bytes());
+        out.extend_from_slice(&self.seq.to_ne_bytes());
+        out.extend_from_slice(&self.pid.to_ne_bytes());
+    }
 }
 
 fn read_struct<T: Copy + Default>(bytes: &[u8]) -> T {
@@ -132,8 +161,9 @@ fn send(fd: &OwnedFd, kind: u16, flags: u16, req: &ReqV2, attrs: &[u8]) -> io::R
         pid: 0,
     };
     let mut msg = Vec::with_capacity(len);
-    msg.extend_from_slice(bytes_of(&hdr));
-    msg.extend_from_slice(bytes_of(req));
+    hdr.put(&mut msg);
+    req.put(&mut msg);
+    debug_assert_eq!(msg.len(), len - attrs.len());
     msg.extend_from_slice(attrs);
     // SAFETY: sends our buffer on our socket (to the kernel: the zeroed default address).
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
