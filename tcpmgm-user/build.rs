@@ -2,7 +2,7 @@ use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
 /// Builds the eBPF programs (tcpmgm-ebpf) with the nightly toolchain for the BPF target and
-/// leaves the object in OUT_DIR, where `kernel.rs` embeds it.
+/// leaves the object in OUT_DIR, where `kernel/programs.rs` embeds it.
 fn main() -> anyhow::Result<()> {
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
         .no_deps()

@@ -2,7 +2,8 @@
 //! `cargo xtask vm`: the same tests on Debian's own kernels in QEMU, and the systemd deployment.
 //! `cargo xtask fuzz`: the fuzz targets of `fuzz/`, a while each.
 //!
-//! This crate depends on nothing of tcpmgm's own, so it builds before the eBPF toolchain exists
+//! Of tcpmgm's own crates this one depends only on tcpmgm-common (the ABI, for the C header),
+//! which builds without the eBPF toolchain: xtask builds before that toolchain exists
 //! and can install it.
 mod fuzz;
 mod header;
