@@ -46,7 +46,15 @@ pub(super) fn adopt_links(dir: &Path, cgroup: &Path) -> Result<Vec<Option<OwnedF
             adopted.push(None);
             continue;
         };
-        if info.cgroup_id == 0 {
+        // The kernel clears a link's cgroup when it releases the cgroup, some time after its
+        // rmdir: until then the link names a cgroup no directory holds any more.
+        let gone = info.cgroup_id == 0
+            || (info.cgroup_id != want
+                && crate::system::cgroup2_root()
+                    .ok()
+                    .and_then(|root| crate::system::Subtree::of(&root).ok())
+                    .is_some_and(|all| !all.contains(Some(info.cgroup_id))));
+        if gone {
             tracing::warn!(
                 "the pinned {} link's cgroup is gone; attaching anew to {}",
                 hook.name,
