@@ -41,6 +41,8 @@ pub(super) fn adopt_links(dir: &Path, cgroup: &Path) -> Result<Vec<Option<OwnedF
         .ino();
     let links = pinned_links(dir)?;
     let mut adopted = Vec::new();
+    // Every cgroup of the tree, walked once, and only when a link names another cgroup.
+    let live = std::cell::OnceCell::new();
     for (hook, link) in HOOKS.iter().zip(links) {
         let Some((fd, info)) = link else {
             adopted.push(None);
@@ -50,9 +52,13 @@ pub(super) fn adopt_links(dir: &Path, cgroup: &Path) -> Result<Vec<Option<OwnedF
         // rmdir: until then the link names a cgroup no directory holds any more.
         let gone = info.cgroup_id == 0
             || (info.cgroup_id != want
-                && crate::system::cgroup2_root()
-                    .ok()
-                    .and_then(|root| crate::system::Subtree::of(&root).ok())
+                && live
+                    .get_or_init(|| {
+                        crate::system::cgroup2_root()
+                            .ok()
+                            .and_then(|root| crate::system::Subtree::of(&root).ok())
+                    })
+                    .as_ref()
                     .is_some_and(|all| !all.contains(Some(info.cgroup_id))));
         if gone {
             tracing::warn!(
