@@ -5,7 +5,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use tcpmgm::policy::source::TableVersion;
-use tcpmgm_tests::{Backend, Sandbox, TestDb, assert_one_program_per_hook, binary, tcpmgm};
+use tcpmgm_tests::{
+    Backend, Daemon, Sandbox, Scratch, TestDb, assert_one_program_per_hook, binary, control_socket,
+    tcpmgm,
+};
 
 /// Runs a rule test once per database: SQLite, PostgreSQL and MariaDB.
 macro_rules! on_every_database {
@@ -503,4 +506,86 @@ async fn huge_values_are_quoted_short_and_big_integers_in_full() {
         err.len(),
         &err[..err.len().min(4000)]
     );
+}
+
+/// Runs a daemon on `sb` (its stderr a pipe), stops it with SIGTERM and returns its log.
+fn daemon_log(sb: &Sandbox, db: &TestDb, extra: &[&str]) -> String {
+    let args: Vec<&str> = ["--db", &db.url, "--detach-on-exit"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    let mut daemon = Daemon::start_args(sb, control_socket(sb), &args);
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = daemon.wait_exit(std::time::Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    // The reader thread reaches the end of the pipe soon after the exit.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let after = daemon.log.lock().unwrap().join("\n");
+    format!("{}{after}", daemon.startup_log)
+}
+
+/// A rule whose address has host bits set: valid, and warned about at every read.
+const WARNED_RULE: &str =
+    "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (1, '127.0.0.1/8', 30);";
+
+/// Where stderr is not a terminal (journald, a pipe): no colour, no timestamp, and each line
+/// starts with its syslog priority, which journald files it under (`journalctl -p warning`).
+#[tokio::test]
+async fn a_log_that_is_not_on_a_terminal_carries_priorities_and_no_escapes() {
+    let sb = Sandbox::new();
+    let db = TestDb::new(Backend::Sqlite, TableVersion::V1, WARNED_RULE).await;
+    let log = daemon_log(&sb, &db, &[]);
+    assert!(!log.contains('\x1b'), "an escape code: {log:?}");
+    for line in log.lines() {
+        let priority = line
+            .strip_prefix('<')
+            .and_then(|rest| rest.split_once('>'))
+            .map(|(p, _)| p);
+        assert!(
+            matches!(priority, Some("3" | "4" | "6" | "7")),
+            "a line without its priority: {line:?}"
+        );
+        // The level follows (padded to five characters): no timestamp before it.
+        assert!(
+            ["ERROR", "WARN", "INFO", "DEBUG"]
+                .iter()
+                .any(|l| line[3..].trim_start().starts_with(l)),
+            "{line:?}"
+        );
+    }
+    let warning = log.lines().find(|l| l.contains("host bits set"));
+    assert!(
+        warning.is_some_and(|l| l.starts_with("<4> WARN")),
+        "the warning: {warning:?} in {log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("<6> INFO") && l.contains("rules enforced")),
+        "{log}"
+    );
+}
+
+/// `--log-format json` (or `log_format` in the file): one JSON object a line with its level;
+/// the priority goes in front only when stderr is the journal stream JOURNAL_STREAM names,
+/// which journald strips.
+#[tokio::test]
+async fn log_format_json_writes_an_object_a_line() {
+    let sb = Sandbox::new();
+    let db = TestDb::new(Backend::Sqlite, TableVersion::V1, WARNED_RULE).await;
+    let scratch = Scratch::new("log-json");
+    let config = scratch.write("tcpmgm.toml", "log_format = \"json\"\n");
+    let plain = daemon_log(&sb, &db, &["--config", &config]);
+    let mut levels = Vec::new();
+    for line in plain.lines() {
+        let object: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        levels.push(object["level"].as_str().unwrap_or_default().to_owned());
+        if line.contains("host bits set") {
+            assert_eq!(object["level"], "WARN", "{line}");
+        }
+    }
+    assert!(levels.iter().any(|l| l == "WARN") && levels.iter().any(|l| l == "INFO"));
+    // --log-format wins over the file, either way.
+    let text = daemon_log(&sb, &db, &["--config", &config, "--log-format", "text"]);
+    assert!(text.lines().all(|l| l.starts_with('<')), "{text}");
 }

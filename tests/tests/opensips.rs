@@ -1,34 +1,10 @@
 //! One configuration for OpenSIPS and tcpmgm (`--opensips-cfg`), a table by another name
 //! (`--table`), and the priority levels OpenSIPS orders in no defined way, named by `check` and
 //! `match`.
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tcpmgm::policy::source::{TableName, TableVersion};
-use tcpmgm_tests::{Backend, Daemon, Sandbox, TestDb, control_socket, run_sql, tcpmgm};
-
-/// A scratch directory of the test's own, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("tcpmgm-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> String {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use tcpmgm_tests::{Backend, Daemon, Sandbox, Scratch, TestDb, control_socket, run_sql, tcpmgm};
 
 /// An opensips.cfg as an operator writes it: global parameters, UDP and TCP sockets, modules
 /// with their own db_url, comments that hold what must not be read.

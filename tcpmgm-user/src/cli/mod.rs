@@ -1,5 +1,6 @@
 //! The `tcpmgm` command line: its arguments, and the commands that run the daemon or change what
 //! is attached (`report` has those that only read and print).
+mod logging;
 mod report;
 
 use std::net::SocketAddr;
@@ -9,17 +10,26 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+use crate::config::LogFormat;
 use crate::daemon::{self, Daemon};
 use crate::policy::pipeline::RuleArgs;
 use crate::policy::source::{EXAMPLES, Source, TableName, TableVersion};
 use crate::system;
 use report::{check, conns, explain, features, status};
 
+/// What `--help` says after the commands: where the log goes.
+const AFTER_HELP: &str = "\
+Logging: to stderr; RUST_LOG sets what is logged (default info; e.g. RUST_LOG=debug, or
+RUST_LOG=tcpmgm=debug,sqlx=warn). On a terminal with colour and timestamps; elsewhere (under
+systemd, into a pipe) plain, each line starting with its syslog priority (<3> error to <7>
+debug) for journald. `run --log-format json` writes JSON lines for log shippers.";
+
 #[derive(Parser)]
 #[command(
     name = "tcpmgm",
     version,
-    about = "OpenSIPS tcp_mgm rules, enforced in the kernel for a cgroup"
+    about = "OpenSIPS tcp_mgm rules, enforced in the kernel for a cgroup",
+    after_help = AFTER_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -165,13 +175,10 @@ pub fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // `run` logs in the format its configuration says, once that is read.
+    if !matches!(cli.command, Command::Run { .. }) {
+        logging::init(LogFormat::Text);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
@@ -181,7 +188,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tcpmgm: {}", error_text(&e));
+            logging::error(&error_text(&e));
             ExitCode::from(2)
         }
     }
@@ -263,6 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { mut rules, given } => {
             system::check_privileges(&[])?;
             let config = rules.with_config()?.overlay(&given);
+            logging::init(config.log_format.unwrap_or_default());
             let on = |v: Option<bool>| v == Some(true);
             let cgroup = config
                 .cgroup
@@ -380,9 +388,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(reason) => {
-                    eprintln!(
-                        "tcpmgm: reload failed, the previous policy stays in force: {reason}"
-                    );
+                    logging::error(&format!(
+                        "reload failed, the previous policy stays in force: {reason}"
+                    ));
                     Ok(ExitCode::from(1))
                 }
             }
