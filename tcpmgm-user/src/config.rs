@@ -96,6 +96,12 @@ pub enum ConfigError {
     },
     #[error("--opensips-cfg {0}")]
     OpenSips(#[from] crate::policy::opensips_cfg::CfgError),
+    /// A setting the command needs, given neither on the command line nor in the file.
+    #[error("no {key}: give --{flag}, or `{key}` in the config file")]
+    Missing {
+        key: &'static str,
+        flag: &'static str,
+    },
 }
 
 /// A value of an option outside what the option accepts: the value as given, and the range.

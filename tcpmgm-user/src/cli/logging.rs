@@ -156,6 +156,19 @@ pub fn error(text: &str) {
     }
 }
 
+/// A usage error from clap: as clap prints it on a terminal; elsewhere without its colours,
+/// each line with the error priority.
+pub fn usage(e: &clap::Error) {
+    if Style::of_stderr(LogFormat::Text).priorities {
+        eprint!(
+            "{}",
+            prefixed(priority(Level::ERROR), &e.render().to_string())
+        );
+    } else {
+        let _ = e.print();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
 //! The `tcpmgm` command line: its arguments, and the commands that run the daemon or change what
 //! is attached (`report` has those that only read and print).
+mod exit;
 mod logging;
 mod report;
 
@@ -10,19 +11,30 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
-use crate::config::LogFormat;
+use crate::config::{ConfigError, LogFormat};
 use crate::daemon::{self, Daemon};
 use crate::policy::pipeline::RuleArgs;
 use crate::policy::source::{EXAMPLES, Source, TableName, TableVersion};
 use crate::system;
+use exit::Failure;
 use report::{check, conns, explain, features, status};
 
-/// What `--help` says after the commands: where the log goes.
+/// What `--help` says after the commands: where the log goes and what the exit status means.
 const AFTER_HELP: &str = "\
 Logging: to stderr; RUST_LOG sets what is logged (default info; e.g. RUST_LOG=debug, or
 RUST_LOG=tcpmgm=debug,sqlx=warn). On a terminal with colour and timestamps; elsewhere (under
 systemd, into a pipe) plain, each line starting with its syslog priority (<3> error to <7>
-debug) for journald. `run --log-format json` writes JSON lines for log shippers.";
+debug) for journald. `run --log-format json` writes JSON lines for log shippers.
+
+Exit status (sysexits.h):
+  0   success
+  1   any other failure
+  64  usage: the command line is wrong
+  65  bad table data: a bad row (`check`, or `run` without --skip-invalid), no tcp_mgm table,
+      a table too large for the memory limit
+  69  the database is unavailable: refused, unreachable or too slow (a restart may mend it)
+  77  missing privileges: root or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON; EPERM from the kernel
+  78  bad configuration: the config file, opensips.cfg, a listener, an option's value";
 
 #[derive(Parser)]
 #[command(
@@ -101,7 +113,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Validate every row; print one line per fault; exit 1 when any row is bad.
+    /// Validate every row; print one line per fault; exit 65 (EX_DATAERR) when any row is bad,
+    /// 0 when none is (warnings do not change it).
     Check {
         #[command(flatten)]
         rules: RuleArgs,
@@ -165,7 +178,10 @@ enum DbCommand {
 
 /// Parses the command line and runs the command; the exit status to end with.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage(&e),
+    };
     if !matches!(cli.command, Command::Run { .. }) {
         // A command whose output goes to a pipe closed early (`tcpmgm match ... | head`) ends
         // quietly, as other Unix tools do, instead of failing on the write. Not the daemon: its
@@ -189,9 +205,20 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             logging::error(&error_text(&e));
-            ExitCode::from(2)
+            Failure::of(&e).code()
         }
     }
+}
+
+/// clap's answer to the command line: help and version on stdout (exit 0), a usage error on
+/// stderr with EX_USAGE (clap's own exit would be 2).
+fn usage(e: &clap::Error) -> ExitCode {
+    if !e.use_stderr() {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    logging::usage(e);
+    Failure::Usage.code()
 }
 
 /// An error and its causes, each said once: most of tcpmgm's errors quote their cause in their
@@ -272,10 +299,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = rules.with_config()?.overlay(&given);
             logging::init(config.log_format.unwrap_or_default());
             let on = |v: Option<bool>| v == Some(true);
-            let cgroup = config
-                .cgroup
-                .clone()
-                .context("no cgroup: give --cgroup, or `cgroup` in the config file")?;
+            let cgroup = config.cgroup.clone().ok_or(ConfigError::Missing {
+                key: "cgroup",
+                flag: "cgroup",
+            })?;
             let api_group = config
                 .api_group
                 .as_deref()
@@ -378,9 +405,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let control = match (control.or(file.control), cgroup.or(file.cgroup)) {
                 (Some(c), _) => c,
                 (None, Some(cg)) => system::Paths::of(&cg, None, None)?.control,
-                (None, None) => anyhow::bail!(
-                    "no cgroup: give --cgroup or --control, or `cgroup` in the config file"
-                ),
+                (None, None) => Err(ConfigError::Missing {
+                    key: "cgroup",
+                    flag: "cgroup or --control",
+                })?,
             };
             match daemon::request(&control, "reload").await {
                 Ok(report) => {
