@@ -442,8 +442,8 @@ fn read_row(row: &AnyRow, names: &[String]) -> Row {
 /// The cell's value whatever its storage type: databases do not always hold what the schema says.
 /// The value's own kind picks the decoding, so a cell is decoded once.
 fn read_cell(row: &AnyRow, i: usize) -> Cell {
-    use sqlx::any::AnyTypeInfoKind as Kind;
     use sqlx::ValueRef as _;
+    use sqlx::any::AnyTypeInfoKind as Kind;
     let kind = match row.try_get_raw(i) {
         Ok(value) if value.is_null() => return Cell::Null,
         Ok(value) => value.type_info().kind(),
