@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use tcpmgm::config::{AppOptions, Config, DB_TIMEOUT, POLL_INTERVAL, RunFlags};
+use tcpmgm::config::{AppOptions, Config, DB_TIMEOUT, LogFormat, POLL_INTERVAL, RunFlags};
 
 /// `RunFlags`, as a command line may give them.
 #[derive(Arbitrary, Debug)]
@@ -23,6 +23,7 @@ struct Flags {
     app_options_allow: Option<bool>,
     metrics: Option<SocketAddr>,
     api_group: Option<String>,
+    log_json: Option<bool>,
 }
 
 // The file's text up to the first NUL (so that a plain config file is a seed), the flags from
@@ -73,6 +74,13 @@ fuzz_target!(|data: &[u8]| {
         enforce_default_connect_timeout,
         metrics: f.metrics,
         api_group: f.api_group,
+        log_format: f.log_json.map(|json| {
+            if json {
+                LogFormat::Json
+            } else {
+                LogFormat::Text
+            }
+        }),
     };
     for config in [config.clone(), config.overlay(&given)] {
         let _ = config.enforcement();

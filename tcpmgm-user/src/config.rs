@@ -57,6 +57,8 @@ pub struct Config {
     pub table: Option<crate::policy::source::TableName>,
     /// The group that may read the per-socket records (as `--api-group`).
     pub api_group: Option<String>,
+    /// How the log is written: `"text"` (default) or `"json"` (as `--log-format`).
+    pub log_format: Option<LogFormat>,
 }
 
 /// What a process's own setsockopt() may do to the options its socket's rule sets.
@@ -67,6 +69,17 @@ pub enum AppOptions {
     Enforce,
     /// The application's value takes over, as without tcpmgm.
     Allow,
+}
+
+/// How the log is written to stderr (`crate::cli` says where each applies).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// A line of text an event.
+    #[default]
+    Text,
+    /// A JSON object an event, for log shippers.
+    Json,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +96,12 @@ pub enum ConfigError {
     },
     #[error("--opensips-cfg {0}")]
     OpenSips(#[from] crate::policy::opensips_cfg::CfgError),
+    /// A setting the command needs, given neither on the command line nor in the file.
+    #[error("no {key}: give --{flag}, or `{key}` in the config file")]
+    Missing {
+        key: &'static str,
+        flag: &'static str,
+    },
 }
 
 /// A value of an option outside what the option accepts: the value as given, and the range.
@@ -246,6 +265,11 @@ pub struct RunFlags {
     /// else of the pins becomes readable.
     #[arg(long, value_name = "GROUP")]
     pub api_group: Option<String>,
+    /// How the log is written to stderr: text (colour and timestamps on a terminal; elsewhere
+    /// plain, each line starting with its syslog priority, <3> to <7>, as journald reads it) or
+    /// json (one object a line, for log shippers) [default: text].
+    #[arg(long, value_enum, value_name = "text|json")]
+    pub log_format: Option<LogFormat>,
 }
 
 impl Config {
@@ -275,6 +299,7 @@ impl Config {
             enforce_default_connect_timeout,
             metrics,
             api_group,
+            log_format,
         );
         self
     }

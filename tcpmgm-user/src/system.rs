@@ -22,6 +22,8 @@ pub enum SystemError {
     NotPrivileged(String),
     #[error("{0}, which this process lacks (add it to the unit's capabilities)")]
     OptionNotPrivileged(String),
+    #[error("--api-group {group}: {reason}")]
+    NoSuchGroup { group: String, reason: String },
     #[error("{path}: {source}")]
     Read {
         path: PathBuf,
@@ -80,12 +82,14 @@ pub fn group_id(group: &str) -> Result<u32, SystemError> {
     }
     match nix::unistd::Group::from_name(group) {
         Ok(Some(g)) => Ok(g.gid.as_raw()),
-        Ok(None) => Err(SystemError::OptionNotPrivileged(format!(
-            "--api-group {group}: there is no such group"
-        ))),
-        Err(e) => Err(SystemError::OptionNotPrivileged(format!(
-            "--api-group {group}: looking the group up: {e}"
-        ))),
+        Ok(None) => Err(SystemError::NoSuchGroup {
+            group: group.to_owned(),
+            reason: "there is no such group".into(),
+        }),
+        Err(e) => Err(SystemError::NoSuchGroup {
+            group: group.to_owned(),
+            reason: format!("looking the group up: {e}"),
+        }),
     }
 }
 

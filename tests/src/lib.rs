@@ -820,6 +820,30 @@ pub fn tcpmgm(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// A scratch directory of the test's own, removed when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("tcpmgm-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    /// Writes `text` to the file `name` in it; its path.
+    pub fn write(&self, name: &str, text: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A control socket path of the sandbox's own, for a daemon.
 pub fn control_socket(sb: &Sandbox) -> PathBuf {
     std::env::temp_dir().join(format!(

@@ -5,7 +5,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use tcpmgm::policy::source::TableVersion;
-use tcpmgm_tests::{Backend, Sandbox, TestDb, assert_one_program_per_hook, binary, tcpmgm};
+use tcpmgm_tests::{
+    Backend, Daemon, Sandbox, Scratch, TestDb, assert_one_program_per_hook, binary, control_socket,
+    tcpmgm,
+};
 
 /// Runs a rule test once per database: SQLite, PostgreSQL and MariaDB.
 macro_rules! on_every_database {
@@ -44,6 +47,13 @@ INSERT INTO tcp_mgm (id, remote_addr, local_addr, keepidle) VALUES (11, '127.0.0
 
 const LISTENER: &str = "tls:10.0.0.1:5061 tag trunks";
 
+/// The exit statuses of sysexits.h that tcpmgm uses (README, "Exit status").
+const EX_USAGE: i32 = 64;
+const EX_DATAERR: i32 = 65;
+const EX_UNAVAILABLE: i32 = 69;
+const EX_NOPERM: i32 = 77;
+const EX_CONFIG: i32 = 78;
+
 /// BAD_ROWS as `backend` can hold them: MariaDB's columns are UNSIGNED, so its schema refuses
 /// the negative connect_timeout of row 4 before tcpmgm could.
 fn bad_rows(backend: Backend) -> String {
@@ -58,7 +68,7 @@ on_every_database!(check_names_every_bad_row);
 async fn check_names_every_bad_row(backend: Backend) {
     let db = TestDb::new(backend, TableVersion::V1, &bad_rows(backend)).await;
     let (code, stdout, _) = tcpmgm(&["check", "--db", &db.url, "--listener", LISTENER]);
-    assert_eq!(code, 1, "{stdout}");
+    assert_eq!(code, EX_DATAERR, "{stdout}");
     let want = [
         "id 1: remote_addr: '10.0.0.300/24' is not an IP address or CIDR",
         "id 2: remote_addr: '10.0.0.0/33': prefix length /33 is longer than /32",
@@ -118,7 +128,10 @@ async fn both_table_versions_are_read(backend: Backend) {
     let (code, stdout, _) = tcpmgm(&["check", "--db", &db.url]);
     assert_eq!(
         (code, stdout.trim()),
-        (1, "id 4: parallel_read: 3 is out of range (0 to 2)")
+        (
+            EX_DATAERR,
+            "id 4: parallel_read: 3 is out of range (0 to 2)"
+        )
     );
 }
 
@@ -199,7 +212,7 @@ async fn a_rejected_table_reaches_nothing_in_the_kernel() {
         "--listener",
         LISTENER,
     ]);
-    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(code, EX_DATAERR, "{stderr}");
     assert!(
         stderr.contains("id 3: remote_port") && stderr.contains("nothing of it was loaded"),
         "{stderr}"
@@ -330,7 +343,7 @@ async fn run_without_privileges_says_what_it_needs() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(out.status.code(), Some(EX_NOPERM), "{stderr}");
     assert!(
         stderr.contains("needs root, or the capabilities CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"),
         "{stderr}"
@@ -365,7 +378,7 @@ async fn a_config_file_gives_every_run_option() {
     assert_eq!(
         (code, out.trim()),
         (
-            1,
+            EX_DATAERR,
             "id 2: remote_port: 70000 is not a port (0 to 65535, 0 = any)"
         )
     );
@@ -412,12 +425,15 @@ async fn a_config_file_gives_every_run_option() {
     );
     let (code, _, err) = tcpmgm(&["check", "--config", "/nonexistent/tcpmgm.toml"]);
     assert!(
-        code == 2 && err.contains("config /nonexistent/tcpmgm.toml"),
+        code == EX_CONFIG && err.contains("config /nonexistent/tcpmgm.toml"),
         "{err}"
     );
     std::fs::write(&config, "dbb = 'x'\n").unwrap();
     let (code, _, err) = tcpmgm(&["check", "--config", config.to_str().unwrap()]);
-    assert!(code == 2 && err.contains("unknown field `dbb`"), "{err}");
+    assert!(
+        code == EX_CONFIG && err.contains("unknown field `dbb`"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -438,7 +454,7 @@ fn seconds_out_of_range_are_refused_naming_the_option() {
             let expected = format!("{value} is not a number of seconds {range}");
             let (code, _, err) = tcpmgm(&["run", "--cgroup", "tcpmgm-never", flag, value]);
             assert!(
-                code == 2 && err.contains(&format!("'{value}' for '{flag} <SECONDS>'")),
+                code == EX_USAGE && err.contains(&format!("'{value}' for '{flag} <SECONDS>'")),
                 "{flag} {value}: exit {code}: {err}"
             );
             assert!(err.contains(&expected), "{flag} {value}: {err}");
@@ -446,7 +462,7 @@ fn seconds_out_of_range_are_refused_naming_the_option() {
             for command in ["run", "check"] {
                 let (code, _, err) = tcpmgm(&[command, "--config", file]);
                 assert!(
-                    code == 2
+                    code == EX_CONFIG
                         && err.contains(&format!("config {file}"))
                         && err.contains(&format!("{key}: {expected}")),
                     "{command}, {key} = {value}: exit {code}: {err}"
@@ -475,7 +491,7 @@ async fn huge_values_are_quoted_short_and_big_integers_in_full() {
     assert_eq!(
         (code, out.lines().collect::<Vec<_>>()),
         (
-            1,
+            EX_DATAERR,
             vec![
                 format!(
                     "id 1: proto: unknown protocol '{}…' (1048576 characters) (expected any or one of {})",
@@ -488,19 +504,253 @@ async fn huge_values_are_quoted_short_and_big_integers_in_full() {
         )
     );
     let sb = Sandbox::new();
-    let (code, _, err) = tcpmgm(&[
-        "run",
-        "--db",
-        &db.url,
-        "--cgroup",
-        sb.cgroup.to_str().unwrap(),
-        "--pin-dir",
-        sb.pin_dir.to_str().unwrap(),
-    ]);
+    let (code, _, err) = run_on(&sb, &["--db", &db.url]);
     assert!(
-        code == 2 && err.contains("(1048576 characters)") && err.len() < 4000,
+        code == EX_DATAERR && err.contains("(1048576 characters)") && err.len() < 4000,
         "exit {code}, {} bytes: {}",
         err.len(),
         &err[..err.len().min(4000)]
     );
+}
+
+/// `tcpmgm run ARGS` on the sandbox's cgroup and pins, to its end: (exit code, stdout, stderr).
+fn run_on(sb: &Sandbox, args: &[&str]) -> (i32, String, String) {
+    let sandbox = [
+        "--cgroup",
+        sb.cgroup.to_str().unwrap(),
+        "--pin-dir",
+        sb.pin_dir.to_str().unwrap(),
+    ];
+    let all: Vec<&str> = ["run"]
+        .iter()
+        .chain(args)
+        .chain(&sandbox)
+        .copied()
+        .collect();
+    tcpmgm(&all)
+}
+
+/// EX_USAGE for whatever clap refuses (clap's own exit would be 2); `--help` exits 0 and names
+/// RUST_LOG and every exit status.
+#[test]
+fn a_usage_error_exits_64() {
+    for args in [
+        &["run", "--no-such-option"][..],
+        &[],
+        &["check", "--log-format", "xml"],
+        &["match", "--db", "x.db", "--remote", "not-an-address"],
+    ] {
+        let (code, out, err) = tcpmgm(args);
+        assert_eq!(code, EX_USAGE, "tcpmgm {args:?}: {out}{err}");
+    }
+    let (code, out, _) = tcpmgm(&["--help"]);
+    assert_eq!(code, 0, "{out}");
+    for said in [
+        "RUST_LOG",
+        "64  usage",
+        "65  bad table data",
+        "69  the database",
+    ] {
+        assert!(out.contains(said), "--help does not say {said:?}: {out}");
+    }
+    assert!(out.contains("77  missing privileges") && out.contains("78  bad configuration"));
+}
+
+/// EX_CONFIG: a TOML error, a listener that is not one, no cgroup anywhere; before anything
+/// reaches the kernel.
+#[test]
+fn a_bad_configuration_exits_78() {
+    let scratch = Scratch::new("exit-config");
+    let toml_error = scratch.write(
+        "bad.toml",
+        "db = \"sqlite:///nonexistent.db\"\ncgroup = [\n",
+    );
+    for command in ["run", "check"] {
+        let (code, _, err) = tcpmgm(&[command, "--config", &toml_error]);
+        assert_eq!(code, EX_CONFIG, "{command}: {err}");
+        assert!(err.contains(&format!("config {toml_error}")), "{err}");
+    }
+    let no_listener = scratch.write("listener.toml", "listeners = [\"carrier pigeon\"]\n");
+    let (code, _, err) = tcpmgm(&["check", "--config", &no_listener, "--db", "x.db"]);
+    assert_eq!(code, EX_CONFIG, "{err}");
+    let no_cgroup = scratch.write("none.toml", "db = \"x.db\"\n");
+    let (code, _, err) = tcpmgm(&["run", "--config", &no_cgroup]);
+    assert!(
+        code == EX_CONFIG && err.contains("no cgroup"),
+        "exit {code}: {err}"
+    );
+}
+
+/// EX_DATAERR: a table with a bad row, refused by `run` and reported by `check`; a database
+/// with no tcp_mgm table at all.
+#[tokio::test]
+async fn bad_table_data_exits_65() {
+    let sb = Sandbox::new();
+    let db = TestDb::new(
+        Backend::Sqlite,
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, remote_addr) VALUES (1, 'not-an-address');",
+    )
+    .await;
+    let (code, out, _) = tcpmgm(&["check", "--db", &db.url]);
+    assert_eq!(code, EX_DATAERR, "{out}");
+    let (code, _, err) = run_on(&sb, &["--db", &db.url]);
+    assert!(
+        code == EX_DATAERR && err.contains("id 1: remote_addr"),
+        "exit {code}: {err}"
+    );
+    assert!(!sb.attached_programs().contains("tcpmgm"));
+    let (code, _, err) = tcpmgm(&["check", "--db", &db.url, "--table", "elsewhere"]);
+    assert!(
+        code == EX_DATAERR && err.contains("there is no table elsewhere"),
+        "exit {code}: {err}"
+    );
+}
+
+/// EX_UNAVAILABLE: a database that refuses connections, for as long as --db-timeout allows (the
+/// unit restarts on it: the database may come back).
+#[tokio::test]
+async fn an_unavailable_database_exits_69() {
+    let sb = Sandbox::new();
+    let started = std::time::Instant::now();
+    let (code, _, err) = run_on(
+        &sb,
+        &[
+            "--db",
+            "postgres://tcpmgm:tcpmgm@127.0.0.1:1/x",
+            "--db-timeout",
+            "1",
+        ],
+    );
+    assert_eq!(code, EX_UNAVAILABLE, "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    assert!(!sb.attached_programs().contains("tcpmgm"));
+    // A SQLite file that is not there (yet) is an unavailable database too.
+    let (code, _, err) = tcpmgm(&["check", "--db", "sqlite:///nonexistent/rules.db"]);
+    assert_eq!(code, EX_UNAVAILABLE, "{err}");
+}
+
+/// EX_NOPERM: `run` as nobody without capabilities (refused by tcpmgm's own check), and as nobody
+/// with the three capabilities it checks for, where the system refuses what root may do
+/// (EACCES on the control socket's root-only directory).
+#[tokio::test]
+async fn missing_privileges_exit_77() {
+    let sb = Sandbox::new();
+    let db = TestDb::new(Backend::Sqlite, TableVersion::V1, "").await;
+    let run = |caps: &[&str]| {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(caps)
+            .arg(binary("tcpmgm"))
+            .args(["run", "--db", &db.url, "--cgroup"])
+            .arg(&sb.cgroup)
+            .arg("--pin-dir")
+            .arg(&sb.pin_dir)
+            .arg("--control")
+            .arg(format!(
+                "/run/tcpmgm-exit-test-{}/c.sock",
+                std::process::id()
+            ))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--inh-caps=-all"]);
+    assert_eq!(code, Some(EX_NOPERM), "{err}");
+    assert!(err.contains("needs root, or the capabilities"), "{err}");
+    let caps = "+bpf,+net_admin,+perfmon";
+    let (code, err) = run(&[
+        &format!("--inh-caps={caps}"),
+        &format!("--ambient-caps={caps}"),
+    ]);
+    assert!(
+        code == Some(EX_NOPERM) && err.contains("Permission denied"),
+        "exit {code:?}: {err}"
+    );
+    assert!(!sb.attached_programs().contains("tcpmgm"));
+}
+
+/// Runs a daemon on `sb` (its stderr a pipe), stops it with SIGTERM and returns its log.
+fn daemon_log(sb: &Sandbox, db: &TestDb, extra: &[&str]) -> String {
+    let args: Vec<&str> = ["--db", &db.url, "--detach-on-exit"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    let mut daemon = Daemon::start_args(sb, control_socket(sb), &args);
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = daemon.wait_exit(std::time::Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    // The reader thread reaches the end of the pipe soon after the exit.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let after = daemon.log.lock().unwrap().join("\n");
+    format!("{}{after}", daemon.startup_log)
+}
+
+/// A rule whose address has host bits set: valid, and warned about at every read.
+const WARNED_RULE: &str =
+    "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (1, '127.0.0.1/8', 30);";
+
+/// Where stderr is not a terminal (journald, a pipe): no colour, no timestamp, and each line
+/// starts with its syslog priority, which journald files it under (`journalctl -p warning`).
+#[tokio::test]
+async fn a_log_that_is_not_on_a_terminal_carries_priorities_and_no_escapes() {
+    let sb = Sandbox::new();
+    let db = TestDb::new(Backend::Sqlite, TableVersion::V1, WARNED_RULE).await;
+    let log = daemon_log(&sb, &db, &[]);
+    assert!(!log.contains('\x1b'), "an escape code: {log:?}");
+    for line in log.lines() {
+        let priority = line
+            .strip_prefix('<')
+            .and_then(|rest| rest.split_once('>'))
+            .map(|(p, _)| p);
+        assert!(
+            matches!(priority, Some("3" | "4" | "6" | "7")),
+            "a line without its priority: {line:?}"
+        );
+        // The level follows (padded to five characters): no timestamp before it.
+        assert!(
+            ["ERROR", "WARN", "INFO", "DEBUG"]
+                .iter()
+                .any(|l| line[3..].trim_start().starts_with(l)),
+            "{line:?}"
+        );
+    }
+    let warning = log.lines().find(|l| l.contains("host bits set"));
+    assert!(
+        warning.is_some_and(|l| l.starts_with("<4> WARN")),
+        "the warning: {warning:?} in {log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("<6> INFO") && l.contains("rules enforced")),
+        "{log}"
+    );
+}
+
+/// `--log-format json` (or `log_format` in the file): one JSON object a line with its level;
+/// the priority goes in front only when stderr is the journal stream JOURNAL_STREAM names,
+/// which journald strips.
+#[tokio::test]
+async fn log_format_json_writes_an_object_a_line() {
+    let sb = Sandbox::new();
+    let db = TestDb::new(Backend::Sqlite, TableVersion::V1, WARNED_RULE).await;
+    let scratch = Scratch::new("log-json");
+    let config = scratch.write("tcpmgm.toml", "log_format = \"json\"\n");
+    let plain = daemon_log(&sb, &db, &["--config", &config]);
+    let mut levels = Vec::new();
+    for line in plain.lines() {
+        let object: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        levels.push(object["level"].as_str().unwrap_or_default().to_owned());
+        if line.contains("host bits set") {
+            assert_eq!(object["level"], "WARN", "{line}");
+        }
+    }
+    assert!(levels.iter().any(|l| l == "WARN") && levels.iter().any(|l| l == "INFO"));
+    // --log-format wins over the file, either way.
+    let text = daemon_log(&sb, &db, &["--config", &config, "--log-format", "text"]);
+    assert!(text.lines().all(|l| l.starts_with('<')), "{text}");
 }

@@ -1,34 +1,10 @@
 //! One configuration for OpenSIPS and tcpmgm (`--opensips-cfg`), a table by another name
 //! (`--table`), and the priority levels OpenSIPS orders in no defined way, named by `check` and
 //! `match`.
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tcpmgm::policy::source::{TableName, TableVersion};
-use tcpmgm_tests::{Backend, Daemon, Sandbox, TestDb, control_socket, run_sql, tcpmgm};
-
-/// A scratch directory of the test's own, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("tcpmgm-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> String {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use tcpmgm_tests::{Backend, Daemon, Sandbox, Scratch, TestDb, control_socket, run_sql, tcpmgm};
 
 /// An opensips.cfg as an operator writes it: global parameters, UDP and TCP sockets, modules
 /// with their own db_url, comments that hold what must not be read.
@@ -151,13 +127,19 @@ async fn check_match_and_db_init_honour_table() {
     assert_eq!(code, 0);
     assert!(out.contains("rule 5:"), "{out}");
     let (code, _, err) = tcpmgm(&["check", "--db", &db]);
-    assert_eq!(code, 2, "{err}");
+    assert_eq!(
+        code, 65,
+        "no tcp_mgm table is bad table data (EX_DATAERR): {err}"
+    );
     assert!(
         err.contains("table tcp_mgm"),
         "the missing table is not named: {err}"
     );
     let (code, _, err) = tcpmgm(&["check", "--db", &db, "--table", "carrier-rules"]);
-    assert_eq!(code, 2);
+    assert_eq!(
+        code, 64,
+        "a --table clap refuses is a usage error (EX_USAGE)"
+    );
     assert!(err.contains("plain SQL name"), "{err}");
 }
 
@@ -243,7 +225,10 @@ fn explicit_options_win_and_what_cannot_be_followed_is_named() {
     ]);
     assert_eq!(code, 0, "{err}");
     let (code, _, err) = tcpmgm(&["check", "--opensips-cfg", &cfg]);
-    assert_eq!(code, 2);
+    assert_eq!(
+        code, 69,
+        "a missing SQLite file is an unavailable database: {err}"
+    );
     assert!(
         err.contains("/nonexistent/rules.db"),
         "the cfg's db_url was not used: {err}"
@@ -254,7 +239,7 @@ fn explicit_options_win_and_what_cannot_be_followed_is_named() {
         "log_level=3\ninclude_file \"tcp_mgm.cfg\"\n",
     );
     let (code, _, err) = tcpmgm(&["check", "--opensips-cfg", &included]);
-    assert_eq!(code, 2);
+    assert_eq!(code, 78, "{err}");
     assert!(
         err.contains(&format!("{included}:2: include_file")),
         "the line is not named: {err}"
@@ -264,7 +249,7 @@ fn explicit_options_win_and_what_cannot_be_followed_is_named() {
         "modparam(\"tcp_mgm\", \"db_url\", \"flatstore:/var/log/opensips\")\n",
     );
     let (code, _, err) = tcpmgm(&["check", "--opensips-cfg", &flatstore]);
-    assert_eq!(code, 2);
+    assert_eq!(code, 78, "{err}");
     assert!(
         err.contains(&format!(
             "{flatstore}:1: database URL with scheme \"flatstore\""

@@ -268,7 +268,7 @@ async fn a_pin_directory_is_one_cgroups_and_pins_of_old_layouts_go() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("each cgroup needs a pin directory of its own"),
         "{stderr}"

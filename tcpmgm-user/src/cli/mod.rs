@@ -1,5 +1,7 @@
 //! The `tcpmgm` command line: its arguments, and the commands that run the daemon or change what
 //! is attached (`report` has those that only read and print).
+mod exit;
+mod logging;
 mod report;
 
 use std::net::SocketAddr;
@@ -9,17 +11,37 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+use crate::config::{ConfigError, LogFormat};
 use crate::daemon::{self, Daemon};
 use crate::policy::pipeline::RuleArgs;
 use crate::policy::source::{EXAMPLES, Source, TableName, TableVersion};
 use crate::system;
+use exit::Failure;
 use report::{check, conns, explain, features, status};
+
+/// What `--help` says after the commands: where the log goes and what the exit status means.
+const AFTER_HELP: &str = "\
+Logging: to stderr; RUST_LOG sets what is logged (default info; e.g. RUST_LOG=debug, or
+RUST_LOG=tcpmgm=debug,sqlx=warn). On a terminal with colour and timestamps; elsewhere (under
+systemd, into a pipe) plain, each line starting with its syslog priority (<3> error to <7>
+debug) for journald. `run --log-format json` writes JSON lines for log shippers.
+
+Exit status (sysexits.h):
+  0   success
+  1   any other failure
+  64  usage: the command line is wrong
+  65  bad table data: a bad row (`check`, or `run` without --skip-invalid), no tcp_mgm table,
+      a table too large for the memory limit
+  69  the database is unavailable: refused, unreachable or too slow (a restart may mend it)
+  77  missing privileges: root or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON; EPERM from the kernel
+  78  bad configuration: the config file, opensips.cfg, a listener, an option's value";
 
 #[derive(Parser)]
 #[command(
     name = "tcpmgm",
     version,
-    about = "OpenSIPS tcp_mgm rules, enforced in the kernel for a cgroup"
+    about = "OpenSIPS tcp_mgm rules, enforced in the kernel for a cgroup",
+    after_help = AFTER_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -91,7 +113,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Validate every row; print one line per fault; exit 1 when any row is bad.
+    /// Validate every row; print one line per fault; exit 65 (EX_DATAERR) when any row is bad,
+    /// 0 when none is (warnings do not change it).
     Check {
         #[command(flatten)]
         rules: RuleArgs,
@@ -155,7 +178,10 @@ enum DbCommand {
 
 /// Parses the command line and runs the command; the exit status to end with.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage(&e),
+    };
     if !matches!(cli.command, Command::Run { .. }) {
         // A command whose output goes to a pipe closed early (`tcpmgm match ... | head`) ends
         // quietly, as other Unix tools do, instead of failing on the write. Not the daemon: its
@@ -165,13 +191,10 @@ pub fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // `run` logs in the format its configuration says, once that is read.
+    if !matches!(cli.command, Command::Run { .. }) {
+        logging::init(LogFormat::Text);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
@@ -181,10 +204,21 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("tcpmgm: {}", error_text(&e));
-            ExitCode::from(2)
+            logging::error(&error_text(&e));
+            Failure::of(&e).code()
         }
     }
+}
+
+/// clap's answer to the command line: help and version on stdout (exit 0), a usage error on
+/// stderr with EX_USAGE (clap's own exit would be 2).
+fn usage(e: &clap::Error) -> ExitCode {
+    if !e.use_stderr() {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    logging::usage(e);
+    Failure::Usage.code()
 }
 
 /// An error and its causes, each said once: most of tcpmgm's errors quote their cause in their
@@ -263,11 +297,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { mut rules, given } => {
             system::check_privileges(&[])?;
             let config = rules.with_config()?.overlay(&given);
+            logging::init(config.log_format.unwrap_or_default());
             let on = |v: Option<bool>| v == Some(true);
-            let cgroup = config
-                .cgroup
-                .clone()
-                .context("no cgroup: give --cgroup, or `cgroup` in the config file")?;
+            let cgroup = config.cgroup.clone().ok_or(ConfigError::Missing {
+                key: "cgroup",
+                flag: "cgroup",
+            })?;
             let api_group = config
                 .api_group
                 .as_deref()
@@ -370,9 +405,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let control = match (control.or(file.control), cgroup.or(file.cgroup)) {
                 (Some(c), _) => c,
                 (None, Some(cg)) => system::Paths::of(&cg, None, None)?.control,
-                (None, None) => anyhow::bail!(
-                    "no cgroup: give --cgroup or --control, or `cgroup` in the config file"
-                ),
+                (None, None) => Err(ConfigError::Missing {
+                    key: "cgroup",
+                    flag: "cgroup or --control",
+                })?,
             };
             match daemon::request(&control, "reload").await {
                 Ok(report) => {
@@ -380,9 +416,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(reason) => {
-                    eprintln!(
-                        "tcpmgm: reload failed, the previous policy stays in force: {reason}"
-                    );
+                    logging::error(&format!(
+                        "reload failed, the previous policy stays in force: {reason}"
+                    ));
                     Ok(ExitCode::from(1))
                 }
             }

@@ -129,7 +129,7 @@ pub(super) async fn check(
     Ok(if set.errors.is_empty() {
         ExitCode::SUCCESS
     } else {
-        ExitCode::from(1)
+        super::exit::Failure::Data.code()
     })
 }
 

@@ -120,6 +120,149 @@ fn run(r: &mut Report) {
         "api_group is refused without the group, and with SupplementaryGroups= Kamailio's user reads its socket's rule",
         api_group(),
     );
+    r.check(
+        "journalctl -p warning shows a warning tcpmgm logged and none of its info lines; no escape codes in the journal",
+        journal_priorities(),
+    );
+    r.check(
+        "a bad configuration fails the unit with status 78 and no restart loop",
+        bad_config_fails_once(),
+    );
+}
+
+/// tcpmgm's own entries in its unit's journal (not systemd's about the unit), at `priority` or
+/// more urgent: (PRIORITY, MESSAGE) each.
+fn tcpmgm_entries(priority: &str) -> Result<Vec<(String, String)>, String> {
+    let out = Command::new("journalctl")
+        .args([
+            "-u",
+            "tcpmgm.service",
+            "-p",
+            priority,
+            "-o",
+            "json",
+            "--no-pager",
+        ])
+        .output()
+        .map_err(|e| format!("journalctl: {e}"))?;
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        // journald gives a message with control characters as its bytes.
+        serde_json::Value::Array(bytes) => String::from_utf8_lossy(
+            &bytes
+                .iter()
+                .map(|b| b.as_u64().unwrap_or(0) as u8)
+                .collect::<Vec<_>>(),
+        )
+        .into_owned(),
+        _ => String::new(),
+    };
+    let mut entries = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let entry: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("{e}: {line}"))?;
+        if entry["SYSLOG_IDENTIFIER"] == "tcpmgm" {
+            entries.push((text(&entry["PRIORITY"]), text(&entry["MESSAGE"])));
+        }
+    }
+    Ok(entries)
+}
+
+/// A rule with host bits set is valid and warned about at each read: a reload with one makes a
+/// warning, which `-p warning` must show, without any of the info lines tcpmgm logged.
+fn journal_priorities() -> Result<String, String> {
+    let warned = "192.0.2.77/24: host bits set";
+    sql("INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (97, '192.0.2.77/24', 50);")?;
+    let reloaded = systemctl(&["reload", "tcpmgm.service"]);
+    sql("DELETE FROM tcp_mgm WHERE id = 97;")?;
+    reloaded?;
+    systemctl(&["reload", "tcpmgm.service"])?;
+    let start = Instant::now();
+    let warnings = loop {
+        let warnings = tcpmgm_entries("warning")?;
+        if warnings.iter().any(|(_, m)| m.contains(warned)) {
+            break warnings;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            return Err(format!(
+                "no \"{warned}\" in journalctl -p warning: {warnings:?}; journal: {}",
+                journal_tail()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let all = tcpmgm_entries("debug")?;
+    let info: Vec<&(String, String)> = all.iter().filter(|(p, _)| p == "6").collect();
+    if !info.iter().any(|(_, m)| m.contains("rules enforced")) {
+        return Err(format!(
+            "no info line \"rules enforced\" at priority 6: {all:?}"
+        ));
+    }
+    let wrong: Vec<&(String, String)> = warnings
+        .iter()
+        .filter(|(p, m)| {
+            let level = m.trim_start();
+            p.as_str() > "4" || level.starts_with("INFO") || level.starts_with("DEBUG")
+        })
+        .collect();
+    if !wrong.is_empty() {
+        return Err(format!("journalctl -p warning shows {wrong:?}"));
+    }
+    let cat = Command::new("journalctl")
+        .args(["-u", "tcpmgm.service", "-o", "cat", "--no-pager"])
+        .output()
+        .map_err(|e| format!("journalctl: {e}"))?;
+    if cat.stdout.contains(&0x1b) {
+        return Err(format!(
+            "an escape code in journalctl -o cat: {}",
+            String::from_utf8_lossy(&cat.stdout)
+        ));
+    }
+    Ok(format!(
+        "{} of tcpmgm's {} entries at warning or worse, {} at info",
+        warnings.len(),
+        all.len(),
+        info.len()
+    ))
+}
+
+/// A TOML error in tcpmgm.toml: `systemctl restart` fails, the unit ends failed with exit status
+/// 78 (EX_CONFIG), and RestartPreventExitStatus= keeps systemd from restarting it in a loop.
+/// Then the file is put back and tcpmgm started again (it adopts the pinned policy), for the
+/// checks that follow.
+fn bad_config_fails_once() -> Result<String, String> {
+    let config = "/etc/tcpmgm/tcpmgm.toml";
+    let good = std::fs::read_to_string(config).map_err(|e| e.to_string())?;
+    std::fs::write(config, format!("{good}listeners = [\n")).map_err(|e| e.to_string())?;
+    let restarted = systemctl(&["restart", "tcpmgm.service"]);
+    let restarts_then = show("tcpmgm.service", "NRestarts");
+    // Several times RestartSec=1s: a restart loop would have shown by now.
+    std::thread::sleep(Duration::from_secs(5));
+    let seen =
+        ["ActiveState", "Result", "ExecMainStatus", "NRestarts"].map(|p| show("tcpmgm.service", p));
+    let journal = journal_tail();
+    std::fs::write(config, good).map_err(|e| e.to_string())?;
+    systemctl(&["reset-failed", "tcpmgm.service"])?;
+    systemctl(&["start", "tcpmgm.service"])?;
+    wait_active("tcpmgm.service")?;
+    if restarted.is_ok() {
+        return Err("tcpmgm restarted with a TOML error in its configuration".into());
+    }
+    let [state, result, status, restarts] = seen;
+    if state != "failed" || result != "exit-code" || status != "78" {
+        return Err(format!(
+            "ActiveState={state} Result={result} ExecMainStatus={status}; journal: {journal}"
+        ));
+    }
+    if restarts != restarts_then {
+        return Err(format!(
+            "NRestarts {restarts_then} then {restarts}: systemd restarted it; journal: {journal}"
+        ));
+    }
+    if !journal.contains(&format!("config {config}")) {
+        return Err(format!("the journal does not name {config}: {journal}"));
+    }
+    Ok(format!("failed with status {status}, NRestarts {restarts}"))
 }
 
 /// `api_group`: the unit's capabilities lack CAP_CHOWN, so the daemon refuses to start until a

@@ -32,6 +32,8 @@ pub enum SourceError {
         table: TableName,
         column: &'static str,
     },
+    #[error("database {url}: there is no table {table} (create it with `tcpmgm db init`)")]
+    NoTable { url: Redacted, table: TableName },
     #[error("database {url}: {reason}")]
     Unsupported { url: Redacted, reason: String },
 }
@@ -317,12 +319,9 @@ impl Source {
             .filter_map(|r| r.try_get::<String, _>(0).ok())
             .collect();
         if names.is_empty() {
-            return Err(SourceError::Unsupported {
+            return Err(SourceError::NoTable {
                 url: self.url.clone(),
-                reason: format!(
-                    "there is no table {} (create it with `tcpmgm db init`)",
-                    self.table
-                ),
+                table: self.table.clone(),
             });
         }
         Ok(names.into_iter().map(|n| n.to_ascii_lowercase()).collect())
