@@ -28,7 +28,8 @@ debug) for journald. `run --log-format json` writes JSON lines for log shippers.
 
 Exit status (sysexits.h):
   0   success
-  1   any other failure
+  1   any other failure; `reload` when the daemon refuses the reload (the reason is printed,
+      and the previous policy stays in force)
   64  usage: the command line is wrong
   65  bad table data: a bad row (`check`, or `run` without --skip-invalid), no tcp_mgm table,
       a table too large for the memory limit
