@@ -57,19 +57,28 @@ pub(super) fn status(
     cgroup: Option<PathBuf>,
     pin_dir: Option<PathBuf>,
     control: Option<PathBuf>,
+    configured: Option<system::Paths>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let mut found = Vec::new();
+    let of = |paths: system::Paths| {
+        let mut s = crate::daemon::status::of(&paths.pin_dir, &paths.control);
+        s.cgroup.get_or_insert(paths.cgroup);
+        s
+    };
     match cgroup {
-        Some(cg) => {
-            let paths = system::Paths::of_maybe_gone(&cg, pin_dir, control)?;
-            let mut s = crate::daemon::status::of(&paths.pin_dir, &paths.control);
-            s.cgroup.get_or_insert(paths.cgroup);
-            found.push(s);
-        }
+        Some(cg) => found.push(of(system::Paths::of_maybe_gone(&cg, pin_dir, control)?)),
         None => {
+            // The configuration's cgroup, with the pin directory and control socket it sets,
+            // then every other one pinned in the default place.
+            let mine = configured.as_ref().map(|p| p.pin_dir.clone());
+            if let Some(paths) = configured {
+                found.push(of(paths));
+            }
             for (pins, control) in system::Paths::pinned()? {
-                found.push(crate::daemon::status::of(&pins, &control));
+                if Some(&pins) != mine.as_ref() {
+                    found.push(crate::daemon::status::of(&pins, &control));
+                }
             }
         }
     }

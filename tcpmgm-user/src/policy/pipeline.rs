@@ -7,17 +7,15 @@ use crate::policy::opensips_cfg::OpenSipsCfg;
 use crate::policy::rule::{RowError, Rule, validate_row};
 use crate::policy::source::{Source, SourceError, TableName};
 
-/// The database when neither the command line, TCPMGM_DB nor the config file names one.
-pub const DEFAULT_DB: &str = "sqlite://tcpmgm.db";
-
 /// Where the rules and listeners come from.
 #[derive(Clone, Debug, clap::Args)]
 pub struct RuleArgs {
     /// Rule database: sqlite://PATH (or a plain path), postgres://... or mysql://...
-    /// [default: sqlite://tcpmgm.db]
+    /// [default: the configuration's db, or its opensips_cfg's db_url]
     #[arg(long, env = "TCPMGM_DB")]
     pub db: Option<String>,
-    /// Configuration file (TOML); the command line wins over it.
+    /// Configuration file (TOML); the command line wins over it [default:
+    /// /etc/tcpmgm/tcpmgm.toml when it exists and neither --db nor --opensips-cfg is given].
     #[arg(long, env = "TCPMGM_CONFIG")]
     pub config: Option<PathBuf>,
     /// A listener in OpenSIPS socket syntax, e.g. "tls:10.0.0.1:5061 tag trunks". Repeatable.
@@ -59,9 +57,9 @@ pub struct RuleSet {
 }
 
 impl RuleArgs {
-    /// The rule database URL.
+    /// The rule database URL (`with_config` makes sure there is one).
     pub fn db(&self) -> &str {
-        self.db.as_deref().unwrap_or(DEFAULT_DB)
+        self.db.as_deref().unwrap_or_default()
     }
 
     /// The rule table's name.
