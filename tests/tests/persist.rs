@@ -163,7 +163,26 @@ async fn status_counts_exactly_the_connections_made() {
             && text.contains("refused          5"),
         "{text}"
     );
+    // The version that loaded the programs is read from the pins: it outlives the daemon, and
+    // is the one `--version` names (commit and eBPF object included).
     daemon.kill();
+    let version = tcpmgm_tests::tcpmgm(&["--version"]).1;
+    let version = version
+        .trim()
+        .strip_prefix("tcpmgm ")
+        .expect("tcpmgm VERSION");
+    assert!(
+        version.contains("(commit ") && version.contains(", eBPF "),
+        "{version}"
+    );
+    let report: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
+    assert_eq!(report[0]["daemon_running"], false, "{report:#}");
+    assert_eq!(report[0]["kernel"]["loader"], version, "{report:#}");
+    assert!(
+        status(false).contains(&format!("loaded by: tcpmgm {version}")),
+        "{}",
+        status(false)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -18,7 +18,7 @@ use report::{check, conns, explain, features, status};
 #[derive(Parser)]
 #[command(
     name = "tcpmgm",
-    version,
+    version = crate::VERSION,
     about = "OpenSIPS tcp_mgm rules, enforced in the kernel for a cgroup"
 )]
 struct Cli {
