@@ -57,6 +57,11 @@ pub struct Config {
     pub table: Option<crate::policy::source::TableName>,
     /// The group that may read the per-socket records (as `--api-group`).
     pub api_group: Option<String>,
+    /// The table's columns by the names it gives them, where they are not OpenSIPS's (as the
+    /// tcp_mgm module's `<column>_col`): `[columns]` then `keepidle = "ka_idle"`. Wins over
+    /// --opensips-cfg's, column by column.
+    #[serde(default)]
+    pub columns: crate::policy::source::ColumnMap,
 }
 
 /// What a process's own setsockopt() may do to the options its socket's rule sets.
@@ -85,6 +90,8 @@ pub enum ConfigError {
     OpenSips(#[from] crate::policy::opensips_cfg::CfgError),
     #[error("no rule database: {0}")]
     NoDatabase(String),
+    #[error("config {path}: [columns]: {reason}")]
+    Columns { path: PathBuf, reason: String },
 }
 
 /// The configuration file read when no option names a configuration or a rule source, as
@@ -345,7 +352,16 @@ impl RuleArgs {
             if self.db.is_none() {
                 self.db = Some(cfg.db()?);
             }
+            self.columns = cfg.columns.clone();
             self.opensips = Some(cfg);
+        }
+        if let Some(path) = &self.config {
+            self.columns
+                .overlay(&config.columns)
+                .map_err(|reason| ConfigError::Columns {
+                    path: path.clone(),
+                    reason,
+                })?;
         }
         if self.db.is_none() {
             return Err(ConfigError::NoDatabase(match &self.config {

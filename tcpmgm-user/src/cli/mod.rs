@@ -255,8 +255,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             local,
             direction,
         } => {
-            rules.with_config()?;
-            explain(rules, remote, proto, local, direction).await
+            let config = rules.with_config()?;
+            explain(rules, &config, remote, proto, local, direction).await
         }
         Command::Db {
             command:
@@ -276,6 +276,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 opensips_cfg: None,
                 table,
                 opensips: None,
+                columns: Default::default(),
             };
             rules.with_config()?;
             let (db, table) = (rules.db(), rules.table());

@@ -5,7 +5,7 @@ use crate::memory::{Budget, TooLarge};
 use crate::policy::listener::{ListenerError, Listeners};
 use crate::policy::opensips_cfg::OpenSipsCfg;
 use crate::policy::rule::{RowError, Rule, validate_row};
-use crate::policy::source::{Source, SourceError, TableName};
+use crate::policy::source::{ColumnMap, Source, SourceError, TableName};
 
 /// Where the rules and listeners come from.
 #[derive(Clone, Debug, clap::Args)]
@@ -36,6 +36,10 @@ pub struct RuleArgs {
     /// What --opensips-cfg gave, once read (`with_config`).
     #[arg(skip)]
     pub opensips: Option<OpenSipsCfg>,
+    /// The table's renamed columns, from --opensips-cfg and the configuration file
+    /// (`with_config`).
+    #[arg(skip)]
+    pub columns: ColumnMap,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +93,9 @@ impl RuleArgs {
     /// memory limit of this process's cgroup when it has one.
     pub async fn read(&self) -> Result<RuleSet, PipelineError> {
         let listeners = self.listeners()?;
-        let source = Source::open_table(self.db(), false, &self.table()).await?;
+        let source = Source::open_table(self.db(), false, &self.table())
+            .await?
+            .with_columns(&self.columns);
         let budget = Budget::of_self();
         let (mut rules, mut errors) = (Vec::new(), Vec::new());
         let mut rows = 0usize;
