@@ -229,14 +229,31 @@ pub const LOG_EVENTS_PER_SECOND: u32 = 20;
 /// Pin name of the log ring buffer, shared by every generation of the programs.
 pub const LOGS_PIN: &str = "TCPMGM_LOGS";
 
-/// A generation's own entry: its number, which the programs check against `CURRENT`, and how
-/// the daemon was told to enforce it.
+/// A generation's own entry: its number, which the programs check against `CURRENT`, how
+/// the daemon was told to enforce it, and which tcpmgm wrote it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
     pub generation: u32,
     /// `settings::*` bits.
     pub flags: u32,
+    /// The version (`tcpmgm --version`'s text, NUL-padded) of the tcpmgm that loaded the
+    /// programs and wrote this generation: `status` reads it from the pins, so it names what
+    /// runs in the kernel whichever daemon (if any) runs now. The programs never read it.
+    pub loader: [u8; LOADER_LEN],
+}
+
+/// The size of `Header::loader`. Pins of tcpmgm versions before it have a header of 8 bytes.
+pub const LOADER_LEN: usize = 64;
+
+impl Default for Header {
+    fn default() -> Header {
+        Header {
+            generation: 0,
+            flags: 0,
+            loader: [0; LOADER_LEN],
+        }
+    }
 }
 
 /// The socket marks (`marks::AUDIT`, ...) that a generation's settings give the sockets it

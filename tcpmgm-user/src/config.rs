@@ -59,6 +59,11 @@ pub struct Config {
     pub api_group: Option<String>,
     /// How the log is written: `"text"` (default) or `"json"` (as `--log-format`).
     pub log_format: Option<LogFormat>,
+    /// The table's columns by the names it gives them, where they are not OpenSIPS's (as the
+    /// tcp_mgm module's `<column>_col`): `[columns]` then `keepidle = "ka_idle"`. Wins over
+    /// --opensips-cfg's, column by column.
+    #[serde(default)]
+    pub columns: crate::policy::source::ColumnMap,
 }
 
 /// What a process's own setsockopt() may do to the options its socket's rule sets.
@@ -102,7 +107,18 @@ pub enum ConfigError {
         key: &'static str,
         flag: &'static str,
     },
+    /// `reload` with no cgroup or control socket anywhere: what was looked at.
+    #[error("no cgroup: give --cgroup, --control or --config, or `cgroup` in {0}")]
+    NoCgroup(String),
+    #[error("no rule database: {0}")]
+    NoDatabase(String),
+    #[error("config {path}: [columns]: {reason}")]
+    Columns { path: PathBuf, reason: String },
 }
+
+/// The configuration file read when no option names a configuration or a rule source, as
+/// opensips-cli finds its own.
+pub const DEFAULT_PATH: &str = "/etc/tcpmgm/tcpmgm.toml";
 
 /// A value of an option outside what the option accepts: the value as given, and the range.
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +205,25 @@ impl Config {
             source,
         })?;
         Config::parse(path, &text)
+    }
+
+    /// The file `given` (--config, TCPMGM_CONFIG), else `DEFAULT_PATH` when it exists and
+    /// `nothing_else` was named; says which it read on stderr (the daemon's log), and returns
+    /// its path with it. No file: the empty configuration.
+    pub fn find(
+        given: Option<&Path>,
+        nothing_else: bool,
+    ) -> Result<(Option<PathBuf>, Config), ConfigError> {
+        let (path, how) = match given {
+            Some(path) => (path, "given"),
+            None if nothing_else && Path::new(DEFAULT_PATH).exists() => {
+                (Path::new(DEFAULT_PATH), "found by default")
+            }
+            None => return Ok((None, Config::default())),
+        };
+        let config = Config::load(path)?;
+        tracing::info!("configuration: {} ({how})", path.display());
+        Ok((Some(path.to_path_buf()), config))
     }
 
     /// Reads the configuration from `text`, the contents of the file at `path`.
@@ -318,11 +353,13 @@ impl RuleArgs {
     /// Folds the configuration file (if any) in: the command line wins, listeners add up.
     /// Then reads `--opensips-cfg` (from either), for what the options left unset. Returns the
     /// file's contents, for the options beyond the rules.
+    /// Without --config, --db or --opensips-cfg, the configuration is `DEFAULT_PATH` when it
+    /// exists (and a reload reads it again). No database from any of them is an error naming
+    /// what was looked at.
     pub fn with_config(&mut self) -> Result<Config, ConfigError> {
-        let config = match &self.config {
-            Some(path) => Config::load(path)?,
-            None => Config::default(),
-        };
+        let nothing_else = self.db.is_none() && self.opensips_cfg.is_none();
+        let (path, config) = Config::find(self.config.as_deref(), nothing_else)?;
+        self.config = path;
         if self.db.is_none() {
             self.db.clone_from(&config.db);
         }
@@ -343,7 +380,29 @@ impl RuleArgs {
             if self.db.is_none() {
                 self.db = Some(cfg.db()?);
             }
+            self.columns = cfg.columns.clone();
             self.opensips = Some(cfg);
+        }
+        if let Some(path) = &self.config {
+            self.columns
+                .overlay(&config.columns)
+                .map_err(|reason| ConfigError::Columns {
+                    path: path.clone(),
+                    reason,
+                })?;
+        }
+        if self.db.is_none() {
+            return Err(ConfigError::NoDatabase(match &self.config {
+                Some(path) => format!(
+                    "{} sets neither db nor opensips_cfg, and neither --db, TCPMGM_DB nor \
+                     --opensips-cfg was given",
+                    path.display()
+                ),
+                None => format!(
+                    "give --db (or TCPMGM_DB), --opensips-cfg or --config (or TCPMGM_CONFIG); \
+                     {DEFAULT_PATH} does not exist"
+                ),
+            }));
         }
         Ok(config)
     }

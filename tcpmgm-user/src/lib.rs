@@ -16,3 +16,15 @@ pub mod kernel;
 pub mod memory;
 pub mod policy;
 pub mod system;
+
+/// `tcpmgm --version`: the package version, the commit it was built from (`build.rs`; "unknown"
+/// outside git unless TCPMGM_COMMIT names it) and the first 12 hex digits of the embedded eBPF
+/// object's SHA-256, which tell two builds of one version apart.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("TCPMGM_COMMIT"),
+    ", eBPF ",
+    env!("TCPMGM_EBPF_SHA256"),
+    ")"
+);

@@ -754,3 +754,114 @@ async fn log_format_json_writes_an_object_a_line() {
     let text = daemon_log(&sb, &db, &["--config", &config, "--log-format", "text"]);
     assert!(text.lines().all(|l| l.starts_with('<')), "{text}");
 }
+
+/// `tcpmgm ARGS` in a mount namespace of its own whose /etc/tcpmgm is `conf` (an overlay over
+/// /etc, on a tmpfs of the namespace, makes the mount point without touching the host's /etc),
+/// in the working directory `cwd`, with no TCPMGM_* variable: the host is left as it was.
+fn tcpmgm_with_etc(conf: &Path, cwd: &Path, args: &[&str]) -> (i32, String, String) {
+    use nix::mount::{MsFlags, mount};
+    let layers = cwd.join("layers");
+    std::fs::create_dir_all(&layers).unwrap();
+    let (upper, work) = (layers.join("upper"), layers.join("work"));
+    let options = format!(
+        "lowerdir=/etc,upperdir={},workdir={}",
+        upper.display(),
+        work.display()
+    );
+    let conf = conf.to_path_buf();
+    let mut cmd = Command::new(binary("tcpmgm"));
+    cmd.args(args)
+        .current_dir(cwd)
+        .env_remove("TCPMGM_CONFIG")
+        .env_remove("TCPMGM_DB");
+    // SAFETY: only system calls between fork and exec, on paths made before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let io = |e: nix::Error| std::io::Error::from_raw_os_error(e as i32);
+            let mkdir = |p: &Path| match nix::unistd::mkdir(p, nix::sys::stat::Mode::S_IRWXU) {
+                Err(nix::Error::EEXIST) => Ok(()),
+                other => other.map_err(io),
+            };
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(io)?;
+            let none: Option<&str> = None;
+            mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).map_err(io)?;
+            mount(
+                Some("tmpfs"),
+                &layers,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                none,
+            )
+            .map_err(io)?;
+            mkdir(&upper)?;
+            mkdir(&work)?;
+            mount(
+                Some("overlay"),
+                "/etc",
+                Some("overlay"),
+                MsFlags::empty(),
+                Some(options.as_str()),
+            )
+            .map_err(io)?;
+            mkdir(Path::new("/etc/tcpmgm"))?;
+            mount(Some(&conf), "/etc/tcpmgm", none, MsFlags::MS_BIND, none).map_err(io)
+        });
+    }
+    let out = cmd.output().expect("run tcpmgm");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// With no option naming a configuration or a database, `check` reads /etc/tcpmgm/tcpmgm.toml
+/// and says so; without that file it is an error naming what was looked at, and no
+/// ./tcpmgm.db appears.
+#[tokio::test]
+async fn check_without_options_reads_etc_tcpmgm() {
+    let db = TestDb::new(
+        Backend::Sqlite,
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, remote_port) VALUES (7, 70000);",
+    )
+    .await;
+    let dir = std::env::temp_dir().join(format!("tcpmgm-etc-{}", std::process::id()));
+    let conf = dir.join("conf");
+    std::fs::create_dir_all(&conf).unwrap();
+    let (code, out, err) = tcpmgm_with_etc(&conf, &dir, &["check"]);
+    let stray = dir.join("tcpmgm.db").exists();
+    assert!(
+        code == EX_CONFIG
+            && err.contains("no rule database")
+            && err.contains("/etc/tcpmgm/tcpmgm.toml does not exist"),
+        "exit {code}: {out}{err}"
+    );
+    assert!(!stray, "check made ./tcpmgm.db");
+
+    std::fs::write(conf.join("tcpmgm.toml"), format!("db = {:?}\n", db.url)).unwrap();
+    let (code, out, err) = tcpmgm_with_etc(&conf, &dir, &["check"]);
+    assert_eq!(
+        (code, out.trim()),
+        (
+            EX_DATAERR,
+            "id 7: remote_port: 70000 is not a port (0 to 65535, 0 = any)"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("configuration: /etc/tcpmgm/tcpmgm.toml (found by default)"),
+        "{err}"
+    );
+    // A database named on the command line leaves the file alone.
+    let (code, _, err) = tcpmgm_with_etc(&conf, &dir, &["check", "--db", "/nonexistent.db"]);
+    assert!(
+        code == EX_UNAVAILABLE && !err.contains("configuration:"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        !Path::new("/etc/tcpmgm").exists(),
+        "the test left /etc/tcpmgm on the host"
+    );
+}

@@ -257,3 +257,125 @@ fn explicit_options_win_and_what_cannot_be_followed_is_named() {
         "{err}"
     );
 }
+
+/// The rule of `rule_sql`, in a table whose id and keepidle columns have other names.
+const RENAMED_SQL: &str = "ALTER TABLE tcp_mgm RENAME COLUMN keepidle TO ka_idle;
+    ALTER TABLE tcp_mgm RENAME COLUMN id TO rule_id;
+    INSERT INTO tcp_mgm (rule_id, local_addr, local_port, ka_idle) VALUES (1, 'trunks', 5070, 41);";
+
+/// `opensips_cfg` with the tcp_mgm module told where those columns are.
+fn renaming_cfg(db_url: &str) -> String {
+    opensips_cfg(db_url, "tcp_mgm").replace(
+        "modparam(\"tcp_mgm\", \"db_table\", \"tcp_mgm\")",
+        "modparam(\"tcp_mgm\", \"db_table\", \"tcp_mgm\")\n\
+         modparam(\"tcp_mgm\", \"keepidle_col\", \"ka_idle\")\n\
+         modparam(\"tcp_mgm\", \"id_col\", \"rule_id\")",
+    )
+}
+
+/// The module's `<column>_col` renames are honoured: `check` and `match` read the renamed
+/// columns (and say the missing one without them), on every database.
+async fn column_renames_are_read(backend: Backend) {
+    let db = TestDb::new(backend, TableVersion::V1, RENAMED_SQL).await;
+    let scratch = Scratch::new(&format!("renames-{backend:?}"));
+    let cfg = scratch.write("opensips.cfg", &renaming_cfg(&db.url));
+    let (code, out, err) = tcpmgm(&["check", "--opensips-cfg", &cfg]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("1 rules valid, 0 rows bad"), "{err}");
+    let (code, out, err) = tcpmgm(&[
+        "match",
+        "--opensips-cfg",
+        &cfg,
+        "--remote",
+        "192.0.2.9:5060",
+        "--local",
+        "127.0.0.1:5070",
+        "--direction",
+        "in",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("rule 1:") && out.contains("keepidle=41s"),
+        "{out}"
+    );
+    // The schema defaults it does not enforce are marked.
+    assert!(
+        out.contains("connect_timeout=100ms*")
+            && out.contains("con_lifetime=120s*")
+            && out.contains("keepidle=41s ")
+            && out.contains("* not enforced: connect_timeout: OpenSIPS's schema default"),
+        "{out}"
+    );
+    // Without them, the table's own id column is missing (the database says so as it sorts).
+    let plain = scratch.write("plain.cfg", &opensips_cfg(&db.url, "tcp_mgm"));
+    let (code, _, err) = tcpmgm(&["check", "--opensips-cfg", &plain]);
+    assert!(
+        code == 65 && err.contains("column") && err.contains("id"),
+        "{err}"
+    );
+    // The configuration file's [columns] do the same, and win over the cfg's.
+    let config = scratch.write(
+        "tcpmgm.toml",
+        &format!("opensips_cfg = {plain:?}\n[columns]\nkeepidle = \"ka_idle\"\nid = \"rule_id\"\n"),
+    );
+    let (code, _, err) = tcpmgm(&["check", "--config", &config]);
+    assert!(code == 0 && err.contains("1 rules valid"), "{err}");
+}
+
+#[tokio::test]
+async fn column_renames_with_sqlite() {
+    column_renames_are_read(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn column_renames_with_postgres() {
+    column_renames_are_read(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn column_renames_with_mariadb() {
+    column_renames_are_read(Backend::MariaDb).await;
+}
+
+/// End to end: `run --opensips-cfg` with a `keepidle_col` rename gives the connections the
+/// renamed column's value.
+#[tokio::test]
+async fn run_honours_a_column_rename() {
+    let db = TestDb::new(Backend::Sqlite, TableVersion::V1, RENAMED_SQL).await;
+    let scratch = Scratch::new("renames-run");
+    let cfg = scratch.write("opensips.cfg", &renaming_cfg(&db.url));
+    let sb = Sandbox::new();
+    let d = Daemon::start_args(&sb, control_socket(&sb), &["--opensips-cfg", &cfg]);
+    let mut p = sb.probe();
+    let r = p.ask("pair 127.0.0.1:5070 127.0.0.1:5070 127.0.0.1:0");
+    assert_eq!(
+        (r.keepalive("server").1, r.keepalive("client").1),
+        (41, 41),
+        "{r:?}; daemon: {}",
+        d.startup_log
+    );
+}
+
+/// A `_col` parameter tcpmgm cannot follow is an error naming its line.
+#[test]
+fn column_renames_that_cannot_be_followed_name_the_line() {
+    let scratch = Scratch::new("renames-errors");
+    for (param, value, says) in [
+        ("direction_col", "\"dir\"", "no direction column"),
+        ("keepidle_col", "KA_COL", "not a quoted string"),
+        ("keepidle_col", "\"ka-idle\"", "plain SQL name"),
+        ("flavour_col", "\"f\"", "not a column of the tcp_mgm table"),
+    ] {
+        let cfg = scratch.write(
+            "bad.cfg",
+            &format!(
+                "db_default_url=\"sqlite:///nonexistent.db\"\n\nmodparam(\"tcp_mgm\", \"{param}\", {value})\n"
+            ),
+        );
+        let (code, _, err) = tcpmgm(&["check", "--opensips-cfg", &cfg]);
+        assert!(
+            code == 78 && err.contains(&format!("{cfg}:3: ")) && err.contains(says),
+            "{param} {value}: {err}"
+        );
+    }
+}

@@ -163,7 +163,49 @@ async fn status_counts_exactly_the_connections_made() {
             && text.contains("refused          5"),
         "{text}"
     );
+    // The version that loaded the programs is read from the pins: it outlives the daemon, and
+    // is the one `--version` names (commit and eBPF object included).
     daemon.kill();
+    let version = tcpmgm_tests::tcpmgm(&["--version"]).1;
+    let version = version
+        .trim()
+        .strip_prefix("tcpmgm ")
+        .expect("tcpmgm VERSION");
+    assert!(
+        version.contains("(commit ") && version.contains(", eBPF "),
+        "{version}"
+    );
+    let report: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
+    assert_eq!(report[0]["daemon_running"], false, "{report:#}");
+    assert_eq!(report[0]["kernel"]["loader"], version, "{report:#}");
+    assert!(
+        status(false).contains(&format!("loaded by: tcpmgm {version}")),
+        "{}",
+        status(false)
+    );
+    // Pins of a tcpmgm before the header recorded it: an 8-byte header (generation, flags).
+    let header = sb.pin_dir.join("TCPMGM_HEADER");
+    std::fs::remove_file(&header).unwrap();
+    tcpmgm_tests::sh(
+        Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&header)
+            .args([
+                "type",
+                "array",
+                "key",
+                "4",
+                "value",
+                "8",
+                "entries",
+                "1",
+                "name",
+                "TCPMGM_HEADER",
+            ]),
+    );
+    let report: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
+    assert!(report[0]["kernel"]["loader"].is_null(), "{report:#}");
+    assert!(status(false).contains("loaded by: tcpmgm unknown"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -9,6 +9,9 @@ use anyhow::bail;
 use crate::{on_path, output, status, succeeds};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// How long apt-get waits for another apt or dpkg (unattended-upgrades on a freshly booted
+/// cloud machine holds the lock for minutes) instead of failing at once.
+pub const APT_LOCK_WAIT: [&str; 2] = ["-o", "DPkg::Lock::Timeout=600"];
 const LLVM: &str = "22";
 
 fn is_root() -> bool {
@@ -28,9 +31,14 @@ pub fn apt_install<S: AsRef<std::ffi::OsStr> + std::fmt::Display>(
         bail!("missing Debian packages {list}: run as root, or `apt-get install -y {list}`");
     }
     eprintln!("xtask: apt-get install {list}");
-    status(Command::new("apt-get").arg("update").arg("-qq"))?;
     status(
         Command::new("apt-get")
+            .args(APT_LOCK_WAIT)
+            .args(["update", "-qq"]),
+    )?;
+    status(
+        Command::new("apt-get")
+            .args(APT_LOCK_WAIT)
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),

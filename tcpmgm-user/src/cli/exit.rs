@@ -104,6 +104,7 @@ fn source(e: &SourceError) -> Failure {
         // Refused, unreachable, still starting, a role or file not there yet: all may pass.
         SourceError::Connect { .. } => Failure::Unavailable,
         SourceError::Query { source, .. } if lost_connection(source) => Failure::Unavailable,
+        SourceError::Query { source, .. } if not_in_the_table(source) => Failure::Data,
         SourceError::Query { .. } => Failure::Other,
         SourceError::MissingColumn { .. } | SourceError::NoTable { .. } => Failure::Data,
         SourceError::Unsupported { .. } => Failure::Config,
@@ -121,6 +122,20 @@ fn lost_connection(e: &sqlx::Error) -> bool {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
     )
+}
+
+/// A query the table's shape refused: a column (a renamed one, say) or the table not there.
+/// PostgreSQL's SQLSTATE 42703/42P01, MariaDB's errors 1054/1146, SQLite's message (its error
+/// code for both is the generic 1).
+fn not_in_the_table(e: &sqlx::Error) -> bool {
+    let Some(db) = e.as_database_error() else {
+        return false;
+    };
+    matches!(
+        db.code().as_deref(),
+        Some("42703" | "42P01" | "42S22" | "42S02" | "1054" | "1146")
+    ) || db.message().starts_with("no such column")
+        || db.message().starts_with("no such table")
 }
 
 fn system(e: &SystemError) -> Option<Failure> {

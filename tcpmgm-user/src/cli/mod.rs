@@ -40,7 +40,7 @@ Exit status (sysexits.h):
 #[derive(Parser)]
 #[command(
     name = "tcpmgm",
-    version,
+    version = crate::VERSION,
     about = "OpenSIPS tcp_mgm rules, enforced in the kernel for a cgroup",
     after_help = AFTER_HELP
 )]
@@ -74,13 +74,14 @@ enum Command {
     /// (with the reason) when the reload failed; the previous policy then stays in force.
     Reload {
         /// The cgroup the daemon governs (finds its default control socket).
-        #[arg(long, required_unless_present_any = ["control", "config"])]
+        #[arg(long)]
         cgroup: Option<PathBuf>,
         /// The daemon's control socket.
         #[arg(long)]
         control: Option<PathBuf>,
         /// The daemon's configuration file, for its cgroup and control socket (what systemd's
-        /// ExecReload= passes).
+        /// ExecReload= passes) [default: /etc/tcpmgm/tcpmgm.toml when it exists and neither
+        /// --cgroup nor --control is given].
         #[arg(long, env = "TCPMGM_CONFIG")]
         config: Option<PathBuf>,
     },
@@ -96,6 +97,11 @@ enum Command {
         /// Its daemon's control socket [default: /run/tcpmgm/<cgroup>.sock].
         #[arg(long, requires = "cgroup")]
         control: Option<PathBuf>,
+        /// A daemon's configuration file: its cgroup is reported too, with the pin directory
+        /// and control socket it sets [default: /etc/tcpmgm/tcpmgm.toml when it exists and
+        /// --cgroup is not given].
+        #[arg(long, env = "TCPMGM_CONFIG", conflicts_with = "cgroup")]
+        config: Option<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -163,17 +169,24 @@ pub(crate) enum DirectionArg {
 enum DbCommand {
     /// Create the OpenSIPS tcp_mgm table (and the version table) when missing.
     Init {
-        #[arg(long, env = "TCPMGM_DB", default_value = "sqlite://tcpmgm.db")]
-        db: String,
+        /// The rule database [default: the configuration's, as for `check`; no database
+        /// named anywhere is an error, so a table never lands in a stray ./tcpmgm.db].
+        #[arg(long, env = "TCPMGM_DB")]
+        db: Option<String>,
+        /// Configuration file (TOML), for its db or opensips_cfg [default:
+        /// /etc/tcpmgm/tcpmgm.toml when it exists and --db is not given].
+        #[arg(long, env = "TCPMGM_CONFIG")]
+        config: Option<PathBuf>,
         /// 1: OpenSIPS 3.3 to 3.6 (with parallel_read); 2: OpenSIPS master.
         #[arg(long, value_enum, default_value = "1")]
         table_version: TableVersion,
         /// Also insert example rules (a TLS trunk, a NAT'ed pool, a replication peer, loopback).
         #[arg(long)]
         examples: bool,
-        /// The table's name, when it is not tcp_mgm (the tcp_mgm module's db_table).
-        #[arg(long, value_name = "NAME", default_value = "tcp_mgm")]
-        table: TableName,
+        /// The table's name, when it is not tcp_mgm (the tcp_mgm module's db_table)
+        /// [default: the configuration's table, else tcp_mgm].
+        #[arg(long, value_name = "NAME")]
+        table: Option<TableName>,
     },
 }
 
@@ -256,8 +269,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cgroup,
             pin_dir,
             control,
+            config,
             json,
-        } => status(cgroup, pin_dir, control, json),
+        } => {
+            let configured = match cgroup {
+                Some(_) => None,
+                None => {
+                    let (_, file) = crate::config::Config::find(config.as_deref(), true)?;
+                    file.cgroup
+                        .map(|cg| system::Paths::of_maybe_gone(&cg, file.pin_dir, file.control))
+                        .transpose()?
+                }
+            };
+            status(cgroup, pin_dir, control, configured, json)
+        }
         Command::Match {
             mut rules,
             remote,
@@ -265,19 +290,32 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             local,
             direction,
         } => {
-            rules.with_config()?;
-            explain(rules, remote, proto, local, direction).await
+            let config = rules.with_config()?;
+            explain(rules, &config, remote, proto, local, direction).await
         }
         Command::Db {
             command:
                 DbCommand::Init {
                     db,
+                    config,
                     table_version,
                     examples,
                     table,
                 },
         } => {
-            let source = Source::open_table(&db, true, &table).await?;
+            let mut rules = RuleArgs {
+                db,
+                config,
+                listeners: Vec::new(),
+                sockets_from: Vec::new(),
+                opensips_cfg: None,
+                table,
+                opensips: None,
+                columns: Default::default(),
+            };
+            rules.with_config()?;
+            let (db, table) = (rules.db(), rules.table());
+            let source = Source::open_table(db, true, &table).await?;
             if source.init(table_version).await? {
                 println!(
                     "created table {table} (version {}) in {}",
@@ -399,17 +437,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             control,
             config,
         } => {
-            let file = match &config {
-                Some(path) => crate::config::Config::load(path)?,
-                None => crate::config::Config::default(),
-            };
+            let nothing_else = cgroup.is_none() && control.is_none();
+            let (path, file) = crate::config::Config::find(config.as_deref(), nothing_else)?;
             let control = match (control.or(file.control), cgroup.or(file.cgroup)) {
                 (Some(c), _) => c,
                 (None, Some(cg)) => system::Paths::of(&cg, None, None)?.control,
-                (None, None) => Err(ConfigError::Missing {
-                    key: "cgroup",
-                    flag: "cgroup or --control",
-                })?,
+                (None, None) => Err(ConfigError::NoCgroup(path.map_or_else(
+                    || format!("{} (which does not exist)", crate::config::DEFAULT_PATH),
+                    |p| p.display().to_string(),
+                )))?,
             };
             match daemon::request(&control, "reload").await {
                 Ok(report) => {

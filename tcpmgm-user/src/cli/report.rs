@@ -57,19 +57,28 @@ pub(super) fn status(
     cgroup: Option<PathBuf>,
     pin_dir: Option<PathBuf>,
     control: Option<PathBuf>,
+    configured: Option<system::Paths>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let mut found = Vec::new();
+    let of = |paths: system::Paths| {
+        let mut s = crate::daemon::status::of(&paths.pin_dir, &paths.control);
+        s.cgroup.get_or_insert(paths.cgroup);
+        s
+    };
     match cgroup {
-        Some(cg) => {
-            let paths = system::Paths::of_maybe_gone(&cg, pin_dir, control)?;
-            let mut s = crate::daemon::status::of(&paths.pin_dir, &paths.control);
-            s.cgroup.get_or_insert(paths.cgroup);
-            found.push(s);
-        }
+        Some(cg) => found.push(of(system::Paths::of_maybe_gone(&cg, pin_dir, control)?)),
         None => {
+            // The configuration's cgroup, with the pin directory and control socket it sets,
+            // then every other one pinned in the default place.
+            let mine = configured.as_ref().map(|p| p.pin_dir.clone());
+            if let Some(paths) = configured {
+                found.push(of(paths));
+            }
             for (pins, control) in system::Paths::pinned()? {
-                found.push(crate::daemon::status::of(&pins, &control));
+                if Some(&pins) != mine.as_ref() {
+                    found.push(crate::daemon::status::of(&pins, &control));
+                }
             }
         }
     }
@@ -133,8 +142,62 @@ pub(super) async fn check(
     })
 }
 
+/// What `match` shows of a rule's profile but tcpmgm leaves alone, each with why: OpenSIPS's
+/// schema defaults that are enforced only when asked (`config`), and the SIP-level columns,
+/// which are only recorded for the application.
+fn not_enforced(rule: &Rule, config: &crate::config::Config) -> Vec<(&'static str, String)> {
+    let p = &rule.profile;
+    let mut out = Vec::new();
+    if p.connect_timeout_ms != 0 && !config.enforcement().connect_timeout(p.connect_timeout_ms) {
+        out.push((
+            "connect_timeout",
+            "OpenSIPS's schema default (enforce_default_connect_timeout enforces it)".into(),
+        ));
+    }
+    let default_lifetime = config.enforce_default_lifetime == Some(true);
+    if p.con_lifetime_s != 0
+        && !crate::daemon::lifetime::enforced(p.con_lifetime_s, default_lifetime)
+    {
+        out.push((
+            "con_lifetime",
+            "OpenSIPS's default (enforce_default_lifetime enforces it)".into(),
+        ));
+    }
+    for column in ["msg_read_timeout", "alias_mode", "parallel_read", "attrs"] {
+        out.push((
+            column,
+            "SIP-level, recorded per socket for the application".into(),
+        ));
+    }
+    out
+}
+
+/// The profile as the table's columns, each value tcpmgm does not enforce marked `*`.
+fn marked_profile(rule: &Rule, config: &crate::config::Config) -> (String, Vec<String>) {
+    let unenforced = not_enforced(rule, config);
+    let text = crate::policy::compile::recorded_profile(rule).to_string();
+    let marked: Vec<String> = text
+        .split(' ')
+        .map(|column| {
+            let name = column.split('=').next().unwrap_or_default();
+            if unenforced.iter().any(|(n, _)| *n == name) {
+                format!("{column}*")
+            } else {
+                column.to_owned()
+            }
+        })
+        .collect();
+    let shown: Vec<String> = unenforced
+        .into_iter()
+        .filter(|(name, _)| text.contains(&format!("{name}=")))
+        .map(|(name, why)| format!("{name}: {why}"))
+        .collect();
+    (marked.join(" "), shown)
+}
+
 pub(super) async fn explain(
     args: RuleArgs,
+    config: &crate::config::Config,
     remote: SocketAddr,
     proto: Option<String>,
     local: Option<SocketAddr>,
@@ -189,10 +252,11 @@ pub(super) async fn explain(
         return Ok(ExitCode::SUCCESS);
     };
     println!("rule {}: {}", winner.id, winner.describe());
-    println!(
-        "  profile: {}",
-        crate::policy::compile::recorded_profile(winner)
-    );
+    let (profile, unenforced) = marked_profile(winner, config);
+    println!("  profile: {profile}");
+    if !unenforced.is_empty() {
+        println!("  * not enforced: {}", unenforced.join("; "));
+    }
     for other in matching.iter().skip(1) {
         println!(
             "  also matches rule {}, which loses: rule {} has {}",

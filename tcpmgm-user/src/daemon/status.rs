@@ -291,6 +291,13 @@ impl std::fmt::Display for CgroupStatus {
                         programs.join(", ")
                     }
                 )?;
+                writeln!(
+                    f,
+                    "  loaded by: tcpmgm {}",
+                    k.loader
+                        .as_deref()
+                        .unwrap_or("unknown (a version that did not record it)")
+                )?;
                 let active: Vec<_> = k
                     .rules
                     .iter()

@@ -87,6 +87,15 @@ impl Contents {
     }
 }
 
+/// This tcpmgm's version as the header keeps it (cut to fit, which a version never needs).
+fn loader() -> [u8; tcpmgm_common::LOADER_LEN] {
+    let mut out = [0; tcpmgm_common::LOADER_LEN];
+    let text = crate::VERSION.as_bytes();
+    let len = text.len().min(out.len());
+    out[..len].copy_from_slice(&text[..len]);
+    out
+}
+
 fn octets<const N: usize>(net: IpNet) -> [u8; N] {
     let v = match net.network() {
         std::net::IpAddr::V4(a) => a.octets().to_vec(),
@@ -133,6 +142,7 @@ fn contents(p: &Policy, number: u32) -> Vec<(&'static str, Contents)> {
             Contents::array(&[Header {
                 generation: number,
                 flags: p.settings,
+                loader: loader(),
             }]),
         ),
         (names::LISTS, Contents::array(&p.lists)),

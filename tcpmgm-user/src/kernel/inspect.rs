@@ -12,6 +12,9 @@ pub struct Pinned {
     pub programs: Vec<PinnedProgram>,
     /// The generation the pinned policy maps are, from their header.
     pub generation: u32,
+    /// The version of the tcpmgm that loaded the programs, from the same header; None for
+    /// pins of a version that did not record it.
+    pub loader: Option<String>,
     /// In match order.
     pub rules: Vec<RuleCount>,
 }
@@ -72,12 +75,7 @@ pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
         what: "reading".into(),
         reason: e.to_string(),
     };
-    let header: Array<MapData, tcpmgm_common::Header> =
-        Array::try_from(Map::Array(open(names::HEADER)?)).map_err(|e| fail(names::HEADER, e))?;
-    let generation = header
-        .get(&0, 0)
-        .map_err(|e| fail(names::HEADER, e))?
-        .generation;
+    let (generation, loader) = header(dir)?;
     let profiles: Array<MapData, Profile> = Array::try_from(Map::Array(open(names::PROFILES)?))
         .map_err(|e| fail(names::PROFILES, e))?;
     let stats: PerCpuHashMap<MapData, u32, RuleStats> =
@@ -125,6 +123,39 @@ pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
     Ok(Pinned {
         programs,
         generation,
+        loader,
         rules,
     })
+}
+
+/// The pinned header's generation and loader; the header of an older version is its first 8
+/// bytes only (generation, flags), without a loader.
+fn header(dir: &Path) -> Result<(u32, Option<String>), KernelError> {
+    use aya::maps::{Array, Map, MapData, MapError};
+    let open = || {
+        MapData::from_pin(dir.join(names::HEADER)).map_err(|e| KernelError::Map {
+            map: names::HEADER,
+            what: "opening its pin".into(),
+            reason: e.to_string(),
+        })
+    };
+    let fail = |e: MapError| KernelError::Map {
+        map: names::HEADER,
+        what: "reading".into(),
+        reason: e.to_string(),
+    };
+    match Array::<MapData, tcpmgm_common::Header>::try_from(Map::Array(open()?)) {
+        Ok(header) => {
+            let h = header.get(&0, 0).map_err(fail)?;
+            let text = h.loader.split(|&b| b == 0).next().unwrap_or_default();
+            let loader = String::from_utf8_lossy(text).into_owned();
+            Ok((h.generation, Some(loader).filter(|l| !l.is_empty())))
+        }
+        Err(MapError::InvalidValueSize { .. }) => {
+            let old: Array<MapData, [u32; 2]> =
+                Array::try_from(Map::Array(open()?)).map_err(fail)?;
+            Ok((old.get(&0, 0).map_err(fail)?[0], None))
+        }
+        Err(e) => Err(fail(e)),
+    }
 }

@@ -1,13 +1,18 @@
 //! `--opensips-cfg`: what tcpmgm takes from OpenSIPS's own configuration file, so that one file
 //! configures both: the TCP-based `socket=` / `listen=` lines (the listeners), and the tcp_mgm
-//! module's `db_url` (else the global `db_default_url`) and `db_table`.
+//! module's `db_url` (else the global `db_default_url`), `db_table` and `<column>_col` renames.
+//!
+//! A `<column>_col` renames the column its name says, as the module documents. OpenSIPS 3.3 to
+//! 3.6 itself applies the parameters from `direction_col` on to the next column of its list
+//! (`keepidle_col` renames keepinterval there; master shifts fewer), and the module has no
+//! direction column at all: `direction_col` is an error here.
 //!
 //! Only what the file says literally is taken. What tcpmgm cannot follow is an error naming the
 //! line: an included file, a value that is not a quoted string (an m4 macro, say), a database
 //! module other than SQLite, MySQL/MariaDB and PostgreSQL, a setting made twice.
 use std::path::{Path, PathBuf};
 
-use crate::policy::source::TableName;
+use crate::policy::source::{ColumnMap, TableName};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{}{}: {reason}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
@@ -38,6 +43,8 @@ pub struct OpenSipsCfg {
     /// The `socket=` / `listen=` values, by line, UDP and SCTP ones included (the listener
     /// reader skips those).
     pub sockets: Vec<Setting>,
+    /// `modparam("tcp_mgm", "<column>_col", ...)`.
+    pub columns: ColumnMap,
 }
 
 /// The database modules tcpmgm reads, by URL scheme.
@@ -74,6 +81,8 @@ impl OpenSipsCfg {
                 Ok(())
             }
         };
+        // The line of each `_col` parameter, to name a second setting of it.
+        let mut renamed: std::collections::BTreeMap<String, usize> = Default::default();
         let mut i = 0;
         while i < tokens.len() {
             let t = &tokens[i];
@@ -101,7 +110,8 @@ impl OpenSipsCfg {
                     let (Kind::Str(module), Kind::Str(param)) = (&module.kind, &param.kind) else {
                         continue;
                     };
-                    if !matches!(param.as_str(), "db_url" | "db_table") {
+                    let column = param.strip_suffix("_col");
+                    if !matches!(param.as_str(), "db_url" | "db_table") && column.is_none() {
                         continue;
                     }
                     if module != "tcp_mgm" {
@@ -121,11 +131,38 @@ impl OpenSipsCfg {
                             value.line,
                             format!(
                                 "modparam(\"tcp_mgm\", \"{param}\", ...): the value is not a \
-                                 quoted string (a macro?), which tcpmgm cannot follow; give --{}",
-                                if param == "db_url" { "db" } else { "table" }
+                                 quoted string (a macro?), which tcpmgm cannot follow; give {}",
+                                match param.as_str() {
+                                    "db_url" => "--db",
+                                    "db_table" => "--table",
+                                    _ => "[columns] in tcpmgm's configuration file",
+                                }
                             ),
                         ));
                     };
+                    if let Some(column) = column {
+                        let what = format!("modparam(\"tcp_mgm\", \"{param}\", ...)");
+                        if let Some(first) = renamed.insert(param.clone(), value.line) {
+                            return Err(fail(
+                                value.line,
+                                format!("{what} is set twice (also on line {first})"),
+                            ));
+                        }
+                        if column == "direction" {
+                            return Err(fail(
+                                value.line,
+                                format!(
+                                    "{what}: the tcp_mgm table has no direction column (OpenSIPS \
+                                     applies this parameter to priority), which tcpmgm cannot \
+                                     follow; rename priority with priority_col"
+                                ),
+                            ));
+                        }
+                        cfg.columns
+                            .rename(column, v)
+                            .map_err(|e| fail(value.line, format!("{what}: {e}")))?;
+                        continue;
+                    }
                     let setting = Setting {
                         value: v.clone(),
                         line: value.line,

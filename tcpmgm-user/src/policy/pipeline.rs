@@ -5,19 +5,17 @@ use crate::memory::{Budget, TooLarge};
 use crate::policy::listener::{ListenerError, Listeners};
 use crate::policy::opensips_cfg::OpenSipsCfg;
 use crate::policy::rule::{RowError, Rule, validate_row};
-use crate::policy::source::{Source, SourceError, TableName};
-
-/// The database when neither the command line, TCPMGM_DB nor the config file names one.
-pub const DEFAULT_DB: &str = "sqlite://tcpmgm.db";
+use crate::policy::source::{ColumnMap, Source, SourceError, TableName};
 
 /// Where the rules and listeners come from.
 #[derive(Clone, Debug, clap::Args)]
 pub struct RuleArgs {
     /// Rule database: sqlite://PATH (or a plain path), postgres://... or mysql://...
-    /// [default: sqlite://tcpmgm.db]
+    /// [default: the configuration's db, or its opensips_cfg's db_url]
     #[arg(long, env = "TCPMGM_DB")]
     pub db: Option<String>,
-    /// Configuration file (TOML); the command line wins over it.
+    /// Configuration file (TOML); the command line wins over it [default:
+    /// /etc/tcpmgm/tcpmgm.toml when it exists and neither --db nor --opensips-cfg is given].
     #[arg(long, env = "TCPMGM_CONFIG")]
     pub config: Option<PathBuf>,
     /// A listener in OpenSIPS socket syntax, e.g. "tls:10.0.0.1:5061 tag trunks". Repeatable.
@@ -38,6 +36,10 @@ pub struct RuleArgs {
     /// What --opensips-cfg gave, once read (`with_config`).
     #[arg(skip)]
     pub opensips: Option<OpenSipsCfg>,
+    /// The table's renamed columns, from --opensips-cfg and the configuration file
+    /// (`with_config`).
+    #[arg(skip)]
+    pub columns: ColumnMap,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,9 +61,9 @@ pub struct RuleSet {
 }
 
 impl RuleArgs {
-    /// The rule database URL.
+    /// The rule database URL (`with_config` makes sure there is one).
     pub fn db(&self) -> &str {
-        self.db.as_deref().unwrap_or(DEFAULT_DB)
+        self.db.as_deref().unwrap_or_default()
     }
 
     /// The rule table's name.
@@ -91,7 +93,9 @@ impl RuleArgs {
     /// memory limit of this process's cgroup when it has one.
     pub async fn read(&self) -> Result<RuleSet, PipelineError> {
         let listeners = self.listeners()?;
-        let source = Source::open_table(self.db(), false, &self.table()).await?;
+        let source = Source::open_table(self.db(), false, &self.table())
+            .await?
+            .with_columns(&self.columns);
         let budget = Budget::of_self();
         let (mut rules, mut errors) = (Vec::new(), Vec::new());
         let mut rows = 0usize;

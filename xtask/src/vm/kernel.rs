@@ -239,6 +239,7 @@ impl Apt {
 
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(program);
+        cmd.args(crate::setup::APT_LOCK_WAIT);
         for o in &self.options {
             cmd.args(["-o", o]);
         }

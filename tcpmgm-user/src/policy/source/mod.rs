@@ -1,5 +1,6 @@
 //! Where rows come from: the OpenSIPS `tcp_mgm` table, through sqlx. SQLite is built in; the
 //! layer speaks to sqlx's `Any` driver so other databases plug in by URL.
+mod columns;
 mod schema;
 
 use std::fmt;
@@ -8,6 +9,7 @@ use futures_util::TryStreamExt as _;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Column, Row as _};
 
+pub use columns::ColumnMap;
 pub use schema::{COLUMNS, Dialect, EXAMPLES, NOTIFY_CHANNEL, TableVersion};
 
 use crate::policy::rule::{Cell, Row};
@@ -25,12 +27,13 @@ pub enum SourceError {
         source: sqlx::Error,
     },
     #[error(
-        "database {url}: table {table} has no column '{column}': is it OpenSIPS's tcp_mgm table?"
+        "database {url}: table {table} has no column {column}: is it OpenSIPS's tcp_mgm table?"
     )]
     MissingColumn {
         url: Redacted,
         table: TableName,
-        column: &'static str,
+        /// Quoted, with its canonical name when it was renamed.
+        column: String,
     },
     #[error("database {url}: there is no table {table} (create it with `tcpmgm db init`)")]
     NoTable { url: Redacted, table: TableName },
@@ -146,6 +149,7 @@ pub struct Source {
     url: Redacted,
     dialect: Dialect,
     table: TableName,
+    columns: ColumnMap,
 }
 
 /// Accepts a plain file path for SQLite, as well as a URL.
@@ -198,7 +202,14 @@ impl Source {
             url: redacted,
             dialect,
             table: table.clone(),
+            columns: ColumnMap::default(),
         })
+    }
+
+    /// Reads the columns that `columns` renames from their names in the table.
+    pub fn with_columns(mut self, columns: &ColumnMap) -> Source {
+        self.columns = columns.clone();
+        self
     }
 
     fn query_err(&self, what: &'static str) -> impl FnOnce(sqlx::Error) -> SourceError + '_ {
@@ -234,7 +245,7 @@ impl Source {
     ) -> Result<TableInfo, E> {
         let t = &self.table;
         let select = self.select_all().await?;
-        let mut names: Option<Vec<String>> = None;
+        let mut names: Option<Vec<Option<String>>> = None;
         {
             let mut rows = sqlx::query(&select).fetch(&self.pool);
             while let Some(row) = rows
@@ -266,18 +277,20 @@ impl Source {
         .flatten();
         Ok(TableInfo {
             version,
-            has_parallel_read: names.iter().any(|n| n == "parallel_read"),
+            has_parallel_read: names.iter().any(|n| n.as_deref() == Some("parallel_read")),
         })
     }
 
-    /// The table's column names, when it has every column of OpenSIPS's table.
-    fn has_every_column(&self, names: Vec<String>) -> Result<Vec<String>, SourceError> {
+    /// The names the table's columns are read as (renamed ones under their canonical names,
+    /// None for one not read), when it has every column of OpenSIPS's table.
+    fn has_every_column(&self, names: Vec<String>) -> Result<Vec<Option<String>>, SourceError> {
+        let names: Vec<Option<String>> = names.iter().map(|n| self.columns.read_as(n)).collect();
         for column in COLUMNS.iter().chain(&["id"]) {
-            if !names.iter().any(|n| n == column) {
+            if !names.iter().any(|n| n.as_deref() == Some(column)) {
                 return Err(SourceError::MissingColumn {
                     url: self.url.clone(),
                     table: self.table.clone(),
-                    column,
+                    column: self.columns.describe(column),
                 });
             }
         }
@@ -290,8 +303,9 @@ impl Source {
     /// back as what it is, and a value of the wrong kind is a fault of its row.
     async fn select_all(&self) -> Result<String, SourceError> {
         let t = &self.table;
+        let id = self.columns.actual("id");
         if self.dialect != Dialect::Sqlite {
-            return Ok(format!("SELECT * FROM {t} ORDER BY id"));
+            return Ok(format!("SELECT * FROM {t} ORDER BY {id}"));
         }
         let columns: Vec<String> = self
             .column_names()
@@ -303,7 +317,7 @@ impl Source {
             })
             .collect();
         Ok(format!(
-            "SELECT {} FROM {t} ORDER BY id",
+            "SELECT {} FROM {t} ORDER BY {id}",
             columns.join(", ")
         ))
     }
@@ -431,10 +445,13 @@ fn strip_comments(stmt: &str) -> String {
     lines.join("\n").trim().to_owned()
 }
 
-fn read_row(row: &AnyRow, names: &[String]) -> Row {
+/// The row's cells by the names they are read as (`names`, by position; None: not read).
+fn read_row(row: &AnyRow, names: &[Option<String>]) -> Row {
     let mut out = Row::default();
     for (i, name) in names.iter().enumerate() {
-        out.cells.insert(name.clone(), read_cell(row, i));
+        if let Some(name) = name {
+            out.cells.insert(name.clone(), read_cell(row, i));
+        }
     }
     out
 }
