@@ -4,7 +4,7 @@
 //! tcpmgm-user's Cargo.toml, which lists every file and the maintainer scripts of `debian/`.
 //! xtask builds what goes in first: the release binary (the eBPF object is embedded in it) and,
 //! from the same command-line definition, its man pages and shell completions (tcpmgm-user's
-//! `package-docs` example: xtask itself depends on nothing of tcpmgm's, see main.rs). cargo-deb
+//! `package-docs` example: xtask does not depend on tcpmgm-user, see main.rs). cargo-deb
 //! then runs with `--no-build`: on its own it would build the whole workspace to find the
 //! generated files, the eBPF crate included, which does not build for the host.
 //!
