@@ -1,10 +1,12 @@
 //! `cargo xtask run` and `cargo xtask test`: set up what a fresh machine lacks, then build and run.
 //! `cargo xtask vm`: the same tests on Debian's own kernels in QEMU, and the systemd deployment.
 //! `cargo xtask fuzz`: the fuzz targets of `fuzz/`, a while each.
+//! `cargo xtask deb`: the Debian package, checked with lintian.
 //!
 //! Of tcpmgm's own crates this one depends only on tcpmgm-common (the ABI, for the C header),
 //! which builds without the eBPF toolchain: xtask builds before that toolchain exists
 //! and can install it.
+mod deb;
 mod fuzz;
 mod header;
 mod setup;
@@ -62,6 +64,14 @@ enum Task {
         /// Only these targets; all of them by default.
         #[arg(value_name = "TARGET")]
         targets: Vec<String>,
+    },
+    /// Build the Debian package (target/debian/tcpmgm_VERSION_amd64.deb: the binary, the unit,
+    /// /etc/tcpmgm/tcpmgm.toml, man pages, completions) and check it with lintian, which must
+    /// report no error.
+    Deb {
+        /// The Debian revision [default: 1].
+        #[arg(long)]
+        revision: Option<String>,
     },
     /// Only install what is missing.
     Setup,
@@ -135,6 +145,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let root = workspace_root();
     match cli.task {
         Task::Setup => setup::toolchain(),
+        Task::Deb { revision } => deb::lintian(&deb::build(&root, revision.as_deref())?),
         Task::Vm { task } => vm_task(&root, task),
         Task::Bench { soak, args } => {
             setup::toolchain()?;

@@ -61,8 +61,12 @@ enum Command {
     /// Take tcpmgm off a cgroup: programs and pins go, the system's TCP settings are back. A
     /// running `tcpmgm run` for it is told to detach and exit.
     Detach {
-        #[arg(long)]
-        cgroup: PathBuf,
+        #[arg(long, required_unless_present = "all")]
+        cgroup: Option<PathBuf>,
+        /// Every cgroup tcpmgm governs (each pin directory under <bpffs>/tcpmgm, as `status`
+        /// lists them): what the package's removal runs.
+        #[arg(long, conflicts_with_all = ["cgroup", "pin_dir", "control"])]
+        all: bool,
         /// bpffs directory of the pins [default: <bpffs>/tcpmgm/<cgroup>].
         #[arg(long)]
         pin_dir: Option<PathBuf>,
@@ -188,6 +192,11 @@ enum DbCommand {
         #[arg(long, value_name = "NAME")]
         table: Option<TableName>,
     },
+}
+
+/// The command line's definition, for what is generated from it (man pages, completions).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 /// Parses the command line and runs the command; the exit status to end with.
@@ -396,39 +405,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Detach {
-            cgroup,
+            cgroup: Some(cgroup),
             pin_dir,
             control,
+            all: false,
         } => {
-            let system::Paths {
-                cgroup,
-                pin_dir,
-                control,
-            } = system::Paths::of(&cgroup, pin_dir, control)?;
-            let daemon_detached = daemon::request(&control, "detach").await.is_ok();
-            if daemon_detached {
-                // The daemon detaches as it exits; wait for its socket to go.
-                for _ in 0..100 {
-                    if !control.exists() {
-                        break;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-            }
-            let pinned = crate::kernel::detach_pinned(&pin_dir)?;
-            if daemon_detached || pinned {
-                println!(
-                    "detached from {}: the system's TCP settings apply",
-                    cgroup.display()
-                );
-            } else {
-                println!(
-                    "nothing was attached to {}: no daemon answered on {} and no tcpmgm links \
-                     were pinned in {}",
-                    cgroup.display(),
-                    control.display(),
-                    pin_dir.display()
-                );
+            let paths = system::Paths::of(&cgroup, pin_dir, control)?;
+            detach(&paths.cgroup, &paths.pin_dir, &paths.control).await
+        }
+        Command::Detach { .. } => {
+            // A cgroup may be gone while its pins stay: named then by its pin directory.
+            for (pin_dir, control) in system::Paths::pinned()? {
+                let name = crate::daemon::status::of(&pin_dir, &control)
+                    .cgroup
+                    .unwrap_or_else(|| pin_dir.clone());
+                detach(&name, &pin_dir, &control).await?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -461,6 +452,37 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
     }
+}
+
+/// Tells the cgroup's daemon to detach and exit, then detaches what is still pinned.
+async fn detach(
+    name: &std::path::Path,
+    pin_dir: &std::path::Path,
+    control: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    let name = name.display();
+    let daemon_detached = daemon::request(control, "detach").await.is_ok();
+    if daemon_detached {
+        // The daemon detaches as it exits; wait for its socket to go.
+        for _ in 0..100 {
+            if !control.exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    let pinned = crate::kernel::detach_pinned(pin_dir)?;
+    if daemon_detached || pinned {
+        println!("detached from {name}: the system's TCP settings apply");
+    } else {
+        println!(
+            "nothing was attached to {name}: no daemon answered on {} and no tcpmgm links \
+             were pinned in {}",
+            control.display(),
+            pin_dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

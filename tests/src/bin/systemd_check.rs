@@ -1,7 +1,11 @@
 //! The systemd deployment's checks, run inside the Debian 12 guest that `cargo xtask vm systemd`
-//! boots: tcpmgm from contrib/tcpmgm.service governs `sip.slice`, where Kamailio runs (through
-//! contrib/sip-service.conf). Each check prints `ok - NAME` or `FAILED - NAME: why` to the file
-//! given (the guest's second serial port), then a closing `systemd: N passed, M failed`.
+//! boots twice. On the first boot it installs the Debian package as an operator does (the
+//! configuration, Kamailio's drop-in from the package's examples, `systemctl enable`). On the
+//! second, tcpmgm's unit governs `sip.slice`, where Kamailio runs; after the deployment's checks
+//! the package is upgraded while the daemon runs, removed, installed again and purged. Each
+//! check prints `ok - NAME` or `FAILED - NAME: why` to the file given (the guest's second serial
+//! port), then a closing `systemd: N passed, M failed`; the first boot's checks are kept in the
+//! image and reported on the second.
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -14,6 +18,14 @@ use tcpmgm_tests::{PROGRAMS, Probe};
 const RULE: (i32, i32, i32, i32) = (1, 41, 13, 5);
 const CGROUP: &str = "/sys/fs/cgroup/sip.slice";
 const KAMAILIO: &str = "127.0.0.1:5060";
+/// Kamailio's own keepalive settings (its configuration in xtask's vm/systemd.rs), which its
+/// connections carry when no rule governs them.
+const KAMAILIO_OWN: (i32, i32, i32, i32) = (1, 600, 60, 3);
+/// The packages xtask put in the image, one per directory, in the order they are installed:
+/// the first on the first boot, the second (a newer build) as the upgrade.
+const DEBS: &str = "/root/debs";
+/// The first boot's results, kept for the second.
+const INSTALLED: &str = "/root/install-results.txt";
 
 struct Report {
     out: File,
@@ -40,6 +52,189 @@ impl Report {
         println!("{line}");
         let _ = writeln!(self.out, "{line}");
     }
+
+    /// Reports again the checks that `path` holds, as they were.
+    fn replay(&mut self, path: &str) {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        for line in text.lines() {
+            if let Some(name) = line.strip_prefix("ok - ") {
+                self.check(name, Ok(String::new()));
+            } else if let Some(failure) = line.strip_prefix("FAILED - ") {
+                let (name, why) = failure.split_once(": ").unwrap_or((failure, ""));
+                self.check(name, Err(why.to_owned()));
+            }
+        }
+    }
+}
+
+/// The first boot: the package installed as an operator does, from its file. The unit must
+/// come installed but neither enabled nor started; then the operator's configuration, the SIP
+/// server's drop-in from the package's examples, and `systemctl enable` (started at the next
+/// boot, before Kamailio).
+fn install(r: &mut Report) {
+    let first = match package(0) {
+        Ok(p) => p,
+        Err(e) => return r.check("the package is in the image", Err(e)),
+    };
+    r.check(
+        &format!("apt-get install ./{} installs it", first.1),
+        apt_get(&["install", &format!("./{}", first.1)], &first.0),
+    );
+    r.check(
+        "the unit is installed, neither enabled nor started, and nothing is attached",
+        not_started(),
+    );
+    r.check("man tcpmgm shows its exit statuses", man_page());
+    r.check("bash completes tcpmgm's commands", bash_completion());
+    r.check(
+        "the shipped /etc/tcpmgm/tcpmgm.toml is a conffile, reads opensips.cfg and holds no password",
+        shipped_config(),
+    );
+    r.check("the operator configures and enables tcpmgm", configure());
+}
+
+/// The directory and file name of the `n`th package xtask put in the image.
+fn package(n: usize) -> Result<(String, String), String> {
+    let dir = format!("{DEBS}/{n}");
+    let name = std::fs::read_dir(&dir)
+        .map_err(|e| format!("{dir}: {e}"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.ends_with(".deb"))
+        .ok_or_else(|| format!("no .deb in {dir}"))?;
+    Ok((dir, name))
+}
+
+/// apt-get, unattended (a changed conffile keeps the operator's version), in `dir`.
+fn apt_get(args: &[&str], dir: &str) -> Result<String, String> {
+    let out = Command::new("apt-get")
+        .args(["-y", "-q", "-o", "Dpkg::Options::=--force-confold"])
+        .args(args)
+        .current_dir(dir)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .map_err(|e| format!("apt-get: {e}"))?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(String::new())
+    } else {
+        Err(format!("apt-get {}: {said}", args.join(" ")))
+    }
+}
+
+fn not_started() -> Result<String, String> {
+    let unit = "/usr/lib/systemd/system/tcpmgm.service";
+    if !std::path::Path::new(unit).exists() {
+        return Err(format!("no {unit}"));
+    }
+    let enabled = show("tcpmgm.service", "UnitFileState");
+    let active = show("tcpmgm.service", "ActiveState");
+    if enabled != "disabled" || active != "inactive" {
+        return Err(format!("UnitFileState {enabled}, ActiveState {active}"));
+    }
+    let attached = tcpmgm_programs()?;
+    if !attached.is_empty() {
+        return Err(format!("attached: {attached}"));
+    }
+    Ok(format!("{enabled}, {active}"))
+}
+
+/// The tcpmgm programs attached anywhere, from `bpftool cgroup tree`.
+fn tcpmgm_programs() -> Result<String, String> {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "tree"])
+        .output()
+        .map_err(|e| format!("bpftool: {e}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("tcpmgm_"))
+        .collect::<Vec<_>>()
+        .join("; "))
+}
+
+fn man_page() -> Result<String, String> {
+    let out = Command::new("man")
+        .args(["-P", "cat", "tcpmgm"])
+        .env("MANWIDTH", "100")
+        .output()
+        .map_err(|e| format!("man: {e}"))?;
+    let page = String::from_utf8_lossy(&out.stdout);
+    let sub = Command::new("man")
+        .args(["-w", "tcpmgm-run"])
+        .output()
+        .map_err(|e| format!("man: {e}"))?;
+    if page.contains("EXIT STATUS") && page.contains("78") && sub.status.success() {
+        Ok(String::from_utf8_lossy(&sub.stdout).trim().to_owned())
+    } else {
+        Err(format!(
+            "man tcpmgm: {page}{}; man -w tcpmgm-run: {}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&sub.stderr)
+        ))
+    }
+}
+
+/// Completes `tcpmgm de` in bash through the installed completion.
+fn bash_completion() -> Result<String, String> {
+    let script = r#". /usr/share/bash-completion/completions/tcpmgm
+COMP_WORDS=(tcpmgm de); COMP_CWORD=1; COMP_LINE='tcpmgm de'; COMP_POINT=9
+_tcpmgm tcpmgm de tcpmgm
+echo "${COMPREPLY[@]}""#;
+    let out = Command::new("bash")
+        .args(["-c", script])
+        .output()
+        .map_err(|e| format!("bash: {e}"))?;
+    let words = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if words.split_whitespace().any(|w| w == "detach") {
+        Ok(format!("tcpmgm de<TAB>: {words}"))
+    } else {
+        Err(format!(
+            "tcpmgm de<TAB>: \"{words}\" {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn shipped_config() -> Result<String, String> {
+    let path = "/etc/tcpmgm/tcpmgm.toml";
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    let conffiles = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Conffiles}", "tcpmgm"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let conffiles = String::from_utf8_lossy(&conffiles.stdout);
+    let settings: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && l.contains('='))
+        .collect();
+    if !conffiles.contains(path) {
+        return Err(format!("not a conffile: {conffiles}"));
+    }
+    if !settings.contains(&r#"opensips_cfg = "/etc/opensips/opensips.cfg""#)
+        || !settings.contains(&r#"cgroup = "sip.slice""#)
+        || settings.iter().any(|l| l.contains('@'))
+    {
+        return Err(format!("its settings: {settings:?}"));
+    }
+    Ok(String::new())
+}
+
+fn configure() -> Result<String, String> {
+    std::fs::copy("/root/tcpmgm.toml", "/etc/tcpmgm/tcpmgm.toml").map_err(|e| e.to_string())?;
+    let drop_in = "/etc/systemd/system/kamailio.service.d";
+    std::fs::create_dir_all(drop_in).map_err(|e| e.to_string())?;
+    std::fs::copy(
+        "/usr/share/doc/tcpmgm/examples/sip-service.conf",
+        format!("{drop_in}/tcpmgm.conf"),
+    )
+    .map_err(|e| format!("the example drop-in: {e}"))?;
+    systemctl(&["daemon-reload"])?;
+    systemctl(&["enable", "tcpmgm.service"]).map(drop)?;
+    Ok(String::new())
 }
 
 fn main() {
@@ -55,8 +250,18 @@ fn main() {
         passed: 0,
         failed: 0,
     };
+    let first_boot = !std::path::Path::new(INSTALLED).exists();
+    if first_boot {
+        match File::create(INSTALLED) {
+            Ok(kept) => r.out = kept,
+            Err(e) => r.check("keeping the first boot's results", Err(e.to_string())),
+        }
+    } else {
+        r.replay(INSTALLED);
+    }
     let mut report = std::panic::AssertUnwindSafe(&mut r);
-    if let Err(panic) = std::panic::catch_unwind(move || run(&mut report)) {
+    let phase = if first_boot { install } else { run };
+    if let Err(panic) = std::panic::catch_unwind(move || phase(&mut report)) {
         let why = panic
             .downcast_ref::<String>()
             .cloned()
@@ -103,6 +308,10 @@ fn run(r: &mut Report) {
         "kill -9 of the daemon: Restart= brings it back and it adopts the policy with no gap",
         gapless(&mut probe, &mut port, kill_daemon),
     );
+    r.check(
+        "an upgrade to a newer build while the daemon runs: the new daemon adopts the policy with no gap",
+        upgrade(&mut probe, &mut port),
+    );
     drop(probe);
     r.check(
         "a restart of Kamailio stays governed",
@@ -127,6 +336,14 @@ fn run(r: &mut Report) {
     r.check(
         "a bad configuration fails the unit with status 78 and no restart loop",
         bad_config_fails_once(),
+    );
+    r.check(
+        "apt remove stops the daemon and detaches the policy; Kamailio's connections get its own keepalive again; the configuration stays",
+        remove(),
+    );
+    r.check(
+        "apt purge of a governing install: no daemon, pins, links, state or configuration left",
+        purge(),
     );
 }
 
@@ -263,6 +480,110 @@ fn bad_config_fails_once() -> Result<String, String> {
         return Err(format!("the journal does not name {config}: {journal}"));
     }
     Ok(format!("failed with status {status}, NRestarts {restarts}"))
+
+}
+
+/// The next build, installed while the probe keeps connecting: the package's postinst restarts
+/// the running daemon (try-restart), and the new one swaps its programs into the pinned links.
+fn upgrade(probe: &mut Probe, port: &mut u16) -> Result<String, String> {
+    let (dir, name) = package(1)?;
+    let pid = show("tcpmgm.service", "MainPID");
+    let done = gapless(probe, port, move || {
+        apt_get(&["install", &format!("./{name}")], &dir).map(drop)
+    })?;
+    let version = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Version}", "tcpmgm"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .map_err(|e| e.to_string())?;
+    let now = show("tcpmgm.service", "MainPID");
+    if now == pid {
+        return Err(format!(
+            "the daemon was not restarted (pid {pid}); {version}"
+        ));
+    }
+    Ok(format!("{version}, daemon pid {pid} -> {now}; {done}"))
+}
+
+/// What is left of tcpmgm in the kernel and on disk: the pins, the programs on any cgroup, the
+/// control sockets and state records.
+fn leftovers() -> Result<Vec<String>, String> {
+    let mut left = Vec::new();
+    let programs = tcpmgm_programs()?;
+    if !programs.is_empty() {
+        left.push(format!("programs attached: {programs}"));
+    }
+    for dir in ["/sys/fs/bpf/tcpmgm", "/run/tcpmgm"] {
+        let entries: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().display().to_string())
+            .collect();
+        if !entries.is_empty() {
+            left.push(format!("in {dir}: {}", entries.join(" ")));
+        }
+    }
+    Ok(left)
+}
+
+/// `apt remove`, as the README says: the daemon stops and the policy comes off every cgroup
+/// (nothing would be left to manage it), the configuration stays for a later install.
+fn remove() -> Result<String, String> {
+    apt_get(&["remove", "tcpmgm"], "/")?;
+    let mut faults = leftovers()?;
+    let active = show("tcpmgm.service", "ActiveState");
+    if active == "active" {
+        faults.push("tcpmgm.service is still active".into());
+    }
+    if !std::path::Path::new("/etc/tcpmgm/tcpmgm.toml").exists() {
+        faults.push("/etc/tcpmgm/tcpmgm.toml went".into());
+    }
+    let got = kamailio_options()?;
+    if got != KAMAILIO_OWN {
+        faults.push(format!(
+            "a new Kamailio connection carries {got:?}, not Kamailio's own {KAMAILIO_OWN:?}"
+        ));
+    }
+    if faults.is_empty() {
+        Ok(format!("a new Kamailio connection: {got:?}"))
+    } else {
+        Err(faults.join("; "))
+    }
+}
+
+/// `apt purge` from a running install: the package installed again (its configuration kept by
+/// the remove), tcpmgm governing the slice, then purged.
+fn purge() -> Result<String, String> {
+    let (dir, name) = package(1)?;
+    apt_get(&["install", &format!("./{name}")], &dir)?;
+    systemctl(&["start", "tcpmgm.service"])?;
+    one_per_hook().map_err(|e| format!("not governing before the purge: {e}"))?;
+    apt_get(&["purge", "tcpmgm"], "/")?;
+    let mut faults = leftovers()?;
+    for path in [
+        "/etc/tcpmgm",
+        "/usr/bin/tcpmgm",
+        "/usr/lib/systemd/system/tcpmgm.service",
+        "/etc/systemd/system/multi-user.target.wants/tcpmgm.service",
+        "/var/lib/systemd/deb-systemd-helper-enabled/tcpmgm.service.dsh-also",
+    ] {
+        if std::path::Path::new(path).exists() {
+            faults.push(format!("{path} is left"));
+        }
+    }
+    if faults.is_empty() {
+        // The operator's own drop-ins for the unit (the checks above wrote two) are theirs.
+        let own: Vec<String> = std::fs::read_dir("/etc/systemd/system/tcpmgm.service.d")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        Ok(format!("the operator's drop-ins stay: {}", own.join(" ")))
+    } else {
+        Err(faults.join("; "))
+    }
 }
 
 /// `api_group`: the unit's capabilities lack CAP_CHOWN, so the daemon refuses to start until a
@@ -691,7 +1012,7 @@ fn one_per_hook() -> Result<Vec<(u64, u64)>, String> {
 
 fn sql(statement: &str) -> Result<(), String> {
     let out = Command::new("sqlite3")
-        .args(["/var/lib/tcpmgm/rules.db", statement])
+        .args(["/var/lib/sip-rules/rules.db", statement])
         .output()
         .map_err(|e| e.to_string())?;
     if out.status.success() {

@@ -1,13 +1,17 @@
 //! `cargo xtask vm systemd`: the deployment as an operator makes it, checked in a Debian 12 guest
 //! that boots systemd.
 //!
-//! The root image is Debian 12 from debootstrap (systemd, Kamailio, iproute2, bpftool), built
-//! once and cached under `target/vm/systemd`. Into a copy of it go tcpmgm, the unit
-//! `contrib/tcpmgm.service` exactly as shipped, `contrib/sip-service.conf` as Kamailio's drop-in,
-//! a tcpmgm.toml and a rule table, a Kamailio configuration that listens on TCP (with its own
-//! keepalive settings, as operators write them), and a oneshot unit that runs
-//! `tcpmgm-systemd-check` after boot. The check writes its results to the guest's second serial
-//! port, which QEMU writes to a file here, and powers the guest off.
+//! The root image is Debian 12 from debootstrap (systemd, Kamailio, iproute2, bpftool, man-db),
+//! built once and cached under `target/vm/systemd`. Into a copy of it go the Debian package
+//! (`cargo xtask deb`) and a newer build of it (the next Debian revision) for the upgrade, the
+//! operator's tcpmgm.toml and a rule table, a Kamailio configuration that listens on TCP (with
+//! its own keepalive settings, as operators write them), and a oneshot unit that runs
+//! `tcpmgm-systemd-check` after boot. The guest boots twice. The first time the check installs
+//! the package as an operator does (`apt install ./tcpmgm_*.deb`, then the configuration, the
+//! SIP server's drop-in from the package's examples, `systemctl enable`) and powers off; the
+//! second time it checks the deployment from boot on, then upgrades, removes and purges the
+//! package. The check writes its results to the guest's second serial port, which QEMU writes
+//! to a file here, and powers the guest off.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,8 +25,8 @@ use crate::{cargo, status};
 
 /// The packages of the root image besides debootstrap's minimal base.
 /// (dbus: systemd-run makes transient units through the bus.)
-const PACKAGES: &str =
-    "systemd,systemd-sysv,udev,dbus,iproute2,kamailio,kmod,bpftool,sqlite3,procps";
+/// (man-db, bash-completion: the package's man pages and completions are checked in use.)
+const PACKAGES: &str = "systemd,systemd-sysv,udev,dbus,iproute2,kamailio,kmod,bpftool,sqlite3,procps,man-db,bash-completion";
 
 /// The virtio drivers the guest needs for its disk, in load order (the cloud kernel builds them
 /// as modules and its package has no modules.dep for busybox's insmod).
@@ -61,8 +65,10 @@ request_route {
 const RULES: &str = "INSERT INTO tcp_mgm (id, proto, remote_addr, keepalive, keepidle, keepinterval, keepcount) \
                      VALUES (1, 'any', '127.0.0.0/8', 1, 41, 13, 5);";
 
+/// The operator's configuration, which the guest puts in place of the package's after installing
+/// it (see systemd_check.rs).
 const TCPMGM_TOML: &str = r#"# The test deployment: Kamailio's slice, a SQLite table.
-db = "sqlite:///var/lib/tcpmgm/rules.db"
+db = "sqlite:///var/lib/sip-rules/rules.db"
 cgroup = "sip.slice"
 create_cgroup = true
 listeners = ["tcp:127.0.0.1:5060"]
@@ -98,14 +104,26 @@ pub fn run(
     ])?;
     let dir = vm_dir.join("systemd");
     let base = base_image(&dir, rebuild)?;
+    // The package, and the same build as the next Debian revision for the upgrade, each kept
+    // aside at once: cargo-deb removes the other packages from its output directory.
+    let kept = dir.join("packages");
+    if kept.exists() {
+        std::fs::remove_dir_all(&kept)?;
+    }
+    let mut packages = Vec::new();
+    for (i, revision) in [None, Some(UPGRADE_REVISION)].into_iter().enumerate() {
+        let deb = crate::deb::build(root, revision)?;
+        let to = kept
+            .join(i.to_string())
+            .join(deb.file_name().context("a .deb file name")?);
+        std::fs::create_dir_all(to.parent().expect("a parent"))?;
+        std::fs::copy(&deb, &to).with_context(|| format!("copying {}", deb.display()))?;
+        packages.push(to);
+    }
     status(cargo(root).args([
         "build",
         "--package",
-        "tcpmgm-user",
-        "--package",
         "tcpmgm-tests",
-        "--bin",
-        "tcpmgm",
         "--bin",
         "tcpmgm-probe",
         "--bin",
@@ -116,7 +134,7 @@ pub fn run(
         std::fs::remove_dir_all(&stage)?;
     }
     status(Command::new("cp").arg("-a").arg(&base).arg(&stage))?;
-    install(root, &stage, kernel)?;
+    install(root, &stage, kernel, &packages)?;
     let image = dir.join("root.img");
     status(
         Command::new("mkfs.ext4")
@@ -127,8 +145,53 @@ pub fn run(
     )?;
     std::fs::remove_dir_all(&stage)?;
     let initrd = boot_initramfs(&dir, kernel)?;
-    let results = dir.join("results.txt");
-    let console = dir.join("console.txt");
+    let started = Instant::now();
+    // The first boot installs the package and powers off; its results come with the second's.
+    boot(&dir, kernel, &initrd, &image, "install", accel, limit)?;
+    let finished = boot(&dir, kernel, &initrd, &image, "checks", accel, limit)?;
+    let text = std::fs::read_to_string(dir.join("results-checks.txt")).unwrap_or_default();
+    for line in text.lines() {
+        println!("[systemd] {}", line.trim_end_matches('\r'));
+    }
+    eprintln!("xtask: the systemd guest ran {:.0?}", started.elapsed());
+    let console = dir.join("console-checks.txt");
+    if !finished {
+        bail!(
+            "the systemd guest ran past {limit:?}; its console is in {}",
+            console.display()
+        );
+    }
+    let summary = text
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("systemd: "))
+        .map(str::to_owned);
+    match summary {
+        Some(s) if s.ends_with(" 0 failed") => Ok(()),
+        Some(s) => bail!("the systemd deployment checks failed: {s}"),
+        None => bail!(
+            "the checks never finished; the guest's console is in {}",
+            console.display()
+        ),
+    }
+}
+
+/// The Debian revision of the newer build the guest upgrades to.
+const UPGRADE_REVISION: &str = "2";
+
+/// Boots the image once, its console in `console-NAME.txt` and its second serial port (the
+/// check's results) in `results-NAME.txt`; false when it ran past `limit`.
+fn boot(
+    dir: &Path,
+    kernel: &Kernel,
+    initrd: &Path,
+    image: &Path,
+    name: &str,
+    accel: &str,
+    limit: Duration,
+) -> anyhow::Result<bool> {
+    let results = dir.join(format!("results-{name}.txt"));
+    let console = dir.join(format!("console-{name}.txt"));
     for f in [&results, &console] {
         let _ = std::fs::remove_file(f);
     }
@@ -138,7 +201,7 @@ pub fn run(
         .arg("-kernel")
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
-        .arg(&initrd)
+        .arg(initrd)
         .args([
             "-append",
             "console=ttyS0 root=/dev/vda rw quiet panic=-1 systemd.show_status=0",
@@ -153,7 +216,7 @@ pub fn run(
         cmd.args(["-cpu", "host"]);
     }
     eprintln!(
-        "xtask: booting Debian 12 with systemd on {} (console: {})",
+        "xtask: booting Debian 12 with systemd on {} ({name}; console: {})",
         kernel.release,
         console.display()
     );
@@ -162,40 +225,16 @@ pub fn run(
         .stdin(Stdio::null())
         .spawn()
         .context("qemu-system-x86_64")?;
-    let finished = loop {
-        if let Some(st) = child.try_wait()? {
-            break Some(st);
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(true);
         }
         if started.elapsed() > limit {
             child.kill()?;
             child.wait()?;
-            break None;
+            return Ok(false);
         }
         std::thread::sleep(Duration::from_millis(500));
-    };
-    let text = std::fs::read_to_string(&results).unwrap_or_default();
-    for line in text.lines() {
-        println!("[systemd] {}", line.trim_end_matches('\r'));
-    }
-    eprintln!("xtask: the systemd guest ran {:.0?}", started.elapsed());
-    let Some(_) = finished else {
-        bail!(
-            "the systemd guest ran past {limit:?}; its console is in {}",
-            console.display()
-        );
-    };
-    let summary = text
-        .lines()
-        .rev()
-        .find_map(|l| l.trim().strip_prefix("systemd: "))
-        .map(str::to_owned);
-    match summary {
-        Some(s) if s.ends_with(" 0 failed") => Ok(()),
-        Some(s) => bail!("the systemd deployment checks failed: {s}"),
-        None => bail!(
-            "the checks never finished; the guest's console is in {}",
-            console.display()
-        ),
     }
 }
 
@@ -244,35 +283,32 @@ fn enable(stage: &Path, unit: &str, target: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Puts tcpmgm, its unit, Kamailio's drop-in, the checks and the kernel's modules into `stage`.
-fn install(root: &Path, stage: &Path, kernel: &Kernel) -> anyhow::Result<()> {
+/// Puts the packages, the operator's configuration, the checks and the kernel's modules into
+/// `stage`. The guest installs the first package itself, on its first boot.
+fn install(root: &Path, stage: &Path, kernel: &Kernel, packages: &[PathBuf]) -> anyhow::Result<()> {
     let debug = root.join("target/debug");
     for (name, to) in [
-        ("tcpmgm", "usr/local/bin/tcpmgm"),
         ("tcpmgm-probe", "usr/local/bin/tcpmgm-probe"),
         ("tcpmgm-systemd-check", "usr/local/bin/tcpmgm-systemd-check"),
     ] {
         super::strip(&debug.join(name), &stage.join(to))?;
     }
-    // The unit exactly as shipped; the SIP server's drop-in as the README says to install it.
-    std::fs::copy(
-        root.join("contrib/tcpmgm.service"),
-        stage.join("etc/systemd/system/tcpmgm.service"),
-    )?;
-    enable(stage, "tcpmgm.service", "multi-user.target")?;
-    let drop_in = stage.join("etc/systemd/system/kamailio.service.d");
-    std::fs::create_dir_all(&drop_in)?;
-    std::fs::copy(
-        root.join("contrib/sip-service.conf"),
-        drop_in.join("tcpmgm.conf"),
-    )?;
-    write(stage, "etc/tcpmgm/tcpmgm.toml", TCPMGM_TOML, 0o644)?;
+    // In the order the guest installs them (see systemd_check.rs).
+    let debs = stage.join("root/debs");
+    std::fs::create_dir_all(&debs)?;
+    for (i, deb) in packages.iter().enumerate() {
+        let name = deb.file_name().context("a .deb file name")?;
+        let dir = debs.join(i.to_string());
+        std::fs::create_dir_all(&dir)?;
+        std::fs::copy(deb, dir.join(name))?;
+    }
+    write(stage, "root/tcpmgm.toml", TCPMGM_TOML, 0o644)?;
     write(stage, "etc/kamailio/kamailio.cfg", KAMAILIO_CFG, 0o644)?;
-    let db = stage.join("var/lib/tcpmgm/rules.db");
+    let db = stage.join("var/lib/sip-rules/rules.db");
     std::fs::create_dir_all(db.parent().expect("a parent"))?;
     let _ = std::fs::remove_file(&db);
     status(
-        Command::new(debug.join("tcpmgm"))
+        Command::new(root.join("target/release/tcpmgm"))
             .args(["db", "init", "--db"])
             .arg(format!("sqlite://{}", db.display()))
             .stdout(Stdio::null()),
