@@ -480,7 +480,6 @@ fn bad_config_fails_once() -> Result<String, String> {
         return Err(format!("the journal does not name {config}: {journal}"));
     }
     Ok(format!("failed with status {status}, NRestarts {restarts}"))
-
 }
 
 /// The next build, installed while the probe keeps connecting: the package's postinst restarts
