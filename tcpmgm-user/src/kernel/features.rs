@@ -176,6 +176,17 @@ fn memcg_accounting() -> Result<bool, String> {
     Ok(kernel_version()? >= (5, 11))
 }
 
+/// The RLIMIT_MEMLOCK that bounds this process's BPF maps: Some(bytes) on a kernel that charges
+/// them to it (before 5.11) while the limit is finite, None otherwise.
+pub(crate) fn memlock_bound() -> Option<u64> {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit};
+    if memcg_accounting().ok()? {
+        return None;
+    }
+    let (soft, _) = getrlimit(Resource::RLIMIT_MEMLOCK).ok()?;
+    (soft != RLIM_INFINITY).then_some(soft)
+}
+
 /// Whether a process without CAP_BPF may open a pinned map and look it up (what the members of
 /// `--api-group` do). Older kernels refuse every bpf() command to such processes while
 /// kernel.unprivileged_bpf_disabled is set (Debian sets it); Linux 6.5, and stable kernels that

@@ -52,6 +52,16 @@ use undo::Undo;
 pub enum KernelError {
     #[error("loading the eBPF object: {0}")]
     Load(#[source] Box<aya::EbpfError>),
+    #[error(
+        "loading the eBPF object: {source}; Linux before 5.11 charges BPF maps to RLIMIT_MEMLOCK, \
+         {limit} bytes for this process: run as root, with CAP_SYS_RESOURCE, or under \
+         LimitMEMLOCK=infinity"
+    )]
+    LoadMemlock {
+        limit: u64,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
     #[error("map {map}: {what}: {reason}")]
     Map {
         map: &'static str,

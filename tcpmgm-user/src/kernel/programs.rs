@@ -157,7 +157,13 @@ impl Programs {
         })?;
         let mut ebpf = loader
             .load(OBJECT)
-            .map_err(|e| KernelError::Load(Box::new(e)))?;
+            .map_err(|e| match super::features::memlock_bound() {
+                Some(limit) => KernelError::LoadMemlock {
+                    limit,
+                    source: Box::new(e),
+                },
+                None => KernelError::Load(Box::new(e)),
+            })?;
         for hook in &HOOKS {
             let t = std::time::Instant::now();
             load_program(&mut ebpf, hook)?;

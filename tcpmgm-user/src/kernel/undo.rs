@@ -114,7 +114,11 @@ impl Drop for Undo {
     fn drop(&mut self) {
         for step in self.steps.drain(..).rev() {
             let result = match &step {
-                Step::Unpin(path) => std::fs::remove_file(path),
+                // A pin the failed step was to make may never have been made.
+                Step::Unpin(path) => match std::fs::remove_file(path) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    other => other,
+                },
                 Step::Repin { path, old } => {
                     let _ = std::fs::remove_file(path);
                     sys::obj_pin(old.as_fd(), path)

@@ -37,8 +37,9 @@ pub const SERIES: [Series; 3] = [
 
 /// The modules the tests need that Debian builds as modules, in load order (busybox's insmod
 /// resolves no dependencies): veth for the two-namespace tests, inet_diag and tcp_diag for
-/// sock_diag (`tcpmgm conns`, con_lifetime).
-const MODULES: [&str; 3] = ["veth", "inet_diag", "tcp_diag"];
+/// sock_diag (`tcpmgm conns`, con_lifetime), overlay for the command-line test that gives
+/// `tcpmgm` a private /etc.
+const MODULES: [&str; 4] = ["veth", "inet_diag", "tcp_diag", "overlay"];
 
 /// An unpacked kernel: its image, its config, and the modules of `MODULES`, uncompressed.
 pub struct Kernel {
@@ -85,10 +86,14 @@ pub fn get(vm_dir: &Path, series: Series, refresh: bool) -> anyhow::Result<Kerne
     .into_iter()
     .find(|p| p.exists())
     .with_context(|| format!("no modules of {release} in {}", root.display()))?;
-    let modules = MODULES
+    let modules: Vec<PathBuf> = MODULES
         .iter()
         .map(|m| dir.join("modules").join(format!("{m}.ko")))
         .collect();
+    // A kernel unpacked before a module joined `MODULES`.
+    if !modules.iter().all(|m| m.exists()) {
+        unpack_modules(&root, &release, &dir.join("modules"))?;
+    }
     let bpftool = dir.join("bpftool/usr/sbin/bpftool");
     let runs = Command::new(&bpftool)
         .arg("version")

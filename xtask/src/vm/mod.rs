@@ -229,18 +229,13 @@ poweroff -f
 "#,
         ),
         Guest::Test { harness_args } => {
-            // Command-line tests that need what the busybox guest lacks (overlayfs for a private
-            // /etc, setpriv); they check tcpmgm's configuration lookup and exit statuses, not the
-            // kernel, and run on the host in `cargo xtask test`. Named here, not skipped silently.
-            const HOST_ONLY: &str =
-                "--skip check_without_options_reads_etc_tcpmgm --skip missing_privileges_exit_77";
             let args: Vec<String> = harness_args.iter().map(|a| sh_quote(a)).collect();
             s.push_str(&format!(
                 r#"cd /t
 for t in deps/*; do
   name=${{t#deps/}}
   echo "==> $name"
-  ./$t --test-threads=2 --skip postgres --skip mariadb {HOST_ONLY} {args} 2>&1
+  ./$t --test-threads=2 --skip postgres --skip mariadb {args} 2>&1
   echo "{EXIT_MARK} $name $?"
 done
 echo {DONE_MARK}
