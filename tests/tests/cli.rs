@@ -913,3 +913,134 @@ async fn check_without_options_reads_etc_tcpmgm() {
         "the test left /etc/tcpmgm on the host"
     );
 }
+
+/// Both reads of a table, as `Row`s: the fast one (None when it declines) and row by row.
+async fn both_reads(
+    url: &str,
+) -> (
+    Option<Vec<tcpmgm::policy::rule::Row>>,
+    Vec<tcpmgm::policy::rule::Row>,
+) {
+    use tcpmgm::policy::source::{Source, SourceError};
+    let source = Source::open(url, false).await.unwrap();
+    let mut fast = Vec::new();
+    let declined = source
+        .read_fast(|row| {
+            fast.push(row);
+            Ok::<_, SourceError>(())
+        })
+        .await
+        .unwrap()
+        .is_none();
+    let mut slow = Vec::new();
+    source
+        .read_each(|row| {
+            slow.push(row);
+            Ok::<_, SourceError>(())
+        })
+        .await
+        .unwrap();
+    ((!declined).then_some(fast), slow)
+}
+
+/// The fast read (the table as JSON, a few thousand rows a result row) hands over exactly the
+/// rows, in the order and with the values, of the row by row read: over chunk boundaries with
+/// ids inserted out of order, for the extremes of 64-bit integers, NULLs, empty, quoted,
+/// escaped, non-ASCII and long text. PostgreSQL's and MariaDB's columns are first widened as an
+/// operator may have (BIGINT, TEXT): OpenSIPS's own are INT and CHAR(n); MariaDB's TEXT columns
+/// reach sqlx's Any driver as BLOBs and must still read as text.
+async fn the_fast_read_gives_what_the_row_by_row_read_gives(backend: Backend) {
+    let widen = match backend {
+        Backend::Sqlite => "",
+        Backend::Postgres => {
+            "ALTER TABLE tcp_mgm ALTER COLUMN id TYPE BIGINT, \
+             ALTER COLUMN connect_timeout TYPE BIGINT, ALTER COLUMN keepidle TYPE BIGINT, \
+             ALTER COLUMN attrs TYPE TEXT, ALTER COLUMN remote_addr TYPE TEXT;"
+        }
+        Backend::MariaDb => {
+            "ALTER TABLE tcp_mgm MODIFY id BIGINT NOT NULL, MODIFY connect_timeout BIGINT, \
+             MODIFY keepidle BIGINT, MODIFY attrs TEXT, MODIFY remote_addr TEXT;"
+        }
+    };
+    let mut values = Vec::new();
+    for i in 0..5000i64 {
+        // Ids 1..=5000, out of order: 3517 is prime to 5000.
+        let id = (i * 3517) % 5000 + 1;
+        values.push(format!(
+            "({id}, 'tcp', '10.{}.{}.0/24', {}, NULL, {}, '')",
+            id / 256 % 256,
+            id % 256,
+            5060 + id % 3,
+            id % 7
+        ));
+    }
+    // MariaDB's string literals take backslash escapes; SQLite's and PostgreSQL's do not.
+    let backslash = if backend == Backend::MariaDb {
+        "\\\\"
+    } else {
+        "\\"
+    };
+    let sql = format!(
+        "{widen}
+         INSERT INTO tcp_mgm (id, proto, remote_addr, remote_port, local_addr, priority, attrs) \
+         VALUES {};
+         INSERT INTO tcp_mgm (id, connect_timeout, con_lifetime, keepidle, attrs)
+             VALUES (9223372036854775807, -9223372036854775808, 0, -1, 'it''s \"quoted\" {backslash} é ✓');
+         INSERT INTO tcp_mgm (id, attrs, remote_addr) VALUES (-7, '{}', 'line
+break');",
+        values.join(", "),
+        "x".repeat(20_000)
+    );
+    let db = TestDb::new(backend, TableVersion::V2, &sql).await;
+    let (fast, slow) = both_reads(&db.url).await;
+    assert_eq!(slow.len(), 5002);
+    // SQLite's JSON beats its rows through the driver; PostgreSQL's and MariaDB's do not, and
+    // their tables are read row by row.
+    let fast = match (backend, fast) {
+        (Backend::Sqlite, Some(fast)) => fast,
+        (Backend::Sqlite, None) => panic!("the fast read declined a table of integers and text"),
+        (_, Some(_)) => panic!("a fast read on {backend:?}"),
+        (_, None) => slow.clone(),
+    };
+    assert!(fast == slow, "the reads differ");
+    let cell = |row: &tcpmgm::policy::rule::Row, column| row.get(column).cloned();
+    use tcpmgm::policy::rule::Cell;
+    assert_eq!(cell(&fast[0], "id"), Some(Cell::Int(-7)));
+    assert_eq!(cell(&fast[2048], "id"), Some(Cell::Int(2048)));
+    assert_eq!(
+        cell(&fast[5001], "attrs"),
+        Some(Cell::Text("it's \"quoted\" \\ é ✓".into()))
+    );
+    assert_eq!(
+        cell(&fast[5001], "connect_timeout"),
+        Some(Cell::Int(i64::MIN))
+    );
+}
+on_every_database!(the_fast_read_gives_what_the_row_by_row_read_gives);
+
+/// Where JSON would not carry a value exactly (a REAL, which SQLite's JSON rounds to 15
+/// digits; a BLOB, which it refuses) or at all (text in an integer column reads as text both
+/// ways), the fast read declines or agrees: `check` reports every row as the row by row read
+/// does.
+#[tokio::test]
+async fn the_fast_read_declines_what_json_would_change() {
+    for (sql, declines) in [
+        (
+            "INSERT INTO tcp_mgm (id, keepidle) VALUES (1, 'sixty');",
+            false,
+        ),
+        (
+            "INSERT INTO tcp_mgm (id, keepidle) VALUES (1, 9223372036854775808);",
+            true,
+        ),
+        ("INSERT INTO tcp_mgm (id, keepidle) VALUES (1, 60.5);", true),
+        ("INSERT INTO tcp_mgm (id, attrs) VALUES (1, X'00ff');", true),
+    ] {
+        let db = TestDb::new(Backend::Sqlite, TableVersion::V1, sql).await;
+        let (fast, slow) = both_reads(&db.url).await;
+        assert_eq!(fast.is_none(), declines, "{sql}");
+        if let Some(fast) = fast {
+            assert!(fast == slow, "{sql}");
+        }
+    }
+}

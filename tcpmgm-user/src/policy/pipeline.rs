@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use crate::memory::{Budget, TooLarge};
 use crate::policy::listener::{ListenerError, Listeners};
 use crate::policy::opensips_cfg::OpenSipsCfg;
-use crate::policy::rule::{RowError, Rule, validate_row};
+use crate::policy::rule::{Row, RowError, Rule, validate_row};
 use crate::policy::source::{ColumnMap, Source, SourceError, TableName};
 
 /// Where the rules and listeners come from.
@@ -97,23 +97,30 @@ impl RuleArgs {
             .await?
             .with_columns(&self.columns);
         let budget = Budget::of_self();
-        let (mut rules, mut errors) = (Vec::new(), Vec::new());
-        let mut rows = 0usize;
-        let table = source
-            .read_each(|row| {
-                rows += 1;
-                if rows.is_multiple_of(BUDGET_EVERY)
-                    && let Some(budget) = &budget
-                {
-                    budget.check(rows)?;
-                }
-                match validate_row(&row, &listeners) {
-                    Ok(rule) => rules.push(rule),
-                    Err(mut e) => errors.append(&mut e),
-                }
-                Ok::<_, PipelineError>(())
-            })
-            .await?;
+        let mut kept = Kept::default();
+        let take = |row: Row, kept: &mut Kept| {
+            kept.rows += 1;
+            if kept.rows.is_multiple_of(BUDGET_EVERY)
+                && let Some(budget) = &budget
+            {
+                budget.check(kept.rows)?;
+            }
+            match validate_row(&row, &listeners) {
+                Ok(rule) => kept.rules.push(rule),
+                Err(mut e) => kept.errors.append(&mut e),
+            }
+            Ok::<_, PipelineError>(())
+        };
+        // The fast read, unless it cannot read this table exactly; a table with a bad row is
+        // read again row by row, so that every error reads as that read reports it.
+        let table = match source.read_fast(|row| take(row, &mut kept)).await? {
+            Some(table) if kept.errors.is_empty() => table,
+            _ => {
+                kept = Kept::default();
+                source.read_each(|row| take(row, &mut kept)).await?
+            }
+        };
+        let Kept { rules, errors, .. } = kept;
         if let Some(budget) = &budget {
             budget.check(rules.len())?;
         }
@@ -137,6 +144,14 @@ impl RuleArgs {
             table_version: table.version,
         })
     }
+}
+
+/// What a read keeps of the rows it was handed.
+#[derive(Default)]
+struct Kept {
+    rows: usize,
+    rules: Vec<Rule>,
+    errors: Vec<RowError>,
 }
 
 /// How many rows are read between two looks at the memory limit (a look reads two files).

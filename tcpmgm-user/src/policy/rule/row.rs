@@ -1,5 +1,4 @@
 //! A row as the database returned it, before any interpretation.
-use std::collections::BTreeMap;
 use std::fmt;
 
 /// One cell. Databases hand back what the column holds, which may not be what the schema says
@@ -67,20 +66,69 @@ pub fn quote(value: &str) -> String {
     out
 }
 
-/// A `tcp_mgm` row: column name to cell. A column the table lacks is absent.
+/// The columns a row keeps: `id`, OpenSIPS's profile and match columns, and `parallel_read`
+/// (version 2 tables). Validation reads no other.
+pub const ROW_COLUMNS: [&str; 19] = [
+    "id",
+    "proto",
+    "remote_addr",
+    "remote_port",
+    "local_addr",
+    "local_port",
+    "priority",
+    "attrs",
+    "connect_timeout",
+    "con_lifetime",
+    "msg_read_timeout",
+    "send_threshold",
+    "no_new_conn",
+    "alias_mode",
+    "keepalive",
+    "keepcount",
+    "keepidle",
+    "keepinterval",
+    "parallel_read",
+];
+
+/// A `tcp_mgm` row: a cell for each of `ROW_COLUMNS` the table has, by position (no map and no
+/// column name is allocated per row: a table is read at hundreds of thousands of rows a
+/// second). A column the table lacks is absent; other columns are not kept.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Row {
-    pub cells: BTreeMap<String, Cell>,
+    cells: [Option<Cell>; ROW_COLUMNS.len()],
 }
 
 impl Row {
-    pub fn get(&self, column: &str) -> Option<&Cell> {
-        self.cells.get(column)
+    /// The position of `column` in `ROW_COLUMNS`, if a row keeps it.
+    pub fn position(column: &str) -> Option<usize> {
+        ROW_COLUMNS.iter().position(|c| *c == column)
     }
 
+    pub fn get(&self, column: &str) -> Option<&Cell> {
+        Self::position(column).and_then(|i| self.cells[i].as_ref())
+    }
+
+    /// Sets the cell at `position` (of `ROW_COLUMNS`); nothing for a position past them.
+    pub fn set(&mut self, position: usize, cell: Cell) {
+        if let Some(slot) = self.cells.get_mut(position) {
+            *slot = Some(cell);
+        }
+    }
+
+    /// The row with `column` set to `cell`; a column a row does not keep is left out.
     pub fn with(mut self, column: &str, cell: Cell) -> Self {
-        self.cells.insert(column.to_owned(), cell);
+        if let Some(i) = Self::position(column) {
+            self.set(i, cell);
+        }
         self
+    }
+
+    /// The columns the row has, with their cells, in `ROW_COLUMNS` order.
+    pub fn cells(&self) -> impl Iterator<Item = (&'static str, &Cell)> {
+        ROW_COLUMNS
+            .iter()
+            .zip(&self.cells)
+            .filter_map(|(name, cell)| cell.as_ref().map(|c| (*name, c)))
     }
 }
 
@@ -98,5 +146,22 @@ mod tests {
         assert_eq!(Cell::Real(1.5).to_string(), "1.5");
         assert_eq!(Cell::Real(1e300).to_string(), "1e300");
         assert_eq!(Cell::Blob(vec![1, 0xab]).to_string(), "x'01ab' (2 bytes)");
+    }
+
+    #[test]
+    fn a_row_keeps_the_id_every_opensips_column_and_parallel_read() {
+        let expected: Vec<&str> = ["id"]
+            .into_iter()
+            .chain(crate::policy::source::COLUMNS)
+            .chain(["parallel_read"])
+            .collect();
+        assert_eq!(ROW_COLUMNS.to_vec(), expected);
+        let row = Row::default()
+            .with("keepidle", Cell::Int(5))
+            .with("no_such_column", Cell::Int(6));
+        assert_eq!(row.get("keepidle"), Some(&Cell::Int(5)));
+        assert_eq!(row.get("no_such_column"), None);
+        assert_eq!(row.get("id"), None);
+        assert_eq!(row.cells().count(), 1);
     }
 }

@@ -11,8 +11,11 @@
 //! - PostgreSQL's push latency, from a commit to the change enforced by a running daemon;
 //! - the con_lifetime sweep's cost with 10,000 idle connections.
 //!
-//! `--soak MINUTES` runs only the soak instead (see `soak`), which writes its own section.
+//! `--soak MINUTES` runs only the soak instead (see `soak`), and `--table-read` only the table
+//! read (see `table_read`); each writes its own section, which the other runs keep.
+mod section;
 mod soak;
+mod table_read;
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
@@ -44,6 +47,10 @@ struct Args {
     /// replaces the Soak section of the report and nothing else.
     #[arg(long, value_name = "MINUTES", value_parser = clap::value_parser!(u64).range(1..))]
     soak: Option<u64>,
+    /// Only the table read: 100k rows read and validated from SQLite, PostgreSQL and MariaDB;
+    /// replaces the Table read section of the report and nothing else.
+    #[arg(long, conflicts_with = "soak")]
+    table_read: bool,
 }
 
 const SERVER: &str = "127.0.0.1:7000";
@@ -320,6 +327,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(minutes) = args.soak {
         return soak::run(minutes, &args.out);
     }
+    if args.table_read {
+        return table_read::run(&args.out);
+    }
     let stats_path = "/proc/sys/kernel/bpf_stats_enabled";
     let stats_before = std::fs::read_to_string(stats_path).context("bpf_stats_enabled")?;
     std::fs::write(stats_path, "1").context("enabling kernel.bpf_stats_enabled (needs root)")?;
@@ -533,15 +543,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
         n,
     )?;
     print!("{report}");
-    // The soak's section comes from runs of its own: keep it.
-    let report = match std::fs::read_to_string(&args.out)
-        .ok()
-        .as_deref()
-        .and_then(soak::section_of)
-    {
-        Some(soak) => format!("{report}\n{soak}\n"),
-        None => report,
-    };
+    // The sections of runs of their own (the table read, the soak): keep them.
+    let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+    let mut report = report;
+    for section in section::ALL {
+        if let Some(kept) = section.of(&old) {
+            report = format!("{}\n\n{kept}\n", report.trim_end());
+        }
+    }
     std::fs::write(&args.out, &report)
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("written to {}", args.out.display());

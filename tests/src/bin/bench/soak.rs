@@ -32,6 +32,8 @@ use tcpmgm::daemon::status::DaemonState;
 use tcpmgm::policy::source::{Source, TableVersion};
 use tcpmgm_tests::{Backend, Daemon, Sandbox, TestDb, binary, control_socket};
 
+use crate::section::SOAK;
+
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 /// Rules of the table besides the two the soak's connections meet.
 const OTHER_RULES: usize = 300;
@@ -58,10 +60,6 @@ const REQUEST_LIMIT: Duration = Duration::from_secs(30);
 /// or `RSS_SLACK`, whichever is more; fds and map memory do not change.
 const RSS_SLACK_FRACTION: f64 = 0.05;
 const RSS_SLACK: u64 = 2 << 20;
-/// Where the soak's section of BENCHMARKS.md starts and ends; the full bench keeps it.
-const BEGIN: &str =
-    "<!-- soak: written by `cargo xtask bench --soak MINUTES`, kept by the other runs -->";
-const END: &str = "<!-- soak end -->";
 
 /// What was done, by every worker, since the start.
 #[derive(Default)]
@@ -532,12 +530,7 @@ pub fn run(minutes: u64, out: &Path) -> anyhow::Result<()> {
 
     let failed = shared.failed.into_inner().unwrap();
     let section = section(minutes, &samples, &failed)?;
-    print!("{section}");
-    let doc = std::fs::read_to_string(out).unwrap_or_default();
-    std::fs::write(out, with_section(&doc, &section))
-        .with_context(|| format!("writing {}", out.display()))?;
-    eprintln!("the soak section written to {}", out.display());
-    Ok(())
+    SOAK.write(out, &section)
 }
 
 fn mib(b: u64) -> String {
@@ -578,7 +571,7 @@ fn section(minutes: u64, samples: &[Sample], failed: &[String]) -> anyhow::Resul
     let met = |ok: bool| if ok { "met" } else { "NOT met" };
     let c = &end.counts;
     let mut s = String::new();
-    writeln!(s, "{BEGIN}\n## Soak\n")?;
+    writeln!(s, "{}\n## Soak\n", SOAK.begin)?;
     writeln!(
         s,
         "`cargo xtask bench --soak {minutes}` on {} ({}): one `tcpmgm run` on a cgroup and network \
@@ -666,42 +659,6 @@ fn section(minutes: u64, samples: &[Sample], failed: &[String]) -> anyhow::Resul
     for f in failed {
         writeln!(s, "- failure: {f}")?;
     }
-    writeln!(s, "{END}")?;
+    writeln!(s, "{}", SOAK.end)?;
     Ok(s)
-}
-
-/// The soak section of `doc`, markers included, if it has one.
-pub fn section_of(doc: &str) -> Option<&str> {
-    let begin = doc.find(BEGIN)?;
-    let end = doc[begin..].find(END)? + begin + END.len();
-    Some(&doc[begin..end])
-}
-
-/// `doc` with its soak section replaced by `section`, or `section` appended when it has none.
-fn with_section(doc: &str, section: &str) -> String {
-    let section = section.trim_end();
-    match section_of(doc) {
-        Some(old) => doc.replacen(old, section, 1),
-        None if doc.is_empty() => format!("{section}\n"),
-        None => format!("{}\n\n{section}\n", doc.trim_end()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_section_is_replaced() {
-        let doc = format!("# t\n\nbefore\n\n{BEGIN}\nold\n{END}\n\nafter\n");
-        let new = format!("{BEGIN}\nnew\n{END}\n");
-        assert_eq!(
-            with_section(&doc, &new),
-            format!("# t\n\nbefore\n\n{BEGIN}\nnew\n{END}\n\nafter\n")
-        );
-        assert_eq!(
-            with_section("# t\n", &new),
-            format!("# t\n\n{BEGIN}\nnew\n{END}\n")
-        );
-    }
 }
