@@ -146,10 +146,21 @@ pub struct Table {
 /// An open rule database.
 pub struct Source {
     pool: AnyPool,
+    /// The same database through its own driver, for reading the rows: sqlx's Any rows cost a
+    /// third of a PostgreSQL read in conversions (BENCHMARKS.md, "Table read").
+    typed: Typed,
     url: Redacted,
     dialect: Dialect,
     table: TableName,
     columns: ColumnMap,
+}
+
+/// A pool of the database's own driver, connected at its first use.
+enum Typed {
+    /// SQLite is read as JSON or through Any (its values' storage classes are what Any keeps).
+    None,
+    Postgres(sqlx::PgPool),
+    MySql(sqlx::MySqlPool),
 }
 
 /// Accepts a plain file path for SQLite, as well as a URL.
@@ -197,8 +208,28 @@ impl Source {
                 url: redacted.clone(),
                 source,
             })?;
+        let connect_err = |source| SourceError::Connect {
+            url: redacted.clone(),
+            source,
+        };
+        let typed = match dialect {
+            Dialect::Sqlite => Typed::None,
+            Dialect::Postgres => Typed::Postgres(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect_lazy(&url)
+                    .map_err(connect_err)?,
+            ),
+            Dialect::MySql => Typed::MySql(
+                sqlx::mysql::MySqlPoolOptions::new()
+                    .max_connections(1)
+                    .connect_lazy(&url)
+                    .map_err(connect_err)?,
+            ),
+        };
         Ok(Source {
             pool,
+            typed,
             url: redacted,
             dialect,
             table: table.clone(),
@@ -244,34 +275,62 @@ impl Source {
         mut each: impl FnMut(Row) -> Result<(), E>,
     ) -> Result<TableInfo, E> {
         let select = self.select_all().await?;
-        let mut positions: Option<Vec<Option<usize>>> = None;
-        {
-            let mut rows = sqlx::query(&select).fetch(&self.pool);
-            while let Some(row) = rows
-                .try_next()
-                .await
-                .map_err(self.query_err("reading table"))?
-            {
-                if positions.is_none() {
-                    let found = row
-                        .columns()
-                        .iter()
-                        .map(|c| c.name().to_ascii_lowercase())
-                        .collect();
-                    positions = Some(self.has_every_column(found)?);
-                }
-                each(read_row(
-                    &row,
-                    positions.as_deref().unwrap_or_default(),
-                    self.dialect,
-                ))?;
+        let positions = match &self.typed {
+            Typed::Postgres(pool) => {
+                self.hand_rows(sqlx::query(&select).fetch(pool), pg_cell, &mut each)
+                    .await?
             }
-        }
+            Typed::MySql(pool) => {
+                self.hand_rows(sqlx::query(&select).fetch(pool), mysql_cell, &mut each)
+                    .await?
+            }
+            Typed::None => {
+                let cell = |row: &AnyRow, i| read_cell(row, i, self.dialect);
+                self.hand_rows(sqlx::query(&select).fetch(&self.pool), cell, &mut each)
+                    .await?
+            }
+        };
         let positions = match positions {
             Some(positions) => positions,
             None => self.has_every_column(self.column_names().await?)?,
         };
         Ok(self.info(&positions).await)
+    }
+
+    /// Hands each row of `rows` to `each`, its cells read by `cell`: where each column went
+    /// (None when there was no row).
+    async fn hand_rows<R: sqlx::Row, E: From<SourceError>>(
+        &self,
+        mut rows: impl futures_util::Stream<Item = Result<R, sqlx::Error>> + Unpin,
+        cell: impl Fn(&R, usize) -> Cell,
+        each: &mut impl FnMut(Row) -> Result<(), E>,
+    ) -> Result<Option<Vec<Option<usize>>>, E> {
+        let mut positions: Option<Vec<Option<usize>>> = None;
+        while let Some(row) = rows
+            .try_next()
+            .await
+            .map_err(self.query_err("reading table"))?
+        {
+            let positions = match &positions {
+                Some(positions) => positions,
+                None => {
+                    let found = row
+                        .columns()
+                        .iter()
+                        .map(|c| c.name().to_ascii_lowercase())
+                        .collect();
+                    positions.insert(self.has_every_column(found)?)
+                }
+            };
+            let mut out = Row::default();
+            for (i, position) in positions.iter().enumerate() {
+                if let Some(position) = position {
+                    out.set(*position, cell(&row, i));
+                }
+            }
+            each(out)?;
+        }
+        Ok(positions)
     }
 
     /// The fast read, where the database has one (`Dialect::json_chunk`): the table in chunks
@@ -578,17 +637,6 @@ fn strip_comments(stmt: &str) -> String {
     lines.join("\n").trim().to_owned()
 }
 
-/// The row's cells, each put where `positions` says (None: not read).
-fn read_row(row: &AnyRow, positions: &[Option<usize>], dialect: Dialect) -> Row {
-    let mut out = Row::default();
-    for (i, position) in positions.iter().enumerate() {
-        if let Some(position) = position {
-            out.set(*position, read_cell(row, i, dialect));
-        }
-    }
-    out
-}
-
 /// Says at debug level why the fast read gave way to the row by row read; None, for it to return.
 fn declined<T>(why: &dyn fmt::Display) -> Option<T> {
     tracing::debug!("the fast read declined ({why}); reading row by row");
@@ -669,6 +717,76 @@ fn read_cell(row: &AnyRow, i: usize, dialect: Dialect) -> Cell {
         }),
     };
     cell.unwrap_or_else(|e| Cell::Unreadable(e.to_string()))
+}
+
+/// A cell of a row of a database's own driver: NULL, or what `by_type` reads for the value's
+/// type name; a type it has no reading for (None) makes the cell unreadable, the type named.
+fn typed_cell<R: sqlx::Row>(
+    row: &R,
+    i: usize,
+    by_type: impl FnOnce(&str) -> Option<Result<Cell, sqlx::Error>>,
+) -> Cell
+where
+    usize: sqlx::ColumnIndex<R>,
+{
+    use sqlx::{TypeInfo as _, ValueRef as _};
+    let value = match row.try_get_raw(i) {
+        Ok(value) if value.is_null() => return Cell::Null,
+        Ok(value) => value,
+        Err(e) => return Cell::Unreadable(e.to_string()),
+    };
+    let type_info = value.type_info();
+    match by_type(type_info.name()) {
+        Some(Ok(cell)) => cell,
+        Some(Err(e)) => Cell::Unreadable(e.to_string()),
+        None => Cell::Unreadable(format!("a value of type {}", type_info.name())),
+    }
+}
+
+/// A PostgreSQL cell by its type: integers, booleans (0 and 1), floats, text and bytes.
+fn pg_cell(row: &sqlx::postgres::PgRow, i: usize) -> Cell {
+    typed_cell(row, i, |name| {
+        Some(match name {
+            "INT2" => row.try_get::<i16, _>(i).map(|v| Cell::Int(v.into())),
+            "INT4" => row.try_get::<i32, _>(i).map(|v| Cell::Int(v.into())),
+            "INT8" => row.try_get::<i64, _>(i).map(Cell::Int),
+            "BOOL" => row.try_get::<bool, _>(i).map(|v| Cell::Int(v.into())),
+            "FLOAT4" => row.try_get::<f32, _>(i).map(|v| Cell::Real(v.into())),
+            "FLOAT8" => row.try_get::<f64, _>(i).map(Cell::Real),
+            "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "CHAR" => {
+                row.try_get::<String, _>(i).map(Cell::Text)
+            }
+            "BYTEA" => row.try_get::<Vec<u8>, _>(i).map(Cell::Blob),
+            _ => return None,
+        })
+    })
+}
+
+/// A MariaDB or MySQL cell by its type: integers (unsigned ones past 63 bits as their digits),
+/// floats, text (TEXT columns included) and bytes (UTF-8 ones as text, as the mysql client
+/// shows them).
+fn mysql_cell(row: &sqlx::mysql::MySqlRow, i: usize) -> Cell {
+    typed_cell(row, i, |name| {
+        Some(match name {
+            "BOOLEAN" | "TINYINT" | "SMALLINT" | "MEDIUMINT" | "INT" | "BIGINT" | "YEAR" => {
+                row.try_get::<i64, _>(i).map(Cell::Int)
+            }
+            "TINYINT UNSIGNED" | "SMALLINT UNSIGNED" | "MEDIUMINT UNSIGNED" | "INT UNSIGNED"
+            | "BIGINT UNSIGNED" => row
+                .try_get::<u64, _>(i)
+                .map(|v| i64::try_from(v).map_or_else(|_| Cell::Text(v.to_string()), Cell::Int)),
+            "FLOAT" => row.try_get::<f32, _>(i).map(|v| Cell::Real(v.into())),
+            "DOUBLE" => row.try_get::<f64, _>(i).map(Cell::Real),
+            "CHAR" | "VARCHAR" | "TINYTEXT" | "TEXT" | "MEDIUMTEXT" | "LONGTEXT" | "ENUM"
+            | "SET" => row.try_get::<String, _>(i).map(Cell::Text),
+            "BINARY" | "VARBINARY" | "TINYBLOB" | "BLOB" | "MEDIUMBLOB" | "LONGBLOB" => {
+                row.try_get::<Vec<u8>, _>(i).map(|b| {
+                    String::from_utf8(b).map_or_else(|e| Cell::Blob(e.into_bytes()), Cell::Text)
+                })
+            }
+            _ => return None,
+        })
+    })
 }
 
 #[cfg(test)]
