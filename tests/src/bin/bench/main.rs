@@ -11,8 +11,10 @@
 //! - PostgreSQL's push latency, from a commit to the change enforced by a running daemon;
 //! - the con_lifetime sweep's cost with 10,000 idle connections.
 //!
-//! `--soak MINUTES` runs only the soak instead (see `soak`), and `--table-read` only the table
-//! read (see `table_read`); each writes its own section, which the other runs keep.
+//! `--soak MINUTES` runs only the soak instead (see `soak`), `--table-read` only the table read
+//! (see `table_read`) and `--memory` only the daemon's memory (see `memory`); each writes its own
+//! section, which the other runs keep.
+mod memory;
 mod section;
 mod soak;
 mod table_read;
@@ -51,6 +53,10 @@ struct Args {
     /// replaces the Table read section of the report and nothing else.
     #[arg(long, conflicts_with = "soak")]
     table_read: bool,
+    /// Only the memory: a daemon's RSS and BPF map memory at 0, 100k and 1M rules, flat and
+    /// nested; replaces the Memory section of the report and nothing else.
+    #[arg(long, conflicts_with_all = ["soak", "table_read"])]
+    memory: bool,
 }
 
 const SERVER: &str = "127.0.0.1:7000";
@@ -329,6 +335,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.table_read {
         return table_read::run(&args.out);
+    }
+    if args.memory {
+        return memory::run(&args.out);
     }
     let stats_path = "/proc/sys/kernel/bpf_stats_enabled";
     let stats_before = std::fs::read_to_string(stats_path).context("bpf_stats_enabled")?;

@@ -17,8 +17,13 @@ pub const TABLE_READ: Section = Section {
     end: "<!-- table read end -->",
 };
 
+pub const MEMORY: Section = Section {
+    begin: "<!-- memory: written by `cargo xtask bench -- --memory`, kept by the other runs -->",
+    end: "<!-- memory end -->",
+};
+
 /// Every section runs of their own write, in the order the report keeps them.
-pub const ALL: [&Section; 2] = [&TABLE_READ, &SOAK];
+pub const ALL: [&Section; 3] = [&TABLE_READ, &MEMORY, &SOAK];
 
 impl Section {
     /// The section in `doc`, markers included.

@@ -382,7 +382,7 @@ fn control_clients(shared: &Shared, control: &Path, max: u64) {
     });
 }
 
-/// (VmRSS in bytes, open fds, memlock summed over the BPF map fds) of process `pid`.
+/// (VmRSS in bytes, open fds, memlock summed over the BPF maps it holds) of process `pid`.
 fn read_process(pid: u32) -> anyhow::Result<(u64, usize, u64)> {
     let proc = format!("/proc/{pid}");
     let status = std::fs::read_to_string(format!("{proc}/status"))
@@ -393,6 +393,7 @@ fn read_process(pid: u32) -> anyhow::Result<(u64, usize, u64)> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .context("no VmRSS")?;
     let (mut fds, mut memlock) = (0, 0);
+    let mut seen = std::collections::HashSet::new();
     for fd in std::fs::read_dir(format!("{proc}/fd"))? {
         let fd = fd?;
         fds += 1;
@@ -407,16 +408,20 @@ fn read_process(pid: u32) -> anyhow::Result<(u64, usize, u64)> {
             fd.file_name().to_string_lossy()
         ))
         .unwrap_or_default();
-        memlock += info
-            .lines()
-            .find_map(|l| l.strip_prefix("memlock:")?.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+        };
+        // A map held by two fds (the loaded object's and a pin's, say) is counted once.
+        if field("map_id:").is_none_or(|id| seen.insert(id)) {
+            memlock += field("memlock:").unwrap_or(0);
+        }
     }
     Ok((rss_kib * 1024, fds, memlock))
 }
 
 /// The daemon's figures once two reads 100 ms apart agree on fds and map memory (at most 2 s).
-fn read_settled(pid: u32) -> anyhow::Result<(u64, usize, u64)> {
+pub fn read_settled(pid: u32) -> anyhow::Result<(u64, usize, u64)> {
     let mut last = read_process(pid)?;
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(100));

@@ -43,8 +43,9 @@ struct Figures {
     client: f64,
 }
 
-/// The nested table as `INSERT` statements of a thousand rows.
-fn table_sql() -> String {
+/// A table of `rows` rules as `INSERT` statements of up to a thousand rows: `nested` percent of
+/// them on a prefix from /11 to /32 inside 10.64.0.0/10, the rest distinct /32 peers.
+pub fn table_sql(rows: usize, nested: u64) -> String {
     let mut sql = String::new();
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let mut next = || {
@@ -54,15 +55,16 @@ fn table_sql() -> String {
         seed
     };
     let protos = ["any", "tcp", "tls", "ws", "wss"];
-    for chunk in 0..ROWS / 1000 {
+    for chunk in 0..rows.div_ceil(1000) {
         sql.push_str(
             "INSERT INTO tcp_mgm (id, proto, remote_addr, remote_port, local_addr, local_port, \
              priority, keepidle, keepinterval, keepcount, connect_timeout) VALUES ",
         );
-        for i in 0..1000 {
+        let last = (rows - chunk * 1000).min(1000) - 1;
+        for i in 0..=last {
             let id = chunk * 1000 + i + 1;
             let r = next();
-            let remote = if r % 10 < 6 {
+            let remote = if r % 100 < nested {
                 // Inside 10.64.0.0/10, on a prefix of /11 to /32.
                 let len = 11 + (r >> 8) % 22;
                 let addr = (10u32 << 24 | 64 << 16) | ((r >> 32) as u32 & 0x003f_ffff);
@@ -72,7 +74,7 @@ fn table_sql() -> String {
                 let addr = (11u32 << 24) + id as u32;
                 format!("{}/32", std::net::Ipv4Addr::from(addr))
             };
-            let sep = if i == 999 { ";\n" } else { ", " };
+            let sep = if i == last { ";\n" } else { ", " };
             write!(
                 sql,
                 "({id}, '{}', '{remote}', {}, NULL, 0, {}, {}, {}, {}, {}){sep}",
@@ -200,7 +202,7 @@ fn measure(backend: Backend, name: &'static str, sql: &str) -> anyhow::Result<Fi
 }
 
 pub fn run(out: &Path) -> anyhow::Result<()> {
-    let sql = table_sql();
+    let sql = table_sql(ROWS, 60);
     let mut figures = Vec::new();
     let mut left_out = Vec::new();
     for (backend, name, var) in [
