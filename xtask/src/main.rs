@@ -47,6 +47,10 @@ enum Task {
         /// memory sampled every 10 s; replaces BENCHMARKS.md's Soak section and nothing else.
         #[arg(long, value_name = "MINUTES")]
         soak: Option<u64>,
+        /// Only the fleet: N daemons following one PostgreSQL table, from a commit to the
+        /// change enforced in every cgroup; replaces BENCHMARKS.md's Fleet section only.
+        #[arg(long, value_name = "N", conflicts_with = "soak")]
+        fleet: Option<u64>,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -147,7 +151,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Task::Setup => setup::toolchain(),
         Task::Deb { revision } => deb::lintian(&deb::build(&root, revision.as_deref())?),
         Task::Vm { task } => vm_task(&root, task),
-        Task::Bench { soak, args } => {
+        Task::Bench { soak, fleet, args } => {
             setup::toolchain()?;
             // The PostgreSQL push latency needs the server; the soak's table is SQLite.
             let databases = if soak.is_none() {
@@ -175,6 +179,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .arg("--out")
                     .arg(root.join("BENCHMARKS.md"))
                     .args(soak.map(|m| format!("--soak={m}")))
+                    .args(fleet.map(|n| format!("--fleet={n}")))
                     .args(&args)
                     .envs(databases)
                     .current_dir(&root),

@@ -155,7 +155,7 @@ pub struct Source {
     columns: ColumnMap,
 }
 
-/// A pool of the database's own driver, connected at its first use.
+/// A pool of the database's own driver, for reading the table.
 enum Typed {
     /// SQLite is read as JSON or through Any (its values' storage classes are what Any keeps).
     None,
@@ -200,31 +200,36 @@ impl Source {
             url.push_str(if url.contains('?') { "&" } else { "?" });
             url.push_str(if create { "mode=rwc" } else { "mode=rw" });
         }
-        let pool = AnyPoolOptions::new()
-            .max_connections(2)
-            .connect(&url)
-            .await
-            .map_err(|source| SourceError::Connect {
-                url: redacted.clone(),
-                source,
-            })?;
         let connect_err = |source| SourceError::Connect {
             url: redacted.clone(),
             source,
         };
-        let typed = match dialect {
-            Dialect::Sqlite => Typed::None,
-            Dialect::Postgres => Typed::Postgres(
-                sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect_lazy(&url)
-                    .map_err(connect_err)?,
+        // PostgreSQL's and MariaDB's rows and version are read on their own driver's one
+        // connection, made here so that an unreachable database is said at once; the Any pool
+        // (table creation, scripts, an empty table's columns) connects only when used. A read
+        // thus takes one connection of the database's.
+        let any = AnyPoolOptions::new().max_connections(2);
+        let (pool, typed) = match dialect {
+            Dialect::Sqlite => (any.connect(&url).await.map_err(connect_err)?, Typed::None),
+            Dialect::Postgres => (
+                any.connect_lazy(&url).map_err(connect_err)?,
+                Typed::Postgres(
+                    sqlx::postgres::PgPoolOptions::new()
+                        .max_connections(1)
+                        .connect(&url)
+                        .await
+                        .map_err(connect_err)?,
+                ),
             ),
-            Dialect::MySql => Typed::MySql(
-                sqlx::mysql::MySqlPoolOptions::new()
-                    .max_connections(1)
-                    .connect_lazy(&url)
-                    .map_err(connect_err)?,
+            Dialect::MySql => (
+                any.connect_lazy(&url).map_err(connect_err)?,
+                Typed::MySql(
+                    sqlx::mysql::MySqlPoolOptions::new()
+                        .max_connections(1)
+                        .connect(&url)
+                        .await
+                        .map_err(connect_err)?,
+                ),
             ),
         };
         Ok(Source {
@@ -455,17 +460,33 @@ impl Source {
 
     /// The table's version row and whether it has a parallel_read column.
     async fn info(&self, positions: &[Option<usize>]) -> TableInfo {
-        let version = sqlx::query_scalar::<_, i64>(&format!(
+        TableInfo {
+            version: self.table_version().await,
+            has_parallel_read: positions.contains(&Row::position("parallel_read")),
+        }
+    }
+
+    /// The table's version row, read on the connection the rows were read on.
+    async fn table_version(&self) -> Option<i64> {
+        let sql = format!(
             "SELECT table_version FROM version WHERE table_name = '{}'",
             self.table
-        ))
-        .fetch_optional(&self.pool)
-        .await
-        .ok()
-        .flatten();
-        TableInfo {
-            version,
-            has_parallel_read: positions.contains(&Row::position("parallel_read")),
+        );
+        let cell = match &self.typed {
+            Typed::Postgres(pool) => {
+                pg_cell(&sqlx::query(&sql).fetch_optional(pool).await.ok()??, 0)
+            }
+            Typed::MySql(pool) => {
+                mysql_cell(&sqlx::query(&sql).fetch_optional(pool).await.ok()??, 0)
+            }
+            Typed::None => {
+                let row = sqlx::query(&sql).fetch_optional(&self.pool).await.ok()??;
+                read_cell(&row, 0, self.dialect)
+            }
+        };
+        match cell {
+            Cell::Int(version) => Some(version),
+            _ => None,
         }
     }
 

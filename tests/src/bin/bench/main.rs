@@ -12,8 +12,10 @@
 //! - the con_lifetime sweep's cost with 10,000 idle connections.
 //!
 //! `--soak MINUTES` runs only the soak instead (see `soak`), `--table-read` only the table read
-//! (see `table_read`) and `--memory` only the daemon's memory (see `memory`); each writes its own
-//! section, which the other runs keep.
+//! (see `table_read`), `--memory` only the daemon's memory (see `memory`) and `--fleet N` only N
+//! daemons following one PostgreSQL table (see `fleet`); each writes its own section, which the
+//! other runs keep.
+mod fleet;
 mod memory;
 mod section;
 mod soak;
@@ -57,6 +59,11 @@ struct Args {
     /// nested; replaces the Memory section of the report and nothing else.
     #[arg(long, conflicts_with_all = ["soak", "table_read"])]
     memory: bool,
+    /// Only the fleet: N daemons following one PostgreSQL table, from a commit to the change
+    /// enforced in every cgroup; replaces the Fleet section of the report and nothing else.
+    #[arg(long, value_name = "N", conflicts_with_all = ["soak", "table_read", "memory"],
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    fleet: Option<u64>,
 }
 
 const SERVER: &str = "127.0.0.1:7000";
@@ -338,6 +345,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.memory {
         return memory::run(&args.out);
+    }
+    if let Some(count) = args.fleet {
+        return fleet::run(count as usize, &args.out);
     }
     let stats_path = "/proc/sys/kernel/bpf_stats_enabled";
     let stats_before = std::fs::read_to_string(stats_path).context("bpf_stats_enabled")?;

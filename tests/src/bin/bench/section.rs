@@ -22,8 +22,13 @@ pub const MEMORY: Section = Section {
     end: "<!-- memory end -->",
 };
 
+pub const FLEET: Section = Section {
+    begin: "<!-- fleet: written by `cargo xtask bench --fleet N`, kept by the other runs -->",
+    end: "<!-- fleet end -->",
+};
+
 /// Every section runs of their own write, in the order the report keeps them.
-pub const ALL: [&Section; 3] = [&TABLE_READ, &MEMORY, &SOAK];
+pub const ALL: [&Section; 4] = [&TABLE_READ, &MEMORY, &FLEET, &SOAK];
 
 impl Section {
     /// The section in `doc`, markers included.
