@@ -389,14 +389,13 @@ impl Source {
                 Ok(total) => total,
                 Err(e) => return Ok(declined(&e)),
             };
-        let mut from = i64::MIN;
         let mut previous: Option<i64> = None;
         let mut handed = 0i64;
+        let mut chunk = match sqlx::query(&sql).bind(i64::MIN).fetch_one(&mut *tx).await {
+            Ok(chunk) => chunk,
+            Err(e) => return Ok(declined(&e)),
+        };
         loop {
-            let chunk = match sqlx::query(&sql).bind(from).fetch_one(&mut *tx).await {
-                Ok(chunk) => chunk,
-                Err(e) => return Ok(declined(&e)),
-            };
             let (count, last, json) = match (
                 chunk.try_get::<i64, _>(0),
                 read_cell(&chunk, 1, self.dialect),
@@ -411,44 +410,27 @@ impl Source {
                     )));
                 }
             };
-            let rows = match serde_json::from_str::<Vec<Vec<JsonCell>>>(&json) {
-                Ok(rows) => rows,
-                Err(e) => return Ok(declined(&e)),
-            };
-            if i64::try_from(rows.len()) != Ok(count) {
-                return Ok(declined(&format_args!(
-                    "a chunk of {count} rows has {} in its JSON",
-                    rows.len()
-                )));
-            }
-            for cells in rows {
-                let id = match cells.get(id_at) {
-                    Some(JsonCell::Exact(Cell::Int(id)))
-                        if cells.len() == read.len() && previous.is_none_or(|p| p < *id) =>
-                    {
-                        *id
+            // The database makes the next chunk while this one is parsed (biased: the query
+            // is sent first).
+            let (next, handed_all) = tokio::join!(
+                biased;
+                async {
+                    match last.checked_add(1) {
+                        Some(from) => Some(sqlx::query(&sql).bind(from).fetch_one(&mut *tx).await),
+                        None => None,
                     }
-                    _ => return Ok(declined(&format_args!("the row after id {previous:?}"))),
-                };
-                previous = Some(id);
-                let mut row = Row::default();
-                for (cell, (_, position)) in cells.into_iter().zip(&read) {
-                    match cell {
-                        JsonCell::Exact(cell) => row.set(*position, cell),
-                        JsonCell::Inexact => {
-                            return Ok(declined(&format_args!(
-                                "id {id} has a value JSON does not carry exactly"
-                            )));
-                        }
-                    }
-                }
-                each(row)?;
-                handed += 1;
+                },
+                async { hand_chunk(&json, count, &read, id_at, &mut previous, &mut each) },
+            );
+            if !handed_all? {
+                return Ok(None);
             }
-            match last.checked_add(1) {
-                Some(next) => from = next,
+            handed += count;
+            chunk = match next {
+                Some(Ok(chunk)) => chunk,
+                Some(Err(e)) => return Ok(declined(&e)),
                 None => break,
-            }
+            };
         }
         if handed != total {
             return Ok(declined(&format_args!(
@@ -656,6 +638,58 @@ fn strip_comments(stmt: &str) -> String {
         .filter(|l| !l.trim_start().starts_with("--"))
         .collect();
     lines.join("\n").trim().to_owned()
+}
+
+/// Hands the `count` rows of one chunk of the fast read (`json`) to `each`, checking that ids
+/// rise (`previous` is the last one handed); Ok(false) when the fast read must give way.
+fn hand_chunk<E>(
+    json: &str,
+    count: i64,
+    read: &[(&str, usize)],
+    id_at: usize,
+    previous: &mut Option<i64>,
+    each: &mut impl FnMut(Row) -> Result<(), E>,
+) -> Result<bool, E> {
+    let rows = match serde_json::from_str::<Vec<Vec<JsonCell>>>(json) {
+        Ok(rows) => rows,
+        Err(e) => return Ok(gave_way(&e)),
+    };
+    if i64::try_from(rows.len()) != Ok(count) {
+        let why = format!("a chunk of {count} rows has {} in its JSON", rows.len());
+        return Ok(gave_way(&why));
+    }
+    for cells in rows {
+        let id = match cells.get(id_at) {
+            Some(JsonCell::Exact(Cell::Int(id)))
+                if cells.len() == read.len() && previous.is_none_or(|p| p < *id) =>
+            {
+                *id
+            }
+            _ => {
+                let why = format!("the row after id {previous:?}");
+                return Ok(gave_way(&why));
+            }
+        };
+        *previous = Some(id);
+        let mut row = Row::default();
+        for (cell, (_, position)) in cells.into_iter().zip(read) {
+            match cell {
+                JsonCell::Exact(cell) => row.set(*position, cell),
+                JsonCell::Inexact => {
+                    let why = format!("id {id} has a value JSON does not carry exactly");
+                    return Ok(gave_way(&why));
+                }
+            }
+        }
+        each(row)?;
+    }
+    Ok(true)
+}
+
+/// `declined` for a step that answers whether the read goes on: false.
+fn gave_way(why: &dyn fmt::Display) -> bool {
+    let _: Option<()> = declined(why);
+    false
 }
 
 /// Says at debug level why the fast read gave way to the row by row read; None, for it to return.
