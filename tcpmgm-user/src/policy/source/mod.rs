@@ -350,6 +350,11 @@ impl Source {
         &self,
         mut each: impl FnMut(Row) -> Result<(), E>,
     ) -> Result<Option<TableInfo>, E> {
+        // Before any query: on PostgreSQL and MariaDB a query here would open a second
+        // connection for nothing.
+        if !self.dialect.has_fast_read() {
+            return Ok(None);
+        }
         let names = match self.column_names().await {
             Ok(names) => names,
             Err(e) => return Ok(declined(&e)),

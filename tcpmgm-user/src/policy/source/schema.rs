@@ -157,6 +157,11 @@ impl Dialect {
         }
     }
 
+    /// Whether the database has a fast read (`json_chunk`): SQLite only, see there.
+    pub fn has_fast_read(self) -> bool {
+        self == Dialect::Sqlite
+    }
+
     /// The fast read's query, where the database has one that beats reading rows: up to
     /// `chunk` rows of the table from id `?` on, in id order, as (their count, their greatest
     /// id, a JSON array of `[column...]` arrays). SQLite only: it builds the JSON in a fraction
@@ -172,13 +177,12 @@ impl Dialect {
     ) -> Option<String> {
         let list: Vec<String> = columns.iter().map(|c| format!("\"{c}\"")).collect();
         let list = list.join(", ");
-        match self {
-            Dialect::Sqlite => Some(format!(
+        self.has_fast_read().then(|| {
+            format!(
                 "SELECT count(*), max(\"{id}\"), json_group_array(json_array({list})) \
                  FROM (SELECT {list} FROM {table} WHERE \"{id}\" >= ? ORDER BY \"{id}\" LIMIT {chunk})"
-            )),
-            Dialect::Postgres | Dialect::MySql => None,
-        }
+            )
+        })
     }
 
     /// Records the table version, replacing an earlier record.
