@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 pub use attrs::parse_attrs;
-pub use row::{Cell, Row, quote};
+pub use row::{COLUMNS, Cell, ROW_COLUMNS, Row, quote};
 pub use validate::{RowError, RowId, validate_row, validate_rows};
 
 /// A TCP-based OpenSIPS protocol, by its id in `tcpmgm_common::PROTOCOLS` (index + 1).

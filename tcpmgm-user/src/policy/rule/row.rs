@@ -66,10 +66,8 @@ pub fn quote(value: &str) -> String {
     out
 }
 
-/// The columns a row keeps: `id`, OpenSIPS's profile and match columns, and `parallel_read`
-/// (version 2 tables). Validation reads no other.
-pub const ROW_COLUMNS: [&str; 19] = [
-    "id",
+/// The columns of OpenSIPS's tcp_mgm table that every version has, besides `id`.
+pub const COLUMNS: [&str; 17] = [
     "proto",
     "remote_addr",
     "remote_port",
@@ -87,8 +85,21 @@ pub const ROW_COLUMNS: [&str; 19] = [
     "keepcount",
     "keepidle",
     "keepinterval",
-    "parallel_read",
 ];
+
+/// The columns a row keeps: `id`, `COLUMNS`, and `parallel_read` (version 1 tables). Validation
+/// reads no other; they are also the columns a rename may name.
+pub const ROW_COLUMNS: [&str; COLUMNS.len() + 2] = {
+    let mut all = [""; COLUMNS.len() + 2];
+    all[0] = "id";
+    let mut i = 0;
+    while i < COLUMNS.len() {
+        all[i + 1] = COLUMNS[i];
+        i += 1;
+    }
+    all[COLUMNS.len() + 1] = "parallel_read";
+    all
+};
 
 /// A `tcp_mgm` row: a cell for each of `ROW_COLUMNS` the table has, by position (no map and no
 /// column name is allocated per row: a table is read at hundreds of thousands of rows a
@@ -152,7 +163,7 @@ mod tests {
     fn a_row_keeps_the_id_every_opensips_column_and_parallel_read() {
         let expected: Vec<&str> = ["id"]
             .into_iter()
-            .chain(crate::policy::source::COLUMNS)
+            .chain(COLUMNS)
             .chain(["parallel_read"])
             .collect();
         assert_eq!(ROW_COLUMNS.to_vec(), expected);

@@ -3,12 +3,13 @@
 //! column under its canonical name, so nothing past it knows of renames.
 use std::collections::BTreeMap;
 
-use super::{COLUMNS, TableName};
+use super::TableName;
+use crate::policy::rule::ROW_COLUMNS;
 
 /// The columns a rename may name: `id`, those of every table version, and version 1's
 /// `parallel_read`.
 pub fn renameable() -> impl Iterator<Item = &'static str> {
-    ["id"].into_iter().chain(COLUMNS).chain(["parallel_read"])
+    ROW_COLUMNS.into_iter()
 }
 
 /// The table's name for each renamed column, by canonical name.

@@ -9,8 +9,9 @@ use futures_util::TryStreamExt as _;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Column, Row as _};
 
+pub use crate::policy::rule::COLUMNS;
 pub use columns::ColumnMap;
-pub use schema::{COLUMNS, Dialect, EXAMPLES, NOTIFY_CHANNEL, TableVersion};
+pub use schema::{Dialect, EXAMPLES, NOTIFY_CHANNEL, TableVersion};
 
 use crate::policy::rule::{Cell, Row};
 

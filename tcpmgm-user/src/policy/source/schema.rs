@@ -20,27 +20,6 @@ impl TableVersion {
     }
 }
 
-/// Columns every version has, besides `id`.
-pub const COLUMNS: [&str; 17] = [
-    "proto",
-    "remote_addr",
-    "remote_port",
-    "local_addr",
-    "local_port",
-    "priority",
-    "attrs",
-    "connect_timeout",
-    "con_lifetime",
-    "msg_read_timeout",
-    "send_threshold",
-    "no_new_conn",
-    "alias_mode",
-    "keepalive",
-    "keepcount",
-    "keepidle",
-    "keepinterval",
-];
-
 /// The SQL dialect of a rule database.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
