@@ -67,6 +67,19 @@ struct LinkCreateAttr {
     _rest: [u64; 4],
 }
 
+// The kernel reads every byte of an attr passed and refuses a non-zero one where it knows no
+// field: no attr may have implicit padding, whose bytes are undefined. Each size below is the
+// sum of the struct's fields.
+const _: () = {
+    assert!(size_of::<BatchAttr>() == 4 * 8 + 2 * 4 + 2 * 8);
+    assert!(size_of::<LinkUpdateAttr>() == 4 * 4);
+    assert!(size_of::<ObjAttr>() == 8 + 2 * 4);
+    assert!(size_of::<LinkCreateAttr>() == 4 * 4 + 4 * 8);
+    assert!(size_of::<ElemAttr>() == 2 * 4 + 3 * 8);
+    assert!(size_of::<BtfLoadAttr>() == 2 * 8 + 4 * 4);
+    assert!(size_of::<LinkInfo>() == 4 * 4 + 8 + 2 * 4);
+};
+
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a live, initialised bpf_attr member of the size passed.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
@@ -170,7 +183,11 @@ struct ElemAttr {
     flags: u64,
 }
 
-/// `union bpf_attr`'s BTF_LOAD member (as of Linux 5.10).
+/// `union bpf_attr`'s BTF_LOAD member. `btf_log_true_size` (Linux 6.4, written by the kernel)
+/// is spelled out although older kernels do not know it: the struct would otherwise end in 4
+/// bytes of padding, passed to the kernel with whatever the stack held, and a kernel that does
+/// not know the field refuses a non-zero byte after `btf_log_level` with EINVAL and no log
+/// (a release build failed so on 6.1 in some builds, never in a debug build).
 #[repr(C)]
 #[derive(Default)]
 struct BtfLoadAttr {
@@ -179,6 +196,7 @@ struct BtfLoadAttr {
     btf_size: u32,
     btf_log_size: u32,
     btf_log_level: u32,
+    btf_log_true_size: u32,
 }
 
 /// Loads BTF type information into the kernel. A refusal carries the last lines of the
@@ -191,6 +209,7 @@ pub fn btf_load(data: &[u8]) -> io::Result<OwnedFd> {
         btf_log_buf: log.as_mut_ptr() as u64,
         btf_log_size: log.len() as u32,
         btf_log_level: 1,
+        btf_log_true_size: 0,
     };
     match bpf(BPF_BTF_LOAD, &mut attr) {
         // SAFETY: the kernel returned a new fd we own.
