@@ -15,8 +15,9 @@ pub const SOCKETS_PIN: &str = "TCPMGM_SOCKETS_V3";
 
 /// What a socket was decided: stored per socket at the first hook that sees it, so that every
 /// later hook, whatever rule set is loaded by then, applies the same decision, and so that the
-/// application owning the socket can read its profile (accepted sockets: only when a rule
-/// matched).
+/// application owning the socket can read its profile. Only sockets a rule matched have one
+/// (and sockets the application gave options to before connect(), whose record stays
+/// `SOCK_UNDECIDED` when no rule matched): no record, or none in `SOCK_RULE`, means no rule.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockPolicy {
@@ -45,9 +46,10 @@ const _: () = {
     assert!(size_of::<SockPolicy>() == 192);
 };
 
-/// `SockPolicy::state`: a storage made but not decided yet.
+/// `SockPolicy::state`: a storage made (by the setsockopt hook) and no rule decided.
 pub const SOCK_UNDECIDED: u32 = 0;
-/// `SockPolicy::state`: decided, and no rule matched: the system's settings apply.
+/// `SockPolicy::state`: decided, and no rule matched: the system's settings apply. Written by
+/// tcpmgm before 2026-12 (a socket no rule matches now gets no record); still read as no rule.
 pub const SOCK_NO_RULE: u32 = 1;
 /// `SockPolicy::state`: decided, and `profile` is the winning rule's.
 pub const SOCK_RULE: u32 = 2;

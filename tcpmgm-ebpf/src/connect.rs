@@ -91,7 +91,7 @@ fn port(user_port: u32) -> u16 {
 #[inline(always)]
 fn verdict(ctx: &SockAddrContext, sk: *mut bpf_sock, conn: Conn) -> i32 {
     let (v6, remote, port) = (conn.v6, conn.remote, conn.remote_port);
-    match sockets::policy(sk, || conn) {
+    match sockets::record(sk, &conn) {
         Some(d) if d.profile.flags & flags::NO_NEW_CONN != 0 => {
             let audit = d.audit();
             if audit {

@@ -121,7 +121,7 @@ fn policy(ctx: &SockOpsContext) -> Option<Decided> {
         // An accepted socket meets this program once.
         return sockets::record(sk, &conn(ctx.ops));
     }
-    sockets::policy(sk, || conn(ctx.ops))
+    sockets::stored(sk)
 }
 
 /// Sets an int option; a failure (the kernel refusing the option) is counted for the rule.

@@ -1,17 +1,16 @@
-//! One decision per socket. The first hook that sees an outbound socket decides it and stores
-//! the winning profile (or "no rule") in socket-local storage; every later hook applies the
-//! stored decision. (An accepted socket meets one hook only, so it is decided there and then.)
-//! So a socket is governed entirely by one rule set even when a reload lands between its
-//! connect() and its establishment, and a reload never changes existing connections.
+//! One decision per socket. The connect hook decides an outbound socket and stores the winning
+//! profile in socket-local storage; every later hook applies the stored decision. A socket no
+//! rule matched gets no storage (making it is most of what a hook costs): no storage means "no
+//! rule". (An accepted socket meets one hook only, so it is decided there and then.) So a
+//! socket is governed entirely by one rule set even when a reload lands between its connect()
+//! and its establishment, and a reload never changes existing connections.
 use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
     helpers::generated::bpf_sk_storage_get,
 };
-use tcpmgm_common::{
-    Profile, RuleStats, SOCK_NO_RULE, SOCK_RULE, SOCK_UNDECIDED, SockPolicy, marks, settings_marks,
-};
+use tcpmgm_common::{Profile, RuleStats, SOCK_RULE, SockPolicy, marks, settings_marks};
 
 use crate::decide::decide;
 use crate::generation::Gen;
@@ -65,50 +64,31 @@ fn enforcement(g: &Gen) -> u32 {
     settings_marks(g.header().map_or(0, |h| h.flags))
 }
 
-/// The profile governing `sk`, deciding it with `conn` if no hook has yet. References, not
-/// copies: with an `Option<Profile>` by value LLVM reads the flags of the None case from an
-/// unset register, which the verifier refuses.
+/// An outbound socket in a hook after connect(): the decision the connect hook stored (see
+/// `record`). A socket without a decided rule in its storage is no rule's: the connect hook
+/// found none, or the socket connected before tcpmgm attached (which `--reapply-existing` is
+/// for). It is not decided here: a reload between connect() and this hook must not give it
+/// another rule set's profile.
 #[inline(always)]
-pub fn policy(sk: *mut bpf_sock, conn: impl FnOnce() -> Conn) -> Option<Decided> {
-    let stored = storage(sk, true);
+pub fn stored(sk: *mut bpf_sock) -> Option<Decided> {
+    let stored = storage(sk, false);
     if stored.is_null() {
-        // No memory for the storage: decide without remembering.
-        let g = Gen::current()?;
-        return decide_profile(&g, &conn()).map(|profile| Decided {
-            profile,
-            marks: enforcement(&g),
-            stored,
-        });
+        return None;
     }
     // SAFETY: non-null storage of our value type, valid for this program run.
-    let record = unsafe { &mut *stored };
-    if record.state == SOCK_UNDECIDED {
-        // No generation yet (or one being retired): leave the socket for a later hook.
-        let g = Gen::current()?;
-        match decide_profile(&g, &conn()) {
-            Some(p) => {
-                record.profile = *p;
-                record.generation = g.number;
-                record.marks |= enforcement(&g);
-                record.state = SOCK_RULE;
-            }
-            None => record.state = SOCK_NO_RULE,
-        }
-    }
-    if record.state == SOCK_RULE {
-        Some(Decided {
-            profile: &record.profile,
-            marks: record.marks,
-            stored,
-        })
-    } else {
-        None
-    }
+    let record = unsafe { &*stored };
+    (record.state == SOCK_RULE).then(|| Decided {
+        profile: &record.profile,
+        marks: record.marks,
+        stored,
+    })
 }
 
-/// An accepted socket meets one hook only: decide it, and remember the profile (for the
-/// application that owns the socket) only when a rule matched, so that unmatched connections
-/// cost no storage.
+/// Decides a socket: an accepted one (which meets one hook only) or an outbound one at
+/// connect(). The decision is remembered (for the later hooks and for the application that owns
+/// the socket) only when a rule matched, so that unmatched connections cost no storage; storage
+/// the socket already has (the application gave it options before connect(), see `sockopt`) is
+/// filled in. Should the kernel have no memory for it, the rule still decides this hook.
 #[inline(always)]
 pub fn record(sk: *mut bpf_sock, conn: &Conn) -> Option<Decided> {
     let g = Gen::current()?;

@@ -1,4 +1,4 @@
-//! The sections of BENCHMARKS.md that runs of their own write (`--soak`, `--table-read`): each
+//! The sections of BENCHMARKS.md that runs of their own write (`--rate`, `--soak`, ...): each
 //! between two markers, replaced by its own run and kept by every other.
 
 /// A section's markers.
@@ -27,8 +27,13 @@ pub const FLEET: Section = Section {
     end: "<!-- fleet end -->",
 };
 
+pub const RATE: Section = Section {
+    begin: "<!-- rate: written by `cargo xtask bench -- --rate`, kept by the other runs -->",
+    end: "<!-- rate end -->",
+};
+
 /// Every section runs of their own write, in the order the report keeps them.
-pub const ALL: [&Section; 4] = [&TABLE_READ, &MEMORY, &FLEET, &SOAK];
+pub const ALL: [&Section; 5] = [&RATE, &TABLE_READ, &MEMORY, &FLEET, &SOAK];
 
 impl Section {
     /// The section in `doc`, markers included.

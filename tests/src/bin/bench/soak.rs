@@ -483,15 +483,7 @@ pub fn run(minutes: u64, out: &Path) -> anyhow::Result<()> {
     let pid = daemon.pid();
     // The connections are this process's: into the sandbox's namespace and cgroup, after the
     // daemon started outside them.
-    nix::sched::setns(
-        std::fs::File::open(&netns)?,
-        nix::sched::CloneFlags::CLONE_NEWNET,
-    )?;
-    std::fs::write(
-        sb.cgroup.join("cgroup.procs"),
-        std::process::id().to_string(),
-    )?;
-    let _leave = super::LeaveCgroup;
+    let _leave = super::become_workload(&sb)?;
 
     let start = Instant::now();
     let seconds = minutes * 60;
