@@ -19,12 +19,13 @@
 #define TCPMGM_SOCK_RECORD_VERSION 3
 
 /**
- * `tcpmgm_sock_record.state`: a storage made but not decided yet.
+ * `tcpmgm_sock_record.state`: a storage made (by the setsockopt hook) and no rule decided.
  */
 #define TCPMGM_SOCK_UNDECIDED 0
 
 /**
- * `tcpmgm_sock_record.state`: decided, and no rule matched: the system's settings apply.
+ * `tcpmgm_sock_record.state`: decided, and no rule matched: the system's settings apply. Written by
+ * tcpmgm before 2026-12 (a socket no rule matches now gets no record); still read as no rule.
  */
 #define TCPMGM_SOCK_NO_RULE 1
 
@@ -99,11 +100,12 @@ struct tcpmgm_attr {
  */
 struct tcpmgm_profile {
   /**
-   * The rule's `id` in the table.
+   * The rule's `id` in the table (0 in the `TCPMGM_PROFILES` map, whose entries rules share; the
+   * `TCPMGM_RANKS` map gives each rank its rule's id).
    */
   uint32_t rule_id;
   /**
-   * The rule's position in match order: its index in `TCPMGM_PROFILES`.
+   * The rule's position in match order (0 in the `TCPMGM_PROFILES` map).
    */
   uint32_t rank;
   uint32_t flags;
@@ -142,8 +144,9 @@ struct tcpmgm_profile {
 /**
  * What a socket was decided: stored per socket at the first hook that sees it, so that every
  * later hook, whatever rule set is loaded by then, applies the same decision, and so that the
- * application owning the socket can read its profile (accepted sockets: only when a rule
- * matched).
+ * application owning the socket can read its profile. Only sockets a rule matched have one
+ * (and sockets the application gave options to before connect(), whose record stays
+ * `TCPMGM_SOCK_UNDECIDED` when no rule matched): no record, or none in `TCPMGM_SOCK_RULE`, means no rule.
  */
 struct tcpmgm_sock_record {
   /**

@@ -76,11 +76,12 @@ pub mod marks {
 /// `bpftool map dump` shows the whole profile; the programs act on the keepalive and connect
 /// fields and on `flags`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Profile {
-    /// The rule's `id` in the table.
+    /// The rule's `id` in the table (0 in the `PROFILES` map, whose entries rules share; the
+    /// `TCPMGM_RANKS` map gives each rank its rule's id).
     pub rule_id: u32,
-    /// The rule's position in match order: its index in `PROFILES`.
+    /// The rule's position in match order (0 in the `PROFILES` map).
     pub rank: u32,
     pub flags: u32,
     /// TCP_KEEPIDLE seconds; 0 leaves the system value.
@@ -109,7 +110,7 @@ pub const MAX_ATTR_KEY: usize = 24;
 
 /// One `key=int` pair of a rule's attrs; an all-zero key is no pair.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Attr {
     pub value: i64,
     /// NUL-padded.

@@ -31,7 +31,10 @@ pub mod names {
     pub const BUCKETS: &str = "TCPMGM_BUCKETS";
     pub const LOCAL_V4: &str = "TCPMGM_LOCAL_V4";
     pub const LOCAL_V6: &str = "TCPMGM_LOCAL_V6";
+    /// The distinct profiles of the rule set (rules with the same profile share one).
     pub const PROFILES: &str = "TCPMGM_PROFILES";
+    /// Each rule, by rank: its id and the index of its profile in `PROFILES`.
+    pub const RANKS: &str = "TCPMGM_RANKS";
     pub const LISTENERS: &str = "TCPMGM_LISTENERS";
     /// The generation in force.
     pub const CURRENT: &str = "TCPMGM_CURRENT";
@@ -47,10 +50,11 @@ pub mod names {
     pub const SETSOCKOPT: &str = "tcpmgm_sockopt";
     /// The policy maps, made anew for every rule set, in the order the loader writes them, each
     /// with the array of maps the programs find it in.
-    pub const POLICY_MAPS: [(&str, &str); 11] = [
+    pub const POLICY_MAPS: [(&str, &str); 12] = [
         (HEADER, "TCPMGM_GEN_HEADER"),
         (LISTS, "TCPMGM_GEN_LISTS"),
         (PROFILES, "TCPMGM_GEN_PROFILES"),
+        (RANKS, "TCPMGM_GEN_RANKS"),
         (LOCAL_V4, "TCPMGM_GEN_LOCAL_V4"),
         (LOCAL_V6, "TCPMGM_GEN_LOCAL_V6"),
         (BUCKETS, "TCPMGM_GEN_BUCKETS"),
@@ -116,6 +120,16 @@ pub struct ListNode {
     /// The best rank among the rules of every list above this one: once a lookup holds a better
     /// one, no list above can change its answer, and the walk stops.
     pub floor: u32,
+}
+
+/// A rule, by rank (its position in match order): its id, and its profile's index in
+/// `PROFILES`. Rules share a profile where every field but the id and rank is the same, so a
+/// table of many rules and few distinct profiles stores 8 bytes a rule, not a profile each.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RankEntry {
+    pub rule_id: u32,
+    pub profile: u32,
 }
 
 /// A bucket: the rules of one list with one (proto, remote_port, local_port), 0 meaning any.
@@ -302,6 +316,7 @@ mod pod {
     use super::*;
     // SAFETY: all of these are repr(C) with explicit padding fields and no pointers.
     unsafe impl aya::Pod for ListNode {}
+    unsafe impl aya::Pod for RankEntry {}
     unsafe impl aya::Pod for BucketKey {}
     unsafe impl aya::Pod for Bucket {}
     unsafe impl aya::Pod for LocalKey4 {}

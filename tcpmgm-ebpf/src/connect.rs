@@ -100,7 +100,7 @@ fn verdict(ctx: &SockAddrContext, sk: *mut bpf_sock, conn: Conn) -> i32 {
                 d.count(|c| c.refused += 1);
             }
             if logbook::allow() {
-                let rule = d.profile.rule_id;
+                let rule = d.rule_id;
                 let verdict = if audit {
                     "would be refused (audit mode)"
                 } else {

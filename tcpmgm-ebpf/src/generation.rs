@@ -10,7 +10,8 @@ use crate::maps::{
     BucketMap, Host4Map, Host6Map, ListMap, ListenerMap, Local4Map, Local6Map, Remote4Map,
     Remote6Map, TCPMGM_CURRENT, TCPMGM_GEN_BUCKETS, TCPMGM_GEN_HEADER, TCPMGM_GEN_HOST_V4,
     TCPMGM_GEN_HOST_V6, TCPMGM_GEN_LISTENERS, TCPMGM_GEN_LISTS, TCPMGM_GEN_LOCAL_V4,
-    TCPMGM_GEN_LOCAL_V6, TCPMGM_GEN_PROFILES, TCPMGM_GEN_REMOTE_V4, TCPMGM_GEN_REMOTE_V6,
+    TCPMGM_GEN_LOCAL_V6, TCPMGM_GEN_PROFILES, TCPMGM_GEN_RANKS, TCPMGM_GEN_REMOTE_V4,
+    TCPMGM_GEN_REMOTE_V6,
 };
 
 #[derive(Clone, Copy)]
@@ -43,9 +44,13 @@ impl Gen {
         TCPMGM_GEN_HEADER.get(self.slot)?.get(0)
     }
 
+    /// The rule at `rank`: its id and its profile (shared with other rules, so its own
+    /// `rule_id` and `rank` are not the rule's).
     #[inline(always)]
-    pub fn profile(self, rank: u32) -> Option<&'static Profile> {
-        TCPMGM_GEN_PROFILES.get(self.slot)?.get(rank)
+    pub fn rule(self, rank: u32) -> Option<(u32, &'static Profile)> {
+        let entry = TCPMGM_GEN_RANKS.get(self.slot)?.get(rank)?;
+        let profile = TCPMGM_GEN_PROFILES.get(self.slot)?.get(entry.profile)?;
+        Some((entry.rule_id, profile))
     }
 
     #[inline(always)]

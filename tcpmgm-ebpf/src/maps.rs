@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use tcpmgm_common::{
     Addr4, Addr6, Bucket, BucketKey, Header, ListNode, ListenerInfo, ListenerKey, LocalKey4,
-    LocalKey6, LogBudget, Profile, RULE_STATS_MAX, RuleStats, SockPolicy,
+    LocalKey6, LogBudget, Profile, RULE_STATS_MAX, RankEntry, RuleStats, SockPolicy,
 };
 
 /// Arrays as inner maps: without BPF_F_INNER_MAP every generation would need the template's
@@ -26,6 +26,7 @@ const INNER: usize = BPF_F_INNER_MAP as usize;
 pub type HeaderMap = Array<Header, 1, INNER>;
 pub type ListMap = Array<ListNode, 1, INNER>;
 pub type ProfileMap = Array<Profile, 1, INNER>;
+pub type RankMap = Array<RankEntry, 1, INNER>;
 pub type BucketMap = HashMap<BucketKey, Bucket, 1>;
 pub type ListenerMap = HashMap<ListenerKey, ListenerInfo, 1>;
 /// The remote prefixes, each to its list id.
@@ -59,8 +60,12 @@ policy_map!(
     TCPMGM_LISTS, TCPMGM_GEN_LISTS: ListMap
 );
 policy_map!(
-    /// Profiles by rank (position in match order).
+    /// The distinct profiles, which rules share.
     TCPMGM_PROFILES, TCPMGM_GEN_PROFILES: ProfileMap
+);
+policy_map!(
+    /// Each rule by rank (position in match order): its id and its profile's index.
+    TCPMGM_RANKS, TCPMGM_GEN_RANKS: RankMap
 );
 policy_map!(TCPMGM_BUCKETS, TCPMGM_GEN_BUCKETS: BucketMap);
 policy_map!(TCPMGM_LISTENERS, TCPMGM_GEN_LISTENERS: ListenerMap);

@@ -53,7 +53,7 @@ pub fn tcpmgm_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB => connect_started(&ctx, &d),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, &d, false),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(&ctx, &d, true),
-        op => slow_send(&ctx, d.profile, op == BPF_SOCK_OPS_RTO_CB),
+        op => slow_send(&ctx, d.rule_id, d.profile, op == BPF_SOCK_OPS_RTO_CB),
     }
     1
 }
@@ -213,15 +213,15 @@ fn established(ctx: &SockOpsContext, d: &Decided, passive: bool) {
 /// logged (rate-limited). Not inlined: the log event's arguments would otherwise add to the
 /// stack of the path that decides, which Linux 5.10 and 6.1 hold to 512 bytes across calls.
 #[inline(never)]
-fn slow_send(ctx: &SockOpsContext, p: &Profile, timeout: bool) {
+fn slow_send(ctx: &SockOpsContext, rule: u32, p: &Profile, timeout: bool) {
     // SAFETY: plain ctx field load; the kernel keeps the smoothed RTT << 3, in µs.
     let srtt_us = unsafe { core::ptr::read_volatile(&(*ctx.ops).srtt_us) } >> 3;
     if !timeout && srtt_us <= p.send_threshold_us {
         return;
     }
-    stats::bump(p.rule_id, |s| s.slow_sends += 1);
+    stats::bump(rule, |s| s.slow_sends += 1);
     if logbook::allow() {
-        let (rule, threshold) = (p.rule_id, p.send_threshold_us);
+        let threshold = p.send_threshold_us;
         if timeout {
             info!(
                 ctx,

@@ -38,6 +38,10 @@ pub fn storage(sk: *mut bpf_sock, create: bool) -> *mut SockPolicy {
 /// `marks::APP_OPTIONS_ALLOW`, from the generation that decided it) and, when the socket has
 /// storage, that storage (for the marks hooks leave on it).
 pub struct Decided {
+    /// The winning rule's id.
+    pub rule_id: u32,
+    /// Its profile: the socket's record, or (no storage) the generation's shared profile,
+    /// whose own `rule_id` is not the rule's.
     pub profile: &'static Profile,
     pub marks: u32,
     /// Null when the kernel had no memory for the storage.
@@ -48,7 +52,7 @@ impl Decided {
     /// Bumps one of the rule's counters.
     #[inline(always)]
     pub fn count(&self, bump: impl Fn(&mut RuleStats)) {
-        stats::bump(self.profile.rule_id, bump);
+        stats::bump(self.rule_id, bump);
     }
 
     /// Audit mode: decide and count, but act on nothing.
@@ -77,7 +81,8 @@ pub fn stored(sk: *mut bpf_sock) -> Option<Decided> {
     }
     // SAFETY: non-null storage of our value type, valid for this program run.
     let record = unsafe { &*stored };
-    (record.state == SOCK_RULE).then(|| Decided {
+    (record.state == SOCK_RULE).then_some(Decided {
+        rule_id: record.profile.rule_id,
         profile: &record.profile,
         marks: record.marks,
         stored,
@@ -92,11 +97,14 @@ pub fn stored(sk: *mut bpf_sock) -> Option<Decided> {
 #[inline(always)]
 pub fn record(sk: *mut bpf_sock, conn: &Conn) -> Option<Decided> {
     let g = Gen::current()?;
-    let p = decide_profile(&g, conn)?;
+    let rank = decide(&g, conn)?;
+    let (rule_id, p) = g.rule(rank)?;
+    stats::bump(rule_id, |s| s.matched += 1);
     let marks = enforcement(&g);
     let stored = storage(sk, true);
     if stored.is_null() {
         return Some(Decided {
+            rule_id,
             profile: p,
             marks,
             stored,
@@ -105,20 +113,15 @@ pub fn record(sk: *mut bpf_sock, conn: &Conn) -> Option<Decided> {
     // SAFETY: non-null storage of our value type, valid for this program run.
     let record = unsafe { &mut *stored };
     record.profile = *p;
+    record.profile.rule_id = rule_id;
+    record.profile.rank = rank;
     record.generation = g.number;
     record.marks |= marks;
     record.state = SOCK_RULE;
     Some(Decided {
+        rule_id,
         profile: &record.profile,
         marks: record.marks,
         stored,
     })
-}
-
-/// The profile of the winning rule, counted as matched, without remembering it.
-#[inline(always)]
-fn decide_profile(g: &Gen, conn: &Conn) -> Option<&'static Profile> {
-    let p = g.profile(decide(g, conn)?)?;
-    stats::bump(p.rule_id, |s| s.matched += 1);
-    Some(p)
 }

@@ -164,9 +164,12 @@ fn bpftool_dump_shows_field_names() {
                 .arg(sb.pin_dir.join(map)),
         )
     };
+    let ranks = dump("TCPMGM_RANKS");
+    for field in ["\"rule_id\": 7", "\"profile\": 0"] {
+        assert!(ranks.contains(field), "{field} not in:\n{ranks}");
+    }
     let profiles = dump("TCPMGM_PROFILES");
     for field in [
-        "\"rule_id\": 7",
         "\"keepidle\": 1234",
         "\"connect_timeout_ms\": 100",
         "\"flags\"",

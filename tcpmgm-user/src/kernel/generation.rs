@@ -4,7 +4,7 @@
 //! The maps are made from the object's own declarations and BTF (see `programs::Templates`), so
 //! they carry the field names bpftool prints. A map whose contents the previous generation
 //! already holds is not made again: the new generation shares it (a change to one rule's
-//! keepalive rebuilds the profiles and nothing else). A generation never writes to a map once
+//! keepalive rebuilds the profiles and the ranks, nothing else). A generation never writes to a map once
 //! it is built, so sharing cannot change a rule set in force.
 use std::collections::HashMap;
 use std::hash::Hasher as _;
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use aya::Pod;
 use aya::maps::{Map, MapData};
 use ipnet::IpNet;
-use tcpmgm_common::{Header, LocalKey4, LocalKey6, names};
+use tcpmgm_common::{Header, LocalKey4, LocalKey6, Profile, RankEntry, names};
 
 use super::programs::Templates;
 use super::undo::Undo;
@@ -104,8 +104,36 @@ fn octets<const N: usize>(net: IpNet) -> [u8; N] {
     v.try_into().expect("the family's length")
 }
 
+/// The distinct profiles of `per_rank` (the profiles in match order), each without its rule's
+/// id and rank, in order of first use; and each rank's entry: its rule's id and its profile's
+/// index.
+fn shared_profiles(per_rank: &[Profile]) -> (Vec<Profile>, Vec<RankEntry>) {
+    let mut index: HashMap<Profile, u32> = HashMap::new();
+    let mut distinct = Vec::new();
+    let ranks = per_rank
+        .iter()
+        .map(|p| {
+            let shared = Profile {
+                rule_id: 0,
+                rank: 0,
+                ..*p
+            };
+            let profile = *index.entry(shared).or_insert_with(|| {
+                distinct.push(shared);
+                (distinct.len() - 1) as u32
+            });
+            RankEntry {
+                rule_id: p.rule_id,
+                profile,
+            }
+        })
+        .collect();
+    (distinct, ranks)
+}
+
 /// Every map's contents for `policy` as generation `number`, in `names::POLICY_MAPS` order.
 fn contents(p: &Policy, number: u32) -> Vec<(&'static str, Contents)> {
+    let (profiles, ranks) = shared_profiles(&p.profiles);
     let local4 = p.local_v4.iter().map(|&(local, net, rank)| {
         let addr = octets::<4>(net);
         (
@@ -146,7 +174,8 @@ fn contents(p: &Policy, number: u32) -> Vec<(&'static str, Contents)> {
             }]),
         ),
         (names::LISTS, Contents::array(&p.lists)),
-        (names::PROFILES, Contents::array(&p.profiles)),
+        (names::PROFILES, Contents::array(&profiles)),
+        (names::RANKS, Contents::array(&ranks)),
         (names::LOCAL_V4, Contents::trie(local4)),
         (names::LOCAL_V6, Contents::trie(local6)),
         (names::BUCKETS, Contents::of(p.buckets.iter().copied())),
@@ -308,5 +337,25 @@ fn data(map: &Map) -> &MapData {
     match map {
         Map::Array(m) | Map::HashMap(m) | Map::LpmTrie(m) => m,
         other => unreachable!("a policy map of another type: {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_with_the_same_profile_share_it_and_keep_their_ids() {
+        let rule = |rule_id, rank, keepidle| Profile {
+            rule_id,
+            rank,
+            keepidle,
+            ..Profile::default()
+        };
+        let per_rank = [rule(11, 0, 30), rule(12, 1, 60), rule(13, 2, 30)];
+        let (profiles, ranks) = shared_profiles(&per_rank);
+        assert_eq!(profiles, [rule(0, 0, 30), rule(0, 0, 60)]);
+        let entry = |rule_id, profile| RankEntry { rule_id, profile };
+        assert_eq!(ranks, [entry(11, 0), entry(12, 1), entry(13, 0)]);
     }
 }

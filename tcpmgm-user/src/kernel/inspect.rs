@@ -51,7 +51,7 @@ pub struct RuleCount {
 /// Reads the links and counters pinned in `dir` (counters summed over CPUs).
 pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
     use aya::maps::{Array, Map, MapData, PerCpuHashMap};
-    use tcpmgm_common::{Profile, RuleStats};
+    use tcpmgm_common::{Profile, RankEntry, RuleStats};
     let mut programs = Vec::new();
     for (hook, link) in HOOKS.iter().zip(pinned_links(dir)?) {
         if let Some((_, info)) = link {
@@ -76,23 +76,37 @@ pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
         reason: e.to_string(),
     };
     let (generation, loader) = header(dir)?;
-    let profiles: Array<MapData, Profile> = Array::try_from(Map::Array(open(names::PROFILES)?))
-        .map_err(|e| fail(names::PROFILES, e))?;
+    // Each rank's rule id: from the ranks, or, in pins of a version before them, from the
+    // profiles, which were one a rank.
+    let rule_ids: Vec<u32> = if dir.join(names::RANKS).exists() {
+        let ranks: Array<MapData, RankEntry> =
+            Array::try_from(Map::Array(open(names::RANKS)?)).map_err(|e| fail(names::RANKS, e))?;
+        ranks
+            .iter()
+            .map(|r| r.map(|r| r.rule_id))
+            .collect::<Result<_, _>>()
+            .map_err(|e| fail(names::RANKS, e))?
+    } else {
+        let profiles: Array<MapData, Profile> = Array::try_from(Map::Array(open(names::PROFILES)?))
+            .map_err(|e| fail(names::PROFILES, e))?;
+        profiles
+            .iter()
+            .map(|p| p.map(|p| p.rule_id))
+            .collect::<Result<_, _>>()
+            .map_err(|e| fail(names::PROFILES, e))?
+    };
     let stats: PerCpuHashMap<MapData, u32, RuleStats> =
         PerCpuHashMap::try_from(Map::PerCpuHashMap(open(tcpmgm_common::RULE_STATS_PIN)?))
             .map_err(|e| fail(names::RULE_STATS, e))?;
     let sweeps = crate::daemon::lifetime::stats_map(dir, false).ok();
     let mut rules = Vec::new();
-    for rank in 0..profiles.len() {
-        let profile = profiles
-            .get(&rank, 0)
-            .map_err(|e| fail(names::PROFILES, e))?;
-        if profile.rule_id == 0 {
+    for rule_id in rule_ids {
+        if rule_id == 0 {
             // The placeholder entry of an empty rule set.
             continue;
         }
         // A rule gets its entry with its first event.
-        let total = match stats.get(&profile.rule_id, 0) {
+        let total = match stats.get(&rule_id, 0) {
             Ok(per_cpu) => per_cpu.iter().fold(RuleStats::default(), |t, c| RuleStats {
                 matched: t.matched + c.matched,
                 refused: t.refused + c.refused,
@@ -106,10 +120,10 @@ pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
         };
         let swept = sweeps
             .as_ref()
-            .and_then(|m| m.get(&profile.rule_id, 0).ok())
+            .and_then(|m| m.get(&rule_id, 0).ok())
             .unwrap_or_default();
         rules.push(RuleCount {
-            id: profile.rule_id,
+            id: rule_id,
             matched: total.matched,
             refused: total.refused,
             would_refuse: total.would_refuse,
