@@ -97,14 +97,14 @@ fn helper(t: ProgramType, h: BpfHelper) -> Result<bool, String> {
 /// A bpf(2) command the kernel knows: called with a descriptor that is never valid (at word
 /// `fd_word` of an otherwise zero bpf_attr), it answers EBADF, where an unknown command answers
 /// EINVAL.
-fn command(cmd: libc::c_long, fd_word: usize) -> Result<bool, String> {
+fn command(cmd: bpf_cmd, fd_word: usize) -> Result<bool, String> {
     let mut attr = [0u32; 16];
     attr[fd_word] = u32::MAX;
     // SAFETY: a bpf_attr-sized buffer the kernel only reads.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            cmd,
+            cmd as libc::c_long,
             attr.as_mut_ptr(),
             std::mem::size_of_val(&attr),
         )
@@ -208,7 +208,12 @@ pub fn unprivileged_bpf() -> Result<bool, String> {
             let path = c"/sys/fs/bpf/tcpmgm-probe-nonexistent";
             // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
             let attr: [u64; 2] = [path.as_ptr() as u64, 0];
-            let r = libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_ptr(), 16);
+            let r = libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_GET as libc::c_long,
+                attr.as_ptr(),
+                16,
+            );
             let refused = r < 0 && *libc::__errno_location() == libc::EPERM;
             libc::_exit(i32::from(refused));
         },
@@ -220,13 +225,10 @@ pub fn unprivileged_bpf() -> Result<bool, String> {
     }
 }
 
-/// BPF_OBJ_GET of `enum bpf_cmd`.
-const BPF_OBJ_GET: libc::c_long = 7;
-
-// Command numbers of `enum bpf_cmd` (include/uapi/linux/bpf.h).
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_LINK_UPDATE: libc::c_long = 29;
-const BPF_LINK_DETACH: libc::c_long = 34;
+// The command numbers of `enum bpf_cmd`, from aya's bindings of include/uapi/linux/bpf.h.
+use aya_obj::generated::bpf_cmd::{
+    self, BPF_LINK_CREATE, BPF_LINK_DETACH, BPF_LINK_UPDATE, BPF_OBJ_GET,
+};
 
 /// Probes everything but the programs themselves (see `programs_load`).
 pub fn probe() -> Vec<Feature> {

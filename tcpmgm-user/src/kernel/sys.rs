@@ -8,16 +8,11 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::Path;
 
-// Command numbers of `enum bpf_cmd` in include/uapi/linux/bpf.h.
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-const BPF_LINK_UPDATE: libc::c_long = 29;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-const BPF_BTF_LOAD: libc::c_long = 18;
-const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_LINK_DETACH: libc::c_long = 34;
-const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+// The command numbers of `enum bpf_cmd`, from aya's bindings of include/uapi/linux/bpf.h.
+use aya_obj::generated::bpf_cmd::{
+    self, BPF_BTF_LOAD, BPF_LINK_CREATE, BPF_LINK_DETACH, BPF_LINK_UPDATE, BPF_MAP_DELETE_ELEM,
+    BPF_MAP_UPDATE_BATCH, BPF_MAP_UPDATE_ELEM, BPF_OBJ_GET_INFO_BY_FD, BPF_OBJ_PIN,
+};
 /// The kernel's internal "operation not supported" (include/linux/errno.h), which the bpf
 /// syscall returns for map types without an operation.
 const ENOTSUPP: i32 = 524;
@@ -80,9 +75,16 @@ const _: () = {
     assert!(size_of::<LinkInfo>() == 4 * 4 + 8 + 2 * 4);
 };
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a live, initialised bpf_attr member of the size passed.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>()) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr as *mut T,
+            size_of::<T>(),
+        )
+    };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
