@@ -126,13 +126,15 @@ pub(crate) struct Hook {
     /// The program type as the kernel names it, for messages.
     pub kernel_kind: &'static str,
     pub min_kernel: &'static str,
-    /// `enum bpf_attach_type` of the link.
-    pub attach_type: u32,
+    /// The link's attach type.
+    pub attach_type: bpf_attach_type,
     /// The link's pin name in the pin directory.
     pub pin: &'static str,
     /// The program's pin name, so that a later run can put it back without CAP_SYS_ADMIN.
     pub program_pin: &'static str,
 }
+
+use aya_obj::generated::bpf_attach_type;
 
 pub(crate) const HOOKS: [Hook; 4] = [
     Hook {
@@ -140,7 +142,7 @@ pub(crate) const HOOKS: [Hook; 4] = [
         kind: Kind::SockOps,
         kernel_kind: "BPF_PROG_TYPE_SOCK_OPS",
         min_kernel: "5.3 (sk_storage)",
-        attach_type: 3,
+        attach_type: bpf_attach_type::BPF_CGROUP_SOCK_OPS,
         pin: "TCPMGM_LINK_SOCK_OPS",
         program_pin: "TCPMGM_PROG_SOCK_OPS",
     },
@@ -149,7 +151,7 @@ pub(crate) const HOOKS: [Hook; 4] = [
         kind: Kind::SockAddr,
         kernel_kind: "BPF_PROG_TYPE_CGROUP_SOCK_ADDR connect4",
         min_kernel: "5.10",
-        attach_type: 10,
+        attach_type: bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
         pin: "TCPMGM_LINK_CONNECT4",
         program_pin: "TCPMGM_PROG_CONNECT4",
     },
@@ -158,7 +160,7 @@ pub(crate) const HOOKS: [Hook; 4] = [
         kind: Kind::SockAddr,
         kernel_kind: "BPF_PROG_TYPE_CGROUP_SOCK_ADDR connect6",
         min_kernel: "5.10",
-        attach_type: 11,
+        attach_type: bpf_attach_type::BPF_CGROUP_INET6_CONNECT,
         pin: "TCPMGM_LINK_CONNECT6",
         program_pin: "TCPMGM_PROG_CONNECT6",
     },
@@ -167,7 +169,7 @@ pub(crate) const HOOKS: [Hook; 4] = [
         kind: Kind::Sockopt,
         kernel_kind: "BPF_PROG_TYPE_CGROUP_SOCKOPT setsockopt",
         min_kernel: "5.3",
-        attach_type: 22,
+        attach_type: bpf_attach_type::BPF_CGROUP_SETSOCKOPT,
         pin: "TCPMGM_LINK_SETSOCKOPT",
         program_pin: "TCPMGM_PROG_SETSOCKOPT",
     },

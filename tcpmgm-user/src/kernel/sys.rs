@@ -144,17 +144,17 @@ pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<(
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
 }
 
-/// Attaches a program to a cgroup as a bpf_link (Linux 5.7) of `attach_type` (`enum
-/// bpf_attach_type`); the link lives while an fd or a pin of it does.
+/// Attaches a program to a cgroup as a bpf_link (Linux 5.7) of `attach_type`; the link lives
+/// while an fd or a pin of it does.
 pub fn link_create(
     program: BorrowedFd<'_>,
     cgroup: BorrowedFd<'_>,
-    attach_type: u32,
+    attach_type: aya_obj::generated::bpf_attach_type,
 ) -> io::Result<OwnedFd> {
     let mut attr = LinkCreateAttr {
         prog_fd: program.as_raw_fd() as u32,
         target_fd: cgroup.as_raw_fd() as u32,
-        attach_type,
+        attach_type: attach_type as u32,
         ..LinkCreateAttr::default()
     };
     let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
