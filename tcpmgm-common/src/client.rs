@@ -62,8 +62,8 @@ impl SocketRecords {
         Ok(SocketRecords { map })
     }
 
-    /// The record of `socket`, or None: tcpmgm has not seen it (made before tcpmgm attached,
-    /// or not a TCP socket of the governed cgroups).
+    /// The record of `socket`, or None: no rule matched it, or tcpmgm has not seen it (made
+    /// before tcpmgm attached, or not a TCP socket of the governed cgroups).
     pub fn record(&self, socket: &impl AsRawFd) -> io::Result<Option<SockPolicy>> {
         match self.map.get(socket, 0) {
             Ok(r) => Ok(Some(r)),
