@@ -104,23 +104,48 @@ fn octets<const N: usize>(net: IpNet) -> [u8; N] {
     v.try_into().expect("the family's length")
 }
 
-/// The distinct profiles of `per_rank` (the profiles in match order), each without its rule's
-/// id and rank, in order of first use; and each rank's entry: its rule's id and its profile's
-/// index.
-fn shared_profiles(per_rank: &[Profile]) -> (Vec<Profile>, Vec<RankEntry>) {
-    let mut index: HashMap<Profile, u32> = HashMap::new();
-    let mut distinct = Vec::new();
+/// A profile as rules share it: without its rule's id and rank.
+fn shared(p: &Profile) -> Profile {
+    Profile {
+        rule_id: 0,
+        rank: 0,
+        ..*p
+    }
+}
+
+/// A profile of the table, hashed and compared as rules share it (see `shared`), by reference:
+/// no profile is copied to tell which are the same.
+struct SharedKey<'a>(&'a Profile);
+
+impl PartialEq for SharedKey<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        shared(self.0) == shared(other.0)
+    }
+}
+
+impl Eq for SharedKey<'_> {}
+
+impl std::hash::Hash for SharedKey<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        shared(self.0).hash(state);
+    }
+}
+
+/// Which profiles rules share, from `per_rank` (the profiles in match order): the rank where
+/// each distinct profile is first used, in that order (its index in `PROFILES`); and each rank's
+/// entry, its rule's id and its profile's index.
+fn shared_profiles(per_rank: &[Profile]) -> (Vec<u32>, Vec<RankEntry>) {
+    // Profiles are 176 bytes: foldhash hashes a million of them several times faster than the
+    // standard library's SipHash, and no key here comes from outside the table's owner.
+    let mut index: HashMap<SharedKey<'_>, u32, foldhash::fast::RandomState> = HashMap::default();
+    let mut firsts = Vec::new();
     let ranks = per_rank
         .iter()
-        .map(|p| {
-            let shared = Profile {
-                rule_id: 0,
-                rank: 0,
-                ..*p
-            };
-            let profile = *index.entry(shared).or_insert_with(|| {
-                distinct.push(shared);
-                (distinct.len() - 1) as u32
+        .zip(0u32..)
+        .map(|(p, rank)| {
+            let profile = *index.entry(SharedKey(p)).or_insert_with(|| {
+                firsts.push(rank);
+                (firsts.len() - 1) as u32
             });
             RankEntry {
                 rule_id: p.rule_id,
@@ -128,12 +153,15 @@ fn shared_profiles(per_rank: &[Profile]) -> (Vec<Profile>, Vec<RankEntry>) {
             }
         })
         .collect();
-    (distinct, ranks)
+    (firsts, ranks)
 }
 
 /// Every map's contents for `policy` as generation `number`, in `names::POLICY_MAPS` order.
 fn contents(p: &Policy, number: u32) -> Vec<(&'static str, Contents)> {
-    let (profiles, ranks) = shared_profiles(&p.profiles);
+    let (firsts, ranks) = shared_profiles(&p.profiles);
+    let profiles = firsts
+        .iter()
+        .map(|&rank| shared(&p.profiles[rank as usize]));
     let local4 = p.local_v4.iter().map(|&(local, net, rank)| {
         let addr = octets::<4>(net);
         (
@@ -174,7 +202,7 @@ fn contents(p: &Policy, number: u32) -> Vec<(&'static str, Contents)> {
             }]),
         ),
         (names::LISTS, Contents::array(&p.lists)),
-        (names::PROFILES, Contents::array(&profiles)),
+        (names::PROFILES, Contents::of((0u32..).zip(profiles))),
         (names::RANKS, Contents::array(&ranks)),
         (names::LOCAL_V4, Contents::trie(local4)),
         (names::LOCAL_V6, Contents::trie(local6)),
@@ -353,8 +381,9 @@ mod tests {
             ..Profile::default()
         };
         let per_rank = [rule(11, 0, 30), rule(12, 1, 60), rule(13, 2, 30)];
-        let (profiles, ranks) = shared_profiles(&per_rank);
-        assert_eq!(profiles, [rule(0, 0, 30), rule(0, 0, 60)]);
+        let (firsts, ranks) = shared_profiles(&per_rank);
+        assert_eq!(firsts, [0, 1]);
+        assert_eq!(shared(&per_rank[1]), rule(0, 0, 60));
         let entry = |rule_id, profile| RankEntry { rule_id, profile };
         assert_eq!(ranks, [entry(11, 0), entry(12, 1), entry(13, 0)]);
     }

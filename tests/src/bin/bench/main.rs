@@ -369,21 +369,27 @@ fn main() -> anyhow::Result<()> {
     memory::run(&args.out)
 }
 
-/// Puts this process back in the root cgroup when dropped, so the sandbox can remove its own.
-struct LeaveCgroup;
+/// Puts this process back in the root cgroup and in the network namespace it came from when
+/// dropped, so that the sandbox can remove its own and a later part of the run reaches the
+/// databases on the host's loopback.
+struct LeaveCgroup {
+    netns: std::fs::File,
+}
 
 /// This process becomes the workload: into the sandbox's network namespace and cgroup, until
 /// the guard returned is dropped.
 fn become_workload(sb: &Sandbox) -> anyhow::Result<LeaveCgroup> {
+    let netns = std::fs::File::open("/proc/thread-self/ns/net")?;
     nix::sched::setns(
         std::fs::File::open(sb.netns.path())?,
         nix::sched::CloneFlags::CLONE_NEWNET,
     )?;
+    let leave = LeaveCgroup { netns };
     std::fs::write(
         sb.cgroup.join("cgroup.procs"),
         std::process::id().to_string(),
     )?;
-    Ok(LeaveCgroup)
+    Ok(leave)
 }
 
 impl Drop for LeaveCgroup {
@@ -391,6 +397,7 @@ impl Drop for LeaveCgroup {
         if let Ok(root) = system::cgroup2_root() {
             let _ = std::fs::write(root.join("cgroup.procs"), std::process::id().to_string());
         }
+        let _ = nix::sched::setns(&self.netns, nix::sched::CloneFlags::CLONE_NEWNET);
     }
 }
 
