@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use tcpmgm::config::{AppOptions, Config, DB_TIMEOUT, LogFormat, POLL_INTERVAL, RunFlags};
+use tcpmgm::config::{
+    AppOptions, Config, DB_TIMEOUT, LogFormat, MetricsRules, POLL_INTERVAL, RunFlags,
+};
 
 /// `RunFlags`, as a command line may give them.
 #[derive(Arbitrary, Debug)]
@@ -22,6 +24,8 @@ struct Flags {
     db_timeout: Option<String>,
     app_options_allow: Option<bool>,
     metrics: Option<SocketAddr>,
+    /// nonzero, all, none.
+    metrics_rules: Option<u8>,
     api_group: Option<String>,
     log_json: Option<bool>,
 }
@@ -73,6 +77,11 @@ fuzz_target!(|data: &[u8]| {
         }),
         enforce_default_connect_timeout,
         metrics: f.metrics,
+        metrics_rules: f.metrics_rules.map(|r| match r % 3 {
+            0 => MetricsRules::Nonzero,
+            1 => MetricsRules::All,
+            _ => MetricsRules::None,
+        }),
         api_group: f.api_group,
         log_format: f.log_json.map(|json| {
             if json {

@@ -51,6 +51,8 @@ pub struct Config {
     pub app_options: Option<AppOptions>,
     pub enforce_default_connect_timeout: Option<bool>,
     pub metrics: Option<SocketAddr>,
+    /// Which per-rule series the metrics carry (as `--metrics-rules`).
+    pub metrics_rules: Option<MetricsRules>,
     /// OpenSIPS's configuration file (as `--opensips-cfg`).
     pub opensips_cfg: Option<PathBuf>,
     /// The rule table's name (as `--table`).
@@ -74,6 +76,20 @@ pub enum AppOptions {
     Enforce,
     /// The application's value takes over, as without tcpmgm.
     Allow,
+}
+
+/// Which per-rule series a scrape of the metrics carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsRules {
+    /// A rule's counter only once it counted something: a table of a million rules, most of
+    /// them idle, does not make eight million series.
+    #[default]
+    Nonzero,
+    /// Every counter of every rule of the rule set in force, zeros included.
+    All,
+    /// No per-rule series.
+    None,
 }
 
 /// How the log is written to stderr (`crate::cli` says where each applies).
@@ -295,6 +311,10 @@ pub struct RunFlags {
     /// Serve Prometheus metrics at ADDR:PORT (/metrics).
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
+    /// Which per-rule counters the metrics carry: those that counted something, every one
+    /// (zeros included), or none [default: nonzero].
+    #[arg(long, value_enum, value_name = "nonzero|all|none")]
+    pub metrics_rules: Option<MetricsRules>,
     /// Let the members of GROUP (a name or a number) read the per-socket records, as a
     /// SIP server running as an unprivileged user reads its own sockets' profiles; nothing
     /// else of the pins becomes readable.
@@ -333,6 +353,7 @@ impl Config {
             app_options,
             enforce_default_connect_timeout,
             metrics,
+            metrics_rules,
             api_group,
             log_format,
         );
@@ -440,6 +461,7 @@ mod tests {
             control = "/run/x.sock"
             poll_interval = 2.5
             detach_on_exit = true
+            metrics_rules = "all"
             "#,
         )
         .unwrap();
@@ -447,6 +469,9 @@ mod tests {
             (c.poll_interval, c.skip_invalid, c.listeners.len()),
             (Some(Duration::from_millis(2500)), Some(true), 1)
         );
+        assert_eq!(c.metrics_rules, Some(MetricsRules::All));
+        let given = c.clone().overlay(&given(&["--metrics-rules", "none"]));
+        assert_eq!(given.metrics_rules, Some(MetricsRules::None));
         let shipped: Config = toml::from_str(include_str!("../../contrib/tcpmgm.toml")).unwrap();
         assert_eq!(shipped.cgroup.as_deref(), Some(Path::new("sip.slice")));
         let err = toml::from_str::<Config>("dbb = 'x'")

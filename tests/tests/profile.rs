@@ -7,7 +7,8 @@ use tcpmgm::policy::compile::Enforcement;
 use tcpmgm::policy::listener::Listeners;
 use tcpmgm::policy::source::TableVersion;
 use tcpmgm_tests::{
-    Backend, Daemon, Probe, Sandbox, TestDb, assert_samples, row, rules, scrape, ss, two_hosts,
+    Backend, Daemon, Probe, Sandbox, TestDb, assert_samples, row, rules, sample, scrape, ss,
+    two_hosts,
 };
 
 /// 127.0.0.2 is kept without keepalive; 127.0.0.3 gets keepalive 41 s / 13 s / 5.
@@ -235,16 +236,22 @@ async fn audit_mode_counts_what_it_would_refuse_and_a_reload_switches_to_enforce
             sb.cgroup.display()
         )
     };
+    let text = scrape(metrics);
     assert_samples(
-        &scrape(metrics),
+        &text,
         &[
             (series("rule_connects_would_refuse_total"), 1.0),
-            (series("rule_connects_refused_total"), 0.0),
             (
                 format!("tcpmgm_audit_mode{{cgroup=\"{}\"}}", sb.cgroup.display()),
                 1.0,
             ),
         ],
+    );
+    // Nothing refused: a counter at zero has no series (`--metrics-rules nonzero`).
+    assert_eq!(
+        sample(&text, &series("rule_connects_refused_total")),
+        None,
+        "{text}"
     );
     assert!(
         d.logged("would be refused (audit mode) by rule 1") >= 1 || {
@@ -317,7 +324,7 @@ async fn the_metrics_endpoint_passes_promtool_and_counts_connections() {
         &text,
         &[
             (series("reloads_total", ",result=\"ok\""), 1.0),
-            (matched_7, 6.0),
+            (matched_7.clone(), 6.0),
         ],
     );
     let mut promtool = Command::new("promtool")
@@ -341,4 +348,50 @@ async fn the_metrics_endpoint_passes_promtool_and_counts_connections() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // What this build is (as --version says it), and whether the last reload succeeded.
+    let (version, rest) = tcpmgm::VERSION.split_once(" (commit ").unwrap();
+    let (commit, ebpf) = rest.trim_end_matches(')').split_once(", eBPF ").unwrap();
+    let build = format!(
+        "tcpmgm_build_info{{commit=\"{commit}\",ebpf_sha256=\"{ebpf}\",version=\"{version}\"}}"
+    );
+    assert_samples(&text, &[(build, 1.0)]);
+    assert_samples(&text, &[(series("last_reload_success", ""), 1.0)]);
+    // By default a rule's counter shows once it counted something: rule 7 refused nothing.
+    let refused_7 = series("rule_connects_refused_total", ",rule_id=\"7\"");
+    assert_eq!(sample(&text, &refused_7), None, "{text}");
+    // A reload that fails (a bad row) says so; the rule set in force stays.
+    db.sql("UPDATE tcp_mgm SET keepidle = -5 WHERE id = 7;")
+        .await;
+    let (code, out) = d.reload();
+    assert_ne!(code, 0, "{out}");
+    let text = scrape(metrics);
+    assert_samples(
+        &text,
+        &[
+            (series("last_reload_success", ""), 0.0),
+            (series("reloads_total", ",result=\"failed\""), 1.0),
+            (series("rules", ""), 2.0),
+        ],
+    );
+    db.sql("UPDATE tcp_mgm SET keepidle = 41 WHERE id = 7;")
+        .await;
+    d.kill();
+    // Every counter of every rule, zeros included; then none at all.
+    for (rules, refused) in [("all", Some(0.0)), ("none", None)] {
+        let d = Daemon::start_with(
+            &sb,
+            &db.url,
+            tcpmgm_tests::control_socket(&sb),
+            &["--metrics", &metrics.to_string(), "--metrics-rules", rules],
+        );
+        let text = scrape(metrics);
+        assert_eq!(sample(&text, &refused_7), refused, "{rules}:\n{text}");
+        assert_eq!(
+            sample(&text, &matched_7).is_some(),
+            rules == "all",
+            "{rules}:\n{text}"
+        );
+        d.kill();
+    }
 }

@@ -387,6 +387,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 db_timeout: config.db_timeout.unwrap_or(daemon::DB_TIMEOUT),
                 enforcement: config.enforcement(),
                 metrics: config.metrics,
+                metrics_rules: config.metrics_rules.unwrap_or_default(),
                 api_group,
                 reread,
             };

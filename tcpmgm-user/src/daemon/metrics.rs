@@ -10,6 +10,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use prometheus::{Encoder as _, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
+use crate::config::MetricsRules;
 use crate::daemon::status::DaemonState;
 use crate::kernel::SOCKETS_PIN;
 
@@ -21,6 +22,8 @@ pub struct Sources {
     pub cgroup: PathBuf,
     /// The network namespace of the cgroup's sockets, when not the daemon's own.
     pub netns: Option<PathBuf>,
+    /// Which per-rule series a scrape carries.
+    pub rules: MetricsRules,
 }
 
 /// Serves the metrics until the task is dropped. Fails at once when the address cannot be bound.
@@ -113,8 +116,28 @@ pub fn render(sources: &Sources) -> String {
             "Application setsockopt() calls that would have changed an option the rule sets.",
         ),
     ];
-    match crate::kernel::inspect(&sources.pin_dir) {
-        Ok(pinned) => {
+    family(
+        &registry,
+        IntGaugeVec::new,
+        "build_info",
+        "The tcpmgm that serves these metrics: its version, the commit it was built from and \
+         the SHA-256 (first 12 hex digits) of its eBPF object. Always 1.",
+        &["version", "commit", "ebpf_sha256"],
+    )
+    .with_label_values(&[
+        env!("CARGO_PKG_VERSION"),
+        env!("TCPMGM_COMMIT"),
+        env!("TCPMGM_EBPF_SHA256"),
+    ])
+    .set(1);
+    let inspected = match sources.rules {
+        MetricsRules::None => None,
+        MetricsRules::Nonzero | MetricsRules::All => Some(crate::kernel::inspect(&sources.pin_dir)),
+    };
+    match inspected {
+        None => {}
+        Some(Ok(pinned)) => {
+            let all = sources.rules == MetricsRules::All;
             for r in &pinned.rules {
                 let id = r.id.to_string();
                 let values = [
@@ -128,11 +151,13 @@ pub fn render(sources: &Sources) -> String {
                     r.overrides_prevented,
                 ];
                 for (counter, value) in counters.iter().zip(values) {
-                    counter.with_label_values(&[&cgroup, &id]).inc_by(value);
+                    if all || value != 0 {
+                        counter.with_label_values(&[&cgroup, &id]).inc_by(value);
+                    }
                 }
             }
         }
-        Err(e) => tracing::warn!("metrics: reading the pins: {e}"),
+        Some(Err(e)) => tracing::warn!("metrics: reading the pins: {e}"),
     }
     let gauge = |name: &str, help: &str, value: i64| {
         family(&registry, IntGaugeVec::new, name, help, &["cgroup"])
@@ -159,6 +184,12 @@ pub fn render(sources: &Sources) -> String {
             .with_label_values(&[&cgroup, "failed"])
             .inc_by(s.reloads_failed);
         let last = s.last_reload.as_ref();
+        gauge(
+            "last_reload_success",
+            "1 when the last reload succeeded (or none was tried since the start, whose load \
+             succeeded), 0 when it failed and the previous rule set stays in force.",
+            i64::from(last.is_none_or(|r| r.ok)),
+        );
         family(
             &registry,
             prometheus::GaugeVec::new,

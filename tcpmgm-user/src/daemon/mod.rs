@@ -102,6 +102,8 @@ pub struct Options {
     pub reread: Option<Reread>,
     /// Where to serve Prometheus metrics.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Which per-rule series the metrics carry.
+    pub metrics_rules: crate::config::MetricsRules,
     /// The group whose members may read the per-socket records (`--api-group`).
     pub api_group: Option<u32>,
 }
@@ -242,6 +244,7 @@ impl Daemon {
                         pin_dir: pin_dir.clone(),
                         cgroup: cgroup.clone(),
                         netns: options.netns.clone(),
+                        rules: options.metrics_rules,
                     },
                 )
                 .await
