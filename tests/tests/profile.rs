@@ -357,6 +357,16 @@ async fn the_metrics_endpoint_passes_promtool_and_counts_connections() {
     );
     assert_samples(&text, &[(build, 1.0)]);
     assert_samples(&text, &[(series("last_reload_success", ""), 1.0)]);
+    // Which rule a rule_id is, as the table says.
+    let info_7 = format!(
+        "tcpmgm_rule_info{{cgroup=\"{cgroup}\",local=\"any\",priority=\"0\",proto=\"any\",\
+         remote=\"127.0.0.0/8\",rule_id=\"7\"}}"
+    );
+    let info_8 = format!(
+        "tcpmgm_rule_info{{cgroup=\"{cgroup}\",local=\"any\",priority=\"0\",proto=\"any\",\
+         remote=\"127.0.0.9/32\",rule_id=\"8\"}}"
+    );
+    assert_samples(&text, &[(info_7.clone(), 1.0), (info_8, 1.0)]);
     // By default a rule's counter shows once it counted something: rule 7 refused nothing.
     let refused_7 = series("rule_connects_refused_total", ",rule_id=\"7\"");
     assert_eq!(sample(&text, &refused_7), None, "{text}");
@@ -387,11 +397,13 @@ async fn the_metrics_endpoint_passes_promtool_and_counts_connections() {
         );
         let text = scrape(metrics);
         assert_eq!(sample(&text, &refused_7), refused, "{rules}:\n{text}");
-        assert_eq!(
-            sample(&text, &matched_7).is_some(),
-            rules == "all",
-            "{rules}:\n{text}"
-        );
+        for series in [&matched_7, &info_7] {
+            assert_eq!(
+                sample(&text, series).is_some(),
+                rules == "all",
+                "{series} with {rules}:\n{text}"
+            );
+        }
         d.kill();
     }
 }

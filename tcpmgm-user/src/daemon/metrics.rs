@@ -4,7 +4,7 @@
 //! reset.
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -13,6 +13,7 @@ use prometheus::{Encoder as _, IntCounterVec, IntGaugeVec, Opts, Registry, TextE
 use crate::config::MetricsRules;
 use crate::daemon::status::DaemonState;
 use crate::kernel::SOCKETS_PIN;
+use crate::policy::rule::{LocalMatch, Proto, Rule};
 
 /// What a scrape reads: the daemon's record (beside its control socket) and its pins.
 #[derive(Clone)]
@@ -24,6 +25,76 @@ pub struct Sources {
     pub netns: Option<PathBuf>,
     /// Which per-rule series a scrape carries.
     pub rules: MetricsRules,
+    /// The rules in force, for `tcpmgm_rule_info`.
+    pub book: RuleBook,
+}
+
+/// The match side of each rule in force, for `tcpmgm_rule_info`: set by the daemon at its
+/// start and at each reload that succeeds, read at each scrape. The profiles are left out
+/// (the counters say what a rule did; the table says what it sets).
+#[derive(Clone, Default)]
+pub struct RuleBook(Arc<RwLock<Arc<Vec<RuleKey>>>>);
+
+/// A rule's match keys.
+struct RuleKey {
+    id: u32,
+    priority: i32,
+    proto: Option<Proto>,
+    remote: Option<ipnet::IpNet>,
+    remote_port: u16,
+    local: Option<LocalMatch>,
+    local_port: u16,
+}
+
+impl RuleBook {
+    pub fn set(&self, rules: &[Rule]) {
+        let mut keys: Vec<RuleKey> = rules
+            .iter()
+            .map(|r| RuleKey {
+                id: r.id,
+                priority: r.priority,
+                proto: r.proto,
+                remote: r.remote,
+                remote_port: r.remote_port,
+                local: r.local.clone(),
+                local_port: r.local_port,
+            })
+            .collect();
+        keys.sort_unstable_by_key(|k| k.id);
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(keys);
+    }
+
+    fn get(&self) -> Arc<Vec<RuleKey>> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl RuleKey {
+    /// The labels of `tcpmgm_rule_info` but cgroup: rule_id, proto, remote, local, priority,
+    /// in the table's words ("any" where a column matches anything).
+    fn labels(&self) -> [String; 5] {
+        let side = |net: Option<String>, port: u16| match (net, port) {
+            (None, 0) => "any".to_owned(),
+            (None, p) => format!("any port {p}"),
+            (Some(n), 0) => n,
+            (Some(n), p) => format!("{n} port {p}"),
+        };
+        let local = self.local.as_ref().map(|l| match &l.tag {
+            Some(tag) => format!("{tag} ({})", l.net),
+            None => l.net.to_string(),
+        });
+        [
+            self.id.to_string(),
+            self.proto
+                .map_or_else(|| "any".to_owned(), |p| p.to_string()),
+            side(self.remote.map(|n| n.to_string()), self.remote_port),
+            side(local, self.local_port),
+            self.priority.to_string(),
+        ]
+    }
 }
 
 /// Serves the metrics until the task is dropped. Fails at once when the address cannot be bound.
@@ -138,6 +209,15 @@ pub fn render(sources: &Sources) -> String {
         None => {}
         Some(Ok(pinned)) => {
             let all = sources.rules == MetricsRules::All;
+            let info = family(
+                &registry,
+                IntGaugeVec::new,
+                "rule_info",
+                "A rule in force, by its match keys as the table gives them; always 1. Shown for \
+                 the rules whose counters are (with --metrics-rules all, for every rule).",
+                &["cgroup", "rule_id", "proto", "remote", "local", "priority"],
+            );
+            let book = sources.book.get();
             for r in &pinned.rules {
                 let id = r.id.to_string();
                 let values = [
@@ -154,6 +234,12 @@ pub fn render(sources: &Sources) -> String {
                     if all || value != 0 {
                         counter.with_label_values(&[&cgroup, &id]).inc_by(value);
                     }
+                }
+                let shown = all || values.iter().any(|&v| v != 0);
+                if let (true, Ok(at)) = (shown, book.binary_search_by_key(&r.id, |k| k.id)) {
+                    let [id, proto, remote, local, priority] = book[at].labels();
+                    info.with_label_values(&[&cgroup, &id, &proto, &remote, &local, &priority])
+                        .set(1);
                 }
             }
         }

@@ -235,6 +235,7 @@ impl Daemon {
         let hz = system::kernel_hz()?;
         // Bound before the kernel step, so that a taken port stops the start with nothing
         // attached (and before systemd hears READY).
+        let book = metrics::RuleBook::default();
         let metrics = match options.metrics {
             Some(addr) => Some(Box::pin(
                 metrics::serve(
@@ -245,6 +246,7 @@ impl Daemon {
                         cgroup: cgroup.clone(),
                         netns: options.netns.clone(),
                         rules: options.metrics_rules,
+                        book: book.clone(),
                     },
                 )
                 .await
@@ -259,6 +261,7 @@ impl Daemon {
         })
         .await
         .expect("attaching does not panic")?;
+        book.set(&policy.rules);
         let sweep_every = Arc::new(AtomicU64::new(lifetime::sweep_interval_ms(
             policy.rules.iter().map(|r| r.profile.con_lifetime_s),
             options.enforce_default_lifetime,
@@ -376,7 +379,15 @@ impl Daemon {
             detach_on_exit: options.detach_on_exit,
             logs,
             _sweeper: sweeper,
-            reloader: Reloader::new(enforcer, options, hz, state, sweep_every, claim, keeper),
+            reloader: Reloader::new(
+                enforcer,
+                options,
+                hz,
+                state,
+                reloader::Published { sweep_every, book },
+                claim,
+                keeper,
+            ),
         };
         daemon.reloader.save_state();
         Ok(daemon)

@@ -45,10 +45,18 @@ pub struct Reloader {
     options: Options,
     hz: u32,
     state: DaemonState,
-    sweep_every: Arc<AtomicU64>,
+    published: Published,
     /// The cgroup's lock (one daemon per cgroup), taken again for a cgroup made again.
     _claim: Claim,
     keeper: Keeper,
+}
+
+/// What each rule set in force tells the daemon's other tasks.
+pub struct Published {
+    /// The con_lifetime sweeper's interval, in ms.
+    pub sweep_every: Arc<AtomicU64>,
+    /// The rules, for the metrics.
+    pub book: super::metrics::RuleBook,
 }
 
 impl Reloader {
@@ -57,7 +65,7 @@ impl Reloader {
         options: Options,
         hz: u32,
         state: DaemonState,
-        sweep_every: Arc<AtomicU64>,
+        published: Published,
         claim: Claim,
         keeper: Keeper,
     ) -> Reloader {
@@ -66,7 +74,7 @@ impl Reloader {
             options,
             hz,
             state,
-            sweep_every,
+            published,
             _claim: claim,
             keeper,
         }
@@ -330,7 +338,8 @@ impl Reloader {
         self.options.enforcement = enforcement;
         self.state.audit = enforcement.audit;
         self.state.rules = policy.rules.len();
-        self.sweep_every.store(
+        self.published.book.set(&policy.rules);
+        self.published.sweep_every.store(
             lifetime::sweep_interval_ms(
                 policy.rules.iter().map(|r| r.profile.con_lifetime_s),
                 self.options.enforce_default_lifetime,
