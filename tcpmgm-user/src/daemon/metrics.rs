@@ -201,13 +201,24 @@ pub fn render(sources: &Sources) -> String {
         env!("TCPMGM_EBPF_SHA256"),
     ])
     .set(1);
-    let inspected = match sources.rules {
-        MetricsRules::None => None,
-        MetricsRules::Nonzero | MetricsRules::All => Some(crate::kernel::inspect(&sources.pin_dir)),
+    // The rules to show: with nonzero, those with counts (their statistics walked whole, a
+    // cost in what the rules did) that are in force (in the book); with all, every rule in
+    // force as the pinned ranks list them.
+    let book = sources.book.get();
+    let shown = match sources.rules {
+        MetricsRules::None => Ok(Vec::new()),
+        MetricsRules::Nonzero => crate::kernel::counted(&sources.pin_dir).map(|counted| {
+            let mut rules: Vec<_> = counted
+                .into_values()
+                .filter(|r| book.binary_search_by_key(&r.id, |k| k.id).is_ok())
+                .collect();
+            rules.sort_unstable_by_key(|r| r.id);
+            rules
+        }),
+        MetricsRules::All => crate::kernel::inspect(&sources.pin_dir).map(|p| p.rules),
     };
-    match inspected {
-        None => {}
-        Some(Ok(pinned)) => {
+    match shown {
+        Ok(rules) => {
             let all = sources.rules == MetricsRules::All;
             let info = family(
                 &registry,
@@ -217,19 +228,9 @@ pub fn render(sources: &Sources) -> String {
                  the rules whose counters are (with --metrics-rules all, for every rule).",
                 &["cgroup", "rule_id", "proto", "remote", "local", "priority"],
             );
-            let book = sources.book.get();
-            for r in &pinned.rules {
+            for r in &rules {
                 let id = r.id.to_string();
-                let values = [
-                    r.matched,
-                    r.refused,
-                    r.would_refuse,
-                    r.slow,
-                    r.idle_closes,
-                    r.would_close,
-                    r.setsockopt_failures,
-                    r.overrides_prevented,
-                ];
+                let values = r.values();
                 for (counter, value) in counters.iter().zip(values) {
                     if all || value != 0 {
                         counter.with_label_values(&[&cgroup, &id]).inc_by(value);
@@ -243,7 +244,7 @@ pub fn render(sources: &Sources) -> String {
                 }
             }
         }
-        Some(Err(e)) => tracing::warn!("metrics: reading the pins: {e}"),
+        Err(e) => tracing::warn!("metrics: reading the pins: {e}"),
     }
     let gauge = |name: &str, help: &str, value: i64| {
         family(&registry, IntGaugeVec::new, name, help, &["cgroup"])
