@@ -82,10 +82,7 @@ impl RuleKey {
             (Some(n), 0) => n,
             (Some(n), p) => format!("{n} port {p}"),
         };
-        let local = self.local.as_ref().map(|l| match &l.tag {
-            Some(tag) => format!("{tag} ({})", l.net),
-            None => l.net.to_string(),
-        });
+        let local = self.local.as_ref().map(LocalMatch::to_string);
         [
             self.id.to_string(),
             self.proto

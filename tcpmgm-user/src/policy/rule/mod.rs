@@ -97,6 +97,16 @@ pub struct LocalMatch {
     pub tag: Option<String>,
 }
 
+impl fmt::Display for LocalMatch {
+    /// In the table's words: the prefix, or the tag with the prefix it stands for.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.tag {
+            Some(tag) => write!(f, "{tag} ({})", self.net),
+            None => write!(f, "{}", self.net),
+        }
+    }
+}
+
 /// A validated rule. `None` in a match key means any.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
@@ -120,10 +130,7 @@ impl Rule {
     pub fn describe(&self) -> String {
         let any = |s: Option<String>| s.unwrap_or_else(|| "any".into());
         let port = |p: u16| if p == 0 { "any".into() } else { p.to_string() };
-        let local = self.local.as_ref().map(|l| match &l.tag {
-            Some(tag) => format!("{tag} ({})", l.net),
-            None => l.net.to_string(),
-        });
+        let local = self.local.as_ref().map(LocalMatch::to_string);
         format!(
             "priority {}, proto {}, remote {} port {}, local {} port {}",
             self.priority,
