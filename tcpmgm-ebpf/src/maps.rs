@@ -10,7 +10,7 @@
 //! `TCPMGM_SOCKETS`, the rule statistics and the log ring buffer are shared by every
 //! generation and every run (pinned).
 use aya_ebpf::{
-    bindings::{BPF_F_INNER_MAP, BPF_F_NO_PREALLOC},
+    bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, SkStorage},
     macros::btf_map,
 };
@@ -26,7 +26,9 @@ const INNER: usize = BPF_F_INNER_MAP as usize;
 pub type HeaderMap = Array<Header, 1, INNER>;
 pub type ListMap = Array<ListNode, 1, INNER>;
 pub type ProfileMap = Array<Profile, 1, INNER>;
-pub type RankMap = Array<RankEntry, 1, INNER>;
+/// The loader writes a generation's ranks, a table's length of them, through a mapping of the
+/// map (one copy, where a batch update copies and checks each entry).
+pub type RankMap = Array<RankEntry, 1, { INNER | BPF_F_MMAPABLE as usize }>;
 pub type BucketMap = HashMap<BucketKey, Bucket, 1>;
 pub type ListenerMap = HashMap<ListenerKey, ListenerInfo, 1>;
 /// The remote prefixes, each to its list id.

@@ -600,10 +600,16 @@ impl Daemon {
 
     /// `tcpmgm reload --control ...`: (exit code, stdout + stderr).
     pub fn reload(&self) -> (i32, String) {
+        self.reload_with(&[])
+    }
+
+    /// `tcpmgm reload --control ... ARGS`: (exit code, stdout + stderr).
+    pub fn reload_with(&self, args: &[&str]) -> (i32, String) {
         let out = Command::new(binary("tcpmgm"))
             .arg("reload")
             .arg("--control")
             .arg(&self.control)
+            .args(args)
             .output()
             .unwrap();
         let text = format!(
@@ -963,4 +969,44 @@ pub fn wait_logged(daemon: &Daemon, text: &str, limit: std::time::Duration) -> b
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     false
+}
+
+/// xorshift64*: small, deterministic, good enough to spread a random test's choices.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Seeded from `TCPMGM_SEED=<n>` (to replay a run), else from the clock; the seed is
+    /// printed, for the replay.
+    pub fn seeded() -> (u64, Rng) {
+        let seed: u64 = std::env::var("TCPMGM_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("TCPMGM_SEED={seed}");
+        (seed, Rng(seed | 1))
+    }
+
+    pub fn word(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.word() >> 33) as usize % n
+    }
+
+    pub fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+
+    pub fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+        from[self.below(from.len())]
+    }
 }

@@ -8,33 +8,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tcpmgm::policy::listener::Listeners;
 use tcpmgm::policy::rule::{Row, validate_rows};
-use tcpmgm_tests::{Sandbox, compare_with_reference, row};
+use tcpmgm_tests::{Rng, Sandbox, compare_with_reference, row};
 
 const RULES: usize = 1200;
 const CONNECTIONS: usize = 2100;
 const PORTS: [u16; 5] = [5060, 5061, 5080, 8443, 9000];
 const PROTOS: [&str; 5] = ["tcp", "tls", "ws", "wss", "bin"];
-
-/// xorshift64*: small, deterministic, good enough to spread choices.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() >> 33) as usize % n
-    }
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
-        from[self.below(from.len())]
-    }
-}
 
 /// The addresses of the test namespace: servers (peers of outbound connections) and clients.
 struct Pools {
@@ -269,17 +248,7 @@ fn connections(rng: &mut Rng, pools: &Pools) -> Vec<Vec<(SocketAddr, SocketAddr)
 
 #[test]
 fn kernel_agrees_with_the_reference_matcher_on_random_rule_sets() {
-    let seed: u64 = std::env::var("TCPMGM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    eprintln!("TCPMGM_SEED={seed}");
-    let mut rng = Rng(seed | 1);
+    let (seed, mut rng) = Rng::seeded();
     let pools = Pools::new(&mut rng);
     let (listeners, tags) = listeners(&mut rng, &pools);
     let (rules, errors) = validate_rows(&table(&mut rng, &pools, &tags), &listeners);

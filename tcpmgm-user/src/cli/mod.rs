@@ -88,6 +88,10 @@ enum Command {
         /// --cgroup nor --control is given].
         #[arg(long, env = "TCPMGM_CONFIG")]
         config: Option<PathBuf>,
+        /// Read the whole table, even where its change log says which rows changed (after
+        /// changes made with its triggers off, say).
+        #[arg(long)]
+        full: bool,
     },
     /// What tcpmgm enforces: for each cgroup (or the one given), the daemon, rule source, rule
     /// count, generation, last reload, programs, and per-rule counters from the kernel.
@@ -324,7 +328,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             rules.with_config()?;
             let (db, table) = (rules.db(), rules.table());
-            let source = Source::open_table(db, true, &table).await?;
+            let source = Source::open_table(db, true, &table)
+                .await?
+                .with_columns(&rules.columns);
             if source.init(table_version).await? {
                 println!(
                     "created table {table} (version {}) in {}",
@@ -333,6 +339,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             } else {
                 println!("table {table} already exists in {}", source.url());
+            }
+            if source.change_mark().await?.is_some() {
+                println!(
+                    "table {table} keeps a change log ({}): a reload reads only the rows that changed",
+                    crate::policy::source::CHANGE_LOG
+                );
             }
             if examples {
                 let examples =
@@ -428,6 +440,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cgroup,
             control,
             config,
+            full,
         } => {
             let nothing_else = cgroup.is_none() && control.is_none();
             let (path, file) = crate::config::Config::find(config.as_deref(), nothing_else)?;
@@ -439,7 +452,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     |p| p.display().to_string(),
                 )))?,
             };
-            match daemon::request(&control, "reload").await {
+            let request = if full { "reload full" } else { "reload" };
+            match daemon::request(&control, request).await {
                 Ok(report) => {
                     println!("reloaded: {report}");
                     Ok(ExitCode::SUCCESS)

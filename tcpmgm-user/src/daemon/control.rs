@@ -48,7 +48,10 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// A request of the control protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Request {
-    Reload,
+    /// `reload`, or `reload full`: the whole table read, whatever its change log says.
+    Reload {
+        full: bool,
+    },
     Detach,
 }
 
@@ -56,13 +59,13 @@ pub enum Request {
 /// the client sent.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
-    #[error("no request (expected: reload, detach)")]
+    #[error("no request (expected: reload, reload full, detach)")]
     Empty,
-    #[error("request longer than {MAX_REQUEST} bytes (expected: reload, detach)")]
+    #[error("request longer than {MAX_REQUEST} bytes (expected: reload, reload full, detach)")]
     TooLong,
-    #[error("the request is not UTF-8 (expected: reload, detach)")]
+    #[error("the request is not UTF-8 (expected: reload, reload full, detach)")]
     NotUtf8,
-    #[error("unknown request '{0}' (expected: reload, detach)")]
+    #[error("unknown request '{0}' (expected: reload, reload full, detach)")]
     Unknown(String),
 }
 
@@ -75,7 +78,8 @@ pub fn parse_request(line: &[u8]) -> Result<Request, ProtocolError> {
     let text = std::str::from_utf8(line).map_err(|_| ProtocolError::NotUtf8)?;
     match text.trim() {
         "" => Err(ProtocolError::Empty),
-        "reload" => Ok(Request::Reload),
+        "reload" => Ok(Request::Reload { full: false }),
+        "reload full" => Ok(Request::Reload { full: true }),
         "detach" => Ok(Request::Detach),
         other => Err(ProtocolError::Unknown(quote(other))),
     }
@@ -254,11 +258,12 @@ pub(super) async fn answer(
         }
     };
     let reply = match parse_request(&line) {
-        Ok(Request::Reload) => {
+        Ok(Request::Reload { full }) => {
             let (tx, rx) = oneshot::channel();
             let _ = requests.send(reloader::Request::Reload {
                 reply: Some(tx),
                 automatic: false,
+                full,
             });
             match rx.await {
                 Ok(Ok(report)) => format!("ok {report}\n"),
@@ -304,9 +309,15 @@ mod tests {
 
     #[test]
     fn requests_are_one_word_with_or_without_a_newline() {
-        assert_eq!(parse_request(b"reload\n"), Ok(Request::Reload));
+        assert_eq!(
+            parse_request(b"reload\n"),
+            Ok(Request::Reload { full: false })
+        );
         assert_eq!(parse_request(b"detach"), Ok(Request::Detach));
-        assert_eq!(parse_request(b"  reload \r\n"), Ok(Request::Reload));
+        assert_eq!(
+            parse_request(b"  reload \r\n"),
+            Ok(Request::Reload { full: false })
+        );
         assert_eq!(parse_request(b""), Err(ProtocolError::Empty));
         assert_eq!(parse_request(b"\n"), Err(ProtocolError::Empty));
         assert_eq!(
@@ -320,7 +331,7 @@ mod tests {
     fn a_line_over_the_limit_is_refused_whatever_it_holds() {
         let mut line = vec![b' '; MAX_REQUEST - "reload\n".len()];
         line.extend_from_slice(b"reload\n");
-        assert_eq!(parse_request(&line), Ok(Request::Reload));
+        assert_eq!(parse_request(&line), Ok(Request::Reload { full: false }));
         line.insert(0, b' ');
         assert_eq!(parse_request(&line), Err(ProtocolError::TooLong));
     }
@@ -332,14 +343,14 @@ mod tests {
         assert_eq!(
             reason,
             format!(
-                "unknown request '{}...' (expected: reload, detach)",
+                "unknown request '{}...' (expected: reload, reload full, detach)",
                 "é".repeat(QUOTED)
             )
         );
         let reason = parse_request(b"re\rlo\x1bad\n").unwrap_err().to_string();
         assert_eq!(
             reason,
-            "unknown request 're\\rlo\\u{1b}ad' (expected: reload, detach)"
+            "unknown request 're\\rlo\\u{1b}ad' (expected: reload, reload full, detach)"
         );
     }
 

@@ -30,6 +30,7 @@ use self::watch::{Change, Watcher};
 use crate::kernel::claim::Claim;
 use crate::kernel::{Enforcer, KernelError};
 use crate::policy::compile::{CompileError, Enforcement, compile_with};
+use crate::policy::patch::Index;
 use crate::policy::pipeline::{PipelineError, RuleArgs, RuleSet};
 use crate::policy::source::{Redacted, TableName, normalize_url};
 use crate::system::{self, SystemError};
@@ -262,6 +263,22 @@ impl Daemon {
         .await
         .expect("attaching does not panic")?;
         book.set(&policy.rules);
+        let index = match set.mark {
+            Some(mark) => Index::of(
+                &policy,
+                &set.listeners,
+                options.enforcement,
+                hz,
+                set.rows,
+                mark,
+            ),
+            None => {
+                tracing::info!(
+                    "each reload reads the whole table: it keeps no change log (`tcpmgm db init` adds one to a SQLite table)"
+                );
+                None
+            }
+        };
         let sweep_every = Arc::new(AtomicU64::new(lifetime::sweep_interval_ms(
             policy.rules.iter().map(|r| r.profile.con_lifetime_s),
             options.enforce_default_lifetime,
@@ -387,7 +404,8 @@ impl Daemon {
                 reloader::Published { sweep_every, book },
                 claim,
                 keeper,
-            ),
+            )
+            .with_index(index),
         };
         daemon.reloader.save_state();
         Ok(daemon)
@@ -452,7 +470,7 @@ impl Daemon {
                 }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading");
-                    let _ = requests.send(Request::Reload { reply: None, automatic: false });
+                    let _ = requests.send(Request::Reload { reply: None, automatic: false, full: false });
                 }
                 (stream, slot) = acceptor.next() => {
                     tokio::spawn(control::answer(stream, slot, requests.clone(), detach_tx.clone()));
@@ -543,6 +561,7 @@ async fn watch_table(
                 let _ = requests.send(Request::Reload {
                     reply: None,
                     automatic: true,
+                    full: false,
                 });
             }
             continue;
@@ -565,6 +584,7 @@ async fn watch_table(
             .send(Request::Reload {
                 reply: None,
                 automatic: true,
+                full: false,
             })
             .is_err()
         {

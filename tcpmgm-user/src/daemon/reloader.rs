@@ -18,6 +18,7 @@ use crate::kernel::claim::Claim;
 use crate::kernel::{Enforcer, GRACE, SOCKETS_PIN};
 use crate::policy::compile::{Policy, compile_with};
 use crate::policy::listener::Listeners;
+use crate::policy::patch::{Index, MAX_PATCHED};
 use crate::policy::pipeline::PipelineError;
 
 /// What the reloader is asked.
@@ -27,6 +28,8 @@ pub enum Request {
     Reload {
         reply: Option<oneshot::Sender<Result<String, String>>>,
         automatic: bool,
+        /// Read the whole table, whatever its change log says.
+        full: bool,
     },
     /// Govern the cgroup made again at the governed cgroup's path (see `keeper`).
     Rebind,
@@ -49,6 +52,9 @@ pub struct Reloader {
     /// The cgroup's lock (one daemon per cgroup), taken again for a cgroup made again.
     _claim: Claim,
     keeper: Keeper,
+    /// What a reload that reads only the changed rows needs (see `policy::patch`); None when
+    /// the table has no change log.
+    index: Option<Index>,
 }
 
 /// What each rule set in force tells the daemon's other tasks.
@@ -77,7 +83,14 @@ impl Reloader {
             published,
             _claim: claim,
             keeper,
+            index: None,
         }
+    }
+
+    /// The reloader of a rule set read at a change log position (see `policy::patch`).
+    pub fn with_index(mut self, index: Option<Index>) -> Reloader {
+        self.index = index;
+        self
     }
 
     pub fn save_state(&self) {
@@ -102,19 +115,25 @@ impl Reloader {
                     None => return,
                 },
                 _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
-                    Request::Reload { reply: None, automatic: true }
+                    Request::Reload { reply: None, automatic: true, full: false }
                 }
             };
             // Everything waiting now is answered by this one reload.
             let mut replies = Vec::new();
             let mut automatic_only = true;
             let mut reload = false;
+            let mut full = false;
             let mut rebind = false;
             let mut stop = None;
             let mut faults = Vec::new();
             let mut take = |request: Request| match request {
-                Request::Reload { reply, automatic } => {
+                Request::Reload {
+                    reply,
+                    automatic,
+                    full: whole,
+                } => {
                     reload = true;
+                    full |= whole;
                     automatic_only &= automatic;
                     replies.extend(reply);
                 }
@@ -145,7 +164,7 @@ impl Reloader {
             if !reload {
                 continue;
             }
-            let result = self.reload().await;
+            let result = self.reload(full).await;
             for reply in replies {
                 let _ = reply.send(result.clone());
             }
@@ -243,11 +262,19 @@ impl Reloader {
 
     /// Re-reads the table and switches the kernel to it; on error nothing changes. Logged, and
     /// recorded in the state file.
-    async fn reload(&mut self) -> Result<String, String> {
+    async fn reload(&mut self, full: bool) -> Result<String, String> {
         self.state.reloading_since = Some(status::now());
         self.save_state();
         let started = Instant::now();
-        let result = self.try_reload().await.map_err(|e| e.to_string());
+        let patched = if full || self.options.reapply_existing {
+            None
+        } else {
+            self.try_patch().await
+        };
+        let result = match patched {
+            Some(result) => result.map_err(|e| e.to_string()),
+            None => self.try_reload().await.map_err(|e| e.to_string()),
+        };
         if result.is_ok() {
             self.state.reloads_ok += 1;
         } else {
@@ -282,6 +309,85 @@ impl Reloader {
         result
     }
 
+    /// A reload that reads only the rows the table's change log names and patches the
+    /// profiles of the rules they are (see `policy::patch`): Some(report) when it did (or
+    /// nothing in force changed), Some(error) when the kernel refused the patch (nothing
+    /// changed: a full reload is refused as well, and says the same), None when the table is
+    /// to be read whole (the reason said), with nothing changed.
+    async fn try_patch(&mut self) -> Option<Result<String, DaemonError>> {
+        let index = self.index.as_ref()?;
+        let started = Instant::now();
+        let whole = |why: &dyn std::fmt::Display| {
+            tracing::info!("reading the whole table: {why}");
+            None
+        };
+        let enforcement = self.options.current_enforcement().ok()?;
+        let read = self.options.rules.read_changed(index.mark, MAX_PATCHED);
+        let changed = match tokio::time::timeout(self.options.db_timeout, read).await {
+            Ok(Ok(Ok(changed))) => changed,
+            Ok(Ok(Err(why))) => return whole(&why),
+            // The whole read says what is wrong, as reloads without a change log do.
+            Ok(Err(e)) => return whole(&format_args!("reading the change log: {e}")),
+            Err(_) => return whole(&"reading the change log timed out"),
+        };
+        let patch = match index.patch(&changed, enforcement) {
+            Ok(patch) => patch,
+            Err(why) => return whole(&why),
+        };
+        let read_ms = started.elapsed().as_millis();
+        let kernel = crate::kernel::features::column_features();
+        for u in crate::kernel::features::unenforceable(
+            &changed.rules,
+            kernel,
+            self.options.enforce_default_lifetime,
+        ) {
+            tracing::error!("{u}; the rule's other columns are enforced");
+        }
+        if !patch.changes.is_empty() {
+            let mut enforcer = self.enforcer.take().expect("the reloader holds the policy");
+            let keeper = self.keeper.clone();
+            let changes = patch.changes.clone();
+            let (enforcer, result) = tokio::task::spawn_blocking(move || {
+                let mut pins = keeper.hold();
+                let result = enforcer.patch(&changes);
+                if let Ok(true) = result {
+                    match enforcer.pins() {
+                        Ok(now) => *pins = now,
+                        Err(e) => tracing::warn!("holding the new pins: {e}"),
+                    }
+                }
+                (enforcer, result)
+            })
+            .await
+            .expect("patching does not panic");
+            self.enforcer = Some(enforcer);
+            match result {
+                Ok(true) => {}
+                Ok(false) => return whole(&"the profiles map has no room left"),
+                Err(e) => return Some(Err(e.into())),
+            }
+        }
+        self.state.source_health.read();
+        let index = self.index.as_mut().expect("checked above");
+        index.applied(&patch);
+        self.published.sweep_every.store(
+            lifetime::sweep_interval_ms(index.lifetimes(), self.options.enforce_default_lifetime),
+            Ordering::Relaxed,
+        );
+        let generation = self.enforcer.as_ref().map_or(0, Enforcer::generation);
+        let ids: Vec<String> = patch.ids.iter().map(u32::to_string).collect();
+        let what = match ids.len() {
+            0 => "no rule in force changed".to_owned(),
+            1 => format!("rule {}'s profile changed in place", ids[0]),
+            _ => format!("the profiles of rules {} changed in place", ids.join(", ")),
+        };
+        Some(Ok(format!(
+            "generation {generation}: {} rules enforced ({what}; {} ms, {read_ms} of them reading the changed rows)",
+            self.state.rules,
+            started.elapsed().as_millis()
+        )))
+    }
+
     async fn try_reload(&mut self) -> Result<String, DaemonError> {
         let started = Instant::now();
         let set = read_valid(&self.options).await;
@@ -294,6 +400,7 @@ impl Reloader {
             _ => self.state.source_health.read(),
         }
         let set = set?;
+        let (mark, rows, listeners) = (set.mark, set.rows, set.listeners.clone());
         let read_ms = started.elapsed().as_millis();
         let mut enforcer = self.enforcer.take().expect("the reloader holds the policy");
         let hz = self.hz;
@@ -335,6 +442,8 @@ impl Reloader {
         let generation = enforcer.generation();
         self.enforcer = Some(enforcer);
         let policy = result?;
+        self.index =
+            mark.and_then(|mark| Index::of(&policy, &listeners, enforcement, hz, rows, mark));
         self.options.enforcement = enforcement;
         self.state.audit = enforcement.audit;
         self.state.rules = policy.rules.len();

@@ -11,6 +11,7 @@ use super::programs::{self, Programs};
 use super::undo::Undo;
 use super::{Enforcer, HOOKS, KernelError, Timings, fault, sys};
 use crate::policy::compile::Policy;
+use tcpmgm_common::Profile;
 
 /// What `apply` starts from: nothing of this run's yet (a start, maybe adopting pinned links),
 /// or the policy this run enforces.
@@ -108,21 +109,42 @@ pub(super) fn apply(
             } else {
                 let next =
                     Generation::build(policy, &e.programs.templates, number, Some(&e.current))?;
-                e.programs.stage(&next)?;
-                let pinned_and_switched = next
-                    .pin(&e.pin_dir, &mut undo)
-                    .and_then(|()| e.programs.switch(number));
-                if let Err(err) = pinned_and_switched {
-                    e.programs.abandon(&next, Some(&e.current));
-                    return Err(err);
-                }
-                undo.commit();
-                let old = std::mem::replace(&mut e.current, next);
-                e.retired = Some((old, Instant::now()));
+                switch(e, next)?;
             }
             e.timings.last_switch = started.elapsed();
         }
     }
+    Ok(())
+}
+
+/// The kernel step of a reload that changes profiles only (see `Enforcer::patch`).
+pub(super) fn patch(e: &mut Enforcer, changes: &[(u32, Profile)]) -> Result<bool, KernelError> {
+    let started = Instant::now();
+    e.restore_pins()?;
+    let number = e.current.number + 1;
+    let Some(next) = e.current.patch(&e.programs.templates, number, changes)? else {
+        return Ok(false);
+    };
+    switch(e, next)?;
+    e.timings.last_switch = started.elapsed();
+    Ok(true)
+}
+
+/// Stages `next`, pins its maps and makes it the generation in force; the one it replaces is
+/// retired. On error the one in force stays, pins included.
+fn switch(e: &mut Enforcer, next: Generation) -> Result<(), KernelError> {
+    let mut undo = Undo::default();
+    e.programs.stage(&next)?;
+    let pinned_and_switched = next
+        .pin(&e.pin_dir, &mut undo)
+        .and_then(|()| e.programs.switch(next.number));
+    if let Err(err) = pinned_and_switched {
+        e.programs.abandon(&next, Some(&e.current));
+        return Err(err);
+    }
+    undo.commit();
+    let old = std::mem::replace(&mut e.current, next);
+    e.retired = Some((old, Instant::now()));
     Ok(())
 }
 

@@ -25,9 +25,21 @@ use crate::policy::compile::Policy;
 pub struct Generation {
     pub(super) number: u32,
     maps: HashMap<&'static str, Arc<Map>>,
-    /// A fingerprint of each map's contents, to tell whether the next generation can share it.
+    /// A fingerprint of each map's contents, to tell whether the next generation can share it
+    /// (none for a map a patch wrote to).
     fingerprints: HashMap<&'static str, u64>,
+    /// The header's `settings` bits.
+    settings: u32,
+    /// The `RANKS` map's contents, which a patch copies with its changes.
+    ranks: Vec<RankEntry>,
+    /// The entries of the `PROFILES` map in use, and its size: a patch writes new profiles
+    /// after the ones in use, where no rank of a generation in force points.
+    profiles: (u32, u32),
 }
+
+/// The room a generation's `PROFILES` map keeps for the profiles of later patches: a reload
+/// that needs more reads the table whole, which makes the map anew.
+pub const PROFILE_ROOM: u32 = 256;
 
 /// One map's contents as the kernel stores them: `len` keys and values of fixed sizes, end to
 /// end.
@@ -156,8 +168,18 @@ fn shared_profiles(per_rank: &[Profile]) -> (Vec<u32>, Vec<RankEntry>) {
     (firsts, ranks)
 }
 
-/// Every map's contents for `policy` as generation `number`, in `names::POLICY_MAPS` order.
-fn contents(p: &Policy, number: u32) -> Vec<(&'static str, Contents)> {
+/// The header of generation `number`.
+fn header(number: u32, settings: u32) -> Contents {
+    Contents::array(&[Header {
+        generation: number,
+        flags: settings,
+        loader: loader(),
+    }])
+}
+
+/// Every map's contents for `policy` as generation `number`, in `names::POLICY_MAPS` order,
+/// with the ranks' entries.
+fn contents(p: &Policy, number: u32) -> (Vec<(&'static str, Contents)>, Vec<RankEntry>) {
     let (firsts, ranks) = shared_profiles(&p.profiles);
     let profiles = firsts
         .iter()
@@ -192,15 +214,8 @@ fn contents(p: &Policy, number: u32) -> Vec<(&'static str, Contents)> {
             .filter(move |(n, _)| n.prefix_len() < full)
             .copied()
     }
-    vec![
-        (
-            names::HEADER,
-            Contents::array(&[Header {
-                generation: number,
-                flags: p.settings,
-                loader: loader(),
-            }]),
-        ),
+    let maps = vec![
+        (names::HEADER, header(number, p.settings)),
         (names::LISTS, Contents::array(&p.lists)),
         (names::PROFILES, Contents::of((0u32..).zip(profiles))),
         (names::RANKS, Contents::array(&ranks)),
@@ -230,7 +245,8 @@ fn contents(p: &Policy, number: u32) -> Vec<(&'static str, Contents)> {
             names::HOST_V6,
             Contents::of(hosts(&p.remote_v6, 128).map(|(n, l)| (octets::<16>(n), l))),
         ),
-    ]
+    ];
+    (maps, ranks)
 }
 
 impl Generation {
@@ -246,20 +262,30 @@ impl Generation {
         let mut maps = HashMap::new();
         let mut fingerprints = HashMap::new();
         let mut made = Vec::new();
-        for (name, contents) in contents(policy, number) {
+        let (all, ranks) = contents(policy, number);
+        let mut profiles = (0, 0);
+        for (name, contents) in all {
             let fingerprint = contents.fingerprint();
-            let shared = previous
-                .filter(|p| p.fingerprints.get(name) == Some(&fingerprint))
-                .map(|p| p.maps[name].clone());
+            let shared = previous.filter(|p| p.fingerprints.get(name) == Some(&fingerprint));
+            let room = if name == names::PROFILES {
+                PROFILE_ROOM
+            } else {
+                0
+            };
             let map = match shared {
-                Some(map) => map,
+                Some(p) => {
+                    if name == names::PROFILES {
+                        profiles = p.profiles;
+                    }
+                    p.maps[name].clone()
+                }
                 None => {
                     made.push(name);
-                    Arc::new(fill(
-                        templates.create(name, contents.len as u32)?,
-                        name,
-                        &contents,
-                    )?)
+                    let len = contents.len as u32;
+                    if name == names::PROFILES {
+                        profiles = (len, len + room);
+                    }
+                    Arc::new(fill(templates.create(name, len + room)?, name, &contents)?)
                 }
             };
             maps.insert(name, map);
@@ -275,7 +301,74 @@ impl Generation {
             number,
             maps,
             fingerprints,
+            settings: policy.settings,
+            ranks,
+            profiles,
         })
+    }
+
+    /// Generation `number`: this one with the rules at the ranks of `changes` given their
+    /// new profiles, and nothing else changed. The new profiles are written to this
+    /// generation's `PROFILES` map after the ones in use, where no rank of this generation
+    /// points, so that what this generation enforces does not change; the new generation shares
+    /// every map but the header and the ranks with this one. None when the profiles map has no
+    /// room left for them (`PROFILE_ROOM`).
+    pub(super) fn patch(
+        &self,
+        templates: &Templates,
+        number: u32,
+        changes: &[(u32, Profile)],
+    ) -> Result<Option<Generation>, KernelError> {
+        let (used, size) = self.profiles;
+        if changes.len() > (size - used) as usize {
+            return Ok(None);
+        }
+        let profiles = self.maps[names::PROFILES].clone();
+        let fd = data(&profiles).fd().as_fd();
+        let mut ranks = self.ranks.clone();
+        let mut next = used;
+        for (rank, profile) in changes {
+            let Some(entry) = ranks.get_mut(*rank as usize) else {
+                return Err(KernelError::Map {
+                    map: names::RANKS,
+                    what: format!("patching rank {rank}"),
+                    reason: format!("the generation has {} ranks", self.ranks.len()),
+                });
+            };
+            sys::map_update(fd, &next.to_ne_bytes(), bytes(&shared(profile))).map_err(|e| {
+                KernelError::Map {
+                    map: names::PROFILES,
+                    what: format!("writing profile {next}"),
+                    reason: e.to_string(),
+                }
+            })?;
+            entry.profile = next;
+            next += 1;
+        }
+        let mut maps = self.maps.clone();
+        let mut fingerprints = self.fingerprints.clone();
+        // Written to: no later generation may take it for one that holds what it held.
+        fingerprints.remove(names::PROFILES);
+        for (name, contents) in [
+            (names::HEADER, header(number, self.settings)),
+            (names::RANKS, Contents::array(&ranks)),
+        ] {
+            let map = fill(
+                templates.create(name, contents.len as u32)?,
+                name,
+                &contents,
+            )?;
+            maps.insert(name, Arc::new(map));
+            fingerprints.insert(name, contents.fingerprint());
+        }
+        Ok(Some(Generation {
+            number,
+            maps,
+            fingerprints,
+            settings: self.settings,
+            ranks,
+            profiles: (next, size),
+        }))
     }
 
     /// The map of one kind (a name of `names::POLICY_MAPS`).
@@ -317,8 +410,9 @@ impl Generation {
     }
 }
 
-/// Writes `contents` into a new map: in batches when the kernel has them for the map type, else
-/// one entry at a time (LPM tries on Linux 5.10).
+/// Writes `contents` into a new map: through a mapping of the map where it is an array the
+/// object declares BPF_F_MMAPABLE (`TCPMGM_RANKS`), else in batches when the kernel has them
+/// for the map type, else one entry at a time (LPM tries on Linux 5.10).
 fn fill(map: Map, name: &'static str, contents: &Contents) -> Result<Map, KernelError> {
     if contents.len == 0 {
         return Ok(map);
@@ -335,6 +429,13 @@ fn fill(map: Map, name: &'static str, contents: &Contents) -> Result<Map, Kernel
             reason: e.to_string(),
         }
     };
+    let mapped = matches!(&map, Map::Array(_))
+        && value_size.is_multiple_of(8)
+        && sys::write_mapped(fd, &contents.values)
+            .map_err(fail(format!("writing {} entries mapped", contents.len)))?;
+    if mapped {
+        return Ok(map);
+    }
     let batched = sys::update_batch(
         fd,
         &contents.keys,

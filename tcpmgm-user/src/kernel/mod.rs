@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use aya::programs::{CgroupSockAddr, CgroupSockopt, ProgramError, SockOps};
-use tcpmgm_common::names;
+use tcpmgm_common::{Profile, names};
 
 use crate::policy::compile::Policy;
 use apply::{From, apply, put_in_links};
@@ -229,6 +229,15 @@ impl Enforcer {
         // The slot the new generation takes is the retired one's.
         self.release_retired();
         apply(policy, From::Running(self), &mut None)
+    }
+
+    /// Switches the cgroup to the policy in force with the rules at the ranks of `changes`
+    /// given their new profiles: a generation that shares every map but the header and the
+    /// ranks with the one in force, installed in one step as `replace` does. Ok(false), with
+    /// nothing changed, when the profiles map has no room left (`replace` then).
+    pub fn patch(&mut self, changes: &[(u32, Profile)]) -> Result<bool, KernelError> {
+        self.release_retired();
+        apply::patch(self, changes)
     }
 
     /// Every pin of this run's with the object it should hold: the links, the programs, the

@@ -1,4 +1,5 @@
-//! The few bpf(2) commands aya 0.14 does not offer: batch map updates, opening a pinned link,
+//! The few bpf(2) commands aya 0.14 does not offer: batch map updates (and writing a mappable
+//! array through a mapping), opening a pinned link,
 //! reading a link's cgroup, replacing the program of a cgroup link (BPF_LINK_UPDATE) and
 //! detaching it. None of them needs CAP_SYS_ADMIN: objects are opened through their pins
 //! (BPF_OBJ_GET), never by id (the *_GET_FD_BY_ID commands do need it).
@@ -129,6 +130,44 @@ pub fn update_batch(
             Err(e) => return Err(e),
         }
         done += n;
+    }
+    Ok(true)
+}
+
+/// Writes `values` at the start of an array map's values through a shared mapping of the map
+/// (an array made with BPF_F_MMAPABLE, Linux 5.5; its values of 8 bytes or a multiple, so end
+/// to end): one copy. Ok(false), with nothing written, when the map cannot be mapped (made
+/// without the flag).
+pub fn write_mapped(map: BorrowedFd<'_>, values: &[u8]) -> io::Result<bool> {
+    if values.is_empty() {
+        return Ok(true);
+    }
+    // SAFETY: sysconf has no memory effects.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let len = values.len().next_multiple_of(page);
+    // SAFETY: a new shared mapping of the map's fd, of no more pages than the map's values
+    // take (the kernel refuses more); nothing else refers to it.
+    let at = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            map.as_raw_fd(),
+            0,
+        )
+    };
+    if at == libc::MAP_FAILED {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EINVAL | libc::ENODEV) => Ok(false),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: the mapping is `len` >= `values.len()` bytes, writable, and this one's alone.
+    unsafe {
+        std::ptr::copy_nonoverlapping(values.as_ptr(), at.cast::<u8>(), values.len());
+        libc::munmap(at, len);
     }
     Ok(true)
 }

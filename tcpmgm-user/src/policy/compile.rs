@@ -324,7 +324,13 @@ pub fn recorded_profile(rule: &Rule) -> tcpmgm_common::client::SocketProfile {
     tcpmgm_common::client::SocketProfile::from(&p)
 }
 
-fn kernel_profile(rule: &Rule, rank: u32, hz: u32, enforcement: &Enforcement) -> Profile {
+/// The kernel's profile of `rule` at `rank`.
+pub(crate) fn kernel_profile(
+    rule: &Rule,
+    rank: u32,
+    hz: u32,
+    enforcement: &Enforcement,
+) -> Profile {
     let p = &rule.profile;
     let mut f = if p.keepalive {
         flags::KEEPALIVE_ON

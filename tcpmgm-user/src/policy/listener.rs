@@ -134,7 +134,7 @@ fn split_host_port(s: &str) -> Result<(&str, Option<&str>), String> {
 }
 
 /// The declared listeners, in declaration order.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Listeners {
     list: Vec<Listener>,
 }

@@ -11,6 +11,7 @@ pub mod listener;
 pub mod matcher;
 pub mod opensips_cfg;
 pub mod opensips_order;
+pub mod patch;
 pub mod pipeline;
 pub mod rule;
 pub mod source;

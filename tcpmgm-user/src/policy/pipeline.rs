@@ -5,7 +5,7 @@ use crate::memory::{Budget, TooLarge};
 use crate::policy::listener::{ListenerError, Listeners};
 use crate::policy::opensips_cfg::OpenSipsCfg;
 use crate::policy::rule::{Row, RowError, Rule, validate_row};
-use crate::policy::source::{ColumnMap, Source, SourceError, TableName};
+use crate::policy::source::{Changes, ColumnMap, Mark, Source, SourceError, TableName};
 
 /// Where the rules and listeners come from.
 #[derive(Clone, Debug, clap::Args)]
@@ -58,6 +58,26 @@ pub struct RuleSet {
     pub errors: Vec<RowError>,
     pub listeners: Listeners,
     pub table_version: Option<i64>,
+    /// The rows read, bad ones included.
+    pub rows: usize,
+    /// The table's change log position from before the read (see `Source::change_mark`), when
+    /// it has one: a later reload may read only what changed after it.
+    pub mark: Option<Mark>,
+}
+
+/// The rows that changed since a position of the table's change log, validated.
+pub struct Changed {
+    /// The position the log is now at.
+    pub mark: Mark,
+    /// The ids the log names: rows changed, added or removed.
+    pub ids: Vec<i64>,
+    /// The rows of those ids still in the table, valid.
+    pub rules: Vec<Rule>,
+    /// Their faults.
+    pub errors: Vec<RowError>,
+    /// The table's rows now.
+    pub rows: usize,
+    pub listeners: Listeners,
 }
 
 impl RuleArgs {
@@ -96,6 +116,7 @@ impl RuleArgs {
         let source = Source::open_table(self.db(), false, &self.table())
             .await?
             .with_columns(&self.columns);
+        let mark = source.change_mark().await?;
         let budget = Budget::of_self();
         let mut kept = Kept::default();
         let take = |row: Row, kept: &mut Kept| {
@@ -121,7 +142,11 @@ impl RuleArgs {
                 source.read_each(|row| take(row, &mut kept)).await?
             }
         };
-        let Kept { rules, errors, .. } = kept;
+        let Kept {
+            rules,
+            errors,
+            rows,
+        } = kept;
         if let Some(budget) = &budget {
             budget.check(rules.len())?;
         }
@@ -143,7 +168,46 @@ impl RuleArgs {
             errors,
             listeners,
             table_version: table.version,
+            rows,
+            mark,
         })
+    }
+
+    /// Reads and validates the rows that changed after position `mark` of the table's change
+    /// log, when the log can say which (`Err` says why not), at most `limit` of them.
+    pub async fn read_changed(
+        &self,
+        mark: Mark,
+        limit: usize,
+    ) -> Result<Result<Changed, String>, PipelineError> {
+        let listeners = self.listeners()?;
+        let source = Source::open_table(self.db(), false, &self.table())
+            .await?
+            .with_columns(&self.columns);
+        let (mark, ids) = match source.changes_since(mark, limit).await? {
+            Changes::Rows { mark, ids } => (mark, ids),
+            Changes::Unknown(why) => return Ok(Err(why)),
+        };
+        let mut rules = Vec::new();
+        let mut errors = Vec::new();
+        source
+            .read_ids(&ids, |row| {
+                match validate_row(&row, &listeners) {
+                    Ok(rule) => rules.push(rule),
+                    Err(mut e) => errors.append(&mut e),
+                }
+                Ok::<_, PipelineError>(())
+            })
+            .await?;
+        let rows = usize::try_from(source.row_count().await?).unwrap_or(usize::MAX);
+        Ok(Ok(Changed {
+            mark,
+            ids,
+            rules,
+            errors,
+            rows,
+            listeners,
+        }))
     }
 }
 

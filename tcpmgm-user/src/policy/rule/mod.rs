@@ -90,7 +90,7 @@ impl Default for Profile {
 }
 
 /// The local side a rule asks for.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct LocalMatch {
     pub net: IpNet,
     /// The listener tag the table named, when local_addr was a tag.
@@ -124,6 +124,21 @@ pub struct Rule {
 impl Rule {
     pub fn local_net(&self) -> Option<IpNet> {
         self.local.as_ref().map(|l| l.net)
+    }
+
+    /// A hash of the rule's id and match keys (everything but its profile): two rules with
+    /// the same hash take the same place in the match order and match the same connections.
+    pub fn match_hash(&self) -> u64 {
+        use std::hash::BuildHasher as _;
+        foldhash::fast::FixedState::with_seed(0x7463_706d_676d).hash_one((
+            self.id,
+            self.priority,
+            self.proto,
+            self.remote,
+            self.remote_port,
+            &self.local,
+            self.local_port,
+        ))
     }
 
     /// The match keys, in the table's words, for explanations.

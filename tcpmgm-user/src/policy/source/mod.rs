@@ -11,7 +11,7 @@ use sqlx::{AnyPool, Column, Row as _};
 
 pub use crate::policy::rule::COLUMNS;
 pub use columns::ColumnMap;
-pub use schema::{Dialect, EXAMPLES, NOTIFY_CHANNEL, TableVersion};
+pub use schema::{CHANGE_LOG, CHANGE_LOG_KEEP, Dialect, EXAMPLES, NOTIFY_CHANNEL, TableVersion};
 
 use crate::policy::rule::{Cell, Row};
 
@@ -125,6 +125,27 @@ impl std::str::FromStr for TableName {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         TableName::new(s)
     }
+}
+
+/// A position in a table's change log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark {
+    /// The log's own random number.
+    pub origin: i64,
+    /// The database file's identity (device and inode).
+    pub file: u64,
+    /// The last change's sequence number.
+    pub seq: i64,
+}
+
+/// What the change log says changed since a position in it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Changes {
+    /// The rows with these ids (each once) changed, were added or removed; `mark` is the
+    /// position the log is now at.
+    Rows { mark: Mark, ids: Vec<i64> },
+    /// The log cannot say: the table is to be read whole, for this reason.
+    Unknown(String),
 }
 
 /// What a read says of the table besides its rows.
@@ -278,9 +299,19 @@ impl Source {
     /// them: only what `each` keeps of a row stays in memory. An error of `each` ends the read.
     pub async fn read_each<E: From<SourceError>>(
         &self,
+        each: impl FnMut(Row) -> Result<(), E>,
+    ) -> Result<TableInfo, E> {
+        let select = self.select(None).await?;
+        self.read_selected(&select, each).await
+    }
+
+    /// Hands the rows `select` gives to `each` (see `read_each`).
+    async fn read_selected<E: From<SourceError>>(
+        &self,
+        select: &str,
         mut each: impl FnMut(Row) -> Result<(), E>,
     ) -> Result<TableInfo, E> {
-        let select = self.select_all().await?;
+        let select = select.to_owned();
         let positions = match &self.typed {
             Typed::Postgres(pool) => {
                 self.hand_rows(sqlx::query(&select).fetch(pool), pg_cell, &mut each)
@@ -498,15 +529,17 @@ impl Source {
         Ok(positions)
     }
 
-    /// The query for every row. SQLite's columns are selected as expressions (`+name`): sqlx's
+    /// The query for the rows. SQLite's columns are selected as expressions (`+name`): sqlx's
     /// Any driver refuses a whole result for a column declared with a type it does not map
     /// (BOOLEAN, DATE, DATETIME...), and an expression has no declared type, so each value comes
     /// back as what it is, and a value of the wrong kind is a fault of its row.
-    async fn select_all(&self) -> Result<String, SourceError> {
+    /// `only`: a condition on the rows, else every row.
+    async fn select(&self, only: Option<&str>) -> Result<String, SourceError> {
         let t = &self.table;
         let id = self.columns.actual("id");
+        let only = only.map_or_else(String::new, |c| format!(" WHERE {c}"));
         if self.dialect != Dialect::Sqlite {
-            return Ok(format!("SELECT * FROM {t} ORDER BY {id}"));
+            return Ok(format!("SELECT * FROM {t}{only} ORDER BY {id}"));
         }
         let columns: Vec<String> = self
             .column_names()
@@ -518,7 +551,7 @@ impl Source {
             })
             .collect();
         Ok(format!(
-            "SELECT {} FROM {t} ORDER BY {id}",
+            "SELECT {} FROM {t}{only} ORDER BY {id}",
             columns.join(", ")
         ))
     }
@@ -544,14 +577,153 @@ impl Source {
 
     /// Creates the table and OpenSIPS's `version` row for it, unless the table exists.
     /// Returns false when it already existed.
-    /// With PostgreSQL, also installs the trigger that notifies `tcpmgm run` of committed changes
-    /// (on an existing table too, such as one made by OpenSIPS's own scripts).
+    /// With PostgreSQL, also installs the trigger that notifies `tcpmgm run` of committed changes;
+    /// with SQLite, the change log that lets a reload read only the rows that changed (on an
+    /// existing table too, such as one made by OpenSIPS's own scripts).
     pub async fn init(&self, version: TableVersion) -> Result<bool, SourceError> {
         let created = self.create_tables(version).await?;
-        if self.dialect == Dialect::Postgres {
-            self.install_notify_trigger().await?;
+        match self.dialect {
+            Dialect::Postgres => self.install_notify_trigger().await?,
+            Dialect::Sqlite => self.install_change_log().await?,
+            Dialect::MySql => {}
         }
         Ok(created)
+    }
+
+    /// Installs SQLite's change log of the table (`schema::sqlite_change_log`), in one
+    /// transaction; what is there already stays.
+    pub async fn install_change_log(&self) -> Result<(), SourceError> {
+        let what = "installing the change log of table";
+        let mut tx = self.pool.begin().await.map_err(self.query_err(what))?;
+        for sql in schema::sqlite_change_log(&self.table, self.columns.actual("id")) {
+            sqlx::query(&sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(self.query_err(what))?;
+        }
+        tx.commit().await.map_err(self.query_err(what))
+    }
+
+    /// Where the table's change log is: its last sequence number (0 when empty), or None when
+    /// the database keeps no whole change log of the table (its log tables and its three
+    /// triggers; SQLite only). Read before the table, a position says that every change after
+    /// it is in the log from it on, which is what `changes_since` needs.
+    pub async fn change_mark(&self) -> Result<Option<Mark>, SourceError> {
+        if self.dialect != Dialect::Sqlite {
+            return Ok(None);
+        }
+        let what = "looking for the change log of table";
+        let names: Vec<String> = schema::change_log_triggers(&self.table)
+            .iter()
+            .map(|n| format!("'{n}'"))
+            .collect();
+        let found: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM sqlite_master WHERE (type = 'trigger' AND name IN ({})) \
+             OR (type = 'table' AND name IN ('{CHANGE_LOG}', '{CHANGE_LOG}_origin'))",
+            names.join(", ")
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(self.query_err(what))?;
+        if found != 5 {
+            return Ok(None);
+        }
+        let (origin, last): (Option<i64>, Option<i64>) = sqlx::query_as(&format!(
+            "SELECT (SELECT min(origin) FROM {CHANGE_LOG}_origin), max(seq) FROM {CHANGE_LOG}"
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(self.query_err(what))?;
+        let Some(origin) = origin else {
+            return Ok(None);
+        };
+        Ok(Some(Mark {
+            origin,
+            file: self.file_id(),
+            seq: last.unwrap_or(0),
+        }))
+    }
+
+    /// The SQLite file's device and inode, folded: a file moved or restored in its place is
+    /// another one.
+    fn file_id(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        let url = self.url.0.as_str();
+        let path = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+            .unwrap_or(url);
+        let path = path.split('?').next().unwrap_or(path);
+        std::fs::metadata(path).map_or(0, |m| m.dev().rotate_left(32) ^ m.ino())
+    }
+
+    /// The rows of the table that changed after position `mark` of its change log (see
+    /// `change_mark`), by id, at most `limit` of them: what a reload needs to read.
+    pub async fn changes_since(&self, mark: Mark, limit: usize) -> Result<Changes, SourceError> {
+        let Some(now) = self.change_mark().await? else {
+            return Ok(Changes::Unknown("the table has no change log".into()));
+        };
+        if (now.origin, now.file) != (mark.origin, mark.file) {
+            return Ok(Changes::Unknown(
+                "the database is another one than at the last read".into(),
+            ));
+        }
+        let (mark, last) = (mark.seq, now.seq);
+        let what = "reading the change log of table";
+        let (first, _): (Option<i64>, Option<i64>) =
+            sqlx::query_as(&format!("SELECT min(seq), max(seq) FROM {CHANGE_LOG}"))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(self.query_err(what))?;
+        if last < mark {
+            return Ok(Changes::Unknown(format!(
+                "the change log went back from {mark} to {last}"
+            )));
+        }
+        if last > mark && first.is_none_or(|first| first > mark + 1) {
+            return Ok(Changes::Unknown(format!(
+                "the change log no longer holds the changes after {mark}"
+            )));
+        }
+        let ids: Vec<Option<i64>> = sqlx::query_scalar(&format!(
+            "SELECT DISTINCT row_id FROM {CHANGE_LOG} \
+             WHERE table_name = '{}' AND seq > {mark} AND seq <= {last} LIMIT {}",
+            self.table,
+            limit + 1
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.query_err(what))?;
+        if ids.len() > limit {
+            return Ok(Changes::Unknown(format!("more than {limit} rows changed")));
+        }
+        match ids.into_iter().collect::<Option<Vec<i64>>>() {
+            Some(ids) => Ok(Changes::Rows { mark: now, ids }),
+            None => Ok(Changes::Unknown("a change without a row id".into())),
+        }
+    }
+
+    /// Hands the rows whose ids are `ids` to `each` (see `read_each`).
+    pub async fn read_ids<E: From<SourceError>>(
+        &self,
+        ids: &[i64],
+        each: impl FnMut(Row) -> Result<(), E>,
+    ) -> Result<(), E> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+        let only = format!("{} IN ({})", self.columns.actual("id"), list.join(", "));
+        let select = self.select(Some(&only)).await?;
+        self.read_selected(&select, each).await.map(drop)
+    }
+
+    /// How many rows the table has.
+    pub async fn row_count(&self) -> Result<i64, SourceError> {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {}", self.table))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(self.query_err("counting the rows of table"))
     }
 
     /// Installs PostgreSQL's change trigger on the table, in one transaction (the table's owner,
@@ -861,6 +1033,76 @@ mod tests {
             "postgres://opensips:***@db:5432/opensips"
         );
         assert_eq!(Redacted::new("sqlite://x.db").to_string(), "sqlite://x.db");
+    }
+
+    /// The change log names each changed, added or removed row once, and says when it cannot
+    /// tell: more rows than asked, another log, entries pruned, a trigger gone.
+    #[tokio::test]
+    async fn the_change_log_names_the_changed_rows_and_says_when_it_cannot() {
+        let dir = std::env::temp_dir().join(format!("tcpmgm-changelog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}", dir.join("rules.db").display());
+        let source = Source::open(&url, true).await.unwrap();
+        source.init(TableVersion::V2).await.unwrap();
+        let start = source.change_mark().await.unwrap().expect("a change log");
+        source
+            .execute_script(
+                "INSERT INTO tcp_mgm (id, remote_addr) VALUES (1, '10.0.0.1'), (2, '10.0.0.2');
+                 UPDATE tcp_mgm SET keepidle = 5 WHERE id = 2;
+                 DELETE FROM tcp_mgm WHERE id = 1",
+            )
+            .await
+            .unwrap();
+        let Changes::Rows { mark, mut ids } = source.changes_since(start, 10).await.unwrap() else {
+            panic!("the log should say");
+        };
+        ids.sort_unstable();
+        assert_eq!(ids, [1, 2]);
+        assert_eq!(mark.seq, start.seq + 5);
+        assert_eq!(
+            source.changes_since(mark, 10).await.unwrap(),
+            Changes::Rows {
+                mark,
+                ids: Vec::new()
+            }
+        );
+        let unknown = |c: Changes| match c {
+            Changes::Unknown(why) => why,
+            rows => panic!("{rows:?}"),
+        };
+        assert_eq!(
+            unknown(source.changes_since(start, 1).await.unwrap()),
+            "more than 1 rows changed"
+        );
+        let other = Mark {
+            origin: mark.origin ^ 1,
+            ..mark
+        };
+        assert_eq!(
+            unknown(source.changes_since(other, 10).await.unwrap()),
+            "the database is another one than at the last read"
+        );
+        source
+            .execute_script(&format!(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {}) \
+                 INSERT INTO tcp_mgm (remote_addr) SELECT '10.1.0.1' FROM n",
+                CHANGE_LOG_KEEP + 1
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            unknown(source.changes_since(mark, 100_000).await.unwrap()),
+            format!(
+                "the change log no longer holds the changes after {}",
+                mark.seq
+            )
+        );
+        source
+            .execute_script("DROP TRIGGER tcpmgm_log_tcp_mgm_update")
+            .await
+            .unwrap();
+        assert_eq!(source.change_mark().await.unwrap(), None);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A table whose columns are declared with types sqlx's Any driver does not map is read by

@@ -205,6 +205,66 @@ END $$"
     ]
 }
 
+/// The change log's table: which rows of which rule table changed, in commit order.
+pub const CHANGE_LOG: &str = "tcpmgm_changes";
+
+/// How many entries the change log keeps: a daemon that fell further behind (or a change of
+/// more rows) reads the whole table.
+pub const CHANGE_LOG_KEEP: i64 = 10_000;
+
+/// The names of the change log's triggers on `table` (insert, update, delete).
+pub fn change_log_triggers(table: &TableName) -> [String; 3] {
+    ["insert", "update", "delete"].map(|event| format!("tcpmgm_log_{table}_{event}"))
+}
+
+/// SQLite's change log of `table`, whose id column is `id`: a table of (sequence, table, row
+/// id) that triggers on the rule table fill, with a random number of its own (its origin), so that a reload reads only the rows that changed
+/// since the last (see `Source::changes_since`). SQLite commits one writer at a time, so the
+/// log's sequence is the order of the commits and a position in it says what was read. The log
+/// keeps its last `CHANGE_LOG_KEEP` entries. Each statement is whole (the triggers' bodies hold
+/// `;`): run them one by one.
+pub fn sqlite_change_log(table: &TableName, id: &str) -> Vec<String> {
+    let id = id.replace('"', "\"\"");
+    let [insert, update, delete] = change_log_triggers(table);
+    let log = |rows: &str| {
+        format!("BEGIN INSERT INTO {CHANGE_LOG} (table_name, row_id) VALUES {rows}; END")
+    };
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {CHANGE_LOG} (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    table_name TEXT NOT NULL,
+    row_id INTEGER
+)"
+        ),
+        format!(
+            "CREATE TRIGGER IF NOT EXISTS {CHANGE_LOG}_keep AFTER INSERT ON {CHANGE_LOG} \
+             BEGIN DELETE FROM {CHANGE_LOG} WHERE seq <= NEW.seq - {CHANGE_LOG_KEEP}; END"
+        ),
+        // Which log this is: a database put in the place of another has a log of its own,
+        // whose positions say nothing of the other's.
+        format!("CREATE TABLE IF NOT EXISTS {CHANGE_LOG}_origin (origin INTEGER NOT NULL)"),
+        format!(
+            "INSERT INTO {CHANGE_LOG}_origin (origin) SELECT abs(random()) \
+             WHERE NOT EXISTS (SELECT 1 FROM {CHANGE_LOG}_origin)"
+        ),
+        format!(
+            "CREATE TRIGGER IF NOT EXISTS {insert} AFTER INSERT ON {table} {}",
+            log(&format!("('{table}', NEW.\"{id}\")"))
+        ),
+        format!(
+            "CREATE TRIGGER IF NOT EXISTS {update} AFTER UPDATE ON {table} {}",
+            log(&format!(
+                "('{table}', OLD.\"{id}\"), ('{table}', NEW.\"{id}\")"
+            ))
+        ),
+        format!(
+            "CREATE TRIGGER IF NOT EXISTS {delete} AFTER DELETE ON {table} {}",
+            log(&format!("('{table}', OLD.\"{id}\")"))
+        ),
+    ]
+}
+
 /// Example rules for `tcpmgm db init --examples`, from OpenSIPS use cases. Columns not named
 /// keep the table defaults.
 pub const EXAMPLES: &str = "

@@ -15,6 +15,7 @@
 //! `soak`) and `--fleet N` only N daemons following one PostgreSQL table (see `fleet`). Each
 //! section is replaced by its own run and kept by the others.
 mod fleet;
+mod incremental;
 mod memory;
 mod rate;
 mod section;
@@ -64,9 +65,14 @@ struct Args {
     /// nested; replaces the Memory section of the report and nothing else.
     #[arg(long, conflicts_with_all = ["soak", "table_read", "rate"])]
     memory: bool,
+    /// Only the reloads end to end: a one-rule change at 100k and 1M rules, from `tcpmgm
+    /// reload` to a new connection with it, beside the cold start; replaces the Reload end to
+    /// end section of the report and nothing else.
+    #[arg(long, conflicts_with_all = ["soak", "table_read", "rate", "memory"])]
+    reload: bool,
     /// Only the fleet: N daemons following one PostgreSQL table, from a commit to the change
     /// enforced in every cgroup; replaces the Fleet section of the report and nothing else.
-    #[arg(long, value_name = "N", conflicts_with_all = ["soak", "table_read", "rate", "memory"],
+    #[arg(long, value_name = "N", conflicts_with_all = ["soak", "table_read", "rate", "memory", "reload"],
           value_parser = clap::value_parser!(u64).range(1..=1000))]
     fleet: Option<u64>,
 }
@@ -354,6 +360,9 @@ fn main() -> anyhow::Result<()> {
     if args.memory {
         return memory::run(&args.out);
     }
+    if args.reload {
+        return incremental::run(&args.out);
+    }
     if let Some(count) = args.fleet {
         return fleet::run(count as usize, &args.out);
     }
@@ -364,6 +373,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(stats_path, stats_before.trim())?;
     result?;
     // The sections of their own, which a full run writes too.
+    incremental::run(&args.out)?;
     rate::run(&args.out, args.connections)?;
     table_read::run(&args.out)?;
     memory::run(&args.out)

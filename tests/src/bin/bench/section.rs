@@ -32,8 +32,13 @@ pub const RATE: Section = Section {
     end: "<!-- rate end -->",
 };
 
+pub const RELOAD: Section = Section {
+    begin: "<!-- reload: written by `cargo xtask bench -- --reload`, kept by the other runs -->",
+    end: "<!-- reload end -->",
+};
+
 /// Every section runs of their own write, in the order the report keeps them.
-pub const ALL: [&Section; 5] = [&RATE, &TABLE_READ, &MEMORY, &FLEET, &SOAK];
+pub const ALL: [&Section; 6] = [&RELOAD, &RATE, &TABLE_READ, &MEMORY, &FLEET, &SOAK];
 
 impl Section {
     /// The section in `doc`, markers included.
