@@ -14,8 +14,8 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use tcpmgm::policy::source::{Source, TableVersion};
 use tcpmgm_tests::{Daemon, Rng, Sandbox, Scratch, run_sql, sh};
 
-const RULES: usize = 300;
-const STEPS: usize = 40;
+const RULES: usize = 200;
+const STEPS: usize = 30;
 
 /// The policy maps in force, as bpftool shows them from the pins: each map's entries (raw key
 /// and value bytes) sorted; the ranks with their profiles' bytes in place of their indexes (a
@@ -27,12 +27,48 @@ struct Maps {
     entries: BTreeMap<String, Vec<String>>,
 }
 
-fn dump(pin: &std::path::Path) -> Vec<serde_json::Value> {
+/// Every policy map's entries, by name, from one `bpftool batch` run (a process a map would
+/// take minutes in a TCG guest).
+fn dump(sb: &Sandbox) -> BTreeMap<String, Vec<serde_json::Value>> {
+    let commands: String = MAPS
+        .iter()
+        .map(|name| format!("map dump pinned {}\n", sb.pin_dir.join(name).display()))
+        .collect();
+    let file = std::env::temp_dir().join(format!(
+        "{}.bpftool-batch",
+        sb.pin_dir.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&file, commands).unwrap();
     let out = sh(Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(pin));
-    serde_json::from_str(&out).expect("bpftool -j")
+        .args(["-j", "batch", "file"])
+        .arg(&file));
+    let _ = std::fs::remove_file(&file);
+    let results: Vec<serde_json::Value> = serde_json::from_str(&out).expect("bpftool -j batch");
+    MAPS.iter()
+        .zip(results)
+        .map(|(name, r)| {
+            let pin = r["command"][3].as_str().unwrap_or_default().to_owned();
+            assert!(pin.ends_with(name), "{pin} is not {name}");
+            let entries = r["output"].as_array().cloned().expect("entries");
+            (name.to_string(), entries)
+        })
+        .collect()
 }
+
+const MAPS: [&str; 12] = [
+    "TCPMGM_HEADER",
+    "TCPMGM_PROFILES",
+    "TCPMGM_RANKS",
+    "TCPMGM_LISTS",
+    "TCPMGM_BUCKETS",
+    "TCPMGM_LISTENERS",
+    "TCPMGM_HOST_V4",
+    "TCPMGM_HOST_V6",
+    "TCPMGM_REMOTE_V4",
+    "TCPMGM_REMOTE_V6",
+    "TCPMGM_LOCAL_V4",
+    "TCPMGM_LOCAL_V6",
+];
 
 fn bytes(v: &serde_json::Value) -> String {
     v.as_array()
@@ -43,27 +79,21 @@ fn bytes(v: &serde_json::Value) -> String {
 }
 
 fn maps(sb: &Sandbox) -> Maps {
+    let all = dump(sb);
     let mut entries = BTreeMap::new();
-    for name in [
-        "TCPMGM_LISTS",
-        "TCPMGM_BUCKETS",
-        "TCPMGM_LISTENERS",
-        "TCPMGM_HOST_V4",
-        "TCPMGM_HOST_V6",
-        "TCPMGM_REMOTE_V4",
-        "TCPMGM_REMOTE_V6",
-        "TCPMGM_LOCAL_V4",
-        "TCPMGM_LOCAL_V6",
-    ] {
-        let mut list: Vec<String> = dump(&sb.pin_dir.join(name))
+    for (name, list) in &all {
+        if ["TCPMGM_HEADER", "TCPMGM_PROFILES", "TCPMGM_RANKS"].contains(&name.as_str()) {
+            continue;
+        }
+        let mut list: Vec<String> = list
             .iter()
             .map(|e| format!("{} {}", bytes(&e["key"]), bytes(&e["value"])))
             .collect();
         list.sort();
-        entries.insert(name.to_owned(), list);
+        entries.insert(name.clone(), list);
     }
-    let profiles = dump(&sb.pin_dir.join("TCPMGM_PROFILES"));
-    let ranks = dump(&sb.pin_dir.join("TCPMGM_RANKS"))
+    let profiles = &all["TCPMGM_PROFILES"];
+    let ranks = all["TCPMGM_RANKS"]
         .iter()
         .map(|e| {
             let v = &e["formatted"]["value"];
@@ -77,7 +107,7 @@ fn maps(sb: &Sandbox) -> Maps {
         })
         .collect();
     entries.insert("ranks".to_owned(), ranks);
-    let header = &dump(&sb.pin_dir.join("TCPMGM_HEADER"))[0]["formatted"]["value"];
+    let header = &all["TCPMGM_HEADER"][0]["formatted"]["value"];
     Maps {
         generation: header["generation"].as_u64().expect("generation"),
         flags: header["flags"].as_u64().expect("flags"),

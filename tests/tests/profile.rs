@@ -314,6 +314,7 @@ async fn the_metrics_endpoint_passes_promtool_and_counts_connections() {
             (matched_7.clone(), 6.0),
             (series("rule_connects_refused_total", ",rule_id=\"8\""), 1.0),
             (series("rules", ""), 2.0),
+            (series("policy_attached", ""), 1.0),
         ],
     );
     let (code, out) = d.reload();

@@ -100,6 +100,8 @@ pub async fn serve(
     sources: Sources,
 ) -> std::io::Result<impl std::future::Future<Output = ()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
+    // The address bound: with port 0, the port the kernel chose.
+    let addr = listener.local_addr()?;
     tracing::info!("Prometheus metrics on http://{addr}/metrics");
     let sources = Arc::new(sources);
     let app = axum::Router::new().route(
@@ -294,6 +296,16 @@ pub fn render(sources: &Sources) -> String {
             s.generation as i64,
         );
         gauge("rules", "Rules in the rule set in force.", s.rules as i64);
+    }
+    match crate::kernel::hooks_attached(&sources.pin_dir, &sources.cgroup) {
+        Ok(n) => gauge(
+            "policy_attached",
+            "1 when every hook of tcpmgm's is attached to the cgroup, as its pinned links show in \
+             the kernel; 0 when one is missing or holds another cgroup (the governed one was \
+             removed, say).",
+            i64::from(n == crate::kernel::HOOKS.len()),
+        ),
+        Err(e) => tracing::warn!("metrics: reading the links: {e}"),
     }
     match governed_sockets(sources) {
         Ok(n) => gauge(

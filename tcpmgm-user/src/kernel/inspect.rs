@@ -48,6 +48,21 @@ pub struct RuleCount {
     pub would_close: u64,
 }
 
+/// How many hooks have a link pinned in `dir` that holds the cgroup at `cgroup` now (the
+/// directory's inode, so a cgroup removed and made again at the path is not it), of
+/// `HOOKS.len()`: what the kernel enforces there, read from the kernel.
+pub fn hooks_attached(dir: &Path, cgroup: &Path) -> Result<usize, KernelError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(inode) = std::fs::metadata(cgroup).map(|m| m.ino()) else {
+        return Ok(0);
+    };
+    Ok(pinned_links(dir)?
+        .iter()
+        .flatten()
+        .filter(|(_, link)| link.cgroup_id == inode)
+        .count())
+}
+
 /// Reads the links and counters pinned in `dir` (counters summed over CPUs).
 pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
     use aya::maps::{Array, Map, MapData};

@@ -41,7 +41,7 @@ use tcpmgm_common::{Profile, names};
 use crate::policy::compile::Policy;
 use apply::{From, apply, put_in_links};
 pub use generation::Generation;
-pub use inspect::{Pinned, PinnedProgram, RuleCount, counted, inspect};
+pub use inspect::{Pinned, PinnedProgram, RuleCount, counted, hooks_attached, inspect};
 pub use pins::{detach_pinned, repin};
 use pins::{pinned_links, remove_pins};
 use programs::Programs;

@@ -110,10 +110,27 @@ fn measure(rules: usize) -> anyhow::Result<Figures> {
 
 pub fn run(out: &Path) -> anyhow::Result<()> {
     let figures = [measure(100_000)?, measure(1_000_000)?];
-    RELOAD.write(out, &report(&figures)?)
+    let (path, link) = crate::plots::place(out, "reload_end_to_end.svg")?;
+    let ms =
+        |f: &Figures, d: fn(&Figures) -> Duration| (f.rules as f64, d(f).as_secs_f64() * 1000.0);
+    let line = |name: &str, d: fn(&Figures) -> Duration| {
+        crate::plots::Series::new(name, figures.iter().map(|f| ms(f, d)).collect())
+    };
+    crate::plots::by_rules(
+        &path,
+        "A one-rule change, end to end",
+        "ms",
+        &[
+            line("cold start", |f| f.cold),
+            line("full reload", |f| f.full),
+            line("one-rule reload (change log)", |f| f.patched),
+        ],
+        true,
+    )?;
+    RELOAD.write(out, &report(&figures, &link)?)
 }
 
-fn report(figures: &[Figures]) -> anyhow::Result<String> {
+fn report(figures: &[Figures], picture: &str) -> anyhow::Result<String> {
     let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1000.0);
     let mut s = String::new();
     writeln!(s, "{}\n## Reload end to end\n", RELOAD.begin)?;
@@ -157,6 +174,10 @@ fn report(figures: &[Figures]) -> anyhow::Result<String> {
             }
         )?;
     }
+    writeln!(
+        s,
+        "\n![cold start, full and one-rule reload against the rules]({picture})\n"
+    )?;
     writeln!(s, "{}", RELOAD.end)?;
     Ok(s)
 }

@@ -17,6 +17,7 @@
 mod fleet;
 mod incremental;
 mod memory;
+mod plots;
 mod rate;
 mod section;
 mod soak;
@@ -545,25 +546,36 @@ fn run(args: &Args) -> anyhow::Result<()> {
     ));
     enforcer.detach()?;
 
-    for size in [1_000, 100_000, 1_000_000] {
+    // Every table's one-rule reload, for the picture.
+    let mut reload_curve = Vec::new();
+    for size in [1_000, 10_000, 100_000, 1_000_000] {
         for (name, rules) in [("flat", rules(size)), ("nested", nested_rules(size))] {
             let (row, policy, mut enforcer) = measure(&sb, &listener, &listeners, name, rules, n)?;
-            if name == "flat" && size >= 100_000 {
-                let reload = one_rule_reload(&mut enforcer, &policy, &listeners)?;
-                eprintln!("one-rule reload at {size}: {reload:?}");
+            let reload = one_rule_reload(&mut enforcer, &policy, &listeners)?;
+            eprintln!("one-rule reload, {name} {size}: {reload:?}");
+            if name == "flat" {
                 reloads.push((size, row.cold_start(), reload));
             }
+            reload_curve.push((name, size, reload));
             enforcer.detach()?;
             table.push(row);
         }
     }
+    let pictures = draw(&args.out, &table, &reload_curve)?;
 
     let (sweep_ms, sweep_cpu_ms) = idle_sweep_cost(&sb, &listeners, hz)?;
     eprintln!(
         "con_lifetime sweep of {IDLE} idle connections: {sweep_ms:.1} ms wall, {sweep_cpu_ms:.1} ms CPU"
     );
 
-    let report = report(&table, (so, c4), &reloads, push, (sweep_ms, sweep_cpu_ms))?;
+    let report = report(
+        &table,
+        (so, c4),
+        &reloads,
+        push,
+        (sweep_ms, sweep_cpu_ms),
+        &pictures,
+    )?;
     print!("{report}");
     // The sections of runs of their own (the table read, the soak): keep them.
     let old = std::fs::read_to_string(&args.out).unwrap_or_default();
@@ -579,12 +591,85 @@ fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The report's pictures, by the paths it names them.
+struct Pictures {
+    cold_start: String,
+    per_run: String,
+    reload: String,
+}
+
+/// Draws the cold start, the programs' cost a run and the one-rule reload against the rules,
+/// flat and nested.
+fn draw(
+    out: &std::path::Path,
+    table: &[Row],
+    reloads: &[(&str, usize, Duration)],
+) -> anyhow::Result<Pictures> {
+    use plots::Series;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let of = |t: &str, value: &dyn Fn(&Row) -> f64| {
+        table
+            .iter()
+            .filter(|r| r.table == t)
+            .map(|r| (r.rules as f64, value(r)))
+            .collect::<Vec<_>>()
+    };
+    let (cold_path, cold_start) = plots::place(out, "cold_start.svg")?;
+    plots::by_rules(
+        &cold_path,
+        "Cold start: compile, load, fill the maps, attach",
+        "ms",
+        &[
+            Series::new("flat", of("flat", &|r| ms(r.cold_start()))),
+            Series::new("nested", of("nested", &|r| ms(r.cold_start()))),
+        ],
+        true,
+    )?;
+    let (per_run_path, per_run) = plots::place(out, "per_run.svg")?;
+    plots::by_rules(
+        &per_run_path,
+        "Program time a run (kernel accounting on)",
+        "ns a run",
+        &[
+            Series::new("connect4, flat", of("flat", &|r| r.connect4_ns)),
+            Series::new("connect4, nested", of("nested", &|r| r.connect4_ns)),
+            Series::new("sock_ops, flat", of("flat", &|r| r.sock_ops_ns)),
+            Series::new("sock_ops, nested", of("nested", &|r| r.sock_ops_ns)),
+        ],
+        false,
+    )?;
+    let (reload_path, reload) = plots::place(out, "reload.svg")?;
+    let curve = |t: &str| {
+        reloads
+            .iter()
+            .filter(|r| r.0 == t)
+            .map(|r| (r.1 as f64, ms(r.2)))
+            .collect::<Vec<_>>()
+    };
+    plots::by_rules(
+        &reload_path,
+        "One-rule reload: compile and switch (the table read apart)",
+        "ms",
+        &[
+            Series::new("flat", curve("flat")),
+            Series::new("nested", curve("nested")),
+        ],
+        true,
+    )?;
+    Ok(Pictures {
+        cold_start,
+        per_run,
+        reload,
+    })
+}
+
 fn report(
     table: &[Row],
     empty: (f64, f64),
     reloads: &[(usize, Duration, Duration)],
     push: Option<Duration>,
     (sweep_ms, sweep_cpu_ms): (f64, f64),
+    pictures: &Pictures,
 ) -> anyhow::Result<String> {
     let mut report = String::new();
     let row = |t: &str, rules: usize| {
@@ -643,6 +728,11 @@ fn report(
     }
     writeln!(
         report,
+        "\n![cold start against the rules]({})\n\n![program cost a run against the rules]({})",
+        pictures.cold_start, pictures.per_run
+    )?;
+    writeln!(
+        report,
         "\n## Reload\n\nA one-rule change (one rule's keepidle), compiled and switched to: the new \
          generation's maps made and filled, then installed; no program is loaded again. Median of 3.\n"
     )?;
@@ -666,6 +756,11 @@ fn report(
         )?,
         None => writeln!(report, "\nPostgreSQL push: not measured (--skip-push).")?,
     }
+    writeln!(
+        report,
+        "\n![one-rule reload against the rules]({})",
+        pictures.reload
+    )?;
     writeln!(report, "\n## con_lifetime sweep\n")?;
     writeln!(
         report,

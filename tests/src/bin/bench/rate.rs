@@ -62,7 +62,7 @@ fn table(change: impl FnOnce(&mut Rule)) -> Vec<Rule> {
 
 pub fn run(out: &std::path::Path, n: usize) -> anyhow::Result<()> {
     let stats_before = std::fs::read_to_string(STATS)?;
-    let result = measure(n);
+    let result = measure(n, out);
     std::fs::write(STATS, stats_before.trim())?;
     RATE.write(out, &result?)
 }
@@ -72,7 +72,7 @@ fn stats(on: bool) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("setting kernel.bpf_stats_enabled (needs root): {e}"))
 }
 
-fn measure(n: usize) -> anyhow::Result<String> {
+fn measure(n: usize, out: &std::path::Path) -> anyhow::Result<String> {
     let sb = Sandbox::new();
     let _leave = become_workload(&sb)?;
     let listener = TcpListener::bind(SERVER)?;
@@ -151,7 +151,22 @@ fn measure(n: usize) -> anyhow::Result<String> {
         }
         opensips.push(rate(&listener, n, opensips_way(&sorted, &listeners)));
     }
-    Ok(report(&setups, median(opensips), refused_ns, n))
+    let (path, link) = crate::plots::place(out, "rate.svg")?;
+    let mut bars: Vec<(String, f64)> = setups
+        .iter()
+        .map(|s| (s.name.to_owned(), median(s.rates.clone())))
+        .collect();
+    bars.push((
+        "OpenSIPS's way in userspace".to_owned(),
+        median(opensips.clone()),
+    ));
+    crate::plots::bars(
+        &path,
+        "Connections a second, connect + accept over loopback (the first: no programs)",
+        "connections/s",
+        &bars,
+    )?;
+    Ok(report(&setups, median(opensips), refused_ns, n, &link))
 }
 
 /// The programs' cost per run over `n` connections (accounting on).
@@ -205,7 +220,7 @@ fn refused_cost(e: &Enforcer, n: usize) -> anyhow::Result<f64> {
     Ok((t1 - t0).as_nanos() as f64 / (r1 - r0).max(1) as f64)
 }
 
-fn report(setups: &[Setup], opensips: f64, refused_ns: f64, n: usize) -> String {
+fn report(setups: &[Setup], opensips: f64, refused_ns: f64, n: usize, picture: &str) -> String {
     use std::fmt::Write as _;
     let mut r = String::new();
     let none = median(setups[0].rates.clone());
@@ -302,6 +317,10 @@ fn report(setups: &[Setup], opensips: f64, refused_ns: f64, n: usize) -> String 
         unmatched.connect4_ns,
         unmatched.sock_ops_ns,
         met(worst_unmatched <= 150.0)
+    );
+    let _ = writeln!(
+        r,
+        "\n![connections a second, with and without tcpmgm]({picture})"
     );
     let _ = writeln!(r, "\n{}", RATE.end);
     r
