@@ -1,5 +1,6 @@
-//! Reloads that read only the changed rows (the SQLite change log `tcpmgm db init` installs)
-//! against full reloads of the same table: after every reload of a seeded random sequence of
+//! Reloads that read only the changed rows (the SQLite change log `tcpmgm db init` installs,
+//! PostgreSQL's notifications of the rows a commit changed) against full reloads of the same
+//! table: after every reload of a seeded random sequence of
 //! changes, the policy maps the kernel holds (read with bpftool, each rank resolved to its rule
 //! id and profile) must be what `tcpmgm reload --full` then makes of the table, and a new
 //! connection must carry the loopback rule's profile as the table has it.
@@ -8,11 +9,12 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use tcpmgm::policy::source::{Source, TableVersion};
-use tcpmgm_tests::{Daemon, Rng, Sandbox, Scratch, run_sql, sh};
+use tcpmgm::policy::source::TableVersion;
+use tcpmgm_tests::{Backend, Daemon, Rng, Sandbox, TestDb, control_socket, run_sql};
 
 const RULES: usize = 200;
 const STEPS: usize = 30;
@@ -39,17 +41,32 @@ fn dump(sb: &Sandbox) -> BTreeMap<String, Vec<serde_json::Value>> {
         sb.pin_dir.file_name().unwrap().to_string_lossy()
     ));
     std::fs::write(&file, commands).unwrap();
-    let out = sh(Command::new("bpftool")
+    // bpftool of Debian 11 reports an error at the batch file's end, and exits 1, after every
+    // command's output: the outputs are what counts.
+    let out = Command::new("bpftool")
         .args(["-j", "batch", "file"])
-        .arg(&file));
+        .arg(&file)
+        .output()
+        .expect("bpftool");
     let _ = std::fs::remove_file(&file);
-    let results: Vec<serde_json::Value> = serde_json::from_str(&out).expect("bpftool -j batch");
+    let results: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).expect("bpftool -j batch");
+    let results: Vec<serde_json::Value> = results
+        .into_iter()
+        .filter(|r| r.get("command").is_some())
+        .collect();
+    assert_eq!(
+        results.len(),
+        MAPS.len(),
+        "bpftool batch: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     MAPS.iter()
         .zip(results)
         .map(|(name, r)| {
             let pin = r["command"][3].as_str().unwrap_or_default().to_owned();
             assert!(pin.ends_with(name), "{pin} is not {name}");
-            let entries = r["output"].as_array().cloned().expect("entries");
+            let entries = r["output"].as_array().cloned().expect("each map's entries");
             (name.to_string(), entries)
         })
         .collect()
@@ -117,7 +134,7 @@ fn maps(sb: &Sandbox) -> Maps {
 
 /// One random rule of the table, as an INSERT's columns and values. None of them matches
 /// loopback, which rule 1 governs alone.
-fn random_rule(rng: &mut Rng) -> String {
+fn random_rule(rng: &mut Rng, id: usize) -> String {
     let v4 = Ipv4Addr::new(
         10,
         rng.below(4) as u8,
@@ -148,7 +165,7 @@ fn random_rule(rng: &mut Rng) -> String {
     };
     let remote = format!("'{remote}'");
     format!(
-        "INSERT INTO tcp_mgm (proto, remote_addr, remote_port, priority, {}) VALUES ('{}', {remote}, {}, {}, {});",
+        "INSERT INTO tcp_mgm (id, proto, remote_addr, remote_port, priority, {}) VALUES ({id}, '{}', {remote}, {}, {}, {});",
         PROFILE_COLUMNS.join(", "),
         rng.pick(&["any", "tcp", "tls", "ws", "wss"]),
         rng.pick(&[0, 5060, 5061]),
@@ -195,26 +212,59 @@ fn set_profile(rng: &mut Rng, id: usize) -> String {
     format!("UPDATE tcp_mgm SET {} WHERE id = {id};", set.join(", "))
 }
 
+/// A reload as the backend's daemon makes it: `tcpmgm reload` for SQLite (whose change log
+/// says which rows changed); for PostgreSQL, the one its notification of the commit starts (its
+/// log line, the `before`th of them being the last before the commit). The reload's report.
+fn reload(daemon: &Daemon, backend: Backend, before: usize) -> String {
+    if backend == Backend::Sqlite {
+        let (code, report) = daemon.reload();
+        assert_eq!(code, 0, "{report}");
+        return report;
+    }
+    let start = Instant::now();
+    while daemon.logged("reload: ") == before {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no reload within 30 s of the commit: {:?}",
+            daemon.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = daemon.log.lock().unwrap();
+    log.iter()
+        .rev()
+        .find(|l| l.contains("reload: "))
+        .cloned()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn every_incremental_reload_gives_the_maps_of_a_full_reload() {
+    incremental(Backend::Sqlite, STEPS).await;
+}
+
+#[tokio::test]
+async fn every_incremental_reload_from_postgres_notifications_gives_the_maps_of_a_full_reload() {
+    incremental(Backend::Postgres, STEPS / 2).await;
+}
+
+async fn incremental(backend: Backend, steps: usize) {
     let (seed, mut rng) = Rng::seeded();
     let sb = Sandbox::new();
-    let dir = Scratch::new("incremental");
-    let url = format!("sqlite://{}", dir.0.join("rules.db").display());
-    let source = Source::open(&url, true).await.unwrap();
-    source.init(TableVersion::V1).await.unwrap();
-    drop(source);
     let mut table = String::from(
         "INSERT INTO tcp_mgm (id, remote_addr, priority, keepidle, keepinterval, keepcount) \
          VALUES (1, '127.0.0.0/8', 9, 100, 10, 3);",
     );
-    for _ in 1..RULES {
-        table.push_str(&random_rule(&mut rng));
+    for id in 2..=RULES {
+        table.push_str(&random_rule(&mut rng, id));
     }
-    run_sql(&url, &table).await;
-    let daemon = Daemon::start(&sb, &url, dir.0.join("control.sock"));
+    let db = TestDb::new(backend, TableVersion::V1, &table).await;
+    let url = db.url.clone();
+    let daemon = Daemon::start(&sb, &url, control_socket(&sb));
     assert!(
-        !daemon.startup_log.contains("keeps no change log"),
+        !daemon
+            .startup_log
+            .contains("each reload reads the whole table"),
         "{}",
         daemon.startup_log
     );
@@ -222,7 +272,7 @@ async fn every_incremental_reload_gives_the_maps_of_a_full_reload() {
     let mut port = 7100;
     let mut ids = RULES;
     let (mut patched, mut whole) = (0, 0);
-    for step in 0..STEPS {
+    for step in 0..steps {
         // Mostly profile changes, as operators make them; now and then one that moves a rule
         // in the match order, adds or removes one, which only a full read can take in.
         let kind = rng.below(10);
@@ -249,17 +299,17 @@ async fn every_incremental_reload_gives_the_maps_of_a_full_reload() {
             }
             8 => {
                 ids += 1;
-                change = random_rule(&mut rng);
+                change = random_rule(&mut rng, ids);
             }
             _ => {
                 let id = 2 + rng.below(ids - 1);
                 change = format!("DELETE FROM tcp_mgm WHERE id = {id};");
             }
         }
+        let logged = daemon.logged("reload: ");
         run_sql(&url, &change).await;
         let before = maps(&sb).generation;
-        let (code, report) = daemon.reload();
-        assert_eq!(code, 0, "seed {seed}, step {step}: {report}");
+        let report = reload(&daemon, backend, logged);
         let after = maps(&sb);
         // A change to a removed row is a change to nothing: no rule changed, no switch.
         let nothing = report.contains("no rule in force changed");

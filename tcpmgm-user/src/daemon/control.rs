@@ -264,6 +264,7 @@ pub(super) async fn answer(
                 reply: Some(tx),
                 automatic: false,
                 full,
+                rows: None,
             });
             match rx.await {
                 Ok(Ok(report)) => format!("ok {report}\n"),

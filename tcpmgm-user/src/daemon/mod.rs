@@ -263,22 +263,24 @@ impl Daemon {
         .await
         .expect("attaching does not panic")?;
         book.set(&policy.rules);
-        let index = match set.mark {
-            Some(mark) => Index::of(
-                &policy,
-                &set.listeners,
-                options.enforcement,
-                hz,
-                set.rows,
-                mark,
-            ),
-            None => {
-                tracing::info!(
-                    "each reload reads the whole table: it keeps no change log (`tcpmgm db init` adds one to a SQLite table)"
-                );
-                None
-            }
-        };
+        let rows_notified = watcher.as_ref().is_some_and(Watcher::names_rows);
+        if set.mark.is_none() && !rows_notified {
+            tracing::info!(
+                "each reload reads the whole table: nothing says which rows change (`tcpmgm db init` adds a change log to a SQLite table, row triggers to a PostgreSQL one)"
+            );
+        }
+        let index = (set.mark.is_some() || rows_notified)
+            .then(|| {
+                Index::of(
+                    &policy,
+                    &set.listeners,
+                    options.enforcement,
+                    hz,
+                    set.rows,
+                    set.mark,
+                )
+            })
+            .flatten();
         let sweep_every = Arc::new(AtomicU64::new(lifetime::sweep_interval_ms(
             policy.rules.iter().map(|r| r.profile.con_lifetime_s),
             options.enforce_default_lifetime,
@@ -405,7 +407,7 @@ impl Daemon {
                 claim,
                 keeper,
             )
-            .with_index(index),
+            .with_index(index, rows_notified),
         };
         daemon.reloader.save_state();
         Ok(daemon)
@@ -470,7 +472,7 @@ impl Daemon {
                 }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading");
-                    let _ = requests.send(Request::Reload { reply: None, automatic: false, full: false });
+                    let _ = requests.send(Request::Reload { reply: None, automatic: false, full: false, rows: None });
                 }
                 (stream, slot) = acceptor.next() => {
                     tokio::spawn(control::answer(stream, slot, requests.clone(), detach_tx.clone()));
@@ -562,13 +564,19 @@ async fn watch_table(
                     reply: None,
                     automatic: true,
                     full: false,
+                    rows: None,
                 });
             }
             continue;
         };
         let change = w.changed().await;
+        let mut rows = None;
         match change {
             Ok(Change::Table) => tracing::info!("the rule table changed: reloading"),
+            Ok(Change::Rows(ids)) => {
+                tracing::info!("rows of the rule table changed: reloading");
+                rows = Some(ids);
+            }
             Ok(Change::Unknown) => {
                 tracing::info!("reconnected to the database: reloading in case changes were missed")
             }
@@ -585,6 +593,7 @@ async fn watch_table(
                 reply: None,
                 automatic: true,
                 full: false,
+                rows,
             })
             .is_err()
         {

@@ -30,6 +30,9 @@ pub enum Request {
         automatic: bool,
         /// Read the whole table, whatever its change log says.
         full: bool,
+        /// The rows a notification named (each changed, added or removed, and nothing else);
+        /// None when nobody said which.
+        rows: Option<Vec<i64>>,
     },
     /// Govern the cgroup made again at the governed cgroup's path (see `keeper`).
     Rebind,
@@ -53,8 +56,10 @@ pub struct Reloader {
     _claim: Claim,
     keeper: Keeper,
     /// What a reload that reads only the changed rows needs (see `policy::patch`); None when
-    /// the table has no change log.
+    /// the table has no change log and no notification names rows.
     index: Option<Index>,
+    /// Whether notifications may name the changed rows (PostgreSQL).
+    rows_notified: bool,
 }
 
 /// What each rule set in force tells the daemon's other tasks.
@@ -84,12 +89,15 @@ impl Reloader {
             _claim: claim,
             keeper,
             index: None,
+            rows_notified: false,
         }
     }
 
-    /// The reloader of a rule set read at a change log position (see `policy::patch`).
-    pub fn with_index(mut self, index: Option<Index>) -> Reloader {
+    /// The reloader of a rule set that a patch may change (see `policy::patch`); `rows_notified`
+    /// when notifications may name the changed rows.
+    pub fn with_index(mut self, index: Option<Index>, rows_notified: bool) -> Reloader {
         self.index = index;
+        self.rows_notified = rows_notified;
         self
     }
 
@@ -115,7 +123,7 @@ impl Reloader {
                     None => return,
                 },
                 _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
-                    Request::Reload { reply: None, automatic: true, full: false }
+                    Request::Reload { reply: None, automatic: true, full: false, rows: None }
                 }
             };
             // Everything waiting now is answered by this one reload.
@@ -123,6 +131,8 @@ impl Reloader {
             let mut automatic_only = true;
             let mut reload = false;
             let mut full = false;
+            // The rows the requests named, while each named them.
+            let mut named = Some(Vec::new());
             let mut rebind = false;
             let mut stop = None;
             let mut faults = Vec::new();
@@ -131,9 +141,17 @@ impl Reloader {
                     reply,
                     automatic,
                     full: whole,
+                    rows,
                 } => {
                     reload = true;
                     full |= whole;
+                    named = match (named.take(), rows) {
+                        (Some(mut ids), Some(more)) => {
+                            ids.extend(more);
+                            Some(ids)
+                        }
+                        _ => None,
+                    };
                     automatic_only &= automatic;
                     replies.extend(reply);
                 }
@@ -164,7 +182,7 @@ impl Reloader {
             if !reload {
                 continue;
             }
-            let result = self.reload(full).await;
+            let result = self.reload(full, named).await;
             for reply in replies {
                 let _ = reply.send(result.clone());
             }
@@ -262,14 +280,14 @@ impl Reloader {
 
     /// Re-reads the table and switches the kernel to it; on error nothing changes. Logged, and
     /// recorded in the state file.
-    async fn reload(&mut self, full: bool) -> Result<String, String> {
+    async fn reload(&mut self, full: bool, named: Option<Vec<i64>>) -> Result<String, String> {
         self.state.reloading_since = Some(status::now());
         self.save_state();
         let started = Instant::now();
         let patched = if full || self.options.reapply_existing {
             None
         } else {
-            self.try_patch().await
+            self.try_patch(named).await
         };
         let result = match patched {
             Some(result) => result.map_err(|e| e.to_string()),
@@ -314,7 +332,7 @@ impl Reloader {
     /// nothing in force changed), Some(error) when the kernel refused the patch (nothing
     /// changed: a full reload is refused as well, and says the same), None when the table is
     /// to be read whole (the reason said), with nothing changed.
-    async fn try_patch(&mut self) -> Option<Result<String, DaemonError>> {
+    async fn try_patch(&mut self, named: Option<Vec<i64>>) -> Option<Result<String, DaemonError>> {
         let index = self.index.as_ref()?;
         let started = Instant::now();
         let whole = |why: &dyn std::fmt::Display| {
@@ -322,7 +340,17 @@ impl Reloader {
             None
         };
         let enforcement = self.options.current_enforcement().ok()?;
-        let read = self.options.rules.read_changed(index.mark, MAX_PATCHED);
+        // The change log where the table keeps one, else the rows a notification named.
+        let read = async {
+            match (index.mark, named) {
+                (Some(mark), _) => self.options.rules.read_changed(mark, MAX_PATCHED).await,
+                (None, Some(ids)) if ids.len() <= MAX_PATCHED => {
+                    self.options.rules.read_rows(ids).await.map(Ok)
+                }
+                (None, Some(_)) => Ok(Err(format!("more than {MAX_PATCHED} rows changed"))),
+                (None, None) => Ok(Err("nothing said which rows changed".to_owned())),
+            }
+        };
         let changed = match tokio::time::timeout(self.options.db_timeout, read).await {
             Ok(Ok(Ok(changed))) => changed,
             Ok(Ok(Err(why))) => return whole(&why),
@@ -442,8 +470,9 @@ impl Reloader {
         let generation = enforcer.generation();
         self.enforcer = Some(enforcer);
         let policy = result?;
-        self.index =
-            mark.and_then(|mark| Index::of(&policy, &listeners, enforcement, hz, rows, mark));
+        self.index = (mark.is_some() || self.rows_notified)
+            .then(|| Index::of(&policy, &listeners, enforcement, hz, rows, mark))
+            .flatten();
         self.options.enforcement = enforcement;
         self.state.audit = enforcement.audit;
         self.state.rules = policy.rules.len();

@@ -13,7 +13,7 @@ use sqlx::postgres::PgListener;
 use sqlx::{AnyConnection, Connection};
 
 use crate::policy::source::{
-    Dialect, NOTIFY_CHANNEL, Redacted, Source, SourceError, TableName, normalize_url,
+    Dialect, NOTIFY_CHANNEL, ROWS_CHANNEL, Redacted, Source, SourceError, TableName, normalize_url,
 };
 
 /// How often a PostgreSQL table without the change trigger is polled when no `--poll-interval`
@@ -38,7 +38,12 @@ impl Fingerprint {
 enum How {
     /// Reload only on request.
     Manual,
-    Notify(Box<PgListener>, TableName),
+    /// `rows`: on `ROWS_CHANNEL`, whose notifications name the rows; else on `NOTIFY_CHANNEL`.
+    Notify {
+        listener: Box<PgListener>,
+        table: TableName,
+        rows: bool,
+    },
     Poll {
         conn: AnyConnection,
         /// What `conn` was opened from, to open it again when a SQLite file is replaced.
@@ -99,6 +104,8 @@ pub enum WatchError {
 pub enum Change {
     /// The table changed.
     Table,
+    /// These rows of the table changed, were added or removed, and nothing else.
+    Rows(Vec<i64>),
     /// We may have missed changes (the listener's connection dropped): reload to be sure.
     Unknown,
 }
@@ -120,11 +127,16 @@ impl Watcher {
         let mut why = None;
         if dialect == Some(Dialect::Postgres) {
             match notify_trigger(&url, table).await? {
-                Ok(()) => {
+                Ok(rows) => {
                     let mut listener = PgListener::connect(&url).await.map_err(fail)?;
-                    listener.listen(NOTIFY_CHANNEL).await.map_err(fail)?;
+                    let channel = if rows { ROWS_CHANNEL } else { NOTIFY_CHANNEL };
+                    listener.listen(channel).await.map_err(fail)?;
                     return Ok(Watcher {
-                        how: How::Notify(Box::new(listener), table.clone()),
+                        how: How::Notify {
+                            listener: Box::new(listener),
+                            table: table.clone(),
+                            rows,
+                        },
                     });
                 }
                 Err(reason) => why = Some(reason),
@@ -165,10 +177,16 @@ impl Watcher {
         Ok(Watcher { how })
     }
 
+    /// Whether its notifications name the rows that changed.
+    pub fn names_rows(&self) -> bool {
+        matches!(self.how, How::Notify { rows: true, .. })
+    }
+
     pub fn describe(&self) -> String {
         match &self.how {
             How::Manual => "reloads on request only (SIGHUP, `tcpmgm reload`; --poll-interval to follow the table)".into(),
-            How::Notify(..) => format!("follows the table: PostgreSQL notifies channel {NOTIFY_CHANNEL} at each commit"),
+            How::Notify { rows: true, .. } => format!("follows the table: PostgreSQL notifies channel {ROWS_CHANNEL} of the rows each commit changed"),
+            How::Notify { rows: false, .. } => format!("follows the table: PostgreSQL notifies channel {NOTIFY_CHANNEL} at each commit (without the row triggers `tcpmgm db init` installs, each reload reads the whole table)"),
             How::Poll {
                 every, why: None, ..
             } => format!("follows the table: polls it every {every:?}"),
@@ -187,26 +205,42 @@ impl Watcher {
     pub async fn changed(&mut self) -> Result<Change, WatchError> {
         match &mut self.how {
             How::Manual => std::future::pending().await,
-            How::Notify(listener, table) => {
-                // The payload is the changed table's name (TG_OP from triggers installed
-                // before tables could be named: any change then counts).
-                let ours = |payload: &str| {
-                    payload.eq_ignore_ascii_case(table.as_str())
-                        || ["INSERT", "UPDATE", "DELETE", "TRUNCATE"].contains(&payload)
-                };
-                let change = loop {
-                    match listener.try_recv().await? {
-                        Some(n) if ours(n.payload()) => break Change::Table,
-                        Some(_) => continue,
-                        None => break Change::Unknown,
-                    }
-                };
+            How::Notify {
+                listener,
+                table,
+                rows,
+            } => {
+                let rows = *rows;
+                let mut change = None;
                 // One reload for a burst of commits: take what arrives in the next 50 ms too.
-                while let Ok(Ok(Some(_))) =
-                    tokio::time::timeout(Duration::from_millis(50), listener.try_recv()).await
-                {
+                loop {
+                    let next = if change.is_none() {
+                        listener.try_recv().await?
+                    } else {
+                        match tokio::time::timeout(Duration::from_millis(50), listener.try_recv())
+                            .await
+                        {
+                            Ok(Ok(next)) => next,
+                            _ => break,
+                        }
+                    };
+                    let Some(n) = next else {
+                        change = Some(Change::Unknown);
+                        break;
+                    };
+                    let Some(this) = notified(n.payload(), table, rows) else {
+                        continue;
+                    };
+                    change = Some(match (change, this) {
+                        (None, this) => this,
+                        (Some(Change::Rows(mut ids)), Change::Rows(more)) => {
+                            ids.extend(more);
+                            Change::Rows(ids)
+                        }
+                        _ => Change::Table,
+                    });
                 }
-                Ok(change)
+                Ok(change.unwrap_or(Change::Unknown))
             }
             How::Poll {
                 conn,
@@ -246,17 +280,49 @@ impl Watcher {
     }
 }
 
-/// Makes sure PostgreSQL's change trigger is on the table: Ok when it is (installed now if this
-/// role may create it), Err(why not) when the table will not notify.
-async fn notify_trigger(url: &str, table: &TableName) -> Result<Result<(), String>, SourceError> {
+/// What a notification says of the table `table`, where `rows`: on the row triggers' channel
+/// (payload `TABLE IDS`, or `TABLE *`), else on the table trigger's (payload `TABLE`, or TG_OP
+/// from triggers installed before tables could be named: any change then counts). None: it is
+/// another table's.
+fn notified(payload: &str, table: &TableName, rows: bool) -> Option<Change> {
+    if !rows {
+        let ours = payload.eq_ignore_ascii_case(table.as_str())
+            || ["INSERT", "UPDATE", "DELETE", "TRUNCATE"].contains(&payload);
+        return ours.then_some(Change::Table);
+    }
+    let (name, ids) = payload.split_once(' ')?;
+    if !name.eq_ignore_ascii_case(table.as_str()) {
+        return None;
+    }
+    if ids.is_empty() {
+        return Some(Change::Rows(Vec::new()));
+    }
+    let ids: Option<Vec<i64>> = ids.split(',').map(|id| id.parse().ok()).collect();
+    Some(ids.map_or(Change::Table, Change::Rows))
+}
+
+/// Makes sure PostgreSQL's change triggers are on the table: Ok(whether the row triggers are)
+/// when it notifies (the triggers installed now if this role may create them), Err(why not)
+/// when it will not.
+async fn notify_trigger(url: &str, table: &TableName) -> Result<Result<bool, String>, SourceError> {
     let source = Source::open_table(url, false, table).await?;
-    if source.has_notify_trigger().await? {
-        return Ok(Ok(()));
+    let has = source.has_notify_trigger().await?;
+    if has && source.has_row_triggers().await? {
+        return Ok(Ok(true));
     }
     match source.install_notify_trigger().await {
         Ok(()) => {
-            tracing::info!("installed the change trigger tcpmgm_notify on {table}");
-            Ok(Ok(()))
+            tracing::info!(
+                "installed the change triggers tcpmgm_notify and tcpmgm_rows_* on {table}"
+            );
+            Ok(Ok(true))
+        }
+        // Notified of the table only, as by an earlier version's `db init`.
+        Err(e) if has => {
+            tracing::info!(
+                "table {table} has no tcpmgm_rows_* triggers, and this role cannot create them ({e}): each reload reads the whole table"
+            );
+            Ok(Ok(false))
         }
         Err(e) => Ok(Err(format!(
             "table {table} has no tcpmgm_notify trigger, and this role cannot create it ({e})"
@@ -332,4 +398,37 @@ fn checksum_text(row: &sqlx::any::AnyRow) -> String {
         .ok()
         .flatten()
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(change: Option<Change>) -> Option<Option<Vec<i64>>> {
+        change.map(|c| match c {
+            Change::Rows(ids) => Some(ids),
+            _ => None,
+        })
+    }
+
+    /// A row notification names its table and rows; anything it cannot read exactly is a
+    /// change of the whole table, and another table's is none of ours.
+    #[test]
+    fn notifications_name_the_table_and_its_rows() {
+        let t = TableName::new("tcp_mgm").unwrap();
+        assert_eq!(
+            rows(notified("tcp_mgm 1,22,333", &t, true)),
+            Some(Some(vec![1, 22, 333]))
+        );
+        assert_eq!(rows(notified("tcp_mgm ", &t, true)), Some(Some(vec![])));
+        assert_eq!(rows(notified("TCP_MGM 5", &t, true)), Some(Some(vec![5])));
+        assert_eq!(rows(notified("tcp_mgm *", &t, true)), Some(None));
+        assert_eq!(rows(notified("tcp_mgm 1,x", &t, true)), Some(None));
+        assert_eq!(rows(notified("other 1", &t, true)), None);
+        assert_eq!(rows(notified("tcp_mgm", &t, true)), None);
+        // The table trigger's channel: the name alone, or an operation of the oldest triggers.
+        assert_eq!(rows(notified("tcp_mgm", &t, false)), Some(None));
+        assert_eq!(rows(notified("UPDATE", &t, false)), Some(None));
+        assert_eq!(rows(notified("other", &t, false)), None);
+    }
 }

@@ -27,8 +27,8 @@ pub struct Index {
     hz: u32,
     /// The table's rows (bad ones included) at the last read.
     rows: usize,
-    /// The change log's position at the last read.
-    pub mark: Mark,
+    /// The change log's position at the last read, where the table keeps one.
+    pub mark: Option<Mark>,
 }
 
 /// A patch, ready for the kernel.
@@ -37,7 +37,7 @@ pub struct Patch {
     pub changes: Vec<(u32, Profile)>,
     /// The rule ids changed, for the report.
     pub ids: Vec<u32>,
-    mark: Mark,
+    mark: Option<Mark>,
     lifetimes: Vec<(u32, u32)>,
 }
 
@@ -50,7 +50,7 @@ impl Index {
         enforcement: Enforcement,
         hz: u32,
         rows: usize,
-        mark: Mark,
+        mark: Option<Mark>,
     ) -> Option<Index> {
         let mut rules: Vec<(u32, u32, u64)> = policy
             .rules
@@ -127,7 +127,7 @@ impl Index {
         for &(rank, lifetime) in &patch.lifetimes {
             self.lifetimes[rank as usize] = lifetime;
         }
-        self.mark = patch.mark;
+        self.mark = patch.mark.or(self.mark);
     }
 
     /// The con_lifetime of every rule, in seconds.

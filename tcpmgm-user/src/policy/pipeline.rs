@@ -65,10 +65,11 @@ pub struct RuleSet {
     pub mark: Option<Mark>,
 }
 
-/// The rows that changed since a position of the table's change log, validated.
+/// The rows that changed since a position of the table's change log (or that a notification
+/// named), validated.
 pub struct Changed {
-    /// The position the log is now at.
-    pub mark: Mark,
+    /// The position the log is now at, where the rows came from the log.
+    pub mark: Option<Mark>,
     /// The ids the log names: rows changed, added or removed.
     pub ids: Vec<i64>,
     /// The rows of those ids still in the table, valid.
@@ -188,6 +189,28 @@ impl RuleArgs {
             Changes::Rows { mark, ids } => (mark, ids),
             Changes::Unknown(why) => return Ok(Err(why)),
         };
+        Self::read_named(&source, listeners, Some(mark), ids)
+            .await
+            .map(Ok)
+    }
+
+    /// Reads and validates the rows `ids` that a notification named.
+    pub async fn read_rows(&self, mut ids: Vec<i64>) -> Result<Changed, PipelineError> {
+        let listeners = self.listeners()?;
+        let source = Source::open_table(self.db(), false, &self.table())
+            .await?
+            .with_columns(&self.columns);
+        ids.sort_unstable();
+        ids.dedup();
+        Self::read_named(&source, listeners, None, ids).await
+    }
+
+    async fn read_named(
+        source: &Source,
+        listeners: Listeners,
+        mark: Option<Mark>,
+        ids: Vec<i64>,
+    ) -> Result<Changed, PipelineError> {
         let mut rules = Vec::new();
         let mut errors = Vec::new();
         source
@@ -200,14 +223,14 @@ impl RuleArgs {
             })
             .await?;
         let rows = usize::try_from(source.row_count().await?).unwrap_or(usize::MAX);
-        Ok(Ok(Changed {
+        Ok(Changed {
             mark,
             ids,
             rules,
             errors,
             rows,
             listeners,
-        }))
+        })
     }
 }
 

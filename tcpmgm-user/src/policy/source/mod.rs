@@ -11,7 +11,10 @@ use sqlx::{AnyPool, Column, Row as _};
 
 pub use crate::policy::rule::COLUMNS;
 pub use columns::ColumnMap;
-pub use schema::{CHANGE_LOG, CHANGE_LOG_KEEP, Dialect, EXAMPLES, NOTIFY_CHANNEL, TableVersion};
+pub use schema::{
+    CHANGE_LOG, CHANGE_LOG_KEEP, Dialect, EXAMPLES, NOTIFIED_IDS, NOTIFY_CHANNEL, ROWS_CHANNEL,
+    TableVersion,
+};
 
 use crate::policy::rule::{Cell, Row};
 
@@ -726,18 +729,40 @@ impl Source {
             .map_err(self.query_err("counting the rows of table"))
     }
 
-    /// Installs PostgreSQL's change trigger on the table, in one transaction (the table's owner,
-    /// or a role with the TRIGGER privilege on it, may).
+    /// Installs PostgreSQL's change triggers on the table, in one transaction (the table's
+    /// owner, or a role with the TRIGGER privilege on it, may): the one that names the table
+    /// (`schema::postgres_notify`) and those that name the rows (`schema::postgres_rows`).
     pub async fn install_notify_trigger(&self) -> Result<(), SourceError> {
         let what = "installing the change trigger on table";
         let mut tx = self.pool.begin().await.map_err(self.query_err(what))?;
-        for sql in schema::postgres_notify(&self.table) {
+        let id = self.columns.actual("id");
+        for sql in schema::postgres_notify(&self.table)
+            .into_iter()
+            .chain(schema::postgres_rows(&self.table, id))
+        {
             sqlx::query(&sql)
                 .execute(&mut *tx)
                 .await
                 .map_err(self.query_err(what))?;
         }
         tx.commit().await.map_err(self.query_err(what))
+    }
+
+    /// Whether PostgreSQL's row triggers (`schema::postgres_rows`) are all on the table.
+    pub async fn has_row_triggers(&self) -> Result<bool, SourceError> {
+        let names: Vec<String> = schema::row_triggers()
+            .iter()
+            .map(|n| format!("'{n}'"))
+            .collect();
+        let found: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM pg_trigger WHERE tgname IN ({}) AND tgrelid = '{}'::regclass",
+            names.join(", "),
+            self.table
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(self.query_err("looking for the row triggers on table"))?;
+        Ok(found == 4)
     }
 
     /// Whether PostgreSQL's change trigger is on the table.

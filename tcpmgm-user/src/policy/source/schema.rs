@@ -265,6 +265,90 @@ pub fn sqlite_change_log(table: &TableName, id: &str) -> Vec<String> {
     ]
 }
 
+/// The channel of the row triggers (`postgres_rows`): a payload is the table's name, a space,
+/// then the ids of the rows a statement changed, added or removed (comma-separated), or `*`
+/// when the statement touched more than `NOTIFIED_IDS` rows or emptied the table.
+pub const ROWS_CHANNEL: &str = "tcpmgm_rows";
+
+/// The most ids a notification names (a payload must stay under 8,000 bytes).
+pub const NOTIFIED_IDS: usize = 500;
+
+/// The names of PostgreSQL's row triggers on `table` (insert, update, delete, truncate).
+pub fn row_triggers() -> [&'static str; 4] {
+    [
+        "tcpmgm_rows_insert",
+        "tcpmgm_rows_update",
+        "tcpmgm_rows_delete",
+        "tcpmgm_rows_truncate",
+    ]
+}
+
+/// Statement triggers that notify `ROWS_CHANNEL` of the rows each committed statement changed
+/// on `table` (whose id column is `id`), from the statement's transition tables (PostgreSQL
+/// 10), so that a daemon reads those rows only. They never fail a statement: where the ids
+/// cannot be read (the id column renamed since), the notification says `*`. They sit beside
+/// `postgres_notify`'s trigger, which daemons of earlier versions listen to.
+pub fn postgres_rows(table: &TableName, id: &str) -> Vec<String> {
+    let id = id.replace('"', "\"\"");
+    let function = format!("tcpmgm_rows_{table}");
+    let ids = |from: &str| {
+        format!(
+            "ARRAY(SELECT DISTINCT \"{id}\"::bigint FROM {from} LIMIT {})",
+            NOTIFIED_IDS + 1
+        )
+    };
+    let mut sql = vec![format!(
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    ids bigint[];
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        PERFORM pg_notify('{ROWS_CHANNEL}', TG_TABLE_NAME || ' *');
+        RETURN NULL;
+    END IF;
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            ids := {};
+        ELSIF TG_OP = 'DELETE' THEN
+            ids := {};
+        ELSE
+            ids := {};
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        -- The id column renamed, say: never fail the statement; notify '*' instead.
+        ids := NULL;
+    END;
+    IF ids IS NULL OR cardinality(ids) > {NOTIFIED_IDS} OR array_position(ids, NULL) IS NOT NULL THEN
+        PERFORM pg_notify('{ROWS_CHANNEL}', TG_TABLE_NAME || ' *');
+    ELSE
+        PERFORM pg_notify('{ROWS_CHANNEL}', TG_TABLE_NAME || ' ' || array_to_string(ids, ','));
+    END IF;
+    RETURN NULL;
+END $$",
+        ids("tcpmgm_new"),
+        ids("tcpmgm_old"),
+        ids("(SELECT * FROM tcpmgm_old UNION ALL SELECT * FROM tcpmgm_new) AS changed"),
+    )];
+    let [insert, update, delete, truncate] = row_triggers();
+    for (name, event, referencing) in [
+        (insert, "INSERT", "REFERENCING NEW TABLE AS tcpmgm_new "),
+        (
+            update,
+            "UPDATE",
+            "REFERENCING OLD TABLE AS tcpmgm_old NEW TABLE AS tcpmgm_new ",
+        ),
+        (delete, "DELETE", "REFERENCING OLD TABLE AS tcpmgm_old "),
+        (truncate, "TRUNCATE", ""),
+    ] {
+        sql.push(format!("DROP TRIGGER IF EXISTS {name} ON {table}"));
+        sql.push(format!(
+            "CREATE TRIGGER {name} AFTER {event} ON {table} {referencing}\
+             FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
+        ));
+    }
+    sql
+}
+
 /// Example rules for `tcpmgm db init --examples`, from OpenSIPS use cases. Columns not named
 /// keep the table defaults.
 pub const EXAMPLES: &str = "
