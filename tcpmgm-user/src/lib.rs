@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod kernel;
 pub mod memory;
+pub mod netns;
 pub mod policy;
 pub mod system;
 

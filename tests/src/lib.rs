@@ -593,6 +593,17 @@ impl Daemon {
         }
     }
 
+    /// The metrics endpoint's address, as its start-up log names it (`--metrics ADDR:0` takes a
+    /// free port).
+    pub fn metrics_addr(&self) -> std::net::SocketAddr {
+        self.startup_log
+            .split("Prometheus metrics on http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no metrics address in {}", self.startup_log))
+    }
+
     /// The daemon's process id, to read what /proc shows of it.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -1008,5 +1019,16 @@ impl Rng {
 
     pub fn pick<T: Copy>(&mut self, from: &[T]) -> T {
         from[self.below(from.len())]
+    }
+}
+
+/// A child process killed (by its pid) and reaped when dropped, even when the test fails: for
+/// tests that drive a `tcpmgm run` themselves rather than through `Daemon`.
+pub struct Spawned(pub Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -6,8 +6,8 @@ use std::process::{Command, Stdio};
 
 use tcpmgm::policy::source::TableVersion;
 use tcpmgm_tests::{
-    Backend, Daemon, Sandbox, Scratch, TestDb, assert_one_program_per_hook, binary, control_socket,
-    tcpmgm,
+    Backend, Daemon, Sandbox, Scratch, Spawned, TestDb, assert_one_program_per_hook, binary,
+    control_socket, tcpmgm,
 };
 
 /// Runs a rule test once per database: SQLite, PostgreSQL and MariaDB.
@@ -105,7 +105,7 @@ async fn both_table_versions_are_read(backend: Backend) {
         let db = TestDb::new(backend, version, &insert).await;
         let (code, stdout, stderr) = tcpmgm(&["check", "--db", &db.url]);
         assert_eq!(code, 0, "{version:?}: {stdout}{stderr}");
-        let (_, stdout, _) = tcpmgm(&[
+        let (code, stdout, stderr) = tcpmgm(&[
             "match",
             "--db",
             &db.url,
@@ -114,6 +114,7 @@ async fn both_table_versions_are_read(backend: Backend) {
             "--proto",
             "tcp",
         ]);
+        assert_eq!(code, 0, "{stdout}{stderr}");
         assert!(
             stdout.contains("rule 1:") && stdout.contains("keepidle=60s"),
             "{version:?}: {stdout}"
@@ -145,7 +146,7 @@ async fn match_explains_the_winner_and_the_protocol() {
     )
     .await;
     let url = db.url.clone();
-    let (_, out, _) = tcpmgm(&[
+    let (code, out, stderr) = tcpmgm(&[
         "match",
         "--db",
         &url,
@@ -154,6 +155,7 @@ async fn match_explains_the_winner_and_the_protocol() {
         "--proto",
         "tls",
     ]);
+    assert_eq!(code, 0, "{out}{stderr}");
     assert!(
         out.contains("rule 1: priority 0, proto tls, remote 203.0.113.0/24"),
         "{out}"
@@ -162,7 +164,7 @@ async fn match_explains_the_winner_and_the_protocol() {
         out.contains("also matches rule 2, which loses: rule 1 has a specific proto"),
         "{out}"
     );
-    let (_, out, _) = tcpmgm(&[
+    let (code, out, stderr) = tcpmgm(&[
         "match",
         "--db",
         &url,
@@ -171,9 +173,10 @@ async fn match_explains_the_winner_and_the_protocol() {
         "--proto",
         "tcp",
     ]);
+    assert_eq!(code, 0, "{out}{stderr}");
     assert!(out.contains("no rule"), "{out}");
     // Outbound from a listener's address takes that listener's protocol.
-    let (_, out, _) = tcpmgm(&[
+    let (code, out, stderr) = tcpmgm(&[
         "match",
         "--db",
         &url,
@@ -184,6 +187,7 @@ async fn match_explains_the_winner_and_the_protocol() {
         "--listener",
         LISTENER,
     ]);
+    assert_eq!(code, 0, "{out}{stderr}");
     assert!(
         out.contains("connection: proto tls, remote 203.0.113.5:5061, local 10.0.0.1 port 5061"),
         "{out}"
@@ -231,30 +235,32 @@ async fn run_enforces_skips_bad_rows_keeps_the_policy_on_sigterm_and_detach_remo
 ) {
     let sb = Sandbox::new();
     let db = TestDb::new(backend, TableVersion::V1, &bad_rows(backend)).await;
-    let mut run = Command::new(binary("tcpmgm"))
-        .args([
-            "run",
-            "--db",
-            &db.url,
-            "--skip-invalid",
-            "--listener",
-            LISTENER,
-        ])
-        .arg("--cgroup")
-        .arg(&sb.cgroup)
-        .arg("--pin-dir")
-        .arg(&sb.pin_dir)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = nix::unistd::Pid::from_raw(run.id() as i32);
-    let mut log = BufReader::new(run.stderr.take().unwrap());
+    let mut run = Spawned(
+        Command::new(binary("tcpmgm"))
+            .args([
+                "run",
+                "--db",
+                &db.url,
+                "--skip-invalid",
+                "--listener",
+                LISTENER,
+            ])
+            .arg("--cgroup")
+            .arg(&sb.cgroup)
+            .arg("--pin-dir")
+            .arg(&sb.pin_dir)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = nix::unistd::Pid::from_raw(run.0.id() as i32);
+    let mut log = BufReader::new(run.0.stderr.take().unwrap());
     let mut seen = String::new();
     while !seen.contains("rules enforced") {
         let mut line = String::new();
         if log.read_line(&mut line).unwrap() == 0 {
-            let _ = run.kill();
+            let _ = run.0.kill();
             panic!("tcpmgm run exited: {seen}");
         }
         seen.push_str(&line);
@@ -272,7 +278,7 @@ async fn run_enforces_skips_bad_rows_keeps_the_policy_on_sigterm_and_detach_remo
 
     // SIGTERM: the daemon exits, the policy stays in force.
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = run.wait().unwrap();
+    let status = run.0.wait().unwrap();
     assert!(status.success(), "{status}");
     assert_one_program_per_hook(&sb.attached_programs());
     let r = probe.ask("pair 127.0.0.1:7002 127.0.0.1:7002 10.0.0.1:0");
@@ -383,18 +389,20 @@ async fn a_config_file_gives_every_run_option() {
         )
     );
 
-    let mut run = Command::new(binary("tcpmgm"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut log = BufReader::new(run.stderr.take().unwrap());
+    let mut run = Spawned(
+        Command::new(binary("tcpmgm"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut log = BufReader::new(run.0.stderr.take().unwrap());
     let mut seen = String::new();
     while !seen.contains("reload with SIGHUP") {
         let mut line = String::new();
         if log.read_line(&mut line).unwrap() == 0 {
-            let _ = run.kill();
+            let _ = run.0.kill();
             panic!("tcpmgm run exited: {seen}");
         }
         seen.push_str(&line);
@@ -413,11 +421,11 @@ async fn a_config_file_gives_every_run_option() {
     );
     // detach_on_exit: SIGTERM takes the policy off.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(run.id() as i32),
+        nix::unistd::Pid::from_raw(run.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(run.wait().unwrap().success());
+    assert!(run.0.wait().unwrap().success());
     assert!(
         !sb.attached_programs().contains("tcpmgm"),
         "{}",

@@ -103,13 +103,7 @@ async fn what_the_rules_read_is_served_and_policy_attached_follows_the_cgroup() 
         control_socket(&sb),
         &["--metrics", "127.0.0.1:0", "--metrics-rules", "all"],
     );
-    let addr: std::net::SocketAddr = d
-        .startup_log
-        .split("Prometheus metrics on http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no metrics address in {}", d.startup_log));
+    let addr = d.metrics_addr();
     let text = scrape(addr);
     let served: BTreeSet<String> = text
         .lines()

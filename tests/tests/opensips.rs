@@ -183,7 +183,7 @@ async fn check_names_the_priority_levels_opensips_orders_in_no_defined_way() {
         ] {
             assert!(warnings[0].contains(says), "{says:?} in {}", warnings[0]);
         }
-        let (_, out, _) = tcpmgm(&[
+        let (code, out, stderr) = tcpmgm(&[
             "match",
             "--db",
             &db,
@@ -194,6 +194,7 @@ async fn check_names_the_priority_levels_opensips_orders_in_no_defined_way() {
             "--local",
             "127.0.0.1:5080",
         ]);
+        assert_eq!(code, 0, "{out}{stderr}");
         assert!(out.contains("rule 15:"), "{out}");
         assert!(
             out.contains("OpenSIPS's order between rules 15 and 11 is not defined"),

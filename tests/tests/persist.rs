@@ -234,8 +234,16 @@ async fn refusals_are_logged_rate_limited_and_all_counted() {
             1
         );
     }
+    // The log lines arrive through the ring buffer after the refusals: wait for the first.
+    assert!(
+        tcpmgm_tests::wait_logged(
+            &daemon,
+            "refused by rule 5",
+            std::time::Duration::from_secs(10)
+        ),
+        "no refusal logged"
+    );
     let seconds = started.elapsed().as_secs() + 2;
-    std::thread::sleep(std::time::Duration::from_millis(500));
     let logged = daemon
         .log
         .lock()
@@ -372,10 +380,10 @@ async fn slow_sends_are_reported_for_rules_that_ask() {
         "a 1 µs threshold on loopback must see slow sends: {report:#}"
     );
     assert_eq!((slow(32), slow(33)), (0, 0), "{report:#}");
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let log = daemon.log.lock().unwrap().join("\n");
-    assert!(
-        log.contains("over rule 31's send_threshold of 1 us"),
-        "{log}"
+    let said = tcpmgm_tests::wait_logged(
+        &daemon,
+        "over rule 31's send_threshold of 1 us",
+        std::time::Duration::from_secs(10),
     );
+    assert!(said, "{}", daemon.log.lock().unwrap().join("\n"));
 }

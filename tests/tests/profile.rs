@@ -124,10 +124,57 @@ fn with_app_options_allow_the_application_wins() {
     }
 }
 
+/// `app_options` as operators set it: the config key (changed by a reload) and the flag, which
+/// wins over the file.
+#[tokio::test]
+async fn app_options_follow_the_config_file_across_a_reload_and_the_flag_wins() {
+    let db = TestDb::new(
+        Backend::Sqlite,
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, remote_addr, keepidle, keepinterval, keepcount) \
+         VALUES (2, '127.0.0.3', 41, 13, 5);",
+    )
+    .await;
+    let sb = Sandbox::new();
+    let config =
+        std::env::temp_dir().join(format!("tcpmgm-app-options-{}.toml", std::process::id()));
+    std::fs::write(&config, "app_options = \"allow\"\n").unwrap();
+    let args = ["--config", config.to_str().unwrap()];
+    let d = Daemon::start_with(&sb, &db.url, tcpmgm_tests::control_socket(&sb), &args);
+    let mut probe = sb.probe();
+    let idle =
+        |probe: &mut Probe, port| app_sets_its_own(probe, "127.0.0.3", port).get("client_idle");
+    assert_eq!(
+        idle(&mut probe, 7101),
+        600,
+        "allow: the application's value"
+    );
+    std::fs::write(&config, "app_options = \"enforce\"\n").unwrap();
+    let (code, out) = d.reload();
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        idle(&mut probe, 7102),
+        41,
+        "enforce after the reload: the rule's"
+    );
+    d.kill();
+    tcpmgm::kernel::detach_pinned(&sb.pin_dir).unwrap();
+    // The file says enforce; the command line says allow, and wins.
+    let flag = [
+        "--config",
+        config.to_str().unwrap(),
+        "--app-options",
+        "allow",
+    ];
+    let _d = Daemon::start_with(&sb, &db.url, tcpmgm_tests::control_socket(&sb), &flag);
+    assert_eq!(idle(&mut probe, 7103), 600, "--app-options allow");
+    let _ = std::fs::remove_file(&config);
+}
+
 /// A catch-all rule written for SIP peers, with OpenSIPS's schema default connect_timeout of
 /// 100 ms, meets a database connect of the same process to a peer that answers only after
-/// 300 ms: by default the connect is left its own time; `--enforce-default-connect-timeout`
-/// would cut it.
+/// 300 ms: by default the connect is left its own time; `tcpmgm run
+/// --enforce-default-connect-timeout` cuts it.
 #[test]
 fn a_catch_all_rules_default_connect_timeout_leaves_other_connects_alone() {
     let sb = Sandbox::new();
@@ -178,14 +225,25 @@ fn a_catch_all_rules_default_connect_timeout_leaves_other_connects_alone() {
     );
     e.1.detach().unwrap();
 
-    let strict = Enforcement {
-        default_connect_timeout: true,
-        ..Enforcement::default()
-    };
-    let _e = sb.enforce_with(catch_all, &none, strict);
+    // As operators ask for it: the flag, on the daemon.
+    let db = rt().block_on(TestDb::new(
+        Backend::Sqlite,
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, keepidle) VALUES (1, 30);",
+    ));
+    let _d = Daemon::start_with(
+        &sb,
+        &db.url,
+        tcpmgm_tests::control_socket(&sb),
+        &["--enforce-default-connect-timeout"],
+    );
     let mut p = sb.probe();
     let r = connect_after_300ms(&mut p);
     assert_eq!(r.get("errno"), libc::ETIMEDOUT as i64, "{r:?}");
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
 }
 
 /// Audit mode decides as enforcement does but refuses and sets nothing; the daemon's status and
@@ -201,8 +259,6 @@ async fn audit_mode_counts_what_it_would_refuse_and_a_reload_switches_to_enforce
     let sb = Sandbox::new();
     let config = std::env::temp_dir().join(format!("tcpmgm-audit-{}.toml", std::process::id()));
     std::fs::write(&config, "audit = true\n").unwrap();
-    let port = 9300 + (std::process::id() % 500) as u16;
-    let metrics: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let d = Daemon::start_with(
         &sb,
         &db.url,
@@ -211,9 +267,10 @@ async fn audit_mode_counts_what_it_would_refuse_and_a_reload_switches_to_enforce
             "--config",
             config.to_str().unwrap(),
             "--metrics",
-            &metrics.to_string(),
+            "127.0.0.1:0",
         ],
     );
+    let metrics = d.metrics_addr();
     let mut probe = sb.probe();
     let r = probe.ask("pair 127.0.0.3:7001 127.0.0.3:7001");
     assert!(!r.has("errno"), "audit mode refused: {r:?}");
@@ -253,12 +310,11 @@ async fn audit_mode_counts_what_it_would_refuse_and_a_reload_switches_to_enforce
         None,
         "{text}"
     );
-    assert!(
-        d.logged("would be refused (audit mode) by rule 1") >= 1 || {
-            std::thread::sleep(Duration::from_secs(1));
-            d.logged("would be refused (audit mode) by rule 1") >= 1
-        }
-    );
+    assert!(tcpmgm_tests::wait_logged(
+        &d,
+        "would be refused (audit mode) by rule 1",
+        Duration::from_secs(10)
+    ));
 
     std::fs::write(&config, "audit = false\n").unwrap();
     let (code, out) = d.reload();
@@ -287,14 +343,13 @@ async fn the_metrics_endpoint_passes_promtool_and_counts_connections() {
     )
     .await;
     let sb = Sandbox::new();
-    let port = 9800 + (std::process::id() % 150) as u16;
-    let metrics: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let d = Daemon::start_with(
         &sb,
         &db.url,
         tcpmgm_tests::control_socket(&sb),
-        &["--metrics", &metrics.to_string()],
+        &["--metrics", "127.0.0.1:0"],
     );
+    let metrics = d.metrics_addr();
     let mut probe = sb.probe();
     for port in 7001..7004 {
         let r = probe.ask(&format!("pair 127.0.0.1:{port} 127.0.0.1:{port}"));
@@ -394,9 +449,9 @@ async fn the_metrics_endpoint_passes_promtool_and_counts_connections() {
             &sb,
             &db.url,
             tcpmgm_tests::control_socket(&sb),
-            &["--metrics", &metrics.to_string(), "--metrics-rules", rules],
+            &["--metrics", "127.0.0.1:0", "--metrics-rules", rules],
         );
-        let text = scrape(metrics);
+        let text = scrape(d.metrics_addr());
         assert_eq!(sample(&text, &refused_7), refused, "{rules}:\n{text}");
         for series in [&matched_7, &info_7] {
             assert_eq!(

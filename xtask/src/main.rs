@@ -376,6 +376,8 @@ fn vm_task(root: &Path, task: VmTask) -> anyhow::Result<()> {
                     "did not finish"
                 } else if o.failed > 0 || !o.failed_binaries.is_empty() {
                     "FAILED"
+                } else if o.passed == 0 {
+                    "FAILED (no test ran)"
                 } else if !table.is_empty() {
                     "FAILED (the README's kernel table differs from tcpmgm features)"
                 } else {
@@ -383,12 +385,13 @@ fn vm_task(root: &Path, task: VmTask) -> anyhow::Result<()> {
                 };
                 ok &= verdict == "ok";
                 println!(
-                    "vm {} ({}, {}): {verdict}. {} passed; {} failed{}",
+                    "vm {} ({}, {}): {verdict}. {} passed; {} failed; {} filtered out (filters, and the PostgreSQL and MariaDB tests){}",
                     kernel.series.name,
                     kernel.series.debian,
                     kernel.release,
                     o.passed,
                     o.failed,
+                    o.filtered,
                     if o.failed_binaries.is_empty() {
                         String::new()
                     } else {

@@ -20,9 +20,7 @@ pub(super) fn conns(
 ) -> anyhow::Result<ExitCode> {
     let paths = system::Paths::of(&cgroup, pin_dir, None)?;
     if let Some(ns) = &netns {
-        let f = std::fs::File::open(ns).with_context(|| format!("{}", ns.display()))?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-            .with_context(|| format!("entering {}", ns.display()))?;
+        crate::netns::enter(ns).with_context(|| format!("entering {}", ns.display()))?;
     }
     let list = crate::kernel::socket::connections(
         &paths.cgroup,

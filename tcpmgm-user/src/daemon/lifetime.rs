@@ -142,20 +142,14 @@ impl Sweeper {
             .name("con_lifetime".into())
             .spawn(move || {
                 // Only this thread enters the namespace; sock_diag answers for the caller's.
-                if let Some(ns) = &netns {
-                    let joined = std::fs::File::open(ns)
-                        .map_err(|e| e.to_string())
-                        .and_then(|f| {
-                            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-                                .map_err(|e| e.to_string())
-                        });
-                    if let Err(e) = joined {
-                        tracing::error!(
-                            "con_lifetime: cannot enter {}: {e}; idle connections are not closed",
-                            ns.display()
-                        );
-                        return;
-                    }
+                if let Some(ns) = &netns
+                    && let Err(e) = crate::netns::enter(ns)
+                {
+                    tracing::error!(
+                        "con_lifetime: cannot enter {}: {e}; idle connections are not closed",
+                        ns.display()
+                    );
+                    return;
                 }
                 let mut audited = HashSet::new();
                 while !flag.load(Ordering::Relaxed) {

@@ -334,19 +334,5 @@ fn governed_sockets(sources: &Sources) -> std::io::Result<usize> {
             .filter(|c| c.profile.is_some())
             .count())
         };
-    match &sources.netns {
-        None => count(),
-        // Only a thread of its own enters the namespace.
-        Some(ns) => std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let f = std::fs::File::open(ns)?;
-                    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(std::io::Error::from)?;
-                    count()
-                })
-                .join()
-                .map_err(|_| std::io::Error::other("the count panicked"))?
-        }),
-    }
+    crate::netns::run_in(sources.netns.as_deref(), count)
 }

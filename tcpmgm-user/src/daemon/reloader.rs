@@ -502,25 +502,15 @@ fn reapply_existing(
 ) {
     let cgroup = enforcer.cgroup().to_path_buf();
     let pin = enforcer.pin_dir().join(SOCKETS_PIN);
-    let result = std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                if let Some(ns) = &netns {
-                    let f = std::fs::File::open(ns)?;
-                    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(std::io::Error::from)?;
-                }
-                crate::daemon::reapply::reapply(policy, listeners, &cgroup, &pin)
-            })
-            .join()
+    let result = crate::netns::run_in(netns.as_deref(), || {
+        crate::daemon::reapply::reapply(policy, listeners, &cgroup, &pin)
     });
     match result {
-        Ok(Ok(done)) => tracing::info!(
+        Ok(done) => tracing::info!(
             "re-applied the new rules to {} existing connections ({} could not be reached)",
             done.updated,
             done.unreachable
         ),
-        Ok(Err(e)) => tracing::warn!("re-applying the new rules to existing connections: {e}"),
-        Err(_) => tracing::warn!("re-applying the new rules to existing connections panicked"),
+        Err(e) => tracing::warn!("re-applying the new rules to existing connections: {e}"),
     }
 }

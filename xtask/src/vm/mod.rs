@@ -257,6 +257,9 @@ fn sh_quote(s: &str) -> String {
 pub struct Outcome {
     pub passed: u64,
     pub failed: u64,
+    /// Tests the harness left out: the filters given, and the PostgreSQL and MariaDB tests (the
+    /// guest runs no database server).
+    pub filtered: u64,
     /// Test binaries that exited non-zero.
     pub failed_binaries: Vec<String>,
     pub finished: bool,
@@ -338,6 +341,7 @@ pub fn run(
         if let Some(rest) = clean.strip_prefix("test result: ") {
             outcome.passed += count(rest, " passed");
             outcome.failed += count(rest, " failed");
+            outcome.filtered += count(rest, " filtered out");
         } else if let Some(rest) = clean.strip_prefix(EXIT_MARK) {
             let mut words = rest.split_whitespace();
             if let (Some(name), Some(code)) = (words.next(), words.next())
@@ -384,4 +388,22 @@ fn count(text: &str, what: &str) -> u64 {
                 .ok()
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count;
+
+    #[test]
+    fn the_harness_counts_are_read() {
+        let line =
+            "ok. 20 passed; 1 failed; 0 ignored; 0 measured; 10 filtered out; finished in 23.59s";
+        assert_eq!(count(line, " passed"), 20);
+        assert_eq!(count(line, " failed"), 1);
+        assert_eq!(count(line, " filtered out"), 10);
+        let failed =
+            "FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 2.88s";
+        assert_eq!(count(failed, " passed"), 0);
+        assert_eq!(count(failed, " failed"), 1);
+    }
 }
