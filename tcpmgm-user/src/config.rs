@@ -461,7 +461,22 @@ mod tests {
             control = "/run/x.sock"
             poll_interval = 2.5
             detach_on_exit = true
+            netns = "/var/run/netns/sip"
+            enforce_default_lifetime = true
+            reapply_existing = true
+            create_cgroup = true
+            db_timeout = 7
+            audit = true
+            app_options = "allow"
+            enforce_default_connect_timeout = true
+            metrics = "127.0.0.1:9464"
             metrics_rules = "all"
+            opensips_cfg = "/etc/opensips/opensips.cfg"
+            table = "carrier_rules"
+            api_group = "opensips"
+            log_format = "json"
+            [columns]
+            keepidle = "ka_idle"
             "#,
         )
         .unwrap();
@@ -470,6 +485,38 @@ mod tests {
             (Some(Duration::from_millis(2500)), Some(true), 1)
         );
         assert_eq!(c.metrics_rules, Some(MetricsRules::All));
+        // Every key is read into its field, as its flag would set it.
+        assert_eq!(c.db.as_deref(), Some("sqlite:///var/lib/tcpmgm/rules.db"));
+        assert_eq!(c.cgroup.as_deref(), Some(Path::new("opensips")));
+        assert_eq!(c.sockets_from, [Path::new("/etc/opensips/opensips.cfg")]);
+        assert_eq!(c.pin_dir.as_deref(), Some(Path::new("/sys/fs/bpf/x")));
+        assert_eq!(c.control.as_deref(), Some(Path::new("/run/x.sock")));
+        assert_eq!(c.detach_on_exit, Some(true));
+        assert_eq!(c.netns.as_deref(), Some(Path::new("/var/run/netns/sip")));
+        assert_eq!(
+            (
+                c.enforce_default_lifetime,
+                c.reapply_existing,
+                c.create_cgroup
+            ),
+            (Some(true), Some(true), Some(true))
+        );
+        assert_eq!(c.db_timeout, Some(Duration::from_secs(7)));
+        assert_eq!(
+            (c.audit, c.app_options, c.enforce_default_connect_timeout),
+            (Some(true), Some(AppOptions::Allow), Some(true))
+        );
+        assert_eq!(c.metrics, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(
+            c.opensips_cfg.as_deref(),
+            Some(Path::new("/etc/opensips/opensips.cfg"))
+        );
+        assert_eq!(c.table.as_ref().map(|t| t.as_str()), Some("carrier_rules"));
+        assert_eq!(c.api_group.as_deref(), Some("opensips"));
+        assert_eq!(c.log_format, Some(LogFormat::Json));
+        assert_eq!(c.columns.actual("keepidle"), "ka_idle");
+        let e = c.enforcement();
+        assert!(e.audit && e.app_options_allow && e.default_connect_timeout);
         let given = c.clone().overlay(&given(&["--metrics-rules", "none"]));
         assert_eq!(given.metrics_rules, Some(MetricsRules::None));
         let shipped: Config = toml::from_str(include_str!("../../contrib/tcpmgm.toml")).unwrap();

@@ -1099,3 +1099,113 @@ mod a_column_of_another_type_is_named_in_its_rows {
         a_column_of_another_type_is_named_in_its_rows(Backend::MariaDb).await
     }
 }
+
+/// `tcpmgm detach` with a daemon running: the daemon is told, takes the policy off and exits
+/// cleanly; the pins go and new connections get the system's settings.
+#[tokio::test]
+async fn detach_tells_the_running_daemon_to_take_the_policy_off_and_exit() {
+    let db = TestDb::new(
+        Backend::Sqlite,
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (1, '127.0.0.0/8', 44);",
+    )
+    .await;
+    let sb = Sandbox::new();
+    let control = control_socket(&sb);
+    let mut daemon = Daemon::start(&sb, &db.url, control.clone());
+    let mut probe = sb.probe();
+    let r = probe.ask("pair 127.0.0.1:7001 127.0.0.1:7001");
+    assert_eq!(r.get("client_idle"), 44, "{r:?}");
+    let (code, out, err) = tcpmgm(&[
+        "detach",
+        "--cgroup",
+        sb.cgroup.to_str().unwrap(),
+        "--pin-dir",
+        sb.pin_dir.to_str().unwrap(),
+        "--control",
+        control.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("detached from"), "{out}");
+    let status = daemon
+        .wait_exit(std::time::Duration::from_secs(10))
+        .expect("the daemon exits once told to detach");
+    assert!(status.success(), "{status}");
+    assert!(
+        !sb.attached_programs().contains("tcpmgm"),
+        "{}",
+        sb.attached_programs()
+    );
+    assert!(!sb.pin_dir.exists());
+    assert!(!control.exists(), "the control socket stays behind");
+    let r = probe.ask("pair 127.0.0.1:7002 127.0.0.1:7002");
+    assert_eq!(r.keepalive("client"), (0, 7200, 75, 9), "{r:?}");
+}
+
+on_every_database!(db_init_makes_a_named_table_with_the_example_rules);
+/// `db init --table NAME --examples`: the table under the module's db_table name, with the
+/// example rules, which `check` then reads as valid rules.
+async fn db_init_makes_a_named_table_with_the_example_rules(backend: Backend) {
+    let db = TestDb::new(backend, TableVersion::V1, "").await;
+    let init = |examples: bool| {
+        let mut args = vec!["db", "init", "--db", &db.url, "--table", "carrier_rules"];
+        if examples {
+            args.push("--examples");
+        }
+        tcpmgm(&args)
+    };
+    let (code, out, err) = init(true);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("created table carrier_rules") && out.contains("inserted the example rules"),
+        "{out}"
+    );
+    let (code, _, err) = tcpmgm(&["check", "--db", &db.url, "--table", "carrier_rules"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("4 rules valid, 0 rows bad"), "{err}");
+    // Again: the table is kept as it is.
+    let (code, out, err) = init(false);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("table carrier_rules already exists"), "{out}");
+    let (_, _, err) = tcpmgm(&["check", "--db", &db.url, "--table", "carrier_rules"]);
+    assert!(err.contains("4 rules valid, 0 rows bad"), "{err}");
+}
+
+/// `--sockets-from`: the listeners of an opensips.cfg's socket= lines (comments left out) give
+/// an accepted connection its protocol, as the kernel finds it.
+#[tokio::test]
+async fn sockets_from_reads_the_listeners_of_a_file() {
+    let db = TestDb::new(
+        Backend::Sqlite,
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, proto, remote_addr, keepidle) VALUES (1, 'tls', '192.0.2.0/24', 21);
+         INSERT INTO tcp_mgm (id, proto, remote_addr, keepidle) VALUES (2, 'tcp', '192.0.2.0/24', 22);",
+    )
+    .await;
+    let scratch = Scratch::new("sockets-from");
+    let cfg = scratch.write(
+        "opensips.cfg",
+        "socket = tls:127.0.0.1:5061\n# socket = tcp:127.0.0.1:5061\nsocket=tcp:127.0.0.1:5060\n",
+    );
+    let ask = |local: &str| {
+        tcpmgm(&[
+            "match",
+            "--db",
+            &db.url,
+            "--sockets-from",
+            &cfg,
+            "--remote",
+            "192.0.2.9:40000",
+            "--local",
+            local,
+            "--direction",
+            "in",
+        ])
+    };
+    let (code, out, err) = ask("127.0.0.1:5061");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("rule 1:"), "the tls listener: {out}");
+    let (code, out, err) = ask("127.0.0.1:5060");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("rule 2:"), "the tcp listener: {out}");
+}

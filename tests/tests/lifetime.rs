@@ -165,3 +165,60 @@ fn the_opensips_default_is_not_enforced_unless_asked() {
     assert!(enforced(30, false));
     assert!(!enforced(0, true));
 }
+
+/// Audit mode closes nothing: the idle connection outlives its con_lifetime, and the rule counts
+/// it as one it would have closed.
+#[tokio::test]
+async fn audit_mode_closes_nothing_and_counts_what_it_would_close() {
+    let db = TestDb::new(
+        Backend::Sqlite,
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, remote_addr, con_lifetime) VALUES (1, '127.0.0.2', 2);",
+    )
+    .await;
+    let sb = Sandbox::new();
+    let _daemon = Daemon::start_with(
+        &sb,
+        &db.url,
+        control_socket(&sb),
+        &["--netns", &sb.netns.path(), "--audit"],
+    );
+    let mut p = sb.probe();
+    let idle = p
+        .ask("hold-pair 127.0.0.2:7031 127.0.0.2:7031 127.0.0.1:0")
+        .get("id");
+    let start = Instant::now();
+    let would_close = || {
+        tcpmgm::kernel::inspect(&sb.pin_dir)
+            .unwrap()
+            .rules
+            .iter()
+            .find(|r| r.id == 1)
+            .map_or(0, |r| r.would_close)
+    };
+    while would_close() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "the idle connection was not counted as one to close within 6 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Well past its lifetime, and past the sweep that counted it: still open at both ends.
+    std::thread::sleep(Duration::from_secs(1));
+    let r = p.ask(&format!("closed {idle}"));
+    assert_eq!(
+        (r.get("client_closed"), r.get("server_closed")),
+        (0, 0),
+        "audit mode closed it: {r:?}"
+    );
+    assert_eq!(idle_closes(&sb), 0);
+}
+
+fn idle_closes(sb: &Sandbox) -> u64 {
+    tcpmgm::kernel::inspect(&sb.pin_dir)
+        .unwrap()
+        .rules
+        .iter()
+        .map(|r| r.idle_closes)
+        .sum()
+}
