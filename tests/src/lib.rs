@@ -433,8 +433,14 @@ pub fn idle_of(winner: Option<&Rule>) -> (i64, i64) {
     winner.map_or((0, 7200), |r| (1, i64::from(r.profile.keepidle)))
 }
 
+/// `rules` in the reference matcher's match order (`matcher::sort`), for `compare_with_reference`.
+pub fn in_match_order(mut rules: Vec<Rule>) -> Vec<Rule> {
+    tcpmgm::policy::matcher::sort(&mut rules);
+    rules
+}
+
 /// Opens each (server, client bind) connection with `probe` and checks both sockets against the
-/// reference matcher's decisions over `sorted` (the compiled policy's rules): EPERM where the
+/// reference matcher's decisions over `sorted` (the table's valid rules, `in_match_order`): EPERM where the
 /// outbound winner has no_new_conn, otherwise each side's keepalive and keepidle.
 pub fn compare_with_reference(
     probe: &mut Probe,

@@ -127,6 +127,20 @@ fn main() -> anyhow::Result<()> {
                     u8::from(tcp_state(s) != 1)
                 )
             }
+            // `count` connects to `connect` as fast as they go: how many were refused (EPERM)
+            // and how many got through.
+            ["storm", connect, count] => {
+                let to: std::net::SocketAddr = connect.parse()?;
+                let (mut refused, mut connected) = (0, 0);
+                for _ in 0..count.parse::<usize>()? {
+                    match std::net::TcpStream::connect(to) {
+                        Ok(_) => connected += 1,
+                        Err(e) if e.raw_os_error() == Some(libc::EPERM) => refused += 1,
+                        Err(_) => {}
+                    }
+                }
+                format!("refused={refused} connected={connected}")
+            }
             ["connect", connect, bind, wait] => {
                 connect_wait(connect.parse()?, parse_bind(bind)?, wait.parse()?)?
             }
