@@ -185,8 +185,8 @@ impl Sandbox {
 }
 
 /// Namespace A (the sandbox's, in the cgroup) joined to namespace B by a veth pair. B owns
-/// 192.0.2.2; 192.0.2.3 resolves to a MAC nobody has, so SYNs to it vanish. Returns B and A's
-/// veth device.
+/// 192.0.2.2; 192.0.2.3 resolves to a MAC nobody has, so SYNs to it vanish. The same over IPv6:
+/// 2001:db8:2::1, ::2 and the silent ::3. Returns B and A's veth device.
 pub fn two_hosts(sb: &Sandbox) -> (Netns, String) {
     let b = Netns::new("b");
     let n = b.name.rsplit('-').next().unwrap().to_owned();
@@ -204,6 +204,13 @@ pub fn two_hosts(sb: &Sandbox) -> (Netns, String) {
     b.ip(&format!("link set {vb} up"));
     sb.netns.ip(&format!(
         "neigh replace 192.0.2.3 lladdr 02:00:00:00:00:99 dev {va} nud permanent"
+    ));
+    // The same over IPv6 (no duplicate address detection, so the addresses serve at once).
+    sb.netns
+        .ip(&format!("-6 addr add 2001:db8:2::1/64 dev {va} nodad"));
+    b.ip(&format!("-6 addr add 2001:db8:2::2/64 dev {vb} nodad"));
+    sb.netns.ip(&format!(
+        "-6 neigh replace 2001:db8:2::3 lladdr 02:00:00:00:00:99 dev {va} nud permanent"
     ));
     (b, va)
 }

@@ -195,13 +195,24 @@ mod timeout {
 
     #[test]
     fn connect_timeout_bounds_a_silent_handshake() {
+        silent_handshake("192.0.2.3", "192.0.2.3");
+    }
+
+    #[test]
+    fn connect_timeout_bounds_a_silent_ipv6_handshake() {
+        silent_handshake("2001:db8:2::3", "[2001:db8:2::3]");
+    }
+
+    /// A rule with connect_timeout 150 ms for the silent peer `peer` (`host` as a socket
+    /// address writes it), port 5060.
+    fn silent_handshake(peer: &str, host: &str) {
         let sb = Sandbox::new();
         let _b = two_hosts(&sb);
         let none = Listeners::default();
         let table = [row(
             1,
             &[
-                ("remote_addr", "192.0.2.3"),
+                ("remote_addr", peer),
                 ("remote_port", "5060"),
                 ("connect_timeout", "150"),
             ],
@@ -209,7 +220,7 @@ mod timeout {
         let _e = sb.enforce(rules(&table, &none), &none);
         let mut p = sb.probe();
 
-        let r = p.ask("connect 192.0.2.3:5060 - 3000");
+        let r = p.ask(&format!("connect {host}:5060 - 3000"));
         assert_eq!(r.get("errno"), ETIMEDOUT, "{r:?}");
         let ms = r.get("ms");
         assert!(
@@ -218,7 +229,7 @@ mod timeout {
         );
 
         // The same silent peer on another port has no rule: still trying after 1.5 s.
-        let control = p.ask("connect 192.0.2.3:5070 - 1500");
+        let control = p.ask(&format!("connect {host}:5070 - 1500"));
         assert_eq!(control.get("pending"), 1, "{control:?}");
     }
 
