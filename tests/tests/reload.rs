@@ -213,7 +213,8 @@ async fn reapply_existing_reaches_connections_made_before_the_reload() {
     let db = tcpmgm_tests::TestDb::new(
         tcpmgm_tests::Backend::Sqlite,
         TableVersion::V1,
-        "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (1, '127.0.0.0/8', 51);",
+        "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (1, '127.0.0.0/8', 51);
+         INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (2, '::1', 61);",
     )
     .await;
     let (with, without) = (Sandbox::new(), Sandbox::new());
@@ -230,6 +231,7 @@ async fn reapply_existing_reaches_connections_made_before_the_reload() {
     let (mut pw, mut po) = (with.probe(), without.probe());
     let old_w = pw.ask("hold-pair 127.0.0.1:7001 127.0.0.1:7001").get("id");
     let old_o = po.ask("hold-pair 127.0.0.1:7001 127.0.0.1:7001").get("id");
+    let old_w6 = pw.ask("hold-pair [::1]:7011 [::1]:7011").get("id");
     let idle = |p: &mut tcpmgm_tests::Probe, id: i64| {
         let r = p.ask(&format!("opts {id}"));
         (r.get("client_idle"), r.get("server_idle"))
@@ -239,8 +241,8 @@ async fn reapply_existing_reaches_connections_made_before_the_reload() {
         ((51, 51), (51, 51))
     );
 
-    db.sql("UPDATE tcp_mgm SET keepidle = 52 WHERE id = 1;")
-        .await;
+    assert_eq!(idle(&mut pw, old_w6), (61, 61));
+    db.sql("UPDATE tcp_mgm SET keepidle = keepidle + 1;").await;
     for d in [&d_with, &d_without] {
         let (code, text) = d.reload();
         assert_eq!(code, 0, "{text}");
@@ -250,6 +252,11 @@ async fn reapply_existing_reaches_connections_made_before_the_reload() {
         idle(&mut pw, old_w),
         (52, 52),
         "the old connection kept its values: {log}"
+    );
+    assert_eq!(
+        idle(&mut pw, old_w6),
+        (62, 62),
+        "the old IPv6 connection kept its values: {log}"
     );
     assert_eq!(
         idle(&mut po, old_o),
