@@ -253,7 +253,8 @@ async fn audit_mode_counts_what_it_would_refuse_and_a_reload_switches_to_enforce
     let db = TestDb::new(
         Backend::Sqlite,
         TableVersion::V1,
-        "INSERT INTO tcp_mgm (id, remote_addr, no_new_conn, keepidle) VALUES (1, '127.0.0.3', 1, 41);",
+        "INSERT INTO tcp_mgm (id, remote_addr, no_new_conn, keepidle) VALUES (1, '127.0.0.3', 1, 41);
+         INSERT INTO tcp_mgm (id, remote_addr, no_new_conn, keepidle) VALUES (2, '::1', 1, 42);",
     )
     .await;
     let sb = Sandbox::new();
@@ -279,14 +280,21 @@ async fn audit_mode_counts_what_it_would_refuse_and_a_reload_switches_to_enforce
         (0, 7200, 75, 9),
         "audit mode set options: {r:?}"
     );
+    // The same over IPv6.
+    let r6 = probe.ask("pair [::1]:7011 [::1]:7011");
+    assert!(!r6.has("errno"), "audit mode refused over IPv6: {r6:?}");
+    assert_eq!(r6.keepalive("client"), (0, 7200, 75, 9), "{r6:?}");
     let status = d.status(&sb);
     assert_eq!(status["state"]["audit"], true, "{status:#}");
-    let rule = &status["kernel"]["rules"][0];
-    assert_eq!(
-        (&rule["id"], &rule["would_refuse"], &rule["refused"]),
-        (&1.into(), &1.into(), &0.into()),
-        "{status:#}"
-    );
+    for id in [1, 2] {
+        let rules = status["kernel"]["rules"].as_array().unwrap();
+        let rule = rules.iter().find(|r| r["id"] == id).unwrap();
+        assert_eq!(
+            (&rule["would_refuse"], &rule["refused"]),
+            (&1.into(), &0.into()),
+            "rule {id}: {status:#}"
+        );
+    }
     let series = |name: &str| {
         format!(
             "tcpmgm_{name}{{cgroup=\"{}\",rule_id=\"1\"}}",
