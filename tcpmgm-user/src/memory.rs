@@ -180,6 +180,18 @@ fn stat_value(stat: &str, key: &str) -> Option<u64> {
     })
 }
 
+/// Gives the memory a start or a reload freed back to the system. The allocator keeps freed
+/// memory for later allocations, and a long-lived allocation made among the table's (the patch
+/// index) keeps it from shrinking its heap: at a million rules the daemon then held 170 MB of
+/// freed memory, four times what it uses.
+pub fn release_freed() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free pages of the allocator's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

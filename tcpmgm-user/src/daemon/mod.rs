@@ -385,6 +385,9 @@ impl Daemon {
             audit: options.enforcement.audit,
             source_health: status::SourceHealth::read_now(),
         };
+        // The table's rules, compiled and written to the kernel, are not needed any more.
+        drop(policy);
+        crate::memory::release_freed();
         let daemon = Daemon {
             metrics,
             listener,

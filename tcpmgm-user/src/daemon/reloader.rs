@@ -291,7 +291,11 @@ impl Reloader {
         };
         let result = match patched {
             Some(result) => result.map_err(|e| e.to_string()),
-            None => self.try_reload().await.map_err(|e| e.to_string()),
+            None => {
+                let whole = self.try_reload().await.map_err(|e| e.to_string());
+                crate::memory::release_freed();
+                whole
+            }
         };
         if result.is_ok() {
             self.state.reloads_ok += 1;

@@ -347,8 +347,10 @@ impl Generation {
         }
         let mut maps = self.maps.clone();
         let mut fingerprints = self.fingerprints.clone();
-        // Written to: no later generation may take it for one that holds what it held.
+        // The profiles were written to: no later generation may take them for what they held.
+        // The ranks, a table's length of them, are not hashed: a later full build makes its own.
         fingerprints.remove(names::PROFILES);
+        fingerprints.remove(names::RANKS);
         for (name, contents) in [
             (names::HEADER, header(number, self.settings)),
             (names::RANKS, Contents::array(&ranks)),
@@ -359,8 +361,8 @@ impl Generation {
                 &contents,
             )?;
             maps.insert(name, Arc::new(map));
-            fingerprints.insert(name, contents.fingerprint());
         }
+        fingerprints.insert(names::HEADER, header(number, self.settings).fingerprint());
         Ok(Some(Generation {
             number,
             maps,

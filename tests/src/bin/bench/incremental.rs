@@ -145,8 +145,9 @@ fn report(figures: &[Figures], picture: &str) -> anyhow::Result<String> {
          to be freed): the reload reads the one changed row the log names and patches that \
          rule's profile. *full* is \
          the same with `tcpmgm reload --full`, which reads and compiles the whole table \
-         (median of 3). PostgreSQL and MariaDB tables keep no change log yet: their reloads \
-         are full ones.\n",
+         (median of 3). A PostgreSQL table's row triggers name the changed rows in their \
+         notifications, which patch the same way (the PostgreSQL push above); MariaDB tables \
+         have neither: their reloads read the whole table.\n",
         crate::machine(),
         crate::chrono_free_date(),
         tcpmgm::kernel::GRACE.as_millis()
