@@ -125,7 +125,7 @@ pub fn run(out: &Path) -> anyhow::Result<()> {
             line("full reload", |f| f.full),
             line("one-rule reload (change log)", |f| f.patched),
         ],
-        true,
+        (true, crate::plots::Legend::UpperLeft),
     )?;
     RELOAD.write(out, &report(&figures, &link)?)
 }

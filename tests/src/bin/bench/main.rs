@@ -623,7 +623,7 @@ fn draw(
             Series::new("flat", of("flat", &|r| ms(r.cold_start()))),
             Series::new("nested", of("nested", &|r| ms(r.cold_start()))),
         ],
-        true,
+        (true, plots::Legend::UpperLeft),
     )?;
     let (per_run_path, per_run) = plots::place(out, "per_run.svg")?;
     plots::by_rules(
@@ -636,7 +636,7 @@ fn draw(
             Series::new("sock_ops, flat", of("flat", &|r| r.sock_ops_ns)),
             Series::new("sock_ops, nested", of("nested", &|r| r.sock_ops_ns)),
         ],
-        false,
+        (false, plots::Legend::MiddleRight),
     )?;
     let (reload_path, reload) = plots::place(out, "reload.svg")?;
     let curve = |t: &str| {
@@ -654,7 +654,7 @@ fn draw(
             Series::new("flat", curve("flat")),
             Series::new("nested", curve("nested")),
         ],
-        true,
+        (true, plots::Legend::UpperLeft),
     )?;
     Ok(Pictures {
         cold_start,

@@ -35,6 +35,9 @@ fn fail(e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("drawing: {e}")
 }
 
+/// Where a chart's legend goes: where its lines are not.
+pub use plotters::chart::SeriesLabelPosition as Legend;
+
 /// A chart of `series` against the number of rules, both axes logarithmic when `log_y`, else
 /// the rules only.
 pub fn by_rules(
@@ -42,7 +45,7 @@ pub fn by_rules(
     title: &str,
     y_desc: &str,
     series: &[Series],
-    log_y: bool,
+    (log_y, legend): (bool, Legend),
 ) -> anyhow::Result<()> {
     let points = || series.iter().flat_map(|s| s.points.iter().copied());
     let x_min = points().map(|p| p.0).fold(f64::MAX, f64::min);
@@ -91,7 +94,7 @@ pub fn by_rules(
             }
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
+                .position(legend.clone())
                 .background_style(WHITE.mix(0.9))
                 .border_style(BLACK)
                 .draw()
@@ -182,7 +185,7 @@ mod tests {
                 Series::new("flat", vec![(1e3, 80.0), (1e5, 200.0), (1e6, 1600.0)]),
                 Series::new("nested", vec![(1e3, 90.0), (1e5, 210.0), (1e6, 1400.0)]),
             ],
-            true,
+            (true, Legend::UpperLeft),
         )
         .unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
