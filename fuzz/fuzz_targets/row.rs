@@ -54,6 +54,9 @@ fuzz_target!(|input: Input| {
         let id = match row.get("id") {
             Some(Cell::Int(i)) => Some(*i),
             Some(Cell::Text(t)) => t.trim().parse().ok(),
+            // A whole number stored as a real (a FLOAT column, or SQLite's REAL affinity) is
+            // taken as that number.
+            Some(Cell::Real(r)) if r.fract() == 0.0 && r.abs() < 2f64.powi(63) => Some(*r as i64),
             _ => None,
         };
         assert_eq!(id, Some(i64::from(rule.id)), "{row:?}");

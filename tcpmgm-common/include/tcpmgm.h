@@ -55,6 +55,33 @@
 #define TCPMGM_MARK_APP_OPTIONS_ALLOW (1 << 3)
 
 /**
+ * A retransmission timeout expired: the kernel gives the connection up (user timeout, connect
+ * timeout, retransmission limit).
+ */
+#define TCPMGM_MARK_TIMED_OUT (1 << 4)
+
+/**
+ * A reset came from the peer.
+ */
+#define TCPMGM_MARK_PEER_RESET (1 << 5)
+
+/**
+ * The application closed the socket (close() on this host).
+ */
+#define TCPMGM_MARK_APP_CLOSED (1 << 6)
+
+/**
+ * The socket was destroyed on this host (sock_diag SOCK_DESTROY, tcp_abort).
+ */
+#define TCPMGM_MARK_DESTROYED (1 << 7)
+
+/**
+ * Decided while the outcome tracers were attached (`settings::TRACED`), which leave
+ * `TCPMGM_MARK_PEER_RESET`, `TCPMGM_MARK_APP_CLOSED` and `TCPMGM_MARK_DESTROYED`.
+ */
+#define TCPMGM_MARK_TRACED (1 << 8)
+
+/**
  * How many attrs pairs a profile carries, and how long a key may be.
  */
 #define TCPMGM_MAX_ATTRS 4

@@ -63,12 +63,26 @@ pub const MARK_APP_USER_TIMEOUT: u32 = 1 << 1;
 pub const MARK_AUDIT: u32 = 1 << 2;
 /// Decided while the application's own options were allowed (`settings::APP_OPTIONS_ALLOW`).
 pub const MARK_APP_OPTIONS_ALLOW: u32 = 1 << 3;
+/// A retransmission timeout expired: the kernel gives the connection up (user timeout, connect
+/// timeout, retransmission limit).
+pub const MARK_TIMED_OUT: u32 = 1 << 4;
+/// A reset came from the peer.
+pub const MARK_PEER_RESET: u32 = 1 << 5;
+/// The application closed the socket (close() on this host).
+pub const MARK_APP_CLOSED: u32 = 1 << 6;
+/// The socket was destroyed on this host (sock_diag SOCK_DESTROY, tcp_abort).
+pub const MARK_DESTROYED: u32 = 1 << 7;
+/// Decided while the outcome tracers were attached (`settings::TRACED`), which leave
+/// `MARK_PEER_RESET`, `MARK_APP_CLOSED` and `MARK_DESTROYED`.
+pub const MARK_TRACED: u32 = 1 << 8;
 
 /// `SockPolicy::marks` bits.
 pub mod marks {
     pub use super::{
-        MARK_APP_OPTIONS_ALLOW as APP_OPTIONS_ALLOW, MARK_APP_USER_TIMEOUT as APP_USER_TIMEOUT,
-        MARK_AUDIT as AUDIT, MARK_CONNECT_TIMEOUT as CONNECT_TIMEOUT,
+        MARK_APP_CLOSED as APP_CLOSED, MARK_APP_OPTIONS_ALLOW as APP_OPTIONS_ALLOW,
+        MARK_APP_USER_TIMEOUT as APP_USER_TIMEOUT, MARK_AUDIT as AUDIT,
+        MARK_CONNECT_TIMEOUT as CONNECT_TIMEOUT, MARK_DESTROYED as DESTROYED,
+        MARK_PEER_RESET as PEER_RESET, MARK_TIMED_OUT as TIMED_OUT, MARK_TRACED as TRACED,
     };
 }
 

@@ -43,6 +43,17 @@ pub mod names {
     pub const RULE_STATS: &str = "TCPMGM_RULE_STATS";
     /// Per-socket decisions; shared by every generation of the programs.
     pub const SOCKETS: &str = "TCPMGM_SOCKETS";
+    /// How each rule's connections ended (pinned as `OUTCOMES_PIN`).
+    pub const OUTCOMES: &str = "TCPMGM_OUTCOMES";
+    /// When each governed connection started (socket storage).
+    pub const STARTS: &str = "TCPMGM_STARTS";
+    /// Cookies of the sockets the con_lifetime sweeper is closing, so that their end is told
+    /// as con_lifetime's (pinned as `CLOSING_PIN`).
+    pub const CLOSING: &str = "TCPMGM_CLOSING";
+    /// The outcome tracers (see `settings::TRACED`): a reset received, close(), a destroy.
+    pub const END_RESET: &str = "tcpmgm_rst";
+    pub const END_CLOSE: &str = "tcpmgm_close";
+    pub const END_ABORT: &str = "tcpmgm_abort";
     pub const SOCK_OPS: &str = "tcpmgm_sock_ops";
     pub const CONNECT4: &str = "tcpmgm_connect4";
     pub const CONNECT6: &str = "tcpmgm_connect6";
@@ -208,6 +219,75 @@ pub struct RuleStats {
     pub slow_sends: u64,
 }
 
+/// How the connections a rule governed ended, and how long they lived, by rule id (one entry a
+/// rule, made at its first end; the programs add to it atomically). Shared by every generation
+/// and every run (pinned as `OUTCOMES_PIN`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Outcomes {
+    /// Ends, by `outcome::*`.
+    pub ended: [u64; outcome::COUNT],
+    /// The ended connections' lifetimes summed, in ms (from connect() or accept() to the end).
+    pub lived_ms: u64,
+    /// Ended connections by lifetime: at most `LIFETIME_BUCKETS_S[i]` seconds (and more than the
+    /// bucket before), then those that lived longer than the last bound. Connections whose start
+    /// tcpmgm did not see (made before it attached) are in `ended` only.
+    pub lived: [u64; LIFETIME_BUCKETS_S.len() + 1],
+}
+
+/// The upper bounds of `Outcomes::lived`, in seconds.
+pub const LIFETIME_BUCKETS_S: [u64; 6] = [1, 10, 60, 600, 3600, 86400];
+
+/// Pin name of the outcome counters.
+pub const OUTCOMES_PIN: &str = "TCPMGM_OUTCOMES_V1";
+/// Pin name of the connections' start times.
+pub const STARTS_PIN: &str = "TCPMGM_STARTS_V1";
+/// Pin name of the cookies of the sockets the con_lifetime sweeper is closing (see
+/// `names::CLOSING`).
+pub const CLOSING_PIN: &str = "TCPMGM_CLOSING";
+/// How many sockets the sweeper may have in `CLOSING` at once.
+pub const CLOSING_MAX: u32 = 1024;
+
+/// How a connection ended: indices of `Outcomes::ended`, told apart by the TCP state it left
+/// and by marks left on its record (`marks::TIMED_OUT` ...).
+pub mod outcome {
+    /// Closed normally: FINs exchanged (the connection left FIN_WAIT, CLOSING or LAST_ACK).
+    pub const CLOSED: usize = 0;
+    /// Reset by the peer (a RST received); needs the outcome tracers (`settings::TRACED`).
+    pub const RESET: usize = 1;
+    /// The peer stopped answering while nothing was in flight: the keepalive probes went
+    /// unanswered (or zero-window probes did); needs the outcome tracers.
+    pub const KEEPALIVE: usize = 2;
+    /// Data stayed unacknowledged past the user timeout (TCP_USER_TIMEOUT) or the kernel's
+    /// retransmission limit.
+    pub const TIMEOUT: usize = 3;
+    /// The handshake timed out (connect_timeout, or the SYN retries ran out).
+    pub const CONNECT_TIMEOUT: usize = 4;
+    /// Closed by the rule's con_lifetime (the daemon's sweeper).
+    pub const LIFETIME: usize = 5;
+    /// The handshake failed otherwise: refused with a reset, or an ICMP error.
+    pub const CONNECT_FAILED: usize = 6;
+    /// Aborted on this host: close() with unread data or SO_LINGER 0, or destroyed (ss -K);
+    /// needs the outcome tracers.
+    pub const LOCAL_ABORT: usize = 7;
+    /// Without the outcome tracers: a reset by the peer, unanswered keepalive probes or an
+    /// abort on this host, which the state callbacks alone cannot tell apart.
+    pub const ABORTED: usize = 8;
+    pub const COUNT: usize = 9;
+    /// The names the metrics, `status` and the events use, by index.
+    pub const NAMES: [&str; COUNT] = [
+        "closed",
+        "reset",
+        "keepalive",
+        "timeout",
+        "connect_timeout",
+        "lifetime",
+        "connect_failed",
+        "local_abort",
+        "aborted",
+    ];
+}
+
 /// What the daemon's con_lifetime sweeper did for a rule, by rule id (written by the daemon
 /// only; pinned as `SWEEP_STATS_PIN`).
 #[repr(C)]
@@ -280,6 +360,9 @@ pub const fn settings_marks(settings: u32) -> u32 {
     if settings & settings::APP_OPTIONS_ALLOW != 0 {
         m |= marks::APP_OPTIONS_ALLOW;
     }
+    if settings & settings::TRACED != 0 {
+        m |= marks::TRACED;
+    }
     m
 }
 
@@ -289,6 +372,10 @@ pub mod settings {
     pub const AUDIT: u32 = 1 << 0;
     /// The application's own setsockopt() may change the options a rule sets.
     pub const APP_OPTIONS_ALLOW: u32 = 1 << 1;
+    /// The outcome tracers are attached (kernels whose tracing programs can read socket
+    /// storage, Linux 5.11): a reset, an abort on this host and unanswered keepalive probes are
+    /// told apart.
+    pub const TRACED: u32 = 1 << 2;
 }
 
 /// Key of the listener map. A listener on a wildcard address has `addr` all zero. An entry with
@@ -325,6 +412,7 @@ mod pod {
     unsafe impl aya::Pod for Header {}
     unsafe impl aya::Pod for RuleStats {}
     unsafe impl aya::Pod for SweepStats {}
+    unsafe impl aya::Pod for Outcomes {}
     unsafe impl aya::Pod for LogBudget {}
     unsafe impl aya::Pod for Attr {}
     unsafe impl aya::Pod for Profile {}

@@ -7,11 +7,18 @@
 //! - `generation`: which rule set is in force, switched in one step.
 //! - `sockets`: one decision per socket, kept in socket-local storage.
 //! - `stats`: what each rule did, by rule id.
+//! - `endings`: how each governed connection ended, by rule id.
 #![no_std]
+#![feature(core_intrinsics)]
+#![allow(
+    internal_features,
+    reason = "atomic_xadd: the BPF target has no atomic types"
+)]
 #![no_main]
 
 mod connect;
 mod decide;
+mod endings;
 mod generation;
 mod logbook;
 mod maps;

@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use tcpmgm_common::{
     Addr4, Addr6, Bucket, BucketKey, Header, ListNode, ListenerInfo, ListenerKey, LocalKey4,
-    LocalKey6, LogBudget, Profile, RULE_STATS_MAX, RankEntry, RuleStats, SockPolicy,
+    LocalKey6, LogBudget, Outcomes, Profile, RULE_STATS_MAX, RankEntry, RuleStats, SockPolicy,
 };
 
 /// Arrays as inner maps: without BPF_F_INNER_MAP every generation would need the template's
@@ -100,3 +100,19 @@ pub static TCPMGM_LOG_BUDGET: PerCpuArray<LogBudget, 1> = PerCpuArray::new();
 
 #[btf_map]
 pub static TCPMGM_SOCKETS: SkStorage<SockPolicy> = SkStorage::new();
+
+/// How each rule's connections ended, by rule id: one entry a rule (not per CPU: ends are rare
+/// next to decisions), added to atomically.
+#[btf_map]
+pub static TCPMGM_OUTCOMES: HashMap<u32, Outcomes, RULE_STATS_MAX, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
+
+/// When each governed connection started (connect() or its acceptance), in ns of the
+/// monotonic clock.
+#[btf_map]
+pub static TCPMGM_STARTS: SkStorage<u64> = SkStorage::new();
+
+/// The cookies of the sockets the con_lifetime sweeper is destroying (written by the daemon).
+#[btf_map]
+pub static TCPMGM_CLOSING: HashMap<u64, u32, { tcpmgm_common::CLOSING_MAX as usize }> =
+    HashMap::new();

@@ -5,8 +5,9 @@ use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_RTT_CB,
-        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT,
-        BPF_TCP_SYN_SENT, bpf_sock_ops,
+        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
+        bpf_sock, bpf_sock_ops,
     },
     helpers::generated::bpf_setsockopt,
     macros::sock_ops,
@@ -17,6 +18,7 @@ use tcpmgm_common::{Profile, flags, marks};
 use aya_log_ebpf::info;
 
 use crate::decide::{is_v4_mapped, load_words};
+use crate::endings;
 use crate::logbook;
 use crate::sockets::{self, Decided};
 use crate::stats;
@@ -36,8 +38,9 @@ pub fn tcpmgm_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
         | BPF_SOCK_OPS_TCP_CONNECT_CB
         | BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => true,
-        // Only sockets whose rule has a send_threshold ask for these (see `established`).
+        // Only governed sockets ask for these (see `watch_end` and `established`).
         BPF_SOCK_OPS_RTT_CB | BPF_SOCK_OPS_RTO_CB => true,
+        BPF_SOCK_OPS_STATE_CB => ctx.arg(1) == BPF_TCP_CLOSE,
         // Passive request sockets come here too: only active opens get a shorter SYN timeout.
         BPF_SOCK_OPS_TIMEOUT_INIT => state(&ctx) == BPF_TCP_SYN_SENT,
         _ => false,
@@ -45,17 +48,47 @@ pub fn tcpmgm_sock_ops(ctx: SockOpsContext) -> u32 {
     if !wanted {
         return 1;
     }
-    let Some(d) = policy(&ctx) else {
+    // SAFETY: ctx field load; the kernel gives a socket pointer or null.
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return 1;
+    }
+    let Some(d) = policy(&ctx, sk) else {
         return 1;
     };
     match op(&ctx) {
         BPF_SOCK_OPS_TIMEOUT_INIT => timeout_init(&ctx, &d),
-        BPF_SOCK_OPS_TCP_CONNECT_CB => connect_started(&ctx, &d),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => connect_started(&ctx, sk, &d),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, &d, false),
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(&ctx, &d, true),
-        op => slow_send(&ctx, d.rule_id, d.profile, op == BPF_SOCK_OPS_RTO_CB),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            watch_end(&ctx, sk);
+            established(&ctx, &d, true)
+        }
+        BPF_SOCK_OPS_STATE_CB => endings::closed(&ctx, sk, &d, ctx.arg(0)),
+        BPF_SOCK_OPS_RTO_CB => retransmission_timeout(&ctx, &d),
+        _ => slow_send(&ctx, d.rule_id, d.profile, false),
     }
     1
+}
+
+/// Asks for the callbacks that tell how the connection ends (`endings`), and notes its start.
+#[inline(always)]
+fn watch_end(ctx: &SockOpsContext, sk: *mut bpf_sock) {
+    let wanted = BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG;
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | wanted) as i32);
+    endings::started(sk);
+}
+
+/// A retransmission timeout: when it has expired (args[2]) the kernel gives the connection up
+/// next, which `endings` counts as a timeout. Slow for send_threshold either way.
+fn retransmission_timeout(ctx: &SockOpsContext, d: &Decided) {
+    if ctx.arg(2) != 0 && !d.stored.is_null() {
+        // SAFETY: non-null storage of this socket, valid for this program run.
+        unsafe { (*d.stored).marks |= marks::TIMED_OUT };
+    }
+    if d.profile.send_threshold_us != 0 {
+        slow_send(ctx, d.rule_id, d.profile, true);
+    }
 }
 
 #[inline(always)]
@@ -111,12 +144,7 @@ fn conn(ops: *const bpf_sock_ops) -> Conn {
 
 /// The decision of this socket (see `sockets`), or None: no rule, or no full socket.
 #[inline(always)]
-fn policy(ctx: &SockOpsContext) -> Option<Decided> {
-    // SAFETY: ctx field load; the kernel gives a socket pointer or null.
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return None;
-    }
+fn policy(ctx: &SockOpsContext, sk: *mut bpf_sock) -> Option<Decided> {
     if op(ctx) == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         // An accepted socket meets this program once.
         return sockets::record(sk, &conn(ctx.ops));
@@ -161,7 +189,8 @@ fn timeout_init(ctx: &SockOpsContext, d: &Decided) {
 /// TCP_USER_TIMEOUT bounds the whole handshake; `established` lifts it again. An application
 /// that set its own TCP_USER_TIMEOUT (the setsockopt hook marks the socket) keeps it. The
 /// marks stand in for reading the option back, which bpf_getsockopt cannot do before Linux 6.0.
-fn connect_started(ctx: &SockOpsContext, d: &Decided) {
+fn connect_started(ctx: &SockOpsContext, sk: *mut bpf_sock, d: &Decided) {
+    watch_end(ctx, sk);
     if !bounds_handshake(d) || d.stored.is_null() {
         // Without storage the bound could never be lifted again: leave the handshake alone.
         return;

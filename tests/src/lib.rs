@@ -164,6 +164,28 @@ impl Sandbox {
         Probe::spawn_with_pins(Some(&child), &self.netns.path(), Some(&self.pin_dir))
     }
 
+    /// What `tcpmgm status` prints for the sandbox's cgroup, with its daemon's control socket
+    /// `control`: its `--json` report, parsed.
+    pub fn status_json(&self, control: &Path) -> serde_json::Value {
+        serde_json::from_str(&self.status(control, true)).expect("status JSON")
+    }
+
+    /// What `tcpmgm status [--json]` prints for the sandbox's cgroup (see `status_json`).
+    pub fn status(&self, control: &Path, json: bool) -> String {
+        let mut cmd = Command::new(binary("tcpmgm"));
+        cmd.arg("status");
+        if json {
+            cmd.arg("--json");
+        }
+        sh(cmd
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .arg("--control")
+            .arg(control))
+    }
+
     /// What `tcpmgm conns --json` lists for the sandbox's cgroup (and those below it).
     pub fn conns(&self) -> serde_json::Value {
         let out = sh(Command::new(binary("tcpmgm"))

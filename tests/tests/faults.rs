@@ -107,6 +107,7 @@ const ADOPT: &[&str] = &[
     "load",
     "stats-copy",
     "pin:TCPMGM_RULE_STATS_V1",
+    "pin:TCPMGM_OUTCOMES_V1",
     "switch",
     "link-update:tcpmgm_sock_ops",
     "link-update:tcpmgm_connect4",
@@ -135,11 +136,15 @@ async fn a_failed_adoption_leaves_the_earlier_policy() {
         assert_eq!(idle(&sb, &mut port), 41, "after a fault at {point}");
     }
     let daemon = Daemon::start(&sb, &url, control_socket(&sb));
-    assert!(
-        daemon.startup_log.contains("rule statistics grown to 2048"),
-        "{}",
-        daemon.startup_log
-    );
+    for what in ["rule statistics", "connection outcomes"] {
+        assert!(
+            daemon
+                .startup_log
+                .contains(&format!("{what} grown to 2048")),
+            "{}",
+            daemon.startup_log
+        );
+    }
     assert_eq!(idle(&sb, &mut port), 42);
     assert_one_program_per_hook(&sb.attached_programs());
     daemon.kill();

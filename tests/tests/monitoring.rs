@@ -67,7 +67,7 @@ fn the_alert_rules_and_the_dashboard_pass_promtool() {
     dir.write("tcpmgm.rules.yml", RULES);
     dir.write("tcpmgm.rules.test.yml", RULE_TESTS);
     let checked = promtool(&dir.0, &["check", "rules", "tcpmgm.rules.yml"]);
-    assert!(checked.contains("SUCCESS: 7 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 8 rules found"), "{checked}");
     let tested = promtool(&dir.0, &["test", "rules", "tcpmgm.rules.test.yml"]);
     assert!(tested.contains("SUCCESS"), "{tested}");
 
@@ -105,11 +105,19 @@ async fn what_the_rules_read_is_served_and_policy_attached_follows_the_cgroup() 
     );
     let addr = d.metrics_addr();
     let text = scrape(addr);
+    // Each family by its name, a histogram also by the series it is read through.
     let served: BTreeSet<String> = text
         .lines()
-        .filter_map(|l| l.strip_prefix("# HELP "))
-        .filter_map(|l| l.split(' ').next())
-        .map(str::to_owned)
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .flat_map(|(name, kind)| {
+            let suffixes: &[&str] = if kind == "histogram" {
+                &["", "_bucket", "_sum", "_count"]
+            } else {
+                &[""]
+            };
+            suffixes.iter().map(move |s| format!("{name}{s}"))
+        })
         .collect();
     let named: BTreeSet<String> = names(RULES).union(&names(DASHBOARD)).cloned().collect();
     let missing: Vec<&String> = named.difference(&served).collect();

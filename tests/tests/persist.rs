@@ -260,16 +260,7 @@ async fn refusals_are_logged_rate_limited_and_all_counted() {
         "{logged} log lines for {STORM} refusals in about {} s",
         seconds - 2
     );
-    let out = Command::new(binary("tcpmgm"))
-        .args(["status", "--json", "--cgroup"])
-        .arg(&sb.cgroup)
-        .arg("--pin-dir")
-        .arg(&sb.pin_dir)
-        .arg("--control")
-        .arg(&control)
-        .output()
-        .unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = sb.status_json(&control);
     assert_eq!(
         report[0]["kernel"]["rules"][0]["refused"], STORM as u64,
         "{report:#}"
@@ -358,16 +349,7 @@ async fn slow_sends_are_reported_for_rules_that_ask() {
             assert_eq!(probe.ask(&format!("ping {id}")).get("ok"), 1);
         }
     }
-    let out = Command::new(binary("tcpmgm"))
-        .args(["status", "--json", "--cgroup"])
-        .arg(&sb.cgroup)
-        .arg("--pin-dir")
-        .arg(&sb.pin_dir)
-        .arg("--control")
-        .arg(&control)
-        .output()
-        .unwrap();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = sb.status_json(&control);
     let slow = |id: u64| {
         let rules = report[0]["kernel"]["rules"].as_array().unwrap();
         rules.iter().find(|r| r["id"] == id).unwrap()["slow"]

@@ -94,7 +94,7 @@ pub(super) fn status(
 
 pub(super) fn features(json: bool) -> anyhow::Result<ExitCode> {
     let mut found = crate::kernel::features::probe();
-    found.push(crate::kernel::features::programs_load());
+    found.extend(crate::kernel::features::programs_load());
     let kernel = nix::sys::utsname::uname()?
         .release()
         .to_string_lossy()

@@ -189,6 +189,12 @@ pub fn sweep(setup: &SweepSetup, audited: &mut HashSet<u32>) -> std::io::Result<
     let map = MapData::from_pin(setup.pin_dir.join(crate::kernel::SOCKETS_PIN))
         .map_err(std::io::Error::other)?;
     let mut stats = stats_map(&setup.pin_dir, true).map_err(std::io::Error::other)?;
+    // The sockets being closed, so that the programs count their end as con_lifetime's (absent
+    // from the pins of an older version's programs).
+    let mut closing: Option<HashMap<MapData, u64, u32>> =
+        MapData::from_pin(setup.pin_dir.join(tcpmgm_common::CLOSING_PIN))
+            .ok()
+            .and_then(|m| HashMap::try_from(aya::maps::Map::HashMap(m)).ok());
     let mut closed = 0;
     let tree = crate::system::Subtree::of(&setup.cgroup)?;
     let sockets = diag::tcp_sockets(Some(map.fd().as_fd()))?;
@@ -223,7 +229,22 @@ pub fn sweep(setup: &SweepSetup, audited: &mut HashSet<u32>) -> std::io::Result<
             }
             continue;
         }
-        match diag::destroy(&s) {
+        let cookie = s.cookie();
+        if let Some(c) = closing.as_mut()
+            && let Err(e) = c.insert(cookie, rule, 0)
+        {
+            tracing::warn!(
+                "noting {} -> {} as closed by con_lifetime: {e}",
+                s.local,
+                s.remote
+            );
+        }
+        let destroyed = diag::destroy(&s);
+        // The socket's end was counted within the destroy.
+        if let Some(c) = closing.as_mut() {
+            let _ = c.remove(&cookie);
+        }
+        match destroyed {
             Ok(()) => {
                 closed += 1;
                 count(|n| n.idle_closes += 1);

@@ -200,6 +200,16 @@ pub fn render(sources: &Sources) -> String {
         env!("TCPMGM_EBPF_SHA256"),
     ])
     .set(1);
+    let ended = family(
+        &registry,
+        IntCounterVec::new,
+        "rule_connections_ended_total",
+        "Connections of the rule that ended, by how: closed, reset, keepalive, timeout, \
+         connect_timeout, lifetime, connect_failed, local_abort, or aborted where the kernel \
+         cannot tell reset, keepalive and local_abort apart (see tcpmgm features).",
+        &["cgroup", "rule_id", "outcome"],
+    );
+    let mut lifetimes = Vec::new();
     // The rules to show: with nonzero, those with counts (their statistics walked whole, a
     // cost in what the rules did) that are in force (in the book); with all, every rule in
     // force as the pinned ranks list them.
@@ -235,7 +245,17 @@ pub fn render(sources: &Sources) -> String {
                         counter.with_label_values(&[&cgroup, &id]).inc_by(value);
                     }
                 }
-                let shown = all || values.iter().any(|&v| v != 0);
+                for (outcome, &n) in &r.ended {
+                    if all || n != 0 {
+                        ended
+                            .with_label_values(&[cgroup.as_str(), &id, outcome])
+                            .inc_by(n);
+                    }
+                }
+                if all || r.ends() != 0 {
+                    lifetimes.push(lifetime_histogram(&cgroup, &id, r));
+                }
+                let shown = all || values.iter().any(|&v| v != 0) || r.ends() != 0;
                 if let (true, Ok(at)) = (shown, book.binary_search_by_key(&r.id, |k| k.id)) {
                     let [id, proto, remote, local, priority] = book[at].labels();
                     info.with_label_values(&[&cgroup, &id, &proto, &remote, &local, &priority])
@@ -245,6 +265,9 @@ pub fn render(sources: &Sources) -> String {
         }
         Err(e) => tracing::warn!("metrics: reading the pins: {e}"),
     }
+    registry
+        .register(Box::new(Lifetimes::new(lifetimes)))
+        .expect("each name registered once");
     let gauge = |name: &str, help: &str, value: i64| {
         family(&registry, IntGaugeVec::new, name, help, &["cgroup"])
             .with_label_values(&[&cgroup])
@@ -335,4 +358,85 @@ fn governed_sockets(sources: &Sources) -> std::io::Result<usize> {
             .count())
         };
     crate::netns::run_in(sources.netns.as_deref(), count)
+}
+
+/// The rules' connection lifetimes, one histogram a rule, from the buckets the programs count
+/// (`tcpmgm_common::Outcomes::lived`): a collector of its own, as the prometheus crate's
+/// histograms only observe.
+struct Lifetimes {
+    desc: prometheus::core::Desc,
+    metrics: Vec<prometheus::proto::Metric>,
+}
+
+const LIFETIME_NAME: &str = "rule_connection_lifetime_seconds";
+const LIFETIME_HELP: &str =
+    "How long the rule's connections lived, from connect() or accept() to their end.";
+
+impl Lifetimes {
+    fn new(metrics: Vec<prometheus::proto::Metric>) -> Lifetimes {
+        Lifetimes {
+            desc: prometheus::core::Desc::new(
+                LIFETIME_NAME.into(),
+                LIFETIME_HELP.into(),
+                vec!["cgroup".into(), "rule_id".into()],
+                std::collections::HashMap::new(),
+            )
+            .expect("a valid metric definition"),
+            metrics,
+        }
+    }
+}
+
+impl prometheus::core::Collector for Lifetimes {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        if self.metrics.is_empty() {
+            return Vec::new();
+        }
+        let mut family = prometheus::proto::MetricFamily::default();
+        family.set_name(LIFETIME_NAME.into());
+        family.set_help(LIFETIME_HELP.into());
+        family.set_field_type(prometheus::proto::MetricType::HISTOGRAM);
+        family.set_metric(self.metrics.clone());
+        vec![family]
+    }
+}
+
+/// One rule's lifetime histogram.
+fn lifetime_histogram(
+    cgroup: &str,
+    id: &str,
+    r: &crate::kernel::RuleCount,
+) -> prometheus::proto::Metric {
+    use prometheus::proto::{Bucket, Histogram, LabelPair, Metric};
+    let label = |name: &str, value: &str| {
+        let mut l = LabelPair::default();
+        l.set_name(name.into());
+        l.set_value(value.into());
+        l
+    };
+    let mut h = Histogram::default();
+    let mut buckets = Vec::new();
+    let mut count = 0;
+    for &(seconds, at_most) in &r.lived_at_most_s {
+        count = at_most;
+        if seconds == u64::MAX {
+            // +Inf: the count itself.
+            continue;
+        }
+        let mut b = Bucket::default();
+        b.set_upper_bound(seconds as f64);
+        b.set_cumulative_count(at_most);
+        buckets.push(b);
+    }
+    h.set_bucket(buckets);
+    h.set_sample_count(count);
+    h.set_sample_sum(r.lived_ms as f64 / 1000.0);
+    let mut m = Metric::default();
+    m.set_label(vec![label("cgroup", cgroup), label("rule_id", id)]);
+    m.set_histogram(h);
+    m
 }

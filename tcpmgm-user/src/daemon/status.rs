@@ -310,6 +310,7 @@ impl std::fmt::Display for CgroupStatus {
                             + r.slow
                             + r.idle_closes
                             + r.would_close
+                            + r.ends()
                             > 0
                     })
                     .collect();
@@ -337,6 +338,21 @@ impl std::fmt::Display for CgroupStatus {
                         }
                     }
                     writeln!(f)?;
+                    if r.ends() > 0 {
+                        let how: Vec<String> = r
+                            .ended
+                            .iter()
+                            .filter(|(_, n)| **n > 0)
+                            .map(|(what, n)| format!("{what} {n}"))
+                            .collect();
+                        let timed = r.lived_at_most_s.last().map_or(0, |(_, n)| *n);
+                        write!(f, "      ended {}: {}", r.ends(), how.join(", "))?;
+                        if timed > 0 {
+                            let mean = r.lived_ms as f64 / timed as f64 / 1000.0;
+                            write!(f, "; lived {mean:.1} s on average")?;
+                        }
+                        writeln!(f)?;
+                    }
                 }
             }
             (None, Some(e)) => writeln!(f, "  kernel: {e}")?,

@@ -44,6 +44,13 @@ pub(super) fn apply(
             let pinned = adopt_links(pin_dir, cgroup)?;
             let adopted = pinned.iter().any(Option::is_some);
             let mut programs = Programs::load(pin_dir, wanted, &mut undo)?;
+            if let Some(why) = programs.tracers_missing() {
+                // What this kernel offers, said at every start: not a fault to act on.
+                tracing::info!(
+                    "connection outcomes: a reset by the peer, an abort on this host and unanswered keepalive probes are counted together as \"aborted\": the outcome tracers need {}: {why}",
+                    super::tracers::NEEDS
+                );
+            }
             let loaded = started.elapsed();
             let first = Generation::build(policy, &programs.templates, 1, None)?;
             // These programs run nowhere yet: staging and switching are theirs alone.

@@ -79,6 +79,11 @@ pub struct Socket {
 }
 
 impl Socket {
+    /// The socket's cookie (what bpf_get_socket_cookie() gives the programs).
+    pub fn cookie(&self) -> u64 {
+        u64::from(self.id.cookie[0]) | (u64::from(self.id.cookie[1]) << 32)
+    }
+
     pub fn established(&self) -> bool {
         self.state == TCP_ESTABLISHED
     }

@@ -24,6 +24,8 @@ pub enum Need {
     Option(&'static str),
     /// A faster way; without it tcpmgm takes a slower one.
     Speed(&'static str),
+    /// What tcpmgm can tell; without it, it tells less (what, then).
+    Insight(&'static str),
 }
 
 /// The columns whose enforcement depends on more than the core.
@@ -348,28 +350,44 @@ pub fn column_features() -> &'static [Feature] {
 }
 
 /// Loads and verifies the programs (in a pin directory of its own, removed after).
-pub fn programs_load() -> Feature {
+/// Loads the programs themselves (in a pin directory of its own, removed again): whether they
+/// pass the verifier, and whether the outcome tracers load and attach.
+pub fn programs_load() -> Vec<Feature> {
     let result = crate::system::bpffs()
         .map_err(|e| e.to_string())
         .and_then(|bpffs| {
             let dir = bpffs.join(format!("tcpmgm-features-{}", std::process::id()));
             std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-            // The undo log removes the pins the load makes.
             let mut undo = super::undo::Undo::default();
-            let loaded = super::Programs::load(&dir, super::stats_capacity(0), &mut undo).map(drop);
+            let loaded = super::Programs::load(&dir, super::stats_capacity(0), &mut undo)
+                .map(|p| p.tracers_missing().map(str::to_owned));
             drop(undo);
             let _ = std::fs::remove_dir_all(&dir);
-            loaded.map(|()| true).map_err(|e| e.to_string())
+            loaded.map_err(|e| e.to_string())
         });
-    feature(
-        "tcpmgm's programs pass the verifier",
-        "",
-        Need::Core,
-        result,
-    )
+    let tracers = match &result {
+        Ok(None) => Ok(true),
+        Ok(Some(why)) => Err(why.clone()),
+        Err(_) => Err("the programs did not load".into()),
+    };
+    vec![
+        feature(
+            "tcpmgm's programs pass the verifier",
+            "",
+            Need::Core,
+            result.map(|_| true),
+        ),
+        feature(
+            "outcome tracers (a reset by the peer, an abort on this host and unanswered keepalive probes told apart)",
+            super::tracers::NEEDS,
+            Need::Insight(
+                "the three are counted together as \"aborted\"; closed, timeout, connect_timeout, connect_failed and lifetime are told apart on every kernel",
+            ),
+            tracers,
+        ),
+    ]
 }
 
-/// One fault a rule has on this kernel: a column it sets that the kernel cannot enforce.
 #[derive(Clone, Debug)]
 pub struct Unenforceable {
     pub rule_id: u32,
@@ -429,6 +447,7 @@ pub fn report(kernel: &str, features: &[Feature]) -> String {
             Need::Column(c) => format!("needed by rules that set {}", c.name()),
             Need::Option(o) => format!("needed by {o}"),
             Need::Speed(instead) => format!("optional: without it {instead}"),
+            Need::Insight(instead) => format!("optional: without it {instead}"),
         };
         let provided = if f.provided_by.is_empty() {
             String::new()
@@ -461,6 +480,14 @@ pub fn report(kernel: &str, features: &[Feature]) -> String {
                 _ => None,
             })
             .collect();
+        let untold = features
+            .iter()
+            .any(|f| !f.supported && matches!(f.need, Need::Insight(_)));
+        if untold {
+            out.push_str(
+                "Connection outcomes: \"aborted\" stands for a reset by the peer, an abort on this host or unanswered keepalive probes, which this kernel does not let tcpmgm tell apart.\n",
+            );
+        }
         if partial.is_empty() {
             out.push_str("tcpmgm enforces every column of the table on this kernel.\n");
         } else {

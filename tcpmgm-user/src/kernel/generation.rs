@@ -170,9 +170,14 @@ fn shared_profiles(per_rank: &[Profile]) -> (Vec<u32>, Vec<RankEntry>) {
 
 /// The header of generation `number`.
 fn header(number: u32, settings: u32) -> Contents {
+    let traced = if super::programs::TRACED.load(std::sync::atomic::Ordering::Relaxed) {
+        tcpmgm_common::settings::TRACED
+    } else {
+        0
+    };
     Contents::array(&[Header {
         generation: number,
-        flags: settings,
+        flags: settings | traced,
         loader: loader(),
     }])
 }

@@ -2,7 +2,7 @@
 //! links, and each rule's counters.
 use std::path::Path;
 
-use tcpmgm_common::names;
+use tcpmgm_common::{LIFETIME_BUCKETS_S, names, outcome};
 
 use super::{HOOKS, KernelError, pinned_links};
 
@@ -46,6 +46,14 @@ pub struct RuleCount {
     pub idle_closes: u64,
     /// Idle connections left open in audit mode that con_lifetime would have closed.
     pub would_close: u64,
+    /// How the rule's connections ended, by outcome (`tcpmgm_common::outcome::NAMES`), since
+    /// tcpmgm first counted them (pins of versions before 2026-12 have none).
+    pub ended: std::collections::BTreeMap<&'static str, u64>,
+    /// The ended connections' lifetimes summed, in ms.
+    pub lived_ms: u64,
+    /// (seconds, ended connections that lived at most that long), cumulative; the last bound is
+    /// u64::MAX (every connection whose start tcpmgm saw).
+    pub lived_at_most_s: Vec<(u64, u64)>,
 }
 
 /// How many hooks have a link pinned in `dir` that holds the cgroup at `cgroup` now (the
@@ -161,6 +169,17 @@ pub fn counted(dir: &Path) -> Result<std::collections::HashMap<u32, RuleCount>, 
         }
         out.insert(id, r);
     }
+    if let Ok(pin) = MapData::from_pin(dir.join(tcpmgm_common::OUTCOMES_PIN)) {
+        let ends: aya::maps::HashMap<MapData, u32, tcpmgm_common::Outcomes> =
+            aya::maps::HashMap::try_from(Map::HashMap(pin))
+                .map_err(|e| fail(names::OUTCOMES, "reading", e.to_string()))?;
+        for entry in ends.iter() {
+            let (id, o) = entry.map_err(|e| fail(names::OUTCOMES, "reading", e.to_string()))?;
+            out.entry(id)
+                .or_insert_with(|| RuleCount::none(id))
+                .set_outcomes(&o);
+        }
+    }
     if let Ok(sweeps) = crate::daemon::lifetime::stats_map(dir, false) {
         for entry in sweeps.iter() {
             let (id, swept) =
@@ -186,7 +205,32 @@ impl RuleCount {
             slow: 0,
             idle_closes: 0,
             would_close: 0,
+            ended: outcome::NAMES.iter().map(|&n| (n, 0)).collect(),
+            lived_ms: 0,
+            lived_at_most_s: Vec::new(),
         }
+    }
+
+    fn set_outcomes(&mut self, o: &tcpmgm_common::Outcomes) {
+        for (name, n) in outcome::NAMES.iter().zip(o.ended) {
+            self.ended.insert(name, n);
+        }
+        self.lived_ms = o.lived_ms;
+        let mut below = 0;
+        self.lived_at_most_s = LIFETIME_BUCKETS_S
+            .iter()
+            .chain(&[u64::MAX])
+            .zip(o.lived)
+            .map(|(&s, n)| {
+                below += n;
+                (s, below)
+            })
+            .collect();
+    }
+
+    /// How many of its connections ended (every outcome).
+    pub fn ends(&self) -> u64 {
+        self.ended.values().sum()
     }
 
     /// Its counters, in the metrics' order (see `daemon::metrics`).

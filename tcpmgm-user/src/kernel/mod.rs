@@ -29,6 +29,7 @@ mod pins;
 mod programs;
 pub mod socket;
 mod sys;
+pub(crate) mod tracers;
 mod undo;
 
 use std::os::fd::{AsFd, OwnedFd};
@@ -251,6 +252,9 @@ impl Enforcer {
                 self.programs.program_fd(hook.name).try_clone_to_owned()?,
             ));
         }
+        for (link, tracer) in self.programs.tracer_links().iter().zip(&tracers::TRACERS) {
+            pins.push((self.pin_dir.join(tracer.pin), link.try_clone()?));
+        }
         for (name, path) in programs::shared_pins(&self.pin_dir) {
             // The log ring buffer belongs to the log reader once it runs.
             if let Some(fd) = self.programs.map_fd(name) {
@@ -302,6 +306,11 @@ impl Enforcer {
     /// A reader of the programs' log events (aya-log).
     pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
         aya_log::EbpfLogger::init(self.programs.ebpf_mut())
+    }
+
+    /// Why the outcome tracers are not attached (see `tracers`), if they are not.
+    pub fn tracers_missing(&self) -> Option<&str> {
+        self.programs.tracers_missing()
     }
 
     /// Whether `attach` took over links an earlier run had pinned.

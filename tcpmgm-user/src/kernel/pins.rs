@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use tcpmgm_common::names;
 
-use super::{HOOKS, KernelError, SOCKETS_PIN, fault, sys};
+use super::{HOOKS, KernelError, fault, sys};
 
 /// Removes pins of names this version does not use (left by an older layout), now that the
 /// current ones are in place.
@@ -13,10 +13,11 @@ pub(super) fn remove_stale_pins(dir: &Path) {
     let keep = |name: &str| {
         names::POLICY_MAPS.iter().any(|(map, _)| *map == name)
             || HOOKS.iter().any(|h| h.pin == name || h.program_pin == name)
-            || name == SOCKETS_PIN
-            || name == tcpmgm_common::LOGS_PIN
-            || name == tcpmgm_common::RULE_STATS_PIN
+            || super::programs::shared_pins(dir)
+                .iter()
+                .any(|(_, pin)| pin.file_name().is_some_and(|p| p == name))
             || name == tcpmgm_common::SWEEP_STATS_PIN
+            || tracer_pin(name)
     };
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -25,6 +26,13 @@ pub(super) fn remove_stale_pins(dir: &Path) {
             let _ = std::fs::remove_file(e.path());
         }
     }
+}
+
+/// Whether `name` is an outcome tracer's link pin: kept while this run's tracers are attached
+/// (their pins replace an earlier run's), removed by `remove_stale_pins` otherwise.
+fn tracer_pin(name: &str) -> bool {
+    super::programs::TRACED.load(std::sync::atomic::Ordering::Relaxed)
+        && super::tracers::TRACERS.iter().any(|t| t.pin == name)
 }
 
 /// The links pinned in `dir` by an earlier run, in `HOOKS` order. A link whose cgroup is gone

@@ -23,8 +23,9 @@ use super::{HOOKS, KernelError, SOCKETS_PIN, fault, load_program, sys};
 pub(super) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpmgm"));
 
 /// The maps every generation and every run share, with their pins in `pin_dir`: the per-socket
-/// decisions, the rule statistics and the log ring buffer.
-pub(crate) fn shared_pins(pin_dir: &Path) -> [(&'static str, PathBuf); 3] {
+/// decisions and start times, the rule statistics and outcomes, the sweeper's closing sockets
+/// and the log ring buffer.
+pub(crate) fn shared_pins(pin_dir: &Path) -> [(&'static str, PathBuf); 6] {
     [
         (names::SOCKETS, pin_dir.join(SOCKETS_PIN)),
         ("AYA_LOGS", pin_dir.join(tcpmgm_common::LOGS_PIN)),
@@ -32,7 +33,37 @@ pub(crate) fn shared_pins(pin_dir: &Path) -> [(&'static str, PathBuf); 3] {
             names::RULE_STATS,
             pin_dir.join(tcpmgm_common::RULE_STATS_PIN),
         ),
+        (names::OUTCOMES, pin_dir.join(tcpmgm_common::OUTCOMES_PIN)),
+        (names::STARTS, pin_dir.join(tcpmgm_common::STARTS_PIN)),
+        (names::CLOSING, pin_dir.join(tcpmgm_common::CLOSING_PIN)),
     ]
+}
+
+/// Whether the outcome tracers of this process's programs are attached: every generation's
+/// header says so (`settings::TRACED`), and the sockets it decides carry it.
+pub(super) static TRACED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Copies every entry `entries` gives with `insert`: how many, or which side failed.
+fn copy<V>(
+    entries: impl Iterator<Item = Result<(u32, V), aya::maps::MapError>>,
+    mut insert: impl FnMut(u32, V) -> Result<(), aya::maps::MapError>,
+) -> Result<usize, (&'static str, aya::maps::MapError)> {
+    let mut copied = 0;
+    for entry in entries {
+        let (id, counts) = entry.map_err(|e| ("reading the smaller one", e))?;
+        insert(id, counts).map_err(|e| ("copying into the larger one", e))?;
+        copied += 1;
+    }
+    Ok(copied)
+}
+
+/// A map sized by rule ids, and its pinned predecessor when that is too small.
+struct Growing {
+    name: &'static str,
+    pin: PathBuf,
+    /// Where the larger map is pinned until it replaces the old one.
+    next: PathBuf,
+    old: Option<MapData>,
 }
 
 pub struct Programs {
@@ -42,6 +73,8 @@ pub struct Programs {
     /// slot already holds the map wanted (a map the generations share).
     slots: [HashMap<&'static str, Arc<Map>>; 2],
     stats_capacity: u32,
+    /// The outcome tracers' links (see `tracers`), or why they are not attached.
+    tracers: Result<Vec<OwnedFd>, String>,
 }
 
 /// What each generation's maps are made from: the object's declarations of the policy maps, and
@@ -127,23 +160,43 @@ impl Programs {
     ) -> Result<Programs, KernelError> {
         let started = std::time::Instant::now();
         crate::system::raise_memlock();
-        let stats_pin = pin_dir.join(tcpmgm_common::RULE_STATS_PIN);
-        let old_stats = MapData::from_pin(&stats_pin).ok();
-        let grow = old_stats.as_ref().is_some_and(|m| {
-            m.info()
-                .map_or(true, |info| info.max_entries() < stats_capacity)
-        });
-        // The larger statistics are pinned aside until they replace the old ones (bpffs
-        // refuses names with a dot).
-        let next_stats_pin = pin_dir.join(format!("{}_NEXT", tcpmgm_common::RULE_STATS_PIN));
+        // The maps sized by rule ids: the pinned ones are used when large enough, else copied
+        // into larger ones, which are pinned aside until they replace them (bpffs refuses names
+        // with a dot).
+        let growing: Vec<Growing> = [
+            (names::RULE_STATS, tcpmgm_common::RULE_STATS_PIN),
+            (names::OUTCOMES, tcpmgm_common::OUTCOMES_PIN),
+        ]
+        .into_iter()
+        .map(|(name, pin)| {
+            let pin = pin_dir.join(pin);
+            let old = MapData::from_pin(&pin).ok().filter(|m| {
+                m.info()
+                    .map_or(true, |info| info.max_entries() < stats_capacity)
+            });
+            let next = pin.with_file_name(format!(
+                "{}_NEXT",
+                pin.file_name().unwrap_or_default().to_string_lossy()
+            ));
+            Growing {
+                name,
+                pin,
+                next,
+                old,
+            }
+        })
+        .collect();
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(names::RULE_STATS, stats_capacity);
+        for g in &growing {
+            loader.map_max_entries(g.name, stats_capacity);
+        }
         for (name, pin) in shared_pins(pin_dir) {
-            let pin = if name == names::RULE_STATS && grow {
-                let _ = std::fs::remove_file(&next_stats_pin);
-                next_stats_pin.clone()
-            } else {
-                pin
+            let pin = match growing.iter().find(|g| g.name == name && g.old.is_some()) {
+                Some(g) => {
+                    let _ = std::fs::remove_file(&g.next);
+                    g.next.clone()
+                }
+                None => pin,
             };
             if !pin.exists() {
                 // Made by the load below (aya pins a map it creates).
@@ -173,50 +226,68 @@ impl Programs {
                 "verified"
             );
         }
+        let tracers = super::tracers::attach(&mut ebpf);
+        TRACED.store(tracers.is_ok(), std::sync::atomic::Ordering::Relaxed);
         let templates = Templates::load()?;
         let mut programs = Programs {
             ebpf,
             templates,
             slots: Default::default(),
             stats_capacity,
+            tracers,
         };
-        if let (true, Some(old)) = (grow, old_stats) {
-            programs.take_stats(old, &stats_pin, undo)?;
-            let _ = std::fs::remove_file(&next_stats_pin);
+        for g in growing {
+            if let Some(old) = g.old {
+                programs.take_counts(g.name, old, &g.pin, undo)?;
+                let _ = std::fs::remove_file(&g.next);
+            }
         }
         tracing::debug!(ms = started.elapsed().as_millis(), "programs loaded");
         Ok(programs)
     }
 
-    /// Copies the counts of the smaller statistics `old` into this load's, and pins these at
-    /// `pin` in their place (put back on undo). Counts the old programs add between the copy and
-    /// the switch of the links are lost: a few events at most.
-    fn take_stats(&mut self, old: MapData, pin: &Path, undo: &mut Undo) -> Result<(), KernelError> {
-        use aya::maps::PerCpuHashMap;
-        use tcpmgm_common::RuleStats;
-        let fail = |what: &'static str| fail(names::RULE_STATS, what);
-        let old: PerCpuHashMap<MapData, u32, RuleStats> =
-            PerCpuHashMap::try_from(Map::PerCpuHashMap(old))
-                .map_err(|e| fail("opening the smaller one")(e.to_string()))?;
-        let map = self
-            .ebpf
-            .map_mut(names::RULE_STATS)
-            .expect("the object defines it");
-        let mut new: PerCpuHashMap<&mut MapData, u32, RuleStats> = PerCpuHashMap::try_from(map)
-            .map_err(|e| fail("opening the larger one")(e.to_string()))?;
-        let mut copied = 0;
-        for entry in old.iter() {
-            let (id, counts) = entry.map_err(|e| fail("reading the smaller one")(e.to_string()))?;
-            new.insert(id, counts, 0)
-                .map_err(|e| fail("copying into the larger one")(e.to_string()))?;
-            copied += 1;
+    /// Copies the counts of the smaller map `old` (the rule statistics or the outcomes) into
+    /// this load's map `name`, and pins that at `pin` in its place (put back on undo). Counts
+    /// the old programs add between the copy and the switch of the links are lost: a few events
+    /// at most.
+    fn take_counts(
+        &mut self,
+        name: &'static str,
+        old: MapData,
+        pin: &Path,
+        undo: &mut Undo,
+    ) -> Result<(), KernelError> {
+        use aya::maps::{HashMap as BpfHashMap, PerCpuHashMap};
+        use tcpmgm_common::{Outcomes, RuleStats};
+        let fail = |what: &'static str| fail(name, what);
+        let map = self.ebpf.map_mut(name).expect("the object defines it");
+        let copied = if name == names::OUTCOMES {
+            let old: BpfHashMap<MapData, u32, Outcomes> =
+                BpfHashMap::try_from(Map::HashMap(old))
+                    .map_err(|e| fail("opening the smaller one")(e.to_string()))?;
+            let mut new: BpfHashMap<&mut MapData, u32, Outcomes> = BpfHashMap::try_from(map)
+                .map_err(|e| fail("opening the larger one")(e.to_string()))?;
+            copy(old.iter(), |id, v| new.insert(id, v, 0))
+        } else {
+            let old: PerCpuHashMap<MapData, u32, RuleStats> =
+                PerCpuHashMap::try_from(Map::PerCpuHashMap(old))
+                    .map_err(|e| fail("opening the smaller one")(e.to_string()))?;
+            let mut new: PerCpuHashMap<&mut MapData, u32, RuleStats> = PerCpuHashMap::try_from(map)
+                .map_err(|e| fail("opening the larger one")(e.to_string()))?;
+            copy(old.iter(), |id, v| new.insert(id, v, 0))
         }
+        .map_err(|(what, e)| fail(what)(e.to_string()))?;
         fault::point("stats-copy")
             .map_err(|e| fail("copying into the larger one")(e.to_string()))?;
-        let fd = self.stats_fd();
+        let fd = self.map_fd(name).expect("the object defines it");
         undo.pin(fd, pin)?;
+        let what = if name == names::OUTCOMES {
+            "connection outcomes"
+        } else {
+            "rule statistics"
+        };
         tracing::info!(
-            "rule statistics grown to {} rule ids ({copied} rules' counts kept)",
+            "{what} grown to {} rule ids ({copied} rules' counts kept)",
             self.stats_capacity
         );
         Ok(())
@@ -227,19 +298,13 @@ impl Programs {
     pub(super) fn map_fd(&self, name: &str) -> Option<BorrowedFd<'_>> {
         let fd = match self.ebpf.map(name)? {
             Map::PerCpuHashMap(m)
+            | Map::HashMap(m)
             | Map::SkStorage(m)
             | Map::RingBuf(m)
             | Map::PerfEventArray(m) => m.fd(),
             _ => return None,
         };
         Some(fd.as_fd())
-    }
-
-    fn stats_fd(&self) -> BorrowedFd<'_> {
-        match self.ebpf.map(names::RULE_STATS) {
-            Some(Map::PerCpuHashMap(m)) => m.fd().as_fd(),
-            other => unreachable!("{} is not a per-CPU hash: {other:?}", names::RULE_STATS),
-        }
     }
 
     /// How many rule ids the rule statistics of these programs hold.
@@ -390,11 +455,25 @@ impl Programs {
         }
     }
 
-    /// Pins the programs, so that a later run can put them back without CAP_SYS_ADMIN.
+    /// Pins the programs, so that a later run can put them back without CAP_SYS_ADMIN, and the
+    /// outcome tracers' links in place of an earlier run's (which detaches those).
     pub(super) fn pin(&self, dir: &Path, undo: &mut Undo) -> Result<(), KernelError> {
         for hook in &HOOKS {
             undo.pin(self.program_fd(hook.name), &dir.join(hook.program_pin))?;
         }
+        for (link, tracer) in self.tracer_links().iter().zip(&super::tracers::TRACERS) {
+            undo.pin(link.as_fd(), &dir.join(tracer.pin))?;
+        }
         Ok(())
+    }
+
+    /// The outcome tracers' links (none when they are not attached).
+    pub(super) fn tracer_links(&self) -> &[OwnedFd] {
+        self.tracers.as_deref().unwrap_or_default()
+    }
+
+    /// Why the outcome tracers are not attached, if they are not.
+    pub fn tracers_missing(&self) -> Option<&str> {
+        self.tracers.as_ref().err().map(String::as_str)
     }
 }

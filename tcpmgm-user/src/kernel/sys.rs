@@ -13,6 +13,7 @@ use std::path::Path;
 use aya_obj::generated::bpf_cmd::{
     self, BPF_BTF_LOAD, BPF_LINK_CREATE, BPF_LINK_DETACH, BPF_LINK_UPDATE, BPF_MAP_DELETE_ELEM,
     BPF_MAP_UPDATE_BATCH, BPF_MAP_UPDATE_ELEM, BPF_OBJ_GET_INFO_BY_FD, BPF_OBJ_PIN,
+    BPF_RAW_TRACEPOINT_OPEN,
 };
 /// The kernel's internal "operation not supported" (include/linux/errno.h), which the bpf
 /// syscall returns for map types without an operation.
@@ -74,6 +75,7 @@ const _: () = {
     assert!(size_of::<ElemAttr>() == 2 * 4 + 3 * 8);
     assert!(size_of::<BtfLoadAttr>() == 2 * 8 + 4 * 4);
     assert!(size_of::<LinkInfo>() == 4 * 4 + 8 + 2 * 4);
+    assert!(size_of::<RawTracepointAttr>() == 8 + 2 * 4);
 };
 
 fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<libc::c_long> {
@@ -197,6 +199,27 @@ pub fn link_create(
         ..LinkCreateAttr::default()
     };
     let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: the kernel returned a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `union bpf_attr`'s raw_tracepoint member.
+#[repr(C)]
+#[derive(Default)]
+struct RawTracepointAttr {
+    name: u64,
+    prog_fd: u32,
+    _pad: u32,
+}
+
+/// Attaches a loaded BTF tracing program (fentry, tp_btf: its target was given at load) and
+/// returns its link (BPF_RAW_TRACEPOINT_OPEN, which makes a link a pin can hold from Linux 5.7).
+pub fn tracing_attach(program: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let mut attr = RawTracepointAttr {
+        prog_fd: program.as_raw_fd() as u32,
+        ..RawTracepointAttr::default()
+    };
+    let fd = bpf(BPF_RAW_TRACEPOINT_OPEN, &mut attr)?;
     // SAFETY: the kernel returned a new fd we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

@@ -18,6 +18,11 @@
 //!   report, then read a line (the test cuts the network meanwhile), send data, wait 1 s and
 //!   report whether the connection survived.
 //!
+//! - `dial CONNECT [USER_TIMEOUT_MS]`: connect (blocking) and keep the socket (`id=N`, or
+//!   `errno=E`); `take LISTEN` accepts one connection on a listener of `serve` and keeps it
+//!   (`id=N`). Kept sockets: `send N` writes 100 bytes, `close N` closes it, `abort N` closes it
+//!   with SO_LINGER 0 (a reset), `state N` reports its TCP state.
+//!
 //! Output: one line per input line, `key=value` words.
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -50,6 +55,7 @@ fn main() -> anyhow::Result<()> {
     let mut listeners: HashMap<SocketAddr, TcpListener> = HashMap::new();
     let mut held: Vec<(Socket, Socket)> = Vec::new();
     let mut accepted: Vec<Vec<std::net::TcpStream>> = Vec::new();
+    let mut kept: Vec<Option<Socket>> = Vec::new();
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     let mut out = std::io::stdout();
@@ -164,6 +170,39 @@ fn main() -> anyhow::Result<()> {
                     s.take_error()?
                         .map_or(0, |e| e.raw_os_error().unwrap_or(-1))
                 )
+            }
+            ["dial", connect, rest @ ..] => {
+                let user_timeout = rest.first().map(|t| t.parse::<i32>()).transpose()?;
+                match open(connect.parse()?, None, false, user_timeout) {
+                    Ok(s) => {
+                        kept.push(Some(s));
+                        format!("id={}", kept.len() - 1)
+                    }
+                    Err(e) => format!("errno={}", e.raw_os_error().unwrap_or(-1)),
+                }
+            }
+            ["take", listen] => {
+                let (s, _) = listeners[&listen.parse::<SocketAddr>()?].accept()?;
+                kept.push(Some(Socket::from(s)));
+                format!("id={}", kept.len() - 1)
+            }
+            ["send", id] => {
+                let s = kept[id.parse::<usize>()?].as_ref().expect("not closed");
+                format!("sent={}", u8::from((&*s).write_all(&[0u8; 100]).is_ok()))
+            }
+            ["close", id] => {
+                drop(kept[id.parse::<usize>()?].take());
+                "closed=1".to_owned()
+            }
+            ["abort", id] => {
+                let s = kept[id.parse::<usize>()?].take().expect("not closed");
+                s.set_linger(Some(Duration::ZERO))?;
+                drop(s);
+                "aborted=1".to_owned()
+            }
+            ["state", id] => {
+                let s = kept[id.parse::<usize>()?].as_ref().expect("not closed");
+                format!("state={}", tcp_state(s))
             }
             _ => format!("bad_input=1 line={}", line.replace(' ', "_")),
         };

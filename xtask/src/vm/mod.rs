@@ -189,7 +189,11 @@ fn initramfs(
         b"root:x:0:\nnogroup:x:65534:\n".to_vec(),
         0o644,
     );
-    fs.file("init", init_script(guest).into_bytes(), 0o755);
+    fs.file(
+        "init",
+        init_script(guest, kernel.series.name).into_bytes(),
+        0o755,
+    );
     let path = vm_dir.join(format!("initramfs-{}.cpio", kernel.series.name));
     fs.write(&path)
 }
@@ -198,11 +202,15 @@ fn initramfs(
 const EXIT_MARK: &str = "TCPMGM-VM-EXIT";
 const DONE_MARK: &str = "TCPMGM-VM-DONE";
 
-fn init_script(guest: &Guest) -> String {
-    let mut s = String::from(
+/// The guest's init for kernel series `series`. Debian's kernels from 6.1 on run the outcome
+/// tracers (BTF tracing programs that read socket storage), which the tests then require.
+fn init_script(guest: &Guest, series: &str) -> String {
+    let tracers = u8::from(series != "5.10");
+    let mut s = format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root NO_COLOR=1
+export TCPMGM_TEST_EXPECT_TRACERS={tracers}
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -218,7 +226,7 @@ ip link set lo up
 for m in /lib/modules/*.ko; do insmod "$m" || echo "insmod $m failed"; done
 echo "kernel $(uname -r)"
 /t/tcpmgm features || echo "tcpmgm features failed"
-"#,
+"#
     );
     match guest {
         Guest::Shell => s.push_str(
