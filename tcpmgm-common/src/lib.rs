@@ -43,6 +43,9 @@ pub mod names {
     pub const RULE_STATS: &str = "TCPMGM_RULE_STATS";
     /// Per-socket decisions; shared by every generation of the programs.
     pub const SOCKETS: &str = "TCPMGM_SOCKETS";
+    /// The event stream (`tcpmgm events`, pinned as `EVENTS_PIN`) and its drops.
+    pub const EVENTS: &str = "TCPMGM_EVENTS";
+    pub const EVENT_DROPS: &str = "TCPMGM_EVENT_DROPS";
     /// How each rule's connections ended (pinned as `OUTCOMES_PIN`).
     pub const OUTCOMES: &str = "TCPMGM_OUTCOMES";
     /// When each governed connection started (socket storage).
@@ -288,6 +291,54 @@ pub mod outcome {
     ];
 }
 
+/// One event of the stream `tcpmgm events` shows, written by the programs into the ring buffer
+/// `names::EVENTS` (at most `EVENTS_PER_SECOND` a CPU a second; the rest are counted in
+/// `names::EVENT_DROPS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// When, in ns of the monotonic clock.
+    pub ts_ns: u64,
+    /// `ENDED`: how long the connection lived, in ms (u64::MAX: unknown).
+    pub lived_ms: u64,
+    /// `event::*`.
+    pub kind: u32,
+    pub rule_id: u32,
+    /// `ENDED`: `outcome::*`.
+    pub outcome: u32,
+    /// `event::V6`, `event::INBOUND`.
+    pub flags: u32,
+    /// Network order; an IPv4 address in the first word.
+    pub remote: [u32; 4],
+    pub local: [u32; 4],
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub _pad: u32,
+}
+
+/// `Event::kind` values and `Event::flags` bits.
+pub mod event {
+    /// A socket was decided: its rule governs it.
+    pub const DECIDED: u32 = 1;
+    /// connect() refused by the rule's no_new_conn.
+    pub const REFUSED: u32 = 2;
+    /// connect() no_new_conn would have refused, in audit mode.
+    pub const WOULD_REFUSE: u32 = 3;
+    /// A governed connection ended (`Event::outcome` says how).
+    pub const ENDED: u32 = 4;
+    /// The names `tcpmgm events` uses, by kind (0: none).
+    pub const NAMES: [&str; 5] = ["", "decided", "refused", "would_refuse", "ended"];
+    pub const V6: u32 = 1 << 0;
+    /// An accepted connection.
+    pub const INBOUND: u32 = 1 << 1;
+}
+
+/// Events each CPU may write a second; the rest are counted as dropped.
+pub const EVENTS_PER_SECOND: u32 = 2000;
+/// Pin names of the event ring buffer and its drop counter.
+pub const EVENTS_PIN: &str = "TCPMGM_EVENTS_V1";
+pub const EVENT_DROPS_PIN: &str = "TCPMGM_EVENT_DROPS_V1";
+
 /// What the daemon's con_lifetime sweeper did for a rule, by rule id (written by the daemon
 /// only; pinned as `SWEEP_STATS_PIN`).
 #[repr(C)]
@@ -413,6 +464,7 @@ mod pod {
     unsafe impl aya::Pod for RuleStats {}
     unsafe impl aya::Pod for SweepStats {}
     unsafe impl aya::Pod for Outcomes {}
+    unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for LogBudget {}
     unsafe impl aya::Pod for Attr {}
     unsafe impl aya::Pod for Profile {}

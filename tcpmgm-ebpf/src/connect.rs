@@ -7,7 +7,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use aya_log_ebpf::info;
-use tcpmgm_common::flags;
+use tcpmgm_common::{event, flags};
 
 use crate::decide::{is_v4_mapped, load_words};
 use crate::logbook;
@@ -91,7 +91,13 @@ fn port(user_port: u32) -> u16 {
 #[inline(always)]
 fn verdict(ctx: &SockAddrContext, sk: *mut bpf_sock, conn: Conn) -> i32 {
     let (v6, remote, port) = (conn.v6, conn.remote, conn.remote_port);
-    match sockets::record(sk, &conn) {
+    let decided = sockets::record(sk, &conn);
+    // Here rather than in `record`: the event's frame would add to the deciding path's stack,
+    // which Linux 5.10 holds to 512 bytes across calls.
+    if let Some(d) = &decided {
+        crate::events::emit(event::DECIDED, d.rule_id, &conn, 0, 0);
+    }
+    match decided {
         Some(d) if d.profile.flags & flags::NO_NEW_CONN != 0 => {
             let audit = d.audit();
             if audit {
@@ -99,6 +105,12 @@ fn verdict(ctx: &SockAddrContext, sk: *mut bpf_sock, conn: Conn) -> i32 {
             } else {
                 d.count(|c| c.refused += 1);
             }
+            let kind = if audit {
+                event::WOULD_REFUSE
+            } else {
+                event::REFUSED
+            };
+            crate::events::emit(kind, d.rule_id, &conn, 0, 0);
             if logbook::allow() {
                 let rule = d.rule_id;
                 let verdict = if audit {

@@ -25,14 +25,15 @@ use aya_ebpf::{
     macros::{btf_tracepoint, fentry},
     programs::{BtfTracePointContext, FEntryContext, SockOpsContext},
 };
-use tcpmgm_common::{LIFETIME_BUCKETS_S, Outcomes, SOCK_RULE, SockPolicy, marks, outcome};
+use tcpmgm_common::{LIFETIME_BUCKETS_S, Outcomes, SOCK_RULE, SockPolicy, event, marks, outcome};
 
 use crate::maps::{TCPMGM_CLOSING, TCPMGM_OUTCOMES, TCPMGM_SOCKETS, TCPMGM_STARTS};
 use crate::sockets::Decided;
 
-/// Notes when a governed connection starts (connect() or acceptance).
+/// Notes when a governed connection starts (connect() or acceptance): the time in ns, its
+/// lowest bit set for an accepted connection.
 #[inline(always)]
-pub fn started(sk: *mut bpf_sock) {
+pub fn started(sk: *mut bpf_sock, inbound: bool) {
     let map = core::ptr::from_ref(&TCPMGM_STARTS)
         .cast_mut()
         .cast::<c_void>();
@@ -48,7 +49,7 @@ pub fn started(sk: *mut bpf_sock) {
     .cast::<u64>();
     if !start.is_null() {
         // SAFETY: this socket's storage, valid for this program run; a helper without arguments.
-        unsafe { *start = bpf_ktime_get_ns() };
+        unsafe { *start = (bpf_ktime_get_ns() & !1) | u64::from(inbound) };
     }
 }
 
@@ -83,13 +84,27 @@ pub fn closed(ctx: &SockOpsContext, sk: *mut bpf_sock, d: &Decided, old: u32) {
     // SAFETY: as in `started`, without creating.
     let start =
         unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), 0) }.cast::<u64>();
-    let lived_ms = if start.is_null() {
-        None
+    let (lived_ms, inbound) = if start.is_null() {
+        (None, false)
     } else {
         // SAFETY: non-null storage, valid for this program run; a helper without arguments.
-        Some(unsafe { bpf_ktime_get_ns().saturating_sub(*start) } / 1_000_000)
+        let start = unsafe { *start };
+        let now = unsafe { bpf_ktime_get_ns() };
+        (
+            Some(now.saturating_sub(start & !1) / 1_000_000),
+            start & 1 != 0,
+        )
     };
-    count(d.rule_id, which, lived_ms);
+    count(d.rule_id, which, lived_ms.unwrap_or(u64::MAX));
+    let mut conn = crate::sock_ops::conn(ctx.ops);
+    conn.passive = inbound;
+    crate::events::emit(
+        event::ENDED,
+        d.rule_id,
+        &conn,
+        which as u32,
+        lived_ms.unwrap_or(u64::MAX),
+    );
 }
 
 /// An established connection that ended without FINs exchanged.
@@ -113,13 +128,29 @@ fn aborted(ctx: &SockOpsContext, m: u32) -> usize {
     }
 }
 
-/// Adds one end to the rule's outcomes. The first end of a rule makes its entry; one another
-/// CPU made meanwhile is added to instead.
-#[inline(always)]
-fn count(rule_id: u32, which: usize, lived_ms: Option<u64>) {
+/// A rule's outcomes before its first end; the first end inserts it (from read-only data, not
+/// from the stack, whose frames a call chain must keep under 512 bytes on Linux 5.10 and 6.1)
+/// and then adds to it like every later end.
+static NO_ENDS: Outcomes = Outcomes {
+    ended: [0; outcome::COUNT],
+    lived_ms: 0,
+    lived: [0; LIFETIME_BUCKETS_S.len() + 1],
+};
+
+/// Adds one end to the rule's outcomes, making the rule's entry at its first end (an entry
+/// another CPU made meanwhile is added to instead).
+/// `lived_ms` is u64::MAX when the start is unknown: an `Option` would cross the call as two
+/// registers, one of them unset for None, which the verifier refuses to read.
+#[inline(never)]
+#[allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "NO_ENDS by value would be copied onto the stack; by reference it is read in place"
+)]
+fn count(rule_id: u32, which: usize, lived_ms: u64) {
     if which >= outcome::COUNT {
         return;
     }
+    let lived_ms = (lived_ms != u64::MAX).then_some(lived_ms);
     let bucket = lived_ms.map(|ms| {
         let mut i = 0;
         while i < LIFETIME_BUCKETS_S.len() && ms > LIFETIME_BUCKETS_S[i] * 1000 {
@@ -127,25 +158,18 @@ fn count(rule_id: u32, which: usize, lived_ms: Option<u64>) {
         }
         i
     });
-    if let Some(o) = TCPMGM_OUTCOMES.get_ptr_mut(rule_id) {
-        add(o, which, lived_ms, bucket);
-        return;
-    }
-    let mut first = Outcomes::default();
-    first.ended[which] = 1;
-    if let (Some(ms), Some(b)) = (lived_ms, bucket) {
-        first.lived_ms = ms;
-        if b < first.lived.len() {
-            first.lived[b] = 1;
+    let o = match TCPMGM_OUTCOMES.get_ptr_mut(rule_id) {
+        Some(o) => o,
+        None => {
+            let _ = TCPMGM_OUTCOMES.insert(rule_id, &NO_ENDS, BPF_NOEXIST.into());
+            match TCPMGM_OUTCOMES.get_ptr_mut(rule_id) {
+                Some(o) => o,
+                // The map is full: the end goes uncounted.
+                None => return,
+            }
         }
-    }
-    if TCPMGM_OUTCOMES
-        .insert(rule_id, first, BPF_NOEXIST.into())
-        .is_err()
-        && let Some(o) = TCPMGM_OUTCOMES.get_ptr_mut(rule_id)
-    {
-        add(o, which, lived_ms, bucket);
-    }
+    };
+    add(o, which, lived_ms, bucket);
 }
 
 #[inline(always)]

@@ -1,14 +1,22 @@
 //! Events for the daemon's log (through aya-log), rate-limited per CPU so that a storm of
 //! connections cannot flood the log: at most `LOG_EVENTS_PER_SECOND` a CPU a second.
+use aya_ebpf::btf_maps::PerCpuArray;
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use tcpmgm_common::LOG_EVENTS_PER_SECOND;
+use tcpmgm_common::{LOG_EVENTS_PER_SECOND, LogBudget};
 
 use crate::maps::TCPMGM_LOG_BUDGET;
 
 /// Whether one more event may be logged now.
 #[inline(always)]
 pub fn allow() -> bool {
-    let Some(budget) = TCPMGM_LOG_BUDGET.get_ptr_mut(0) else {
+    within(&TCPMGM_LOG_BUDGET, LOG_EVENTS_PER_SECOND)
+}
+
+/// Whether this CPU may spend one more of `per_second` from `budget` this second (the log's,
+/// the event stream's).
+#[inline(always)]
+pub fn within(budget: &PerCpuArray<LogBudget, 1>, per_second: u32) -> bool {
+    let Some(budget) = budget.get_ptr_mut(0) else {
         return false;
     };
     // SAFETY: this CPU's slot of a per-CPU array; programs do not migrate mid-run.
@@ -19,7 +27,7 @@ pub fn allow() -> bool {
         budget.second = second;
         budget.used = 0;
     }
-    if budget.used >= LOG_EVENTS_PER_SECOND {
+    if budget.used >= per_second {
         return false;
     }
     budget.used += 1;

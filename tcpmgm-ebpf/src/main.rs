@@ -8,6 +8,7 @@
 //! - `sockets`: one decision per socket, kept in socket-local storage.
 //! - `stats`: what each rule did, by rule id.
 //! - `endings`: how each governed connection ended, by rule id.
+//! - `events`: the event stream the daemon hands to `tcpmgm events`.
 #![no_std]
 #![feature(core_intrinsics)]
 #![allow(
@@ -19,6 +20,7 @@
 mod connect;
 mod decide;
 mod endings;
+mod events;
 mod generation;
 mod logbook;
 mod maps;

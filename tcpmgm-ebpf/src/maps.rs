@@ -11,11 +11,13 @@
 //! generation and every run (pinned).
 use aya_ebpf::{
     bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
-    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, SkStorage},
+    btf_maps::{
+        Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, SkStorage,
+    },
     macros::btf_map,
 };
 use tcpmgm_common::{
-    Addr4, Addr6, Bucket, BucketKey, Header, ListNode, ListenerInfo, ListenerKey, LocalKey4,
+    Addr4, Addr6, Bucket, BucketKey, Event, Header, ListNode, ListenerInfo, ListenerKey, LocalKey4,
     LocalKey6, LogBudget, Outcomes, Profile, RULE_STATS_MAX, RankEntry, RuleStats, SockPolicy,
 };
 
@@ -116,3 +118,14 @@ pub static TCPMGM_STARTS: SkStorage<u64> = SkStorage::new();
 #[btf_map]
 pub static TCPMGM_CLOSING: HashMap<u64, u32, { tcpmgm_common::CLOSING_MAX as usize }> =
     HashMap::new();
+
+/// The event stream: 256 KiB, about 3,600 events the daemon has not read yet.
+#[btf_map]
+pub static TCPMGM_EVENTS: RingBuf<Event, { 256 * 1024 }> = RingBuf::new();
+
+#[btf_map]
+pub static TCPMGM_EVENT_BUDGET: PerCpuArray<LogBudget, 1> = PerCpuArray::new();
+
+/// Events not written: over the budget, or the ring buffer full.
+#[btf_map]
+pub static TCPMGM_EVENT_DROPS: PerCpuArray<u64, 1> = PerCpuArray::new();

@@ -13,12 +13,13 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use tcpmgm_common::{Profile, flags, marks};
+use tcpmgm_common::{Profile, event, flags, marks};
 
 use aya_log_ebpf::info;
 
 use crate::decide::{is_v4_mapped, load_words};
 use crate::endings;
+use crate::events;
 use crate::logbook;
 use crate::sockets::{self, Decided};
 use crate::stats;
@@ -61,7 +62,7 @@ pub fn tcpmgm_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB => connect_started(&ctx, sk, &d),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, &d, false),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            watch_end(&ctx, sk);
+            accepted(&ctx, sk, d.rule_id);
             established(&ctx, &d, true)
         }
         BPF_SOCK_OPS_STATE_CB => endings::closed(&ctx, sk, &d, ctx.arg(0)),
@@ -71,16 +72,27 @@ pub fn tcpmgm_sock_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
+/// An accepted connection was decided: its event (not in `sockets::record`: see
+/// `connect::verdict`), and the callbacks of its end. Not inlined, like every step below that
+/// is not on every callback's path: what an inlined step keeps on the stack adds to the
+/// program's own frame, and Linux 5.10 and 6.1 hold the frames of a call chain to 512 bytes.
+#[inline(never)]
+fn accepted(ctx: &SockOpsContext, sk: *mut bpf_sock, rule_id: u32) {
+    events::emit(event::DECIDED, rule_id, &conn(ctx.ops), 0, 0);
+    watch_end(ctx, sk, true);
+}
+
 /// Asks for the callbacks that tell how the connection ends (`endings`), and notes its start.
 #[inline(always)]
-fn watch_end(ctx: &SockOpsContext, sk: *mut bpf_sock) {
+fn watch_end(ctx: &SockOpsContext, sk: *mut bpf_sock, inbound: bool) {
     let wanted = BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG;
     let _ = ctx.set_cb_flags((ctx.cb_flags() | wanted) as i32);
-    endings::started(sk);
+    endings::started(sk, inbound);
 }
 
 /// A retransmission timeout: when it has expired (args[2]) the kernel gives the connection up
 /// next, which `endings` counts as a timeout. Slow for send_threshold either way.
+#[inline(never)]
 fn retransmission_timeout(ctx: &SockOpsContext, d: &Decided) {
     if ctx.arg(2) != 0 && !d.stored.is_null() {
         // SAFETY: non-null storage of this socket, valid for this program run.
@@ -108,7 +120,7 @@ fn op(ctx: &SockOpsContext) -> u32 {
 /// peer the kernel fills `remote_ip4`/`local_ip4` too, so those are read instead of picking
 /// words out of the v6 fields.
 #[inline(always)]
-fn conn(ops: *const bpf_sock_ops) -> Conn {
+pub(crate) fn conn(ops: *const bpf_sock_ops) -> Conn {
     // SAFETY: `ops` is the program's context; each read is a plain ctx field load.
     unsafe {
         let rd = |p: *const u32| core::ptr::read_volatile(p);
@@ -189,8 +201,9 @@ fn timeout_init(ctx: &SockOpsContext, d: &Decided) {
 /// TCP_USER_TIMEOUT bounds the whole handshake; `established` lifts it again. An application
 /// that set its own TCP_USER_TIMEOUT (the setsockopt hook marks the socket) keeps it. The
 /// marks stand in for reading the option back, which bpf_getsockopt cannot do before Linux 6.0.
+#[inline(never)]
 fn connect_started(ctx: &SockOpsContext, sk: *mut bpf_sock, d: &Decided) {
-    watch_end(ctx, sk);
+    watch_end(ctx, sk, false);
     if !bounds_handshake(d) || d.stored.is_null() {
         // Without storage the bound could never be lifted again: leave the handshake alone.
         return;

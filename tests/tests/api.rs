@@ -2,7 +2,7 @@
 //! socket_profile.c, built against the generated header and libbpf by `cargo xtask test`) and
 //! the Rust client library (`tcpmgm_common::client`, through the probe) read their own socket's
 //! rule and profile, as root and as an unprivileged member of `--api-group`; a user outside the
-//! group cannot.
+//! group cannot. The same holds for the event stream (`tcpmgm events`).
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -135,6 +135,48 @@ async fn the_c_example_reads_its_sockets_rule_as_root_and_as_a_member_of_api_gro
             d.startup_log
         );
     }
+    // The event stream: a member follows it (and sees a decision), a stranger is refused.
+    let control = control_socket(&sb);
+    let events = |identity: &[&str]| {
+        Command::new("timeout")
+            .arg("60")
+            .args(identity)
+            .arg(binary("tcpmgm"))
+            .args(["events", "--count", "1", "--json", "--control"])
+            .arg(&control)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("tcpmgm events")
+    };
+    let stranger_events = events(&stranger).wait_with_output().unwrap();
+    assert!(!stranger_events.status.success());
+    assert!(
+        text(&stranger_events).contains("Permission denied"),
+        "{}",
+        text(&stranger_events)
+    );
+    let member_events = tcpmgm_tests::Spawned(events(&member));
+    // Connections until the member's client has one event to show (it may not follow yet).
+    let mut member_events = member_events;
+    let started = std::time::Instant::now();
+    let status = loop {
+        probe.ask("pair 127.0.0.2:7050 127.0.0.2:7050");
+        if let Some(status) = member_events.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the member's `tcpmgm events` showed nothing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let mut shown = String::new();
+    std::io::Read::read_to_string(member_events.0.stdout.as_mut().unwrap(), &mut shown).unwrap();
+    assert!(status.success(), "{shown}");
+    let event: serde_json::Value = serde_json::from_str(shown.trim()).expect("one JSON line");
+    assert_eq!(event["rule"], 7, "{shown}");
+    assert_eq!(event["remote"], "127.0.0.2:7050", "{shown}");
     // The other pins stay root's alone.
     use std::os::unix::fs::PermissionsExt;
     for entry in std::fs::read_dir(&sb.pin_dir).unwrap().flatten() {

@@ -2,7 +2,8 @@
 //! `promtool check rules` and their unit tests `promtool test rules`; every query of the
 //! dashboard passes promtool's parser; every tcpmgm metric they name is one a real daemon's
 //! endpoint serves; and `tcpmgm_policy_attached`, which the main alert reads, says what the
-//! kernel holds when the governed cgroup goes and comes back.
+//! kernel holds when the governed cgroup goes and comes back; and with a large table, a scrape
+//! holds the series of the rules that acted only.
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
@@ -148,4 +149,51 @@ async fn what_the_rules_read_is_served_and_policy_attached_follows_the_cgroup() 
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A large table: by default a scrape shows the rules that counted something, not every rule
+/// in force (at a million rules that would be millions of series per scrape).
+#[tokio::test]
+async fn a_large_table_scrapes_only_the_rules_that_acted() {
+    const RULES_IN_TABLE: u32 = 50_000;
+    let db = TestDb::new(
+        Backend::Sqlite,
+        TableVersion::V1,
+        &format!(
+            "INSERT INTO tcp_mgm (id, remote_addr, keepidle) VALUES (7, '127.0.0.2', 41);
+             INSERT INTO tcp_mgm (id, remote_addr, keepidle)
+               WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {RULES_IN_TABLE})
+               SELECT i + 100, '10.' || (i / 65536) || '.' || ((i / 256) % 256) || '.' || (i % 256), 60
+               FROM n;"
+        ),
+    )
+    .await;
+    let sb = Sandbox::new();
+    let d = Daemon::start_with(
+        &sb,
+        &db.url,
+        control_socket(&sb),
+        &["--metrics", "127.0.0.1:0"],
+    );
+    let mut probe = sb.probe();
+    let r = probe.ask("pair 127.0.0.2:7060 127.0.0.2:7060");
+    assert_eq!(r.keepalive("client").1, 41, "{r:?}");
+    let text = scrape(d.metrics_addr());
+    let rules = sample(
+        &text,
+        &format!("tcpmgm_rules{{cgroup=\"{}\"}}", sb.cgroup.display()),
+    );
+    assert_eq!(rules, Some(f64::from(RULES_IN_TABLE + 1)), "{text}");
+    let ids: BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("tcpmgm_rule_"))
+        .filter_map(|l| l.split("rule_id=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(ids, BTreeSet::from(["7"]), "{text}");
+    eprintln!(
+        "a scrape of {} rules in force, one of which acted: {} bytes",
+        RULES_IN_TABLE + 1,
+        text.len()
+    );
+    assert!(text.len() < 64 * 1024, "{} bytes:\n{text}", text.len());
 }

@@ -3,6 +3,9 @@
 //! sandbox's cgroup and a peer in a namespace of its own, then read back from `tcpmgm status
 //! --json` and from the metrics endpoint.
 //!
+//! `tcpmgm events` follows the same: every decision, refusal and end comes as an event (or is
+//! counted as dropped), and its filters select by rule and kind.
+//!
 //! Where the kernel does not let tcpmgm tell a reset, an abort on this host and unanswered
 //! keepalive probes apart (no outcome tracers: Linux before 5.11, or a kernel that refuses
 //! fentry programs), the test checks that tcpmgm says so (its log and `tcpmgm features`) and
@@ -12,7 +15,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tcpmgm::policy::source::TableVersion;
-use tcpmgm_tests::{Backend, Daemon, Probe, Sandbox, TestDb, binary, control_socket, two_hosts};
+use tcpmgm_tests::{
+    Backend, Daemon, Probe, Sandbox, Spawned, TestDb, binary, control_socket, two_hosts,
+};
 
 const ETIMEDOUT: i64 = 110;
 const ECONNREFUSED: i64 = 111;
@@ -63,6 +68,36 @@ fn one(outcome: &str) -> Vec<(String, u64)> {
     vec![(outcome.to_owned(), 1)]
 }
 
+/// A `tcpmgm events ARGS` client of the daemon at `control`, its output in files; returned once
+/// it says it follows the stream.
+fn follow(control: &std::path::Path, name: &str, args: &[&str]) -> (Spawned, std::path::PathBuf) {
+    let out = std::env::temp_dir().join(format!("tcpmgm-events-{}-{name}", std::process::id()));
+    let err = out.with_extension("err");
+    let child = Command::new(binary("tcpmgm"))
+        .arg("events")
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("tcpmgm events");
+    let client = Spawned(child);
+    let started = Instant::now();
+    while !std::fs::read_to_string(&err)
+        .unwrap_or_default()
+        .contains("following the events")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "tcpmgm events did not start: {}",
+            std::fs::read_to_string(&err).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (client, out)
+}
+
 #[tokio::test]
 async fn each_way_a_connection_ends_is_counted_for_its_rule() {
     let db = TestDb::new(Backend::Sqlite, TableVersion::V1, TABLE).await;
@@ -108,6 +143,11 @@ async fn each_way_a_connection_ends_is_counted_for_its_rule() {
         );
     }
     eprintln!("outcome tracers attached: {traced}");
+
+    let (all, all_out) = follow(&control, "all", &["--json"]);
+    let (keepalive_only, keepalive_out) =
+        follow(&control, "57", &["--rule", "57", "--kind", "ended"]);
+    let (as_text, text_out) = follow(&control, "text", &["--kind", "decided", "--kind", "ended"]);
 
     let mut peer = Probe::spawn(None, &b.path());
     for port in [7151, 7152, 7153, 7155, 7157, 7158] {
@@ -257,4 +297,115 @@ async fn each_way_a_connection_ends_is_counted_for_its_rule() {
         Some(1.0),
         "{metrics}"
     );
+
+    // The event stream: a storm of refused connects first, so that some events are over the
+    // programs' budget; then every decision, refusal and end the counters hold is an event
+    // line or counted as dropped (or lagged), none lost without a word.
+    const STORM: i64 = 3000;
+    let r = c.ask(&format!("storm 192.0.2.2:7156 {STORM}"));
+    assert_eq!(r.get("refused"), STORM, "{r:?}");
+    let now = sb.status_json(&control);
+    let rules = now[0]["kernel"]["rules"].as_array().expect("rules").clone();
+    let sum = |key: &str| -> u64 { rules.iter().map(|r| r[key].as_u64().unwrap_or(0)).sum() };
+    let ends: u64 = rules
+        .iter()
+        .map(|r| {
+            r["ended"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|v| v.as_u64().unwrap())
+                .sum::<u64>()
+        })
+        .sum();
+    let expected = sum("matched") + sum("refused") + ends;
+    let lines = |path: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    };
+    let started = Instant::now();
+    let accounted = |events: &[serde_json::Value]| -> u64 {
+        events
+            .iter()
+            .map(|e| match e["kind"].as_str() {
+                Some("dropped" | "lagged") => e["count"].as_u64().unwrap(),
+                _ => 1,
+            })
+            .sum()
+    };
+    // The daemon reports drops once a second.
+    while accounted(&lines(&all_out)) < expected && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(all);
+    drop(keepalive_only);
+    drop(as_text);
+    // What an operator reads (printed for the failure report).
+    eprintln!("{}", std::fs::read_to_string(&text_out).unwrap_or_default());
+    let _ = std::fs::remove_file(&text_out);
+    let events = lines(&all_out);
+    let notices: u64 = events
+        .iter()
+        .filter(|e| e["kind"] == "dropped" || e["kind"] == "lagged")
+        .map(|e| e["count"].as_u64().unwrap())
+        .sum();
+    eprintln!(
+        "{} event lines, {notices} events dropped or lagged, {expected} counted by the kernel",
+        events.len()
+    );
+    assert_eq!(
+        accounted(&events),
+        expected,
+        "events (and drops) against the counters: {} decided + refused + ended",
+        expected
+    );
+    // How many go over the budget depends on the machine's speed: the account above holds
+    // either way.
+    if notices == 0 {
+        eprintln!(
+            "the storm stayed within {} events a CPU a second: nothing dropped",
+            tcpmgm_common::EVENTS_PER_SECOND
+        );
+    }
+    let find = |kind: &str, rule: u64| {
+        events
+            .iter()
+            .find(|e| e["kind"] == kind && e["rule"] == rule)
+            .unwrap_or_else(|| panic!("no {kind} event of rule {rule}"))
+            .clone()
+    };
+    let decided = find("decided", 51);
+    assert_eq!(
+        (decided["direction"].as_str(), decided["remote"].as_str()),
+        (Some("out"), Some("192.0.2.2:7151"))
+    );
+    assert_eq!(find("refused", 56)["remote"], "192.0.2.2:7156");
+    for (id, outcome) in [
+        (51, "closed"),
+        (52, reset),
+        (53, local),
+        (54, "connect_timeout"),
+        (55, "lifetime"),
+        (57, silent),
+        (58, "timeout"),
+        (59, "connect_failed"),
+    ] {
+        let e = find("ended", id);
+        assert_eq!(e["outcome"], outcome, "rule {id}: {e}");
+        assert_eq!(e["direction"], "out", "rule {id}: {e}");
+    }
+    assert!(find("ended", 55)["lived_ms"].as_u64().unwrap() >= 1000);
+    // The filtered client saw rule 57's end and nothing else of the stream but notices.
+    let text = std::fs::read_to_string(&keepalive_out).unwrap();
+    let shown: Vec<&str> = text.lines().filter(|l| !l.contains(" dropped ")).collect();
+    assert_eq!(shown.len(), 1, "{text}");
+    assert!(
+        shown[0].contains(" ended ") && shown[0].contains("rule 57 ") && shown[0].contains(silent),
+        "{text}"
+    );
+    let _ = std::fs::remove_file(&all_out);
+    let _ = std::fs::remove_file(&keepalive_out);
 }

@@ -1,5 +1,6 @@
 //! The `tcpmgm` command line: its arguments, and the commands that run the daemon or change what
 //! is attached (`report` has those that only read and print).
+mod events;
 mod exit;
 mod logging;
 mod report;
@@ -77,21 +78,35 @@ enum Command {
     /// Ask the running `tcpmgm run` to re-read the table and switch to it atomically. Exits 1
     /// (with the reason) when the reload failed; the previous policy then stays in force.
     Reload {
-        /// The cgroup the daemon governs (finds its default control socket).
-        #[arg(long)]
-        cgroup: Option<PathBuf>,
-        /// The daemon's control socket.
-        #[arg(long)]
-        control: Option<PathBuf>,
-        /// The daemon's configuration file, for its cgroup and control socket (what systemd's
-        /// ExecReload= passes) [default: /etc/tcpmgm/tcpmgm.toml when it exists and neither
-        /// --cgroup nor --control is given].
-        #[arg(long, env = "TCPMGM_CONFIG")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: DaemonRef,
         /// Read the whole table, even where its change log says which rows changed (after
         /// changes made with its triggers off, say).
         #[arg(long)]
         full: bool,
+    },
+    /// Follow what the policy does as it happens, from the cgroup's daemon: sockets decided
+    /// (which rule, which direction), connects refused, and how connections end. Root and
+    /// members of the daemon's --api-group may follow it.
+    Events {
+        #[command(flatten)]
+        daemon: DaemonRef,
+        /// Only events of this rule (repeat for more).
+        #[arg(long = "rule", value_name = "ID")]
+        rules: Vec<u32>,
+        /// Only events whose remote or local address is in this prefix, or is this address
+        /// (repeat for more).
+        #[arg(long = "addr", value_name = "PREFIX", value_parser = events::parse_addr)]
+        addrs: Vec<ipnet::IpNet>,
+        /// Only events of this kind (repeat for more).
+        #[arg(long = "kind", value_enum)]
+        kinds: Vec<events::Kind>,
+        /// One JSON object a line.
+        #[arg(long)]
+        json: bool,
+        /// Exit after this many events.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
     },
     /// What tcpmgm enforces: for each cgroup (or the one given), the daemon, rule source, rule
     /// count, generation, last reload, programs, and per-rule counters from the kernel.
@@ -436,22 +451,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Reload {
-            cgroup,
-            control,
-            config,
-            full,
+        Command::Events {
+            daemon,
+            rules,
+            addrs,
+            kinds,
+            json,
+            count,
         } => {
-            let nothing_else = cgroup.is_none() && control.is_none();
-            let (path, file) = crate::config::Config::find(config.as_deref(), nothing_else)?;
-            let control = match (control.or(file.control), cgroup.or(file.cgroup)) {
-                (Some(c), _) => c,
-                (None, Some(cg)) => system::Paths::of(&cg, None, None)?.control,
-                (None, None) => Err(ConfigError::NoCgroup(path.map_or_else(
-                    || format!("{} (which does not exist)", crate::config::DEFAULT_PATH),
-                    |p| p.display().to_string(),
-                )))?,
+            let control = control_socket(daemon)?;
+            let filter = events::Filter {
+                rules,
+                addrs,
+                kinds,
             };
+            let path = daemon::events::socket_path(&control);
+            events::follow(&path, &filter, json, count).await
+        }
+        Command::Reload { daemon, full } => {
+            let control = control_socket(daemon)?;
             let request = if full { "reload full" } else { "reload" };
             match daemon::request(&control, request).await {
                 Ok(report) => {
@@ -467,6 +485,44 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
     }
+}
+
+/// Which running daemon a command talks to.
+#[derive(clap::Args)]
+struct DaemonRef {
+    /// The cgroup the daemon governs (finds its default control socket, and the events socket
+    /// beside it).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// The daemon's control socket.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// The daemon's configuration file, for its cgroup and control socket (what systemd's
+    /// ExecReload= passes) [default: /etc/tcpmgm/tcpmgm.toml when it exists and neither
+    /// --cgroup nor --control is given].
+    #[arg(long, env = "TCPMGM_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// The control socket of the daemon that `--control`, `--cgroup` or the configuration file
+/// names.
+fn control_socket(
+    DaemonRef {
+        cgroup,
+        control,
+        config,
+    }: DaemonRef,
+) -> anyhow::Result<PathBuf> {
+    let nothing_else = cgroup.is_none() && control.is_none();
+    let (path, file) = crate::config::Config::find(config.as_deref(), nothing_else)?;
+    Ok(match (control.or(file.control), cgroup.or(file.cgroup)) {
+        (Some(c), _) => c,
+        (None, Some(cg)) => system::Paths::of(&cg, None, None)?.control,
+        (None, None) => Err(ConfigError::NoCgroup(path.map_or_else(
+            || format!("{} (which does not exist)", crate::config::DEFAULT_PATH),
+            |p| p.display().to_string(),
+        )))?,
+    })
 }
 
 /// Tells the cgroup's daemon to detach and exit, then detaches what is still pinned.

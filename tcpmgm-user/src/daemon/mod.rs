@@ -8,6 +8,7 @@
 //! task) turns database notifications or polls into reload requests. When a reload fails, the
 //! running policy stays and the caller and the log are told why.
 pub mod control;
+pub mod events;
 mod keeper;
 pub mod lifetime;
 mod metrics;
@@ -150,6 +151,8 @@ pub struct Daemon {
     logs: Option<AsyncFd<EbpfLogger<&'static dyn log::Log>>>,
     /// Closes connections idle for longer than their con_lifetime.
     _sweeper: Option<Sweeper>,
+    /// Serves the programs' events (`tcpmgm events`).
+    _events: Option<events::Stream>,
     /// The metrics endpoint, bound, to be served.
     metrics: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>>,
 }
@@ -318,6 +321,24 @@ impl Daemon {
                 None
             }
         };
+        let events = enforcer
+            .events()
+            .map_err(|e| e.to_string())
+            .and_then(|(ring, drops)| {
+                let path = events::socket_path(&control);
+                events::Stream::start(ring, drops, &path, options.api_group)
+                    .inspect(|_| {
+                        tracing::info!("events on {} (`tcpmgm events`)", path.display());
+                    })
+                    .map_err(|e| format!("{}: {e}", path.display()))
+            });
+        let events = match events {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("the event stream is not served: {e}");
+                None
+            }
+        };
         // The last steps that can fail: on a first start, a failure takes the policy off
         // again (an adopted policy stays, with this run's programs in it).
         let shared = match options.api_group {
@@ -401,6 +422,7 @@ impl Daemon {
             detach_on_exit: options.detach_on_exit,
             logs,
             _sweeper: sweeper,
+            _events: events,
             reloader: Reloader::new(
                 enforcer,
                 options,
@@ -432,6 +454,7 @@ impl Daemon {
             detach_on_exit,
             mut logs,
             _sweeper,
+            _events,
             metrics,
         } = self;
         let metrics = metrics.map(tokio::spawn);

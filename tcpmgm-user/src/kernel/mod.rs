@@ -112,6 +112,10 @@ pub enum KernelError {
     },
 }
 
+/// The programs' event stream (see `Enforcer::events`), and their count of events not written.
+pub type EventRing = aya::maps::RingBuf<aya::maps::MapData>;
+pub type EventDrops = aya::maps::PerCpuArray<aya::maps::MapData, u64>;
+
 /// The program type of a hook, for loading and attaching it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -306,6 +310,23 @@ impl Enforcer {
     /// A reader of the programs' log events (aya-log).
     pub fn logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>, aya_log::Error> {
         aya_log::EbpfLogger::init(self.programs.ebpf_mut())
+    }
+
+    /// The event stream's ring buffer (taken: one reader), and the programs' count of the
+    /// events they did not write.
+    pub fn events(&mut self) -> Result<(EventRing, Option<EventDrops>), aya::maps::MapError> {
+        let map = self
+            .programs
+            .ebpf_mut()
+            .take_map(tcpmgm_common::names::EVENTS)
+            .ok_or_else(|| aya::maps::MapError::InvalidName {
+                name: tcpmgm_common::names::EVENTS.into(),
+            })?;
+        let ring = aya::maps::RingBuf::try_from(map)?;
+        let drops = aya::maps::MapData::from_pin(self.pin_dir.join(tcpmgm_common::EVENT_DROPS_PIN))
+            .ok()
+            .and_then(|m| aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(m)).ok());
+        Ok((ring, drops))
     }
 
     /// Why the outcome tracers are not attached (see `tracers`), if they are not.

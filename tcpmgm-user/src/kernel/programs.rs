@@ -25,7 +25,7 @@ pub(super) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_
 /// The maps every generation and every run share, with their pins in `pin_dir`: the per-socket
 /// decisions and start times, the rule statistics and outcomes, the sweeper's closing sockets
 /// and the log ring buffer.
-pub(crate) fn shared_pins(pin_dir: &Path) -> [(&'static str, PathBuf); 6] {
+pub(crate) fn shared_pins(pin_dir: &Path) -> [(&'static str, PathBuf); 8] {
     [
         (names::SOCKETS, pin_dir.join(SOCKETS_PIN)),
         ("AYA_LOGS", pin_dir.join(tcpmgm_common::LOGS_PIN)),
@@ -36,6 +36,11 @@ pub(crate) fn shared_pins(pin_dir: &Path) -> [(&'static str, PathBuf); 6] {
         (names::OUTCOMES, pin_dir.join(tcpmgm_common::OUTCOMES_PIN)),
         (names::STARTS, pin_dir.join(tcpmgm_common::STARTS_PIN)),
         (names::CLOSING, pin_dir.join(tcpmgm_common::CLOSING_PIN)),
+        (names::EVENTS, pin_dir.join(tcpmgm_common::EVENTS_PIN)),
+        (
+            names::EVENT_DROPS,
+            pin_dir.join(tcpmgm_common::EVENT_DROPS_PIN),
+        ),
     ]
 }
 
@@ -299,6 +304,7 @@ impl Programs {
         let fd = match self.ebpf.map(name)? {
             Map::PerCpuHashMap(m)
             | Map::HashMap(m)
+            | Map::PerCpuArray(m)
             | Map::SkStorage(m)
             | Map::RingBuf(m)
             | Map::PerfEventArray(m) => m.fd(),
