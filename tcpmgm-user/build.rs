@@ -6,7 +6,7 @@ use aya_build::{Package, Toolchain};
 use sha2::{Digest as _, Sha256};
 
 /// Builds the eBPF programs (tcpmgm-ebpf) with the nightly toolchain for the BPF target and
-/// leaves the object in OUT_DIR, where `kernel/programs.rs` embeds it; then names the build for
+/// leaves the object in OUT_DIR, where `kernel/mod.rs` embeds it; then names the build for
 /// `--version`: its commit and the object's hash.
 fn main() -> anyhow::Result<()> {
     build_ebpf()?;

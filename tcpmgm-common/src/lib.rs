@@ -449,25 +449,54 @@ pub struct ListenerInfo {
     pub _pad: u8,
 }
 
+// Every map's key and value layout, checked by the compiler: the programs, the loader and
+// bpftool's view of the pinned maps read the same bytes. What fails here is a new layout, which
+// takes the map a new pin name.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<ListNode>() == 12);
+    assert!(size_of::<RankEntry>() == 8);
+    assert!(size_of::<BucketKey>() == 12);
+    assert!(size_of::<Bucket>() == 8);
+    assert!(size_of::<LocalKey4>() == 8);
+    assert!(size_of::<LocalKey6>() == 20);
+    assert!(size_of::<RuleStats>() == 48);
+    assert!(size_of::<Outcomes>() == 136);
+    assert!(size_of::<Event>() == 72);
+    assert!(size_of::<SweepStats>() == 16);
+    assert!(size_of::<LogBudget>() == 16);
+    assert!(size_of::<Header>() == 72);
+    assert!(size_of::<ListenerKey>() == 20);
+    assert!(size_of::<ListenerInfo>() == 4);
+};
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: all of these are repr(C) with explicit padding fields and no pointers.
-    unsafe impl aya::Pod for ListNode {}
-    unsafe impl aya::Pod for RankEntry {}
-    unsafe impl aya::Pod for BucketKey {}
-    unsafe impl aya::Pod for Bucket {}
-    unsafe impl aya::Pod for LocalKey4 {}
-    unsafe impl aya::Pod for LocalKey6 {}
-    unsafe impl aya::Pod for SockPolicy {}
-    unsafe impl aya::Pod for Header {}
-    unsafe impl aya::Pod for RuleStats {}
-    unsafe impl aya::Pod for SweepStats {}
-    unsafe impl aya::Pod for Outcomes {}
-    unsafe impl aya::Pod for Event {}
-    unsafe impl aya::Pod for LogBudget {}
-    unsafe impl aya::Pod for Attr {}
-    unsafe impl aya::Pod for Profile {}
-    unsafe impl aya::Pod for ListenerKey {}
-    unsafe impl aya::Pod for ListenerInfo {}
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {$(
+            // SAFETY: repr(C) plain data, integers and arrays of them, with its padding spelled
+            // out as fields (the sizes are asserted above) and no pointers: any bytes are a value.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+    pod!(
+        ListNode,
+        RankEntry,
+        BucketKey,
+        Bucket,
+        LocalKey4,
+        LocalKey6,
+        SockPolicy,
+        Header,
+        RuleStats,
+        SweepStats,
+        Outcomes,
+        Event,
+        LogBudget,
+        Attr,
+        Profile,
+        ListenerKey,
+        ListenerInfo,
+    );
 }

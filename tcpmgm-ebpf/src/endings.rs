@@ -87,8 +87,9 @@ pub fn closed(ctx: &SockOpsContext, sk: *mut bpf_sock, d: &Decided, old: u32) {
     let (lived_ms, inbound) = if start.is_null() {
         (None, false)
     } else {
-        // SAFETY: non-null storage, valid for this program run; a helper without arguments.
+        // SAFETY: non-null storage, valid for this program run.
         let start = unsafe { *start };
+        // SAFETY: a helper without arguments.
         let now = unsafe { bpf_ktime_get_ns() };
         (
             Some(now.saturating_sub(start & !1) / 1_000_000),

@@ -92,7 +92,7 @@ pub enum MetricsRules {
     None,
 }
 
-/// How the log is written to stderr (`crate::cli` says where each applies).
+/// How the log is written to stderr (the command line says where each applies).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -364,6 +364,7 @@ impl Config {
     pub fn enforcement(&self) -> Enforcement {
         Enforcement {
             default_connect_timeout: self.enforce_default_connect_timeout == Some(true),
+            default_lifetime: self.enforce_default_lifetime == Some(true),
             audit: self.audit == Some(true),
             app_options_allow: self.app_options == Some(AppOptions::Allow),
         }

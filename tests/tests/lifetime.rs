@@ -156,14 +156,19 @@ async fn idle_ipv6_connections_are_listed_and_closed() {
 
 #[test]
 fn the_opensips_default_is_not_enforced_unless_asked() {
-    use tcpmgm::daemon::lifetime::enforced;
+    use tcpmgm::policy::compile::Enforcement;
+    let opensips = Enforcement::default();
+    let every = Enforcement {
+        default_lifetime: true,
+        ..Enforcement::default()
+    };
     assert!(
-        !enforced(120, false),
+        !opensips.con_lifetime(120),
         "a table written for OpenSIPS would close every idle connection"
     );
-    assert!(enforced(120, true));
-    assert!(enforced(30, false));
-    assert!(!enforced(0, true));
+    assert!(every.con_lifetime(120));
+    assert!(opensips.con_lifetime(30));
+    assert!(!every.con_lifetime(0));
 }
 
 /// Audit mode closes nothing: the idle connection outlives its con_lifetime, and the rule counts

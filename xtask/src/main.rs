@@ -356,17 +356,28 @@ fn vm_task(root: &Path, task: VmTask) -> anyhow::Result<()> {
             let build = vm::build(root, &tests)?;
             let limit = Duration::from_secs(vm.minutes * 60);
             let mut results = Vec::new();
+            let mut broken = Vec::new();
             for s in series {
-                let kernel = vm::kernel::get(&vm_dir, s, vm.refresh)?;
-                let guest = vm::Guest::Test {
-                    harness_args: args.clone(),
-                };
-                let outcome = vm::run(&vm_dir, &kernel, &build, &guest, &vm.accel, limit)?;
-                results.push((kernel, outcome));
+                // One kernel that cannot be fetched or booted does not keep the others from
+                // running; the summary names it.
+                let run = vm::kernel::get(&vm_dir, s, vm.refresh).and_then(|kernel| {
+                    let guest = vm::Guest::Test {
+                        harness_args: args.clone(),
+                    };
+                    let outcome = vm::run(&vm_dir, &kernel, &build, &guest, &vm.accel, limit)?;
+                    Ok((kernel, outcome))
+                });
+                match run {
+                    Ok(result) => results.push(result),
+                    Err(e) => broken.push(format!("vm {}: could not run: {e:#}", s.name)),
+                }
             }
             println!();
             let readme = std::fs::read_to_string(root.join("README.md"))?;
-            let mut ok = true;
+            let mut ok = broken.is_empty();
+            for line in &broken {
+                println!("{line}");
+            }
             for (kernel, o) in &results {
                 let table = vm::table::differences(&readme, kernel.series.name, &o.features);
                 for d in &table {
@@ -398,6 +409,9 @@ fn vm_task(root: &Path, task: VmTask) -> anyhow::Result<()> {
                         format!("; failing: {}", o.failed_binaries.join(", "))
                     }
                 );
+                for failure in &o.failures {
+                    println!("vm {}: {failure}", kernel.series.name);
+                }
             }
             let passed: u64 = results.iter().map(|(_, o)| o.passed).sum();
             let failed: u64 = results.iter().map(|(_, o)| o.failed).sum();

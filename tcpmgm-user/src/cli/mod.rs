@@ -3,6 +3,7 @@
 mod events;
 mod exit;
 mod logging;
+mod privileges;
 mod report;
 
 use std::net::SocketAddr;
@@ -290,7 +291,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => conns(cgroup, pin_dir, netns, json),
         Command::Check { mut rules } => {
             let config = rules.with_config()?;
-            check(rules, config.enforce_default_lifetime == Some(true)).await
+            check(rules, &config.enforcement()).await
         }
         Command::Features { json } => features(json),
         Command::Status {
@@ -370,7 +371,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { mut rules, given } => {
-            system::check_privileges(&[])?;
+            privileges::check_privileges(&[])?;
             let config = rules.with_config()?.overlay(&given);
             logging::init(config.log_format.unwrap_or_default());
             let on = |v: Option<bool>| v == Some(true);
@@ -381,14 +382,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let api_group = config
                 .api_group
                 .as_deref()
-                .map(system::group_id)
+                .map(privileges::group_id)
                 .transpose()?;
-            system::check_privileges(&system::option_capabilities(
+            privileges::check_privileges(&privileges::option_capabilities(
                 config.netns.is_some(),
                 on(config.reapply_existing),
             ))?;
             if let Some(gid) = api_group {
-                system::check_api_group(gid)?;
+                privileges::check_api_group(gid)?;
             }
             let created = if on(config.create_cgroup) {
                 system::create_cgroup(&cgroup)?
@@ -409,7 +410,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 detach_on_exit,
                 poll_interval: config.poll_interval,
                 netns: config.netns.clone(),
-                enforce_default_lifetime: on(config.enforce_default_lifetime),
                 reapply_existing: on(config.reapply_existing),
                 db_timeout: config.db_timeout.unwrap_or(daemon::DB_TIMEOUT),
                 enforcement: config.enforcement(),

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 
 use super::DirectionArg;
+use crate::policy::column;
+use crate::policy::compile::Enforcement;
 use crate::policy::listener::{Direction, Lookup};
 use crate::policy::matcher;
 use crate::policy::pipeline::RuleArgs;
@@ -114,17 +116,14 @@ pub(super) fn features(json: bool) -> anyhow::Result<ExitCode> {
     })
 }
 
-pub(super) async fn check(
-    args: RuleArgs,
-    enforce_default_lifetime: bool,
-) -> anyhow::Result<ExitCode> {
+pub(super) async fn check(args: RuleArgs, enforcement: &Enforcement) -> anyhow::Result<ExitCode> {
     let set = args.read().await?;
     for e in &set.errors {
         println!("{e}");
     }
     // Valid, but beyond this kernel: said, and not counted as bad rows.
     let kernel = crate::kernel::features::column_features();
-    for u in crate::kernel::features::unenforceable(&set.rules, kernel, enforce_default_lifetime) {
+    for u in crate::kernel::features::unenforceable(&set.rules, kernel, enforcement) {
         println!("warning: {u}");
     }
     // Where OpenSIPS would order the table otherwise: said, and not counted as bad rows.
@@ -152,18 +151,18 @@ fn not_enforced(rule: &Rule, config: &crate::config::Config) -> Vec<(&'static st
             "OpenSIPS's schema default (enforce_default_connect_timeout enforces it)".into(),
         ));
     }
-    let default_lifetime = config.enforce_default_lifetime == Some(true);
-    if p.con_lifetime_s != 0
-        && !crate::daemon::lifetime::enforced(p.con_lifetime_s, default_lifetime)
-    {
+    if p.con_lifetime_s != 0 && !config.enforcement().con_lifetime(p.con_lifetime_s) {
         out.push((
             "con_lifetime",
             "OpenSIPS's default (enforce_default_lifetime enforces it)".into(),
         ));
     }
-    for column in ["msg_read_timeout", "alias_mode", "parallel_read", "attrs"] {
+    for column in column::TABLE
+        .iter()
+        .filter(|c| c.used == column::Use::Recorded)
+    {
         out.push((
-            column,
+            column.name,
             "SIP-level, recorded per socket for the application".into(),
         ));
     }

@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::DaemonError;
-use super::reloader;
+use super::request::Request as ReloaderRequest;
 
 /// How long a client has to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -243,7 +243,7 @@ async fn read_request(read: impl AsyncRead + Unpin) -> std::io::Result<Vec<u8>> 
 pub(super) async fn answer(
     stream: UnixStream,
     _slot: OwnedSemaphorePermit,
-    requests: mpsc::UnboundedSender<reloader::Request>,
+    requests: mpsc::UnboundedSender<ReloaderRequest>,
     detach: mpsc::Sender<()>,
 ) {
     let (read, mut write) = stream.into_split();
@@ -260,7 +260,7 @@ pub(super) async fn answer(
     let reply = match parse_request(&line) {
         Ok(Request::Reload { full }) => {
             let (tx, rx) = oneshot::channel();
-            let _ = requests.send(reloader::Request::Reload {
+            let _ = requests.send(ReloaderRequest::Reload {
                 reply: Some(tx),
                 automatic: false,
                 full,

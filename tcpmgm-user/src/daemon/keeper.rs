@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::DaemonError;
-use super::reloader::Request;
+use super::request::Request;
 use crate::kernel::{self, Enforcer, KernelError};
 
 const CHECK_EVERY: Duration = Duration::from_secs(1);

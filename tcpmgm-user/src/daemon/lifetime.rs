@@ -24,25 +24,22 @@ use std::time::Duration;
 
 use std::collections::HashSet;
 
-use aya::maps::{HashMap, MapData, MapError};
-use tcpmgm_common::{SOCK_RULE, SWEEP_STATS_PIN, SweepStats, marks};
+use aya::maps::{HashMap, MapData};
+use tcpmgm_common::{SOCK_RULE, SweepStats, marks};
 
-use crate::kernel::diag;
+use crate::kernel::{diag, sweep_stats};
+use crate::policy::compile::Enforcement;
 
-/// OpenSIPS's default for the column.
-pub const OPENSIPS_DEFAULT_LIFETIME: u32 = 120;
 /// How often to sweep for a rule set, in ms; 0 when no rule has an enforced con_lifetime.
-pub fn sweep_interval_ms(lifetimes: impl IntoIterator<Item = u32>, enforce_default: bool) -> u64 {
+pub fn sweep_interval_ms(
+    lifetimes: impl IntoIterator<Item = u32>,
+    enforcement: &Enforcement,
+) -> u64 {
     lifetimes
         .into_iter()
-        .filter(|&l| enforced(l, enforce_default))
+        .filter(|&l| enforcement.con_lifetime(l))
         .min()
         .map_or(0, |l| (u64::from(l) * 1000 / 4).clamp(250, 1000))
-}
-
-/// Whether a rule's con_lifetime is enforced (see the module documentation).
-pub fn enforced(con_lifetime_s: u32, enforce_default: bool) -> bool {
-    con_lifetime_s != 0 && (con_lifetime_s != OPENSIPS_DEFAULT_LIFETIME || enforce_default)
 }
 
 /// The sweeper; stops when dropped.
@@ -51,73 +48,12 @@ pub struct Sweeper {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// How many rule ids the sweeper's statistics hold at first; they double when full (the
-/// kernel sizes a hash map's buckets by its maximum, so a map sized for every possible rule
-/// would cost 64 MiB whatever the table).
-const SWEEP_STATS_FIRST: u32 = 1024;
-
-/// The sweeper's statistics, pinned at `SWEEP_STATS_PIN` in `pin_dir`; made when missing and
-/// `create`.
-pub fn stats_map(
-    pin_dir: &Path,
-    create: bool,
-) -> Result<HashMap<MapData, u32, SweepStats>, MapError> {
-    let pin = pin_dir.join(SWEEP_STATS_PIN);
-    match MapData::from_pin(&pin) {
-        Ok(m) => HashMap::try_from(aya::maps::Map::HashMap(m)),
-        Err(e) if !create => Err(e),
-        Err(_) => new_stats_map(&pin, SWEEP_STATS_FIRST),
-    }
-}
-
-fn new_stats_map(pin: &Path, entries: u32) -> Result<HashMap<MapData, u32, SweepStats>, MapError> {
-    const BPF_F_NO_PREALLOC: u32 = 1;
-    let m = HashMap::<MapData, u32, SweepStats>::create(entries, BPF_F_NO_PREALLOC)?;
-    // Only this daemon writes the map: replacing the pin is all it takes to grow it.
-    let _ = std::fs::remove_file(pin);
-    aya::maps::IterableMap::map(&m)
-        .pin(pin)
-        .map_err(|e| MapError::PinError {
-            name: Some(SWEEP_STATS_PIN.into()),
-            error: e,
-        })?;
-    Ok(m)
-}
-
-/// Adds to rule `rule`'s sweep counts, doubling the map (pinned in its place) when it is full.
-fn count(
-    pin_dir: &Path,
-    stats: &mut HashMap<MapData, u32, SweepStats>,
-    rule: u32,
-    bump: fn(&mut SweepStats),
-) -> Result<(), MapError> {
-    let mut now = stats.get(&rule, 0).unwrap_or_default();
-    bump(&mut now);
-    match stats.insert(rule, now, 0) {
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
-            let size = aya::maps::IterableMap::map(stats)
-                .info()?
-                .max_entries()
-                .saturating_mul(2);
-            let mut bigger = new_stats_map(&pin_dir.join(SWEEP_STATS_PIN), size)?;
-            for entry in stats.iter() {
-                let (id, counts) = entry?;
-                bigger.insert(id, counts, 0)?;
-            }
-            bigger.insert(rule, now, 0)?;
-            *stats = bigger;
-            Ok(())
-        }
-        other => other,
-    }
-}
-
 /// Where the sweeper finds things and how it acts.
 pub struct SweepSetup {
     /// The governed cgroup; its descendants are swept too, read again at each pass.
     pub cgroup: PathBuf,
     pub pin_dir: PathBuf,
-    pub enforce_default: bool,
+    pub enforcement: Enforcement,
 }
 
 impl Sweeper {
@@ -128,13 +64,13 @@ impl Sweeper {
         cgroup: &Path,
         pin_dir: PathBuf,
         netns: Option<PathBuf>,
-        enforce_default: bool,
+        enforcement: Enforcement,
         every_ms: Arc<AtomicU64>,
     ) -> std::io::Result<Sweeper> {
         let setup = SweepSetup {
             cgroup: cgroup.to_path_buf(),
             pin_dir,
-            enforce_default,
+            enforcement,
         };
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -188,7 +124,7 @@ impl Drop for Sweeper {
 pub fn sweep(setup: &SweepSetup, audited: &mut HashSet<u32>) -> std::io::Result<usize> {
     let map = MapData::from_pin(setup.pin_dir.join(crate::kernel::SOCKETS_PIN))
         .map_err(std::io::Error::other)?;
-    let mut stats = stats_map(&setup.pin_dir, true).map_err(std::io::Error::other)?;
+    let mut stats = sweep_stats::open(&setup.pin_dir, true).map_err(std::io::Error::other)?;
     // The sockets being closed, so that the programs count their end as con_lifetime's (absent
     // from the pins of an older version's programs).
     let mut closing: Option<HashMap<MapData, u64, u32>> =
@@ -206,14 +142,14 @@ pub fn sweep(setup: &SweepSetup, audited: &mut HashSet<u32>) -> std::io::Result<
         let lifetime = record.profile.con_lifetime_s;
         if !tree.contains(s.cgroup_id)
             || !s.established()
-            || !enforced(lifetime, setup.enforce_default)
+            || !setup.enforcement.con_lifetime(lifetime)
             || u64::from(s.idle_ms()) <= u64::from(lifetime) * 1000
         {
             continue;
         }
         let rule = record.profile.rule_id;
         let mut count = |bump: fn(&mut SweepStats)| {
-            if let Err(e) = count(&setup.pin_dir, &mut stats, rule, bump) {
+            if let Err(e) = sweep_stats::count(&setup.pin_dir, &mut stats, rule, bump) {
                 tracing::warn!("counting for rule {rule}: {e}");
             }
         };
@@ -267,11 +203,16 @@ mod tests {
 
     #[test]
     fn the_sweep_keeps_within_a_second_of_the_shortest_lifetime() {
-        assert_eq!(sweep_interval_ms([2], false), 500);
-        assert_eq!(sweep_interval_ms([120, 600], false), 1000);
-        assert_eq!(sweep_interval_ms([120], false), 0);
-        assert_eq!(sweep_interval_ms([120], true), 1000);
-        assert_eq!(sweep_interval_ms([0, 0], true), 0);
-        assert_eq!(sweep_interval_ms([1], false), 250);
+        let opensips = Enforcement::default();
+        let every = Enforcement {
+            default_lifetime: true,
+            ..Enforcement::default()
+        };
+        assert_eq!(sweep_interval_ms([2], &opensips), 500);
+        assert_eq!(sweep_interval_ms([120, 600], &opensips), 1000);
+        assert_eq!(sweep_interval_ms([120], &opensips), 0);
+        assert_eq!(sweep_interval_ms([120], &every), 1000);
+        assert_eq!(sweep_interval_ms([0, 0], &every), 0);
+        assert_eq!(sweep_interval_ms([1], &opensips), 250);
     }
 }

@@ -14,6 +14,7 @@ pub mod lifetime;
 mod metrics;
 pub mod reapply;
 mod reloader;
+mod request;
 pub mod status;
 pub mod watch;
 
@@ -39,7 +40,8 @@ use lifetime::Sweeper;
 use status::DaemonState;
 
 pub use control::request;
-use reloader::{Reloader, Request};
+use reloader::Reloader;
+use request::Request;
 
 /// How long a read of the rule table may take, by default, before the reload gives up (the
 /// policy in force stays).
@@ -91,8 +93,6 @@ pub struct Options {
     pub poll_interval: Option<Duration>,
     /// The network namespace the cgroup's sockets live in (for con_lifetime); None: ours.
     pub netns: Option<PathBuf>,
-    /// Enforce con_lifetime also where it is OpenSIPS's default of 120 s.
-    pub enforce_default_lifetime: bool,
     /// After a reload, give established connections the keepalive of the rule now matching.
     pub reapply_existing: bool,
     /// How long reading the table (or connecting to watch it) may take.
@@ -180,9 +180,7 @@ async fn read_valid(options: &Options) -> Result<RuleSet, DaemonError> {
         );
     }
     let kernel = crate::kernel::features::column_features();
-    for u in
-        crate::kernel::features::unenforceable(&set.rules, kernel, options.enforce_default_lifetime)
-    {
+    for u in crate::kernel::features::unenforceable(&set.rules, kernel, &options.enforcement) {
         tracing::error!("{u}; the rule's other columns are enforced");
     }
     Ok(set)
@@ -286,13 +284,13 @@ impl Daemon {
             .flatten();
         let sweep_every = Arc::new(AtomicU64::new(lifetime::sweep_interval_ms(
             policy.rules.iter().map(|r| r.profile.con_lifetime_s),
-            options.enforce_default_lifetime,
+            &options.enforcement,
         )));
         let sweeper = match Sweeper::start(
             enforcer.cgroup(),
             enforcer.pin_dir().to_path_buf(),
             options.netns.clone(),
-            options.enforce_default_lifetime,
+            options.enforcement,
             sweep_every.clone(),
         ) {
             Ok(s) => Some(s),
@@ -342,7 +340,7 @@ impl Daemon {
         // The last steps that can fail: on a first start, a failure takes the policy off
         // again (an adopted policy stays, with this run's programs in it).
         let shared = match options.api_group {
-            Some(gid) => system::share_records(enforcer.pin_dir(), gid).map(|warnings| {
+            Some(gid) => crate::kernel::share_records(enforcer.pin_dir(), gid).map(|warnings| {
                 for warning in warnings {
                     tracing::warn!("--api-group: {warning}");
                 }
@@ -354,7 +352,7 @@ impl Daemon {
                         .display()
                 );
             }),
-            None => system::unshare_records(enforcer.pin_dir()),
+            None => crate::kernel::unshare_records(enforcer.pin_dir()),
         };
         let keeper = shared
             .map_err(DaemonError::from)

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::keeper::Keeper;
+use super::request::Request;
 use super::{DaemonError, Options, notify, read_valid};
 use crate::daemon::lifetime;
 use crate::daemon::status::{self, DaemonState, ReloadRecord};
@@ -20,30 +21,6 @@ use crate::policy::compile::{Policy, compile_with};
 use crate::policy::listener::Listeners;
 use crate::policy::patch::{Index, MAX_PATCHED};
 use crate::policy::pipeline::PipelineError;
-
-/// What the reloader is asked.
-pub enum Request {
-    /// Reload the table; `reply` (if any) gets the report or the reason it failed. `automatic`:
-    /// nobody asked (a table change), so a failure is retried.
-    Reload {
-        reply: Option<oneshot::Sender<Result<String, String>>>,
-        automatic: bool,
-        /// Read the whole table, whatever its change log says.
-        full: bool,
-        /// The rows a notification named (each changed, added or removed, and nothing else);
-        /// None when nobody said which.
-        rows: Option<Vec<i64>>,
-    },
-    /// Govern the cgroup made again at the governed cgroup's path (see `keeper`).
-    Rebind,
-    /// Stop, taking the policy off the cgroup when `detach`.
-    Stop {
-        detach: bool,
-        done: oneshot::Sender<Result<(), DaemonError>>,
-    },
-    /// The watcher could not reach the database: recorded for `status`, nothing reloaded.
-    SourceFault(String),
-}
 
 pub struct Reloader {
     /// Away only while a blocking thread works on it.
@@ -371,7 +348,7 @@ impl Reloader {
         for u in crate::kernel::features::unenforceable(
             &changed.rules,
             kernel,
-            self.options.enforce_default_lifetime,
+            &self.options.enforcement,
         ) {
             tracing::error!("{u}; the rule's other columns are enforced");
         }
@@ -403,7 +380,7 @@ impl Reloader {
         let index = self.index.as_mut().expect("checked above");
         index.applied(&patch);
         self.published.sweep_every.store(
-            lifetime::sweep_interval_ms(index.lifetimes(), self.options.enforce_default_lifetime),
+            lifetime::sweep_interval_ms(index.lifetimes(), &self.options.enforcement),
             Ordering::Relaxed,
         );
         let generation = self.enforcer.as_ref().map_or(0, Enforcer::generation);
@@ -484,7 +461,7 @@ impl Reloader {
         self.published.sweep_every.store(
             lifetime::sweep_interval_ms(
                 policy.rules.iter().map(|r| r.profile.con_lifetime_s),
-                self.options.enforce_default_lifetime,
+                &self.options.enforcement,
             ),
             Ordering::Relaxed,
         );

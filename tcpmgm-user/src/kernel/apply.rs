@@ -9,7 +9,7 @@ use super::generation::Generation;
 use super::pins::{adopt_links, remove_stale_pins};
 use super::programs::{self, Programs};
 use super::undo::Undo;
-use super::{Enforcer, HOOKS, KernelError, Timings, fault, sys};
+use super::{Enforcer, HOOKS, KernelError, Timings, fault, needs_all, sys};
 use crate::policy::compile::Policy;
 use tcpmgm_common::Profile;
 
@@ -48,7 +48,7 @@ pub(super) fn apply(
                 // What this kernel offers, said at every start: not a fault to act on.
                 tracing::info!(
                     "connection outcomes: a reset by the peer, an abort on this host and unanswered keepalive probes are counted together as \"aborted\": the outcome tracers need {}: {why}",
-                    super::tracers::NEEDS
+                    super::features::TRACERS.needs()
                 );
             }
             let loaded = started.elapsed();
@@ -61,7 +61,7 @@ pub(super) fn apply(
             programs.pin(pin_dir, &mut undo)?;
             first.pin(pin_dir, &mut undo)?;
             undo.commit();
-            remove_stale_pins(pin_dir);
+            remove_stale_pins(pin_dir, programs.templates.traced);
             tracing::info!(
                 cgroup = %cgroup.display(),
                 pins = %pin_dir.display(),
@@ -179,6 +179,7 @@ pub(super) fn put_in_links(
                     .map_err(|e| KernelError::Link {
                         program: hook.name,
                         what: "opening the program it holds, to put it back on failure",
+                        needs: None,
                         reason: e.to_string(),
                     })?;
                 undo.swap(&link, program, old, hook.name)?;
@@ -189,11 +190,9 @@ pub(super) fn put_in_links(
                     .and_then(|()| sys::link_create(program, cgroup_file.as_fd(), hook.attach_type))
                     .map_err(|e| KernelError::Link {
                         program: hook.name,
-                        what: "attaching it to the cgroup (BPF_LINK_CREATE, needs Linux 5.7)",
-                        reason: format!(
-                            "{e} ({}, needs Linux {})",
-                            hook.kernel_kind, hook.min_kernel
-                        ),
+                        what: "attaching it to the cgroup",
+                        needs: Some(super::features::LINK_CREATE),
+                        reason: format!("{e} ({})", needs_all(hook.needs)),
                     })?;
                 undo.attached(&link, hook.name)
                     .map_err(|source| KernelError::Step {

@@ -170,9 +170,11 @@ fn send(fd: &OwnedFd, kind: u16, flags: u16, req: &ReqV2, attrs: &[u8]) -> io::R
     req.put(&mut msg);
     debug_assert_eq!(msg.len(), len - attrs.len());
     msg.extend_from_slice(attrs);
-    // SAFETY: sends our buffer on our socket (to the kernel: the zeroed default address).
+    // SAFETY: sockaddr_nl is plain integers, for which all zeroes is a value.
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as u16;
+    // SAFETY: sends our buffer, for its length, on our socket to the kernel (the address is
+    // a sockaddr_nl of the size given).
     let r = unsafe {
         libc::sendto(
             fd.as_raw_fd(),

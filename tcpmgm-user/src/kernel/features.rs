@@ -10,6 +10,7 @@ use aya::programs::ProgramType;
 use aya::sys::{BpfHelper, is_helper_supported, is_map_supported, is_program_supported};
 use serde::Serialize;
 
+use crate::policy::compile::Enforcement;
 use crate::policy::rule::Rule;
 
 /// Who needs a feature.
@@ -42,14 +43,10 @@ impl Column {
         }
     }
 
-    /// Whether `rule` asks for this column's enforcement (`enforce_default_lifetime`: also
-    /// where it keeps OpenSIPS's default).
-    fn asked_by(self, rule: &Rule, enforce_default_lifetime: bool) -> bool {
+    /// Whether `rule` asks for this column's enforcement.
+    fn asked_by(self, rule: &Rule, enforcement: &Enforcement) -> bool {
         match self {
-            Column::ConLifetime => crate::daemon::lifetime::enforced(
-                rule.profile.con_lifetime_s,
-                enforce_default_lifetime,
-            ),
+            Column::ConLifetime => enforcement.con_lifetime(rule.profile.con_lifetime_s),
         }
     }
 }
@@ -65,12 +62,127 @@ pub struct Feature {
     pub detail: String,
 }
 
-fn feature(
-    name: &'static str,
-    provided_by: &'static str,
-    need: Need,
-    probe: Result<bool, String>,
-) -> Feature {
+/// A kernel feature tcpmgm uses, declared once: its name as `tcpmgm features` and the README's
+/// kernel table show it, a short name for messages, and what provides it. The probes, the
+/// report and every "needs" message take them from here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelFeature {
+    pub name: &'static str,
+    pub short: &'static str,
+    pub provided_by: &'static str,
+}
+
+impl KernelFeature {
+    /// "SHORT, needs PROVIDER", for an error that this feature may be missing behind.
+    pub fn needs(&self) -> String {
+        format!("{}, needs {}", self.short, self.provided_by)
+    }
+}
+
+/// The kernel release tcpmgm is tested on and after (Debian 11's); older ones may lack what the
+/// programs take for granted beyond the features declared here.
+pub const TESTED_FROM: &str = "Linux 5.10";
+
+pub const SOCK_OPS: KernelFeature = KernelFeature {
+    name: "BPF_PROG_TYPE_SOCK_OPS",
+    short: "BPF_PROG_TYPE_SOCK_OPS",
+    provided_by: "Linux 4.13",
+};
+pub const SETSOCKOPT_HELPER: KernelFeature = KernelFeature {
+    name: "bpf_setsockopt() from sock_ops",
+    short: "bpf_setsockopt()",
+    provided_by: "Linux 4.13",
+};
+pub const SK_STORAGE: KernelFeature = KernelFeature {
+    name: "BPF_MAP_TYPE_SK_STORAGE (one decision per socket)",
+    short: "BPF_MAP_TYPE_SK_STORAGE",
+    provided_by: "Linux 5.2",
+};
+pub const SOCK_OPS_STORAGE: KernelFeature = KernelFeature {
+    name: "bpf_sk_storage_get() from sock_ops (the socket's record)",
+    short: "bpf_sk_storage_get() from sock_ops",
+    provided_by: "Linux 5.3",
+};
+pub const LPM_TRIE: KernelFeature = KernelFeature {
+    name: "BPF_MAP_TYPE_LPM_TRIE",
+    short: "BPF_MAP_TYPE_LPM_TRIE",
+    provided_by: "Linux 4.11",
+};
+pub const ARRAY_OF_MAPS: KernelFeature = KernelFeature {
+    name: "BPF_MAP_TYPE_ARRAY_OF_MAPS (switching rule sets in one step)",
+    short: "BPF_MAP_TYPE_ARRAY_OF_MAPS",
+    provided_by: "Linux 4.12",
+};
+pub const RINGBUF: KernelFeature = KernelFeature {
+    name: "BPF_MAP_TYPE_RINGBUF (the programs' log events)",
+    short: "BPF_MAP_TYPE_RINGBUF",
+    provided_by: "Linux 5.8",
+};
+pub const LINK_CREATE: KernelFeature = KernelFeature {
+    name: "cgroup bpf_links (BPF_LINK_CREATE)",
+    short: "BPF_LINK_CREATE",
+    provided_by: "Linux 5.7",
+};
+pub const LINK_UPDATE: KernelFeature = KernelFeature {
+    name: "BPF_LINK_UPDATE (a restart adopts the pinned links)",
+    short: "BPF_LINK_UPDATE",
+    provided_by: "Linux 5.7",
+};
+pub const LINK_DETACH: KernelFeature = KernelFeature {
+    name: "BPF_LINK_DETACH (tcpmgm detach)",
+    short: "BPF_LINK_DETACH",
+    provided_by: "Linux 5.9",
+};
+pub const SOCK_ADDR: KernelFeature = KernelFeature {
+    name: "BPF_PROG_TYPE_CGROUP_SOCK_ADDR (connect4, connect6: outbound sockets decided, no_new_conn)",
+    short: "BPF_PROG_TYPE_CGROUP_SOCK_ADDR",
+    provided_by: "Linux 4.17",
+};
+pub const SOCKOPT: KernelFeature = KernelFeature {
+    name: "BPF_PROG_TYPE_CGROUP_SOCKOPT (the rule's options held against the application's, connect_timeout)",
+    short: "BPF_PROG_TYPE_CGROUP_SOCKOPT",
+    provided_by: "Linux 5.3",
+};
+pub const PIDFD_GETFD: KernelFeature = KernelFeature {
+    name: "pidfd_getfd()",
+    short: "the pidfd_getfd system call",
+    provided_by: "Linux 5.6",
+};
+pub const UNPRIVILEGED_BPF: KernelFeature = KernelFeature {
+    name: "bpf() lookups by users without CAP_BPF",
+    short: "bpf() without CAP_BPF",
+    provided_by: "Linux 6.5 and some stable kernels, or kernel.unprivileged_bpf_disabled=0",
+};
+pub const LPM_BATCH: KernelFeature = KernelFeature {
+    name: "batch updates of LPM tries",
+    short: "batch updates of LPM tries",
+    provided_by: "newer kernels than 5.10",
+};
+pub const MEMCG: KernelFeature = KernelFeature {
+    name: "BPF memory charged to the cgroup",
+    short: "BPF memory charged to the cgroup",
+    provided_by: "Linux 5.11",
+};
+pub const SOCK_DESTROY: KernelFeature = KernelFeature {
+    name: "SOCK_DESTROY through sock_diag",
+    short: "SOCK_DESTROY",
+    provided_by: "CONFIG_INET_DIAG_DESTROY",
+};
+pub const VERIFIED: KernelFeature = KernelFeature {
+    name: "tcpmgm's programs pass the verifier",
+    short: "the verifier",
+    provided_by: "",
+};
+pub const TRACERS: KernelFeature = KernelFeature {
+    name: "outcome tracers (a reset by the peer, an abort on this host and unanswered keepalive probes told apart)",
+    short: "BTF tracing programs (fentry, tp_btf) that read socket storage",
+    provided_by: "Linux 5.11, with the kernel's BTF in /sys/kernel/btf/vmlinux",
+};
+
+fn feature(of: &KernelFeature, need: Need, probe: Result<bool, String>) -> Feature {
+    let KernelFeature {
+        name, provided_by, ..
+    } = *of;
     let (supported, detail) = match probe {
         Ok(ok) => (ok, String::new()),
         Err(e) => (false, e),
@@ -102,20 +214,11 @@ fn helper(t: ProgramType, h: BpfHelper) -> Result<bool, String> {
 fn command(cmd: bpf_cmd, fd_word: usize) -> Result<bool, String> {
     let mut attr = [0u32; 16];
     attr[fd_word] = u32::MAX;
-    // SAFETY: a bpf_attr-sized buffer the kernel only reads.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_long,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    match std::io::Error::last_os_error().raw_os_error() {
-        _ if r >= 0 => Ok(true),
-        Some(libc::EBADF) => Ok(true),
-        Some(libc::EINVAL) => Ok(false),
-        other => Err(format!("unexpected answer {other:?}")),
+    match super::sys::bpf(cmd, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(format!("{cmd:?}: unexpected answer: {e}")),
     }
 }
 
@@ -198,8 +301,10 @@ pub(crate) fn memlock_bound() -> Option<u64> {
 pub fn unprivileged_bpf() -> Result<bool, String> {
     use nix::sys::wait::{WaitStatus, waitpid};
     use nix::unistd::{ForkResult, fork};
-    // SAFETY: the child makes raw system calls only, then _exits.
+    // SAFETY: the child makes system calls only, then _exits.
     match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+        // SAFETY: raw system calls on this function's own buffers, then _exit: nothing the
+        // parent's other threads held is touched.
         ForkResult::Child => unsafe {
             // _LINUX_CAPABILITY_VERSION_3, this process; then no capability in any set.
             let header: [u32; 2] = [0x2008_0522, 0];
@@ -208,15 +313,13 @@ pub fn unprivileged_bpf() -> Result<bool, String> {
                 libc::_exit(2);
             }
             let path = c"/sys/fs/bpf/tcpmgm-probe-nonexistent";
-            // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
-            let attr: [u64; 2] = [path.as_ptr() as u64, 0];
-            let r = libc::syscall(
-                libc::SYS_bpf,
-                BPF_OBJ_GET as libc::c_long,
-                attr.as_ptr(),
-                16,
+            // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags. (`sys::bpf` is the
+            // system call and its errno: nothing allocates in the child.)
+            let mut attr: [u64; 2] = [path.as_ptr() as u64, 0];
+            let refused = matches!(
+                super::sys::bpf(BPF_OBJ_GET, &mut attr),
+                Err(e) if e.raw_os_error() == Some(libc::EPERM)
             );
-            let refused = r < 0 && *libc::__errno_location() == libc::EPERM;
             libc::_exit(i32::from(refused));
         },
         ForkResult::Parent { child } => match waitpid(child, None) {
@@ -236,96 +339,38 @@ use aya_obj::generated::bpf_cmd::{
 pub fn probe() -> Vec<Feature> {
     use Need::*;
     let mut found = vec![
+        feature(&SOCK_OPS, Core, program(ProgramType::SockOps)),
         feature(
-            "BPF_PROG_TYPE_SOCK_OPS",
-            "Linux 4.13",
-            Core,
-            program(ProgramType::SockOps),
-        ),
-        feature(
-            "bpf_setsockopt() from sock_ops",
-            "Linux 4.13",
+            &SETSOCKOPT_HELPER,
             Core,
             helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_setsockopt),
         ),
+        feature(&SK_STORAGE, Core, map(MapType::SkStorage)),
         feature(
-            "BPF_MAP_TYPE_SK_STORAGE (one decision per socket)",
-            "Linux 5.2",
+            &SOCK_OPS_STORAGE,
             Core,
-            map(MapType::SkStorage),
+            helper(ProgramType::SockOps, BpfHelper::BPF_FUNC_sk_storage_get),
         ),
-        feature(
-            "BPF_MAP_TYPE_LPM_TRIE",
-            "Linux 4.11",
-            Core,
-            map(MapType::LpmTrie),
-        ),
-        feature(
-            "BPF_MAP_TYPE_ARRAY_OF_MAPS (switching rule sets in one step)",
-            "Linux 4.12",
-            Core,
-            map(MapType::ArrayOfMaps),
-        ),
-        feature(
-            "BPF_MAP_TYPE_RINGBUF (the programs' log events)",
-            "Linux 5.8",
-            Core,
-            map(MapType::RingBuf),
-        ),
-        feature(
-            "cgroup bpf_links (BPF_LINK_CREATE)",
-            "Linux 5.7",
-            Core,
-            command(BPF_LINK_CREATE, 0),
-        ),
-        feature(
-            "BPF_LINK_UPDATE (a restart adopts the pinned links)",
-            "Linux 5.7",
-            Core,
-            command(BPF_LINK_UPDATE, 0),
-        ),
-        feature(
-            "BPF_LINK_DETACH (tcpmgm detach)",
-            "Linux 5.9",
-            Core,
-            command(BPF_LINK_DETACH, 0),
-        ),
-        feature(
-            "BPF_PROG_TYPE_CGROUP_SOCK_ADDR (connect4, connect6: outbound sockets decided, no_new_conn)",
-            "Linux 4.17",
-            Core,
-            program(ProgramType::CgroupSockAddr),
-        ),
-        feature(
-            "BPF_PROG_TYPE_CGROUP_SOCKOPT (the rule's options held against the application's, connect_timeout)",
-            "Linux 5.3",
-            Core,
-            program(ProgramType::CgroupSockopt),
-        ),
+        feature(&LPM_TRIE, Core, map(MapType::LpmTrie)),
+        feature(&ARRAY_OF_MAPS, Core, map(MapType::ArrayOfMaps)),
+        feature(&RINGBUF, Core, map(MapType::RingBuf)),
+        feature(&LINK_CREATE, Core, command(BPF_LINK_CREATE, 0)),
+        feature(&LINK_UPDATE, Core, command(BPF_LINK_UPDATE, 0)),
+        feature(&LINK_DETACH, Core, command(BPF_LINK_DETACH, 0)),
+        feature(&SOCK_ADDR, Core, program(ProgramType::CgroupSockAddr)),
+        feature(&SOCKOPT, Core, program(ProgramType::CgroupSockopt)),
     ];
     found.extend_from_slice(column_features());
     found.extend([
+        feature(&PIDFD_GETFD, Option("--reapply-existing"), pidfd_getfd()),
+        feature(&UNPRIVILEGED_BPF, Option("--api-group"), unprivileged_bpf()),
         feature(
-            "pidfd_getfd()",
-            "Linux 5.6",
-            Option("--reapply-existing"),
-            pidfd_getfd(),
-        ),
-        feature(
-            "bpf() lookups by users without CAP_BPF",
-            "Linux 6.5 and some stable kernels, or kernel.unprivileged_bpf_disabled=0",
-            Option("--api-group"),
-            unprivileged_bpf(),
-        ),
-        feature(
-            "batch updates of LPM tries",
-            "newer kernels than 5.10",
+            &LPM_BATCH,
             Speed("the prefix tries are filled one entry at a time"),
             crate::kernel::lpm_batch_supported().map_err(|e| e.to_string()),
         ),
         feature(
-            "BPF memory charged to the cgroup",
-            "Linux 5.11",
+            &MEMCG,
             Speed(
                 "BPF memory counts against RLIMIT_MEMLOCK, which tcpmgm raises as far as allowed",
             ),
@@ -341,15 +386,13 @@ pub fn column_features() -> &'static [Feature] {
     static FOUND: std::sync::OnceLock<Vec<Feature>> = std::sync::OnceLock::new();
     FOUND.get_or_init(|| {
         vec![feature(
-            "SOCK_DESTROY through sock_diag",
-            "CONFIG_INET_DIAG_DESTROY",
+            &SOCK_DESTROY,
             Need::Column(Column::ConLifetime),
             sock_destroy(),
         )]
     })
 }
 
-/// Loads and verifies the programs (in a pin directory of its own, removed after).
 /// Loads the programs themselves (in a pin directory of its own, removed again): whether they
 /// pass the verifier, and whether the outcome tracers load and attach.
 pub fn programs_load() -> Vec<Feature> {
@@ -371,15 +414,9 @@ pub fn programs_load() -> Vec<Feature> {
         Err(_) => Err("the programs did not load".into()),
     };
     vec![
+        feature(&VERIFIED, Need::Core, result.map(|_| true)),
         feature(
-            "tcpmgm's programs pass the verifier",
-            "",
-            Need::Core,
-            result.map(|_| true),
-        ),
-        feature(
-            "outcome tracers (a reset by the peer, an abort on this host and unanswered keepalive probes told apart)",
-            super::tracers::NEEDS,
+            &TRACERS,
             Need::Insight(
                 "the three are counted together as \"aborted\"; closed, timeout, connect_timeout, connect_failed and lifetime are told apart on every kernel",
             ),
@@ -409,24 +446,18 @@ impl std::fmt::Display for Unenforceable {
     }
 }
 
-/// Which of OpenSIPS's column defaults are enforced (see `compile::Enforcement` and
-/// `lifetime::enforced`).
-/// The rules' columns that `features` cannot enforce (`enforce_default_lifetime`: as
-/// `run --enforce-default-lifetime`).
+/// The rules' columns that `features` cannot enforce, as `enforcement` enforces them.
 pub fn unenforceable(
     rules: &[Rule],
     features: &[Feature],
-    enforce_default_lifetime: bool,
+    enforcement: &Enforcement,
 ) -> Vec<Unenforceable> {
     let mut out = Vec::new();
     for f in features.iter().filter(|f| !f.supported) {
         let Need::Column(column) = f.need else {
             continue;
         };
-        for rule in rules
-            .iter()
-            .filter(|r| column.asked_by(r, enforce_default_lifetime))
-        {
+        for rule in rules.iter().filter(|r| column.asked_by(r, enforcement)) {
             out.push(Unenforceable {
                 rule_id: rule.id,
                 column,

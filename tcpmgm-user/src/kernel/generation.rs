@@ -17,7 +17,7 @@ use aya::maps::{Map, MapData};
 use ipnet::IpNet;
 use tcpmgm_common::{Header, LocalKey4, LocalKey6, Profile, RankEntry, names};
 
-use super::programs::Templates;
+use super::templates::Templates;
 use super::undo::Undo;
 use super::{KernelError, sys};
 use crate::policy::compile::Policy;
@@ -170,21 +170,20 @@ fn shared_profiles(per_rank: &[Profile]) -> (Vec<u32>, Vec<RankEntry>) {
 
 /// The header of generation `number`.
 fn header(number: u32, settings: u32) -> Contents {
-    let traced = if super::programs::TRACED.load(std::sync::atomic::Ordering::Relaxed) {
-        tcpmgm_common::settings::TRACED
-    } else {
-        0
-    };
     Contents::array(&[Header {
         generation: number,
-        flags: settings | traced,
+        flags: settings,
         loader: loader(),
     }])
 }
 
 /// Every map's contents for `policy` as generation `number`, in `names::POLICY_MAPS` order,
 /// with the ranks' entries.
-fn contents(p: &Policy, number: u32) -> (Vec<(&'static str, Contents)>, Vec<RankEntry>) {
+fn contents(
+    p: &Policy,
+    number: u32,
+    settings: u32,
+) -> (Vec<(&'static str, Contents)>, Vec<RankEntry>) {
     let (firsts, ranks) = shared_profiles(&p.profiles);
     let profiles = firsts
         .iter()
@@ -220,7 +219,7 @@ fn contents(p: &Policy, number: u32) -> (Vec<(&'static str, Contents)>, Vec<Rank
             .copied()
     }
     let maps = vec![
-        (names::HEADER, header(number, p.settings)),
+        (names::HEADER, header(number, settings)),
         (names::LISTS, Contents::array(&p.lists)),
         (names::PROFILES, Contents::of((0u32..).zip(profiles))),
         (names::RANKS, Contents::array(&ranks)),
@@ -267,7 +266,7 @@ impl Generation {
         let mut maps = HashMap::new();
         let mut fingerprints = HashMap::new();
         let mut made = Vec::new();
-        let (all, ranks) = contents(policy, number);
+        let (all, ranks) = contents(policy, number, policy.settings | templates.settings());
         let mut profiles = (0, 0);
         for (name, contents) in all {
             let fingerprint = contents.fingerprint();
@@ -306,7 +305,7 @@ impl Generation {
             number,
             maps,
             fingerprints,
-            settings: policy.settings,
+            settings: policy.settings | templates.settings(),
             ranks,
             profiles,
         })
@@ -356,8 +355,10 @@ impl Generation {
         // The ranks, a table's length of them, are not hashed: a later full build makes its own.
         fingerprints.remove(names::PROFILES);
         fingerprints.remove(names::RANKS);
+        let head = header(number, self.settings);
+        fingerprints.insert(names::HEADER, head.fingerprint());
         for (name, contents) in [
-            (names::HEADER, header(number, self.settings)),
+            (names::HEADER, head),
             (names::RANKS, Contents::array(&ranks)),
         ] {
             let map = fill(
@@ -367,7 +368,6 @@ impl Generation {
             )?;
             maps.insert(name, Arc::new(map));
         }
-        fingerprints.insert(names::HEADER, header(number, self.settings).fingerprint());
         Ok(Some(Generation {
             number,
             maps,

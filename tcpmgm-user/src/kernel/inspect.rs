@@ -180,7 +180,7 @@ pub fn counted(dir: &Path) -> Result<std::collections::HashMap<u32, RuleCount>, 
                 .set_outcomes(&o);
         }
     }
-    if let Ok(sweeps) = crate::daemon::lifetime::stats_map(dir, false) {
+    if let Ok(sweeps) = super::sweep_stats::open(dir, false) {
         for entry in sweeps.iter() {
             let (id, swept) =
                 entry.map_err(|e| fail("sweep statistics", "reading", e.to_string()))?;

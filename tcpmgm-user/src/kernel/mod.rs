@@ -23,12 +23,16 @@ pub mod claim;
 pub mod diag;
 pub mod fault;
 pub mod features;
+use features::KernelFeature;
 mod generation;
 mod inspect;
 mod pins;
+pub use pins::{share_records, unshare_records};
 mod programs;
 pub mod socket;
+pub mod sweep_stats;
 mod sys;
+mod templates;
 pub(crate) mod tracers;
 mod undo;
 
@@ -46,6 +50,9 @@ pub use inspect::{Pinned, PinnedProgram, RuleCount, counted, hooks_attached, ins
 pub use pins::{detach_pinned, repin};
 use pins::{pinned_links, remove_pins};
 use programs::Programs;
+
+/// The eBPF object, built by tcpmgm-user's build script.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpmgm"));
 pub use programs::stats_capacity;
 use undo::Undo;
 
@@ -77,25 +84,27 @@ pub enum KernelError {
         io_error: std::io::Error,
         tail: String,
     },
-    #[error("program {program} ({kind}, needs Linux {min_kernel}): {what}: {source}")]
+    #[error("program {program} ({kind}; {}): {what}: {source}", needs_all(.needs))]
     Program {
         program: &'static str,
         kind: &'static str,
-        min_kernel: &'static str,
+        needs: &'static [KernelFeature],
         what: &'static str,
         source: Box<ProgramError>,
     },
     #[error(
-        "replacing the program of the {program} link (BPF_LINK_UPDATE, needs Linux 5.7): {source}"
+        "replacing the program of the {program} link ({}): {source}", features::LINK_UPDATE.needs()
     )]
     LinkUpdate {
         program: &'static str,
         source: std::io::Error,
     },
-    #[error("the {program} link: {what}: {reason}")]
+    #[error("the {program} link: {what}{}: {reason}", .needs.map(|f| format!(" ({})", f.needs())).unwrap_or_default())]
     Link {
         program: &'static str,
         what: &'static str,
+        /// The kernel feature the step takes, when its failure may mean the kernel lacks it.
+        needs: Option<KernelFeature>,
         reason: String,
     },
     #[error("opening cgroup {path}: {source}")]
@@ -130,7 +139,8 @@ pub(crate) struct Hook {
     pub kind: Kind,
     /// The program type as the kernel names it, for messages.
     pub kernel_kind: &'static str,
-    pub min_kernel: &'static str,
+    /// What the program takes from the kernel beyond the core (named in its load errors).
+    pub needs: &'static [KernelFeature],
     /// The link's attach type.
     pub attach_type: bpf_attach_type,
     /// The link's pin name in the pin directory.
@@ -141,12 +151,23 @@ pub(crate) struct Hook {
 
 use aya_obj::generated::bpf_attach_type;
 
+/// What a program needs, feature by feature, and the release tcpmgm is tested from.
+fn needs_all(needs: &[KernelFeature]) -> String {
+    let mut all: Vec<String> = needs.iter().map(KernelFeature::needs).collect();
+    all.push(format!("tested from {}", features::TESTED_FROM));
+    all.join("; ")
+}
+
 pub(crate) const HOOKS: [Hook; 4] = [
     Hook {
         name: names::SOCK_OPS,
         kind: Kind::SockOps,
         kernel_kind: "BPF_PROG_TYPE_SOCK_OPS",
-        min_kernel: "5.3 (sk_storage)",
+        needs: &[
+            features::SOCK_OPS,
+            features::SOCK_OPS_STORAGE,
+            features::RINGBUF,
+        ],
         attach_type: bpf_attach_type::BPF_CGROUP_SOCK_OPS,
         pin: "TCPMGM_LINK_SOCK_OPS",
         program_pin: "TCPMGM_PROG_SOCK_OPS",
@@ -155,7 +176,7 @@ pub(crate) const HOOKS: [Hook; 4] = [
         name: names::CONNECT4,
         kind: Kind::SockAddr,
         kernel_kind: "BPF_PROG_TYPE_CGROUP_SOCK_ADDR connect4",
-        min_kernel: "5.10",
+        needs: &[features::SOCK_ADDR, features::RINGBUF],
         attach_type: bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
         pin: "TCPMGM_LINK_CONNECT4",
         program_pin: "TCPMGM_PROG_CONNECT4",
@@ -164,7 +185,7 @@ pub(crate) const HOOKS: [Hook; 4] = [
         name: names::CONNECT6,
         kind: Kind::SockAddr,
         kernel_kind: "BPF_PROG_TYPE_CGROUP_SOCK_ADDR connect6",
-        min_kernel: "5.10",
+        needs: &[features::SOCK_ADDR, features::RINGBUF],
         attach_type: bpf_attach_type::BPF_CGROUP_INET6_CONNECT,
         pin: "TCPMGM_LINK_CONNECT6",
         program_pin: "TCPMGM_PROG_CONNECT6",
@@ -173,7 +194,7 @@ pub(crate) const HOOKS: [Hook; 4] = [
         name: names::SETSOCKOPT,
         kind: Kind::Sockopt,
         kernel_kind: "BPF_PROG_TYPE_CGROUP_SOCKOPT setsockopt",
-        min_kernel: "5.3",
+        needs: &[features::SOCKOPT],
         attach_type: bpf_attach_type::BPF_CGROUP_SETSOCKOPT,
         pin: "TCPMGM_LINK_SETSOCKOPT",
         program_pin: "TCPMGM_PROG_SETSOCKOPT",
@@ -353,7 +374,8 @@ impl Enforcer {
         for (hook, fd) in HOOKS.iter().zip(&self.links) {
             sys::link_detach(fd.as_fd()).map_err(|e| KernelError::Link {
                 program: hook.name,
-                what: "detaching it (BPF_LINK_DETACH, needs Linux 5.9)",
+                what: "detaching it",
+                needs: Some(features::LINK_DETACH),
                 reason: e.to_string(),
             })?;
         }
@@ -414,7 +436,7 @@ fn program_error(hook: &'static Hook, what: &'static str) -> impl Fn(ProgramErro
         source => KernelError::Program {
             program: hook.name,
             kind: hook.kernel_kind,
-            min_kernel: hook.min_kernel,
+            needs: hook.needs,
             what,
             source: Box::new(source),
         },
@@ -452,4 +474,10 @@ pub fn lpm_batch_supported() -> std::io::Result<bool> {
         .map_err(std::io::Error::other)?;
     let key = [8u32.to_ne_bytes(), [10, 0, 0, 0]].concat();
     sys::update_batch(trie.map().fd().as_fd(), &key, &1u32.to_ne_bytes(), 1, 8, 4)
+}
+
+/// A `KernelError::Map` about `map`, doing `what`, for the reason it is given.
+fn fail(map: &'static str, what: &str) -> impl FnOnce(String) -> KernelError {
+    let what = what.to_owned();
+    move |reason| KernelError::Map { map, what, reason }
 }

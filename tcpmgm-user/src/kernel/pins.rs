@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use tcpmgm_common::names;
 
 use super::{HOOKS, KernelError, fault, sys};
+use crate::system::SystemError;
 
 /// Removes pins of names this version does not use (left by an older layout), now that the
 /// current ones are in place.
-pub(super) fn remove_stale_pins(dir: &Path) {
+pub(super) fn remove_stale_pins(dir: &Path, traced: bool) {
     let keep = |name: &str| {
         names::POLICY_MAPS.iter().any(|(map, _)| *map == name)
             || HOOKS.iter().any(|h| h.pin == name || h.program_pin == name)
@@ -17,7 +18,7 @@ pub(super) fn remove_stale_pins(dir: &Path) {
                 .iter()
                 .any(|(_, pin)| pin.file_name().is_some_and(|p| p == name))
             || name == tcpmgm_common::SWEEP_STATS_PIN
-            || tracer_pin(name)
+            || (traced && super::tracers::TRACERS.iter().any(|t| t.pin == name))
     };
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -26,13 +27,6 @@ pub(super) fn remove_stale_pins(dir: &Path) {
             let _ = std::fs::remove_file(e.path());
         }
     }
-}
-
-/// Whether `name` is an outcome tracer's link pin: kept while this run's tracers are attached
-/// (their pins replace an earlier run's), removed by `remove_stale_pins` otherwise.
-fn tracer_pin(name: &str) -> bool {
-    super::programs::TRACED.load(std::sync::atomic::Ordering::Relaxed)
-        && super::tracers::TRACERS.iter().any(|t| t.pin == name)
 }
 
 /// The links pinned in `dir` by an earlier run, in `HOOKS` order. A link whose cgroup is gone
@@ -106,6 +100,7 @@ pub(super) fn pinned_links(
             let fail = |what: &'static str, reason: String| KernelError::Link {
                 program: hook.name,
                 what,
+                needs: None,
                 reason,
             };
             let fd = sys::obj_get(&path).map_err(|e| fail("opening its pin", e.to_string()))?;
@@ -153,11 +148,95 @@ pub fn detach_pinned(dir: &Path) -> Result<bool, KernelError> {
         if let Some((fd, _)) = link {
             sys::link_detach(fd.as_fd()).map_err(|e| KernelError::Link {
                 program: hook.name,
-                what: "detaching it (BPF_LINK_DETACH, needs Linux 5.9)",
+                what: "detaching it",
+                needs: Some(super::features::LINK_DETACH),
                 reason: e.to_string(),
             })?;
         }
     }
     remove_pins(dir);
     Ok(found)
+}
+
+/// `--api-group`: the group may open the per-socket records read-only (the pin 0640, its
+/// directory 0710, both of the group), and nothing else: the other pins stay root's, and the
+/// directories above (up to bpffs's root) only let others pass through (o+x). Returns what
+/// still keeps the group out, as warnings.
+pub fn share_records(pin_dir: &Path, gid: u32) -> Result<Vec<String>, SystemError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: nix::Error| SystemError::Read {
+            path: path.clone(),
+            source: std::io::Error::from(e),
+        }
+    };
+    let group = Some(nix::unistd::Gid::from_raw(gid));
+    let pin = pin_dir.join(super::SOCKETS_PIN);
+    for (path, mode) in [(pin_dir, 0o710), (pin.as_path(), 0o640)] {
+        nix::unistd::chown(path, None, group).map_err(fail(path))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
+            |source| SystemError::Read {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
+    }
+    let mut warnings = Vec::new();
+    let root = crate::system::mounts_of("bpf")?
+        .into_iter()
+        .filter(|m| pin_dir.starts_with(m))
+        .max_by_key(|m| m.as_os_str().len());
+    for dir in pin_dir.ancestors().skip(1) {
+        let Ok(meta) = std::fs::metadata(dir) else {
+            break;
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        if Some(dir) == root.as_deref() {
+            if mode & 0o001 == 0 {
+                warnings.push(format!(
+                    "bpffs's root {} is mode {mode:o}: only root passes through it (systemd \
+                     mounts it 0700), so the group cannot reach the records; let others pass \
+                     (chmod o+x {}, or mount bpffs with mode=0711)",
+                    dir.display(),
+                    dir.display()
+                ));
+            }
+            break;
+        }
+        if mode & 0o001 == 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o001)).map_err(
+                |source| SystemError::Read {
+                    path: dir.to_path_buf(),
+                    source,
+                },
+            )?;
+        }
+    }
+    match super::features::unprivileged_bpf() {
+        Ok(true) => {}
+        Ok(false) => warnings.push(format!(
+            "this kernel refuses bpf() to processes without CAP_BPF while \
+             kernel.unprivileged_bpf_disabled is set: the group's members need CAP_BPF, or {}",
+            super::features::UNPRIVILEGED_BPF.provided_by
+        )),
+        Err(e) => warnings.push(e),
+    }
+    Ok(warnings)
+}
+
+/// Without `--api-group`, the records are root's alone again (an earlier run may have shared
+/// them).
+pub fn unshare_records(pin_dir: &Path) -> Result<(), SystemError> {
+    use std::os::unix::fs::PermissionsExt;
+    let pin = pin_dir.join(super::SOCKETS_PIN);
+    for (path, mode) in [(pin_dir, 0o700), (pin.as_path(), 0o600)] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
+            |source| SystemError::Read {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
+    }
+    Ok(())
 }

@@ -16,11 +16,9 @@ use aya::{Ebpf, EbpfLoader};
 use tcpmgm_common::names;
 
 use super::generation::Generation;
+use super::templates::Templates;
 use super::undo::Undo;
-use super::{HOOKS, KernelError, SOCKETS_PIN, fault, load_program, sys};
-
-/// The eBPF object, built by tcpmgm-user's build script.
-pub(super) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpmgm"));
+use super::{HOOKS, KernelError, OBJECT, SOCKETS_PIN, fail, fault, load_program, sys};
 
 /// The maps every generation and every run share, with their pins in `pin_dir`: the per-socket
 /// decisions and start times, the rule statistics and outcomes, the sweeper's closing sockets
@@ -43,10 +41,6 @@ pub(crate) fn shared_pins(pin_dir: &Path) -> [(&'static str, PathBuf); 8] {
         ),
     ]
 }
-
-/// Whether the outcome tracers of this process's programs are attached: every generation's
-/// header says so (`settings::TRACED`), and the sockets it decides carry it.
-pub(super) static TRACED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Copies every entry `entries` gives with `insert`: how many, or which side failed.
 fn copy<V>(
@@ -82,65 +76,6 @@ pub struct Programs {
     tracers: Result<Vec<OwnedFd>, String>,
 }
 
-/// What each generation's maps are made from: the object's declarations of the policy maps, and
-/// the object's BTF, loaded into the kernel once, so that a reload creates its maps (with the
-/// field names bpftool prints) and nothing else.
-pub(super) struct Templates {
-    btf: Option<OwnedFd>,
-    maps: HashMap<&'static str, aya_obj::Map>,
-}
-
-impl Templates {
-    fn load() -> Result<Templates, KernelError> {
-        let fail = |what: &str, reason: String| KernelError::Map {
-            map: "(policy maps)",
-            what: what.to_owned(),
-            reason,
-        };
-        let mut object = aya_obj::Object::parse(OBJECT)
-            .map_err(|e| fail("parsing the object", e.to_string()))?;
-        let btf = match aya::features().btf() {
-            Some(features) => match object
-                .fixup_and_sanitize_btf(features)
-                .map_err(|e| fail("preparing the object's BTF", e.to_string()))?
-            {
-                Some(btf) => Some(
-                    sys::btf_load(&btf.to_bytes())
-                        .map_err(|e| fail("loading the object's BTF", e.to_string()))?,
-                ),
-                None => None,
-            },
-            None => None,
-        };
-        let mut maps = HashMap::new();
-        for (name, _) in names::POLICY_MAPS {
-            let map = object.maps.remove(name).ok_or_else(|| KernelError::Map {
-                map: name,
-                what: "finding its declaration".into(),
-                reason: "the object does not declare it".into(),
-            })?;
-            maps.insert(name, map);
-        }
-        Ok(Templates { btf, maps })
-    }
-
-    /// A new map of kind `name` (a name of `names::POLICY_MAPS`) for `max_entries` entries.
-    pub(super) fn create(&self, name: &'static str, max_entries: u32) -> Result<Map, KernelError> {
-        let mut def = self.maps[name].clone();
-        def.set_max_entries(max_entries.max(1));
-        let data =
-            MapData::create(def, name, self.btf.as_ref().map(|fd| fd.as_fd())).map_err(|e| {
-                fail(name, &format!("creating it for {max_entries} entries"))(e.to_string())
-            })?;
-        Map::from_map_data(data).map_err(|e| fail(name, "opening it")(e.to_string()))
-    }
-}
-
-fn fail(map: &'static str, what: &str) -> impl FnOnce(String) -> KernelError {
-    let what = what.to_owned();
-    move |reason| KernelError::Map { map, what, reason }
-}
-
 /// How many rule ids the rule statistics hold for a table of `rules` rules: twice the table
 /// (room for the rules of later reloads, and for ids a reload removed, whose counts stay), at
 /// least 1,024, a power of two, at most `RULE_STATS_MAX`. The kernel sizes a hash map's
@@ -164,7 +99,7 @@ impl Programs {
         undo: &mut Undo,
     ) -> Result<Programs, KernelError> {
         let started = std::time::Instant::now();
-        crate::system::raise_memlock();
+        raise_memlock();
         // The maps sized by rule ids: the pinned ones are used when large enough, else copied
         // into larger ones, which are pinned aside until they replace them (bpffs refuses names
         // with a dot).
@@ -232,8 +167,7 @@ impl Programs {
             );
         }
         let tracers = super::tracers::attach(&mut ebpf);
-        TRACED.store(tracers.is_ok(), std::sync::atomic::Ordering::Relaxed);
-        let templates = Templates::load()?;
+        let templates = Templates::load(tracers.is_ok())?;
         let mut programs = Programs {
             ebpf,
             templates,
@@ -481,5 +415,23 @@ impl Programs {
     /// Why the outcome tracers are not attached, if they are not.
     pub fn tracers_missing(&self) -> Option<&str> {
         self.tracers.as_ref().err().map(String::as_str)
+    }
+}
+
+/// Raises RLIMIT_MEMLOCK as far as this process may: to infinity with CAP_SYS_RESOURCE (or when
+/// systemd's LimitMEMLOCK= already allows it), else the soft limit to the hard one. Linux before
+/// 5.11 charges BPF maps and programs to it, and its default (64 KiB to 8 MiB) is too small.
+fn raise_memlock() {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit, setrlimit};
+    if setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY).is_ok() {
+        return;
+    }
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_MEMLOCK) {
+        let _ = setrlimit(Resource::RLIMIT_MEMLOCK, hard, hard);
+        if hard != RLIM_INFINITY {
+            tracing::debug!(
+                "RLIMIT_MEMLOCK stays at {hard} bytes: on Linux before 5.11 that bounds the BPF maps (LimitMEMLOCK=infinity in a unit)"
+            );
+        }
     }
 }

@@ -78,7 +78,9 @@ const _: () = {
     assert!(size_of::<RawTracepointAttr>() == 8 + 2 * 4);
 };
 
-fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<libc::c_long> {
+/// bpf(2) with `attr`, a bpf_attr member of its own size: every bpf(2) call tcpmgm makes
+/// itself goes through here (aya makes its own), the probes' included.
+pub(super) fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a live, initialised bpf_attr member of the size passed.
     let r = unsafe {
         libc::syscall(

@@ -15,9 +15,6 @@ use tcpmgm_common::names;
 
 use super::sys;
 
-/// What the tracers need from the kernel, for messages.
-pub const NEEDS: &str = "BTF tracing programs (fentry, tp_btf) that read socket storage: Linux 5.11, with the kernel's BTF in /sys/kernel/btf/vmlinux";
-
 enum Kind {
     FEntry,
     TpBtf,

@@ -35,6 +35,7 @@ use tcpmgm_common::{
     NO_LOCAL, NO_RULE, PROTO_ANY, Profile, ROOT_V4, ROOT_V6, flags, settings, shape,
 };
 
+use crate::policy::column;
 use crate::policy::listener::{Listener, Listeners};
 use crate::policy::matcher;
 use crate::policy::rule::Rule;
@@ -72,8 +73,11 @@ struct Member {
     rank: u32,
 }
 
-/// OpenSIPS's schema default for connect_timeout, in ms.
-pub const OPENSIPS_DEFAULT_CONNECT_TIMEOUT: u32 = 100;
+/// Whether a value of a `Use::UnlessDefault` column is enforced: not 0 (off), and not the
+/// schema's default unless `default_too`.
+fn unless_default(column: &column::Column, value: u32, default_too: bool) -> bool {
+    value != 0 && (i64::from(value) != column.default_int() || default_too)
+}
 
 /// How the rules are enforced, beyond what their rows say: the daemon's options.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -83,6 +87,9 @@ pub struct Enforcement {
     /// only; applied by the kernel to every connection of the cgroup it would cut the SIP
     /// server's database or HTTP connects at 100 ms. So by default it is left alone.
     pub default_connect_timeout: bool,
+    /// Enforce con_lifetime also where a rule keeps OpenSIPS's default (120 s), which would
+    /// otherwise close every connection of the cgroup idle for two minutes.
+    pub default_lifetime: bool,
     /// Decide and count, but refuse nothing, close nothing and set nothing.
     pub audit: bool,
     /// Let the application's own setsockopt() change the options a rule sets.
@@ -92,7 +99,12 @@ pub struct Enforcement {
 impl Enforcement {
     /// Whether a rule's connect_timeout (ms) bounds the handshake.
     pub fn connect_timeout(&self, ms: u32) -> bool {
-        ms != 0 && (ms != OPENSIPS_DEFAULT_CONNECT_TIMEOUT || self.default_connect_timeout)
+        unless_default(&column::CONNECT_TIMEOUT, ms, self.default_connect_timeout)
+    }
+
+    /// Whether a rule's con_lifetime (s) closes its idle connections.
+    pub fn con_lifetime(&self, s: u32) -> bool {
+        unless_default(&column::CON_LIFETIME, s, self.default_lifetime)
     }
 
     /// The generation header's `settings::*` bits.

@@ -6,7 +6,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 
-use crate::policy::rule::{Proto, fold_v4_mapped};
+use crate::policy::values::{Proto, fold_v4_mapped};
 
 /// A declared listener, e.g. `tls:10.0.0.1:5061 tag trunks`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -4,6 +4,7 @@
 //! `compile`; `evaluate` (for the tests) runs the kernel's decision on compiled contents; `pipeline` ties the
 //! steps together for a command; `opensips_cfg` and `opensips_order` read OpenSIPS's own
 //! configuration and say where its order is not defined.
+pub mod column;
 pub mod compile;
 #[cfg(test)]
 mod evaluate;
@@ -15,3 +16,4 @@ pub mod patch;
 pub mod pipeline;
 pub mod rule;
 pub mod source;
+pub mod values;

@@ -386,6 +386,7 @@ fn getsockopt(s: &Socket, level: i32, name: i32) -> i32 {
 }
 
 fn tcp_state(s: &Socket) -> u8 {
+    // SAFETY: tcp_info is plain integers, for which all zeroes is a value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: the kernel fills at most `len` bytes of the tcp_info.

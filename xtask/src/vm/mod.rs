@@ -270,6 +270,8 @@ pub struct Outcome {
     pub filtered: u64,
     /// Test binaries that exited non-zero.
     pub failed_binaries: Vec<String>,
+    /// Each panic the guest printed: the test, where, and the first line of its message.
+    pub failures: Vec<String>,
     pub finished: bool,
     pub features: Vec<String>,
 }
@@ -330,6 +332,7 @@ pub fn run(
     let series = kernel.series.name;
     let mut outcome = Outcome::default();
     let mut in_features = false;
+    let mut panicked: Option<String> = None;
     let reader = BufReader::new(child.stdout.take().context("qemu's stdout")?);
     for line in reader.split(b'\n') {
         let line = String::from_utf8_lossy(&line?)
@@ -345,6 +348,13 @@ pub fn run(
         }
         if in_features {
             outcome.features.push(clean.clone());
+        }
+        if let Some(at) = panicked.take() {
+            let message: String = clean.chars().take(300).collect();
+            outcome.failures.push(format!("{at} {message}"));
+        }
+        if let Some(at) = panic_site(&clean) {
+            panicked = Some(at);
         }
         if let Some(rest) = clean.strip_prefix("test result: ") {
             outcome.passed += count(rest, " passed");
@@ -383,6 +393,13 @@ fn nix_kill(pid: u32) -> std::io::Result<()> {
     }
 }
 
+/// "TEST at FILE:LINE:COL:" from the harness's "thread 'TEST' panicked at FILE:LINE:COL:".
+fn panic_site(line: &str) -> Option<String> {
+    let rest = line.strip_prefix("thread '")?;
+    let (test, rest) = rest.split_once("' panicked at ")?;
+    Some(format!("{test} at {rest}"))
+}
+
 /// The number before `what` in "ok. 12 passed; 0 failed; ...".
 fn count(text: &str, what: &str) -> u64 {
     text.split(';')
@@ -400,7 +417,7 @@ fn count(text: &str, what: &str) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::count;
+    use super::{count, panic_site};
 
     #[test]
     fn the_harness_counts_are_read() {
@@ -412,6 +429,11 @@ mod tests {
         let failed =
             "FAILED. 0 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 2.88s";
         assert_eq!(count(failed, " passed"), 0);
+        assert_eq!(
+            panic_site("thread 'ends' panicked at tests/tests/outcomes.rs:254:5:").as_deref(),
+            Some("ends at tests/tests/outcomes.rs:254:5:")
+        );
+        assert_eq!(panic_site("test ends ... FAILED"), None);
         assert_eq!(count(failed, " failed"), 1);
     }
 }

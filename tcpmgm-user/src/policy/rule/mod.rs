@@ -4,52 +4,13 @@ mod row;
 mod validate;
 
 use std::fmt;
-use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+pub use crate::policy::values::{Proto, fold_v4_mapped, fold_v4_mapped_net, quote};
 pub use attrs::parse_attrs;
-pub use row::{COLUMNS, Cell, ROW_COLUMNS, Row, quote};
+pub use row::{COLUMNS, Cell, ROW_COLUMNS, Row};
 pub use validate::{RowError, RowId, validate_row, validate_rows};
-
-/// A TCP-based OpenSIPS protocol, by its id in `tcpmgm_common::PROTOCOLS` (index + 1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Proto(u8);
-
-impl Proto {
-    pub fn id(self) -> u8 {
-        self.0
-    }
-
-    pub fn name(self) -> &'static str {
-        tcpmgm_common::PROTOCOLS[usize::from(self.0) - 1]
-    }
-
-    /// Parses a protocol name, case-insensitively. `Ok(None)` is `any`.
-    pub fn parse(s: &str) -> Result<Option<Proto>, String> {
-        let lower = s.trim().to_ascii_lowercase();
-        if lower == "any" {
-            return Ok(None);
-        }
-        if let Some(i) = tcpmgm_common::PROTOCOLS.iter().position(|p| *p == lower) {
-            return Ok(Some(Proto(i as u8 + 1)));
-        }
-        match lower.as_str() {
-            "udp" | "sctp" | "hep_udp" => Err(format!("{} is not a TCP-based protocol", quote(s))),
-            _ => Err(format!(
-                "unknown protocol {} (expected any or one of {})",
-                quote(s),
-                tcpmgm_common::PROTOCOLS.join(", ")
-            )),
-        }
-    }
-}
-
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// The profile a rule carries, in the table's units, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,18 +33,21 @@ pub struct Profile {
 impl Default for Profile {
     /// The table's column defaults.
     fn default() -> Self {
+        use crate::policy::column::*;
+        // Each default is in its column's range, and the ranges fit these types.
+        let int = |c: Column| c.default_int() as u32;
         Profile {
-            connect_timeout_ms: 100,
-            con_lifetime_s: 120,
-            msg_read_timeout_s: 4,
-            send_threshold_us: 0,
-            no_new_conn: false,
-            alias_mode: 0,
-            parallel_read: Some(0),
-            keepalive: true,
-            keepcount: 9,
-            keepidle: 7200,
-            keepinterval: 75,
+            connect_timeout_ms: int(CONNECT_TIMEOUT),
+            con_lifetime_s: int(CON_LIFETIME),
+            msg_read_timeout_s: int(MSG_READ_TIMEOUT),
+            send_threshold_us: int(SEND_THRESHOLD),
+            no_new_conn: int(NO_NEW_CONN) == 1,
+            alias_mode: int(ALIAS_MODE) as u8,
+            parallel_read: Some(int(PARALLEL_READ) as u8),
+            keepalive: int(KEEPALIVE) == 1,
+            keepcount: int(KEEPCOUNT),
+            keepidle: int(KEEPIDLE),
+            keepinterval: int(KEEPINTERVAL),
             attrs: Vec::new(),
         }
     }
@@ -155,25 +119,5 @@ impl Rule {
             any(local),
             port(self.local_port),
         )
-    }
-}
-
-/// Folds `::ffff:a.b.c.d` to `a.b.c.d`; every other address is returned as is.
-pub fn fold_v4_mapped(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
-/// Folds an IPv4-mapped IPv6 prefix of at least /96 onto IPv4.
-pub fn fold_v4_mapped_net(net: IpNet) -> IpNet {
-    match net {
-        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
-            Some(v4) => IpNet::new(IpAddr::V4(v4), v6.prefix_len() - 96)
-                .expect("a /96+ v6 prefix fits IPv4"),
-            None => net,
-        },
-        _ => net,
     }
 }

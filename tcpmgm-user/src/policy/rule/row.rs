@@ -1,6 +1,8 @@
 //! A row as the database returned it, before any interpretation.
 use std::fmt;
 
+use crate::policy::values::{QUOTED_CHARS, quote};
+
 /// One cell. Databases hand back what the column holds, which may not be what the schema says
 /// (SQLite stores text in an INTEGER column without complaint), so validation sees the raw value.
 #[derive(Clone, Debug, PartialEq)]
@@ -42,50 +44,8 @@ impl fmt::Display for Cell {
     }
 }
 
-/// How many characters of a value an error quotes.
-const QUOTED_CHARS: usize = 100;
-
-/// A value as every error about a row quotes it: in single quotes, control characters escaped,
-/// and past `QUOTED_CHARS` characters cut, with an ellipsis and the value's length, so a
-/// megabyte in a cell does not become a megabyte in the reply, the log and the state file.
-pub fn quote(value: &str) -> String {
-    let mut out = String::from("'");
-    for c in value.chars().take(QUOTED_CHARS) {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out.push('\'');
-    let length = value.chars().count();
-    if length > QUOTED_CHARS {
-        out.insert(out.len() - 1, '…');
-        out.push_str(&format!(" ({length} characters)"));
-    }
-    out
-}
-
 /// The columns of OpenSIPS's tcp_mgm table that every version has, besides `id`.
-pub const COLUMNS: [&str; 17] = [
-    "proto",
-    "remote_addr",
-    "remote_port",
-    "local_addr",
-    "local_port",
-    "priority",
-    "attrs",
-    "connect_timeout",
-    "con_lifetime",
-    "msg_read_timeout",
-    "send_threshold",
-    "no_new_conn",
-    "alias_mode",
-    "keepalive",
-    "keepcount",
-    "keepidle",
-    "keepinterval",
-];
+pub const COLUMNS: [&str; 17] = crate::policy::column::EVERY_VERSION;
 
 /// The columns a row keeps: `id`, `COLUMNS`, and `parallel_read` (version 1 tables). Validation
 /// reads no other; they are also the columns a rename may name.

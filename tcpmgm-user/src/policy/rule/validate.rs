@@ -7,6 +7,7 @@ use std::str::FromStr;
 use ipnet::IpNet;
 
 use super::{Cell, LocalMatch, Profile, Proto, Row, Rule, fold_v4_mapped_net, parse_attrs, quote};
+use crate::policy::column::{self, Column, Fallback};
 use crate::policy::listener::Listeners;
 
 /// One fault in one row.
@@ -98,11 +99,13 @@ impl Checker<'_> {
     }
 
     /// An integer column within `min..=max`; a missing column takes `default`.
-    fn int(&mut self, column: &'static str, default: i64, min: i64, max: i64) -> Option<i64> {
+    /// An integer column, in its range; a column the table lacks takes its default.
+    fn int(&mut self, of: &Column) -> Option<i64> {
+        let (column, (min, max)) = (of.name, of.range);
         let cell = match self.row.get(column) {
             // A column the table lacks takes OpenSIPS's default; one without a default (id)
             // is a fault.
-            None if (min..=max).contains(&default) => return Some(default),
+            None if of.default != Fallback::Numbered => return Some(of.default_int()),
             None => {
                 self.fail(column, "is missing".into());
                 return None;
@@ -144,8 +147,6 @@ impl Checker<'_> {
     }
 }
 
-const U31: i64 = 0x7fff_ffff;
-
 pub fn validate_row(row: &Row, listeners: &Listeners) -> Result<Rule, Vec<RowError>> {
     let cell = row.get("id").unwrap_or(&Cell::Null);
     let mut c = Checker {
@@ -156,7 +157,7 @@ pub fn validate_row(row: &Row, listeners: &Listeners) -> Result<Rule, Vec<RowErr
         },
         errors: Vec::new(),
     };
-    let id = c.int("id", 0, 1, i64::from(u32::MAX));
+    let id = c.int(&column::ID);
 
     let proto = match c.text("proto") {
         Some(None) if row.get("proto").is_some() => {
@@ -205,24 +206,23 @@ pub fn validate_row(row: &Row, listeners: &Listeners) -> Result<Rule, Vec<RowErr
         );
     }
 
-    let remote_port = c.int("remote_port", 0, 0, 65535);
-    let local_port = c.int("local_port", 0, 0, 65535);
-    let priority = c.int("priority", 0, i64::from(i32::MIN), i64::from(i32::MAX));
-    let connect_timeout = c.int("connect_timeout", 100, 0, U31);
-    let con_lifetime = c.int("con_lifetime", 120, 0, U31);
-    let msg_read_timeout = c.int("msg_read_timeout", 4, 0, U31);
-    let send_threshold = c.int("send_threshold", 0, 0, U31);
-    let no_new_conn = c.int("no_new_conn", 0, 0, 1);
-    let alias_mode = c.int("alias_mode", 0, 0, 2);
-    let parallel_read = match row.get("parallel_read") {
+    let remote_port = c.int(&column::REMOTE_PORT);
+    let local_port = c.int(&column::LOCAL_PORT);
+    let priority = c.int(&column::PRIORITY);
+    let connect_timeout = c.int(&column::CONNECT_TIMEOUT);
+    let con_lifetime = c.int(&column::CON_LIFETIME);
+    let msg_read_timeout = c.int(&column::MSG_READ_TIMEOUT);
+    let send_threshold = c.int(&column::SEND_THRESHOLD);
+    let no_new_conn = c.int(&column::NO_NEW_CONN);
+    let alias_mode = c.int(&column::ALIAS_MODE);
+    let parallel_read = match row.get(column::PARALLEL_READ.name) {
         None => Some(None),
-        Some(_) => c.int("parallel_read", 0, 0, 2).map(Some),
+        Some(_) => c.int(&column::PARALLEL_READ).map(Some),
     };
-    let keepalive = c.int("keepalive", 1, 0, 1);
-    // Linux's own limits for TCP_KEEPCNT and TCP_KEEPIDLE/TCP_KEEPINTVL; 0 keeps the system value.
-    let keepcount = c.int("keepcount", 9, 0, 127);
-    let keepidle = c.int("keepidle", 7200, 0, 32767);
-    let keepinterval = c.int("keepinterval", 75, 0, 32767);
+    let keepalive = c.int(&column::KEEPALIVE);
+    let keepcount = c.int(&column::KEEPCOUNT);
+    let keepidle = c.int(&column::KEEPIDLE);
+    let keepinterval = c.int(&column::KEEPINTERVAL);
     let attrs = c
         .text("attrs")
         .and_then(|a| match parse_attrs(a.as_deref().unwrap_or("")) {

@@ -314,27 +314,36 @@ impl Source {
         select: &str,
         mut each: impl FnMut(Row) -> Result<(), E>,
     ) -> Result<TableInfo, E> {
-        let select = select.to_owned();
-        let positions = match &self.typed {
-            Typed::Postgres(pool) => {
-                self.hand_rows(sqlx::query(&select).fetch(pool), pg_cell, &mut each)
-                    .await?
-            }
-            Typed::MySql(pool) => {
-                self.hand_rows(sqlx::query(&select).fetch(pool), mysql_cell, &mut each)
-                    .await?
-            }
-            Typed::None => {
-                let cell = |row: &AnyRow, i| read_cell(row, i, self.dialect);
-                self.hand_rows(sqlx::query(&select).fetch(&self.pool), cell, &mut each)
-                    .await?
-            }
-        };
+        let positions = self.fetch(select, &mut each).await?;
         let positions = match positions {
             Some(positions) => positions,
             None => self.has_every_column(self.column_names().await?)?,
         };
         Ok(self.info(&positions).await)
+    }
+
+    /// Runs `select` on the database's own driver (or the Any pool) and hands its rows to
+    /// `each`; the positions of the columns read, None when no row came back.
+    async fn fetch<E: From<SourceError>>(
+        &self,
+        select: &str,
+        each: &mut impl FnMut(Row) -> Result<(), E>,
+    ) -> Result<Option<Vec<Option<usize>>>, E> {
+        match &self.typed {
+            Typed::Postgres(pool) => {
+                self.hand_rows(sqlx::query(select).fetch(pool), pg_cell, each)
+                    .await
+            }
+            Typed::MySql(pool) => {
+                self.hand_rows(sqlx::query(select).fetch(pool), mysql_cell, each)
+                    .await
+            }
+            Typed::None => {
+                let cell = |row: &AnyRow, i| read_cell(row, i, self.dialect);
+                self.hand_rows(sqlx::query(select).fetch(&self.pool), cell, each)
+                    .await
+            }
+        }
     }
 
     /// Hands each row of `rows` to `each`, its cells read by `cell`: where each column went
@@ -721,21 +730,7 @@ impl Source {
         // On the rows' own connection only: no column listing when no row came back (the rows
         // were removed), no version row.
         let mut each = each;
-        match &self.typed {
-            Typed::Postgres(pool) => {
-                self.hand_rows(sqlx::query(&select).fetch(pool), pg_cell, &mut each)
-                    .await?
-            }
-            Typed::MySql(pool) => {
-                self.hand_rows(sqlx::query(&select).fetch(pool), mysql_cell, &mut each)
-                    .await?
-            }
-            Typed::None => {
-                let cell = |row: &AnyRow, i| read_cell(row, i, self.dialect);
-                self.hand_rows(sqlx::query(&select).fetch(&self.pool), cell, &mut each)
-                    .await?
-            }
-        };
+        self.fetch(&select, &mut each).await?;
         Ok(())
     }
 

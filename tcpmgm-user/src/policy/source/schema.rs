@@ -1,5 +1,6 @@
 //! The OpenSIPS `tcp_mgm` table as OpenSIPS's own scripts create it.
 use super::TableName;
+use crate::policy::column::{self, Fallback, Sql, Versions};
 
 /// Table versions as listed in OpenSIPS's `version` table: 1 (3.3 to 3.6) has `parallel_read`,
 /// 2 (master) dropped it.
@@ -65,32 +66,26 @@ impl Dialect {
                 " ENGINE=InnoDB",
             ),
         };
-        let parallel_read = match version {
-            TableVersion::V1 => format!("    parallel_read {uint} DEFAULT 0 NOT NULL,\n"),
-            TableVersion::V2 => String::new(),
-        };
-        format!(
-            "CREATE TABLE {table} (
-    id {id},
-    proto {text}(8) DEFAULT 'any' NOT NULL,
-    remote_addr {text}(43) DEFAULT NULL,
-    remote_port {uint} DEFAULT 0 NOT NULL,
-    local_addr {text}(43) DEFAULT NULL,
-    local_port {uint} DEFAULT 0 NOT NULL,
-    priority {int} DEFAULT 0 NOT NULL,
-    attrs {text}(255) DEFAULT NULL,
-    connect_timeout {uint} DEFAULT 100 NOT NULL,
-    con_lifetime {uint} DEFAULT 120 NOT NULL,
-    msg_read_timeout {uint} DEFAULT 4 NOT NULL,
-    send_threshold {uint} DEFAULT 0 NOT NULL,
-    no_new_conn {uint} DEFAULT 0 NOT NULL,
-    alias_mode {uint} DEFAULT 0 NOT NULL,
-{parallel_read}    keepalive {uint} DEFAULT 1 NOT NULL,
-    keepcount {uint} DEFAULT 9 NOT NULL,
-    keepidle {uint} DEFAULT 7200 NOT NULL,
-    keepinterval {uint} DEFAULT 75 NOT NULL
-){tail}"
-        )
+        let columns: Vec<String> = column::TABLE
+            .iter()
+            .filter(|c| c.versions == Versions::All || version == TableVersion::V1)
+            .map(|c| {
+                let sql = match c.sql {
+                    Sql::Id => return format!("    {} {id}", c.name),
+                    Sql::Text(length) => format!("{text}({length})"),
+                    Sql::Int => int.to_owned(),
+                    Sql::Uint => uint.to_owned(),
+                };
+                let default = match c.default {
+                    Fallback::Null => "NULL".to_owned(),
+                    Fallback::Int(v) => format!("{v} NOT NULL"),
+                    Fallback::Text(t) => format!("'{t}' NOT NULL"),
+                    Fallback::Numbered => unreachable!("only the id is numbered"),
+                };
+                format!("    {} {sql} DEFAULT {default}", c.name)
+            })
+            .collect();
+        format!("CREATE TABLE {table} (\n{}\n){tail}", columns.join(",\n"))
     }
 
     /// OpenSIPS's `version` table (standard-create.sql).

@@ -258,7 +258,7 @@ fn idle_sweep_cost(sb: &Sandbox, listeners: &Listeners, hz: u32) -> anyhow::Resu
     let setup = tcpmgm::daemon::lifetime::SweepSetup {
         cgroup: sb.cgroup.clone(),
         pin_dir: sb.pin_dir.clone(),
-        enforce_default: false,
+        enforcement: tcpmgm::policy::compile::Enforcement::default(),
     };
     let (mut wall, mut cpu) = (Vec::new(), Vec::new());
     for _ in 0..5 {
@@ -275,8 +275,9 @@ fn idle_sweep_cost(sb: &Sandbox, listeners: &Listeners, hz: u32) -> anyhow::Resu
 
 /// CPU time of this process (user + system).
 fn cpu_time() -> Duration {
-    // SAFETY: getrusage fills the struct.
+    // SAFETY: rusage is plain integers, for which all zeroes is a value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct it is given.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(usage.ru_utime) + tv(usage.ru_stime)
