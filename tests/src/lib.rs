@@ -929,10 +929,54 @@ pub fn wait_for_idle(
     None
 }
 
+/// Runs bpftool's `commands` (a line each, as `bpftool` takes them after its options) in one
+/// `bpftool -j batch` process (a process each would take seconds apiece in a TCG guest): each
+/// command's JSON output, in order. Every command must succeed.
+pub fn bpftool_batch(commands: &[String]) -> Vec<serde_json::Value> {
+    static BATCHES: AtomicU32 = AtomicU32::new(0);
+    let file = std::env::temp_dir().join(format!(
+        "tcpmgm-{}-{}.bpftool-batch",
+        std::process::id(),
+        BATCHES.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&file, commands.join("\n") + "\n").unwrap();
+    let out = Command::new("bpftool")
+        .args(["-j", "batch", "file"])
+        .arg(&file)
+        .output()
+        .expect("bpftool");
+    let _ = std::fs::remove_file(&file);
+    // bpftool of Debian 11 reports an error at the batch file's end, and exits 1, after every
+    // command's output: the outputs are what counts. A command that fails has an error for
+    // its output.
+    let results: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bpftool -j batch: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let outputs: Vec<serde_json::Value> = results
+        .into_iter()
+        .filter(|r| r.get("command").is_some())
+        .map(|mut r| r["output"].take())
+        .collect();
+    assert_eq!(
+        outputs.len(),
+        commands.len(),
+        "bpftool batch of {commands:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (command, output) in commands.iter().zip(&outputs) {
+        assert!(output.get("error").is_none(), "bpftool {command}: {output}");
+    }
+    outputs
+}
+
 /// What the kernel and bpffs hold for a sandbox: the programs attached to its cgroup (ids
 /// included) and every pin with the id of the object it holds. Equal snapshots mean nothing
 /// was changed.
 pub fn snapshot(sb: &Sandbox) -> String {
+    // bpftool 7.1 answers `cgroup show` within a batch with EBADF: a process of its own.
     let mut out = sh(Command::new("bpftool")
         .args(["cgroup", "show"])
         .arg(&sb.cgroup));
@@ -944,19 +988,23 @@ pub fn snapshot(sb: &Sandbox) -> String {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     pins.sort();
-    for pin in pins {
-        let kind = if pin.starts_with("TCPMGM_LINK_") {
-            "link"
-        } else if pin.starts_with("TCPMGM_PROG_") {
-            "prog"
-        } else {
-            "map"
-        };
-        let shown = sh(Command::new("bpftool")
-            .args(["-j", kind, "show", "pinned"])
-            .arg(sb.pin_dir.join(&pin)));
-        let id: serde_json::Value = serde_json::from_str(&shown).expect("bpftool -j");
-        out.push_str(&format!("\n{pin} {}", id["id"]));
+    let commands: Vec<String> = pins
+        .iter()
+        .map(|pin| {
+            let kind = if pin.starts_with("TCPMGM_LINK_") {
+                "link"
+            } else if pin.starts_with("TCPMGM_PROG_") {
+                "prog"
+            } else {
+                "map"
+            };
+            format!("{kind} show pinned {}", sb.pin_dir.join(pin).display())
+        })
+        .collect();
+    if !commands.is_empty() {
+        for (pin, shown) in pins.iter().zip(bpftool_batch(&commands)) {
+            out.push_str(&format!("\n{pin} {}", shown["id"]));
+        }
     }
     out
 }

@@ -8,13 +8,12 @@
 //! `TCPMGM_SEED=<n>` replays one run.
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use tcpmgm::policy::source::TableVersion;
-use tcpmgm_tests::{Backend, Daemon, Rng, Sandbox, TestDb, control_socket, run_sql};
+use tcpmgm_tests::{Backend, Daemon, Rng, Sandbox, TestDb, bpftool_batch, control_socket, run_sql};
 
 const RULES: usize = 200;
 const STEPS: usize = 30;
@@ -29,47 +28,30 @@ struct Maps {
     entries: BTreeMap<String, Vec<String>>,
 }
 
-/// Every policy map's entries, by name, from one `bpftool batch` run (a process a map would
-/// take minutes in a TCG guest).
+/// Every policy map's entries, by name, from one `bpftool batch` run.
 fn dump(sb: &Sandbox) -> BTreeMap<String, Vec<serde_json::Value>> {
-    let commands: String = MAPS
+    let commands: Vec<String> = MAPS
         .iter()
-        .map(|name| format!("map dump pinned {}\n", sb.pin_dir.join(name).display()))
+        .map(|name| format!("map dump pinned {}", sb.pin_dir.join(name).display()))
         .collect();
-    let file = std::env::temp_dir().join(format!(
-        "{}.bpftool-batch",
-        sb.pin_dir.file_name().unwrap().to_string_lossy()
-    ));
-    std::fs::write(&file, commands).unwrap();
-    // bpftool of Debian 11 reports an error at the batch file's end, and exits 1, after every
-    // command's output: the outputs are what counts.
-    let out = Command::new("bpftool")
-        .args(["-j", "batch", "file"])
-        .arg(&file)
-        .output()
-        .expect("bpftool");
-    let _ = std::fs::remove_file(&file);
-    let results: Vec<serde_json::Value> =
-        serde_json::from_slice(&out.stdout).expect("bpftool -j batch");
-    let results: Vec<serde_json::Value> = results
-        .into_iter()
-        .filter(|r| r.get("command").is_some())
-        .collect();
-    assert_eq!(
-        results.len(),
-        MAPS.len(),
-        "bpftool batch: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     MAPS.iter()
-        .zip(results)
-        .map(|(name, r)| {
-            let pin = r["command"][3].as_str().unwrap_or_default().to_owned();
-            assert!(pin.ends_with(name), "{pin} is not {name}");
-            let entries = r["output"].as_array().cloned().expect("each map's entries");
+        .zip(bpftool_batch(&commands))
+        .map(|(name, entries)| {
+            let entries = entries.as_array().cloned().expect("each map's entries");
             (name.to_string(), entries)
         })
         .collect()
+}
+
+/// The generation in force, from the header map alone.
+fn generation(sb: &Sandbox) -> u64 {
+    let header = bpftool_batch(&[format!(
+        "map dump pinned {}",
+        sb.pin_dir.join("TCPMGM_HEADER").display()
+    )]);
+    header[0][0]["formatted"]["value"]["generation"]
+        .as_u64()
+        .expect("generation")
 }
 
 const MAPS: [&str; 12] = [
@@ -308,7 +290,7 @@ async fn incremental(backend: Backend, steps: usize) {
         }
         let logged = daemon.logged("reload: ");
         run_sql(&url, &change).await;
-        let before = maps(&sb).generation;
+        let before = generation(&sb);
         let report = reload(&daemon, backend, logged);
         let after = maps(&sb);
         // A change to a removed row is a change to nothing: no rule changed, no switch.

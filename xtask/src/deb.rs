@@ -22,11 +22,9 @@ const CARGO_DEB_VERSION: &str = "3.8.0";
 /// Debian 12's glibc: the newest symbol version the binary may use.
 const GLIBC_MAX: (u32, u32) = (2, 36);
 
-/// Builds the package and checks it; returns its path. `revision` overrides the Debian revision
-/// (the VM's upgrade test builds a second, newer package).
-pub fn build(root: &Path, revision: Option<&str>) -> anyhow::Result<PathBuf> {
-    crate::setup::toolchain()?;
-    tools()?;
+/// The optimised build of `tcpmgm` and of the package's docs generator, as one cargo run (so
+/// that a later one finds it done, whichever it is): `target/release`.
+pub fn release_build(root: &Path) -> anyhow::Result<PathBuf> {
     status(cargo(root).args([
         "build",
         "--release",
@@ -37,7 +35,15 @@ pub fn build(root: &Path, revision: Option<&str>) -> anyhow::Result<PathBuf> {
         "--example",
         "package-docs",
     ]))?;
-    let release = root.join("target/release");
+    Ok(root.join("target/release"))
+}
+
+/// Builds the package and checks it; returns its path. `revision` overrides the Debian revision
+/// (the VM's upgrade test builds a second, newer package).
+pub fn build(root: &Path, revision: Option<&str>) -> anyhow::Result<PathBuf> {
+    crate::setup::toolchain()?;
+    tools()?;
+    let release = release_build(root)?;
     glibc_versions(&release.join("tcpmgm"))?;
     let docs = release.join("package-docs");
     if docs.exists() {

@@ -23,8 +23,8 @@ pub const TARGETS: [&str; 6] = [
     "diag",
 ];
 
-/// Runs `targets` (all when empty) for `seconds` each.
-pub fn run(root: &Path, seconds: u64, targets: &[String]) -> anyhow::Result<()> {
+/// Runs `targets` (all when empty) for `seconds` each, built unoptimised when `dev`.
+pub fn run(root: &Path, seconds: u64, dev: bool, targets: &[String]) -> anyhow::Result<()> {
     let targets: Vec<&str> = if targets.is_empty() {
         TARGETS.to_vec()
     } else {
@@ -37,8 +37,10 @@ pub fn run(root: &Path, seconds: u64, targets: &[String]) -> anyhow::Result<()> 
     };
     cargo_fuzz()?;
     let fuzz = root.join("fuzz");
+    // Build and run take the same profile, or each run would build again.
+    let profile: &[&str] = if dev { &["--dev"] } else { &[] };
     // One build for all of them; each run below finds it done.
-    status(nightly_fuzz(&fuzz).arg("build"))?;
+    status(nightly_fuzz(&fuzz).arg("build").args(profile))?;
     let mut crashed = Vec::new();
     for target in targets {
         let found = fuzz.join("target/corpus").join(target);
@@ -51,6 +53,7 @@ pub fn run(root: &Path, seconds: u64, targets: &[String]) -> anyhow::Result<()> 
         );
         let st = nightly_fuzz(&fuzz)
             .args(["run", target])
+            .args(profile)
             .arg(&found)
             .arg(fuzz.join("corpus").join(target))
             .arg("--")

@@ -64,7 +64,7 @@ pub fn which(tool: &str) -> anyhow::Result<PathBuf> {
     Ok(std::fs::canonicalize(path)?)
 }
 
-/// The test binaries and programs of the debug build, built first.
+/// The test binaries and the probe (a debug build) and tcpmgm (optimised), built first.
 pub struct Build {
     pub tcpmgm: PathBuf,
     pub probe: PathBuf,
@@ -76,6 +76,10 @@ pub struct Build {
 
 pub fn build(root: &Path, only: &[String]) -> anyhow::Result<Build> {
     status(cargo(root).args(["build", "--workspace", "--exclude", "tcpmgm-ebpf", "--bins"]))?;
+    // The daemon optimised, as users run it: under QEMU's emulation every instruction costs,
+    // and a debug daemon spends several times an optimised one's on a start, a reload or a
+    // large table. It is the build `cargo xtask deb` packages (CI runs that just before).
+    let release = crate::deb::release_build(root)?;
     let out = cargo(root)
         .args([
             "test",
@@ -115,7 +119,7 @@ pub fn build(root: &Path, only: &[String]) -> anyhow::Result<Build> {
     }
     // Stripped copies, taken now: every kernel then runs the same build, whatever happens to
     // target/ meanwhile.
-    let target = root.join("target/debug");
+    let debug = root.join("target/debug");
     let scratch = root.join("target/vm/stripped");
     std::fs::create_dir_all(&scratch)?;
     let tests = tests
@@ -124,8 +128,8 @@ pub fn build(root: &Path, only: &[String]) -> anyhow::Result<Build> {
         .collect::<anyhow::Result<_>>()?;
     Ok(Build {
         c_example: crate::setup::c_example(root)?,
-        tcpmgm: strip(&target.join("tcpmgm"), &scratch.join("tcpmgm"))?,
-        probe: strip(&target.join("tcpmgm-probe"), &scratch.join("tcpmgm-probe"))?,
+        tcpmgm: strip(&release.join("tcpmgm"), &scratch.join("tcpmgm"))?,
+        probe: strip(&debug.join("tcpmgm-probe"), &scratch.join("tcpmgm-probe"))?,
         tests,
     })
 }
