@@ -240,15 +240,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .arg(&fuzz)
                     .args(["--all", "--", "--check"]),
             )?;
-            // In the workspace's target directory, where the check above left every dependency
-            // the two lock files share: a fuzz/target of its own took CI three minutes.
             status(
                 cargo(&root)
                     .arg("clippy")
                     .arg("--manifest-path")
                     .arg(&fuzz)
-                    .arg("--target-dir")
-                    .arg(root.join("target"))
                     .args(["--all-targets", "--", "-D", "warnings"]),
             )
         }
