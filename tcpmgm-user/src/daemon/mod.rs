@@ -7,6 +7,7 @@
 //! it, and folds requests that arrive meanwhile into one more reload. The watcher (`watch`
 //! task) turns database notifications or polls into reload requests. When a reload fails, the
 //! running policy stays and the caller and the log are told why.
+mod apply;
 pub mod control;
 pub mod events;
 mod keeper;
@@ -19,8 +20,6 @@ pub mod status;
 pub mod watch;
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use aya_log::EbpfLogger;
@@ -31,8 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use self::watch::{Change, Watcher};
 use crate::kernel::claim::Claim;
 use crate::kernel::{Enforcer, KernelError};
-use crate::policy::compile::{CompileError, Enforcement, compile_with};
-use crate::policy::patch::Index;
+use crate::policy::compile::{CompileError, Enforcement};
 use crate::policy::pipeline::{PipelineError, RuleArgs, RuleSet};
 use crate::policy::source::{Redacted, TableName, normalize_url};
 use crate::system::{self, SystemError};
@@ -237,7 +235,7 @@ impl Daemon {
         let hz = system::kernel_hz()?;
         // Bound before the kernel step, so that a taken port stops the start with nothing
         // attached (and before systemd hears READY).
-        let book = metrics::RuleBook::default();
+        let published = apply::Published::default();
         let metrics = match options.metrics {
             Some(addr) => Some(Box::pin(
                 metrics::serve(
@@ -248,7 +246,7 @@ impl Daemon {
                         cgroup: cgroup.clone(),
                         netns: options.netns.clone(),
                         rules: options.metrics_rules,
-                        book: book.clone(),
+                        book: published.book.clone(),
                     },
                 )
                 .await
@@ -257,41 +255,28 @@ impl Daemon {
                 as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>),
             None => None,
         };
-        let policy = compile_with(set.rules, &set.listeners, hz, options.enforcement)?;
-        let (mut enforcer, policy) = tokio::task::spawn_blocking(move || {
-            Enforcer::attach(&policy, &cgroup, &pin_dir).map(|e| (e, policy))
+        let rows_notified = watcher.as_ref().is_some_and(Watcher::names_rows);
+        let logged = set.mark.is_some();
+        let enforcement = options.enforcement;
+        let (mut enforcer, applied) = tokio::task::spawn_blocking(move || {
+            apply::apply(set, hz, enforcement, rows_notified, |policy, _| {
+                Ok(Enforcer::attach(policy, &cgroup, &pin_dir)?)
+            })
         })
         .await
         .expect("attaching does not panic")?;
-        book.set(&policy.rules);
-        let rows_notified = watcher.as_ref().is_some_and(Watcher::names_rows);
-        if set.mark.is_none() && !rows_notified {
+        published.set(&applied.policy, &options.enforcement);
+        if !logged && !rows_notified {
             tracing::info!(
                 "each reload reads the whole table: nothing says which rows change (`tcpmgm db init` adds a change log to a SQLite table, row triggers to a PostgreSQL one)"
             );
         }
-        let index = (set.mark.is_some() || rows_notified)
-            .then(|| {
-                Index::of(
-                    &policy,
-                    &set.listeners,
-                    options.enforcement,
-                    hz,
-                    set.rows,
-                    set.mark,
-                )
-            })
-            .flatten();
-        let sweep_every = Arc::new(AtomicU64::new(lifetime::sweep_interval_ms(
-            policy.rules.iter().map(|r| r.profile.con_lifetime_s),
-            &options.enforcement,
-        )));
         let sweeper = match Sweeper::start(
             enforcer.cgroup(),
             enforcer.pin_dir().to_path_buf(),
             options.netns.clone(),
             options.enforcement,
-            sweep_every.clone(),
+            published.sweep_every.clone(),
         ) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -375,12 +360,12 @@ impl Daemon {
                 enforcer.pin_dir().display()
             );
         }
-        for l in set.listeners.iter() {
+        for l in applied.listeners.iter() {
             tracing::info!("listener {l}");
         }
         tracing::info!(
             "{} rules enforced on {}; maps pinned in {}",
-            policy.rules.len(),
+            applied.policy.rules.len(),
             enforcer.cgroup().display(),
             enforcer.pin_dir().display(),
         );
@@ -395,7 +380,7 @@ impl Daemon {
             pid: std::process::id(),
             source: Redacted::new(&normalize_url(options.rules.db())).to_string(),
             started_at: status::now(),
-            rules: policy.rules.len(),
+            rules: applied.policy.rules.len(),
             generation: enforcer.generation(),
             last_reload: None,
             reloading_since: None,
@@ -405,7 +390,8 @@ impl Daemon {
             source_health: status::SourceHealth::read_now(),
         };
         // The table's rules, compiled and written to the kernel, are not needed any more.
-        drop(policy);
+        let index = applied.index;
+        drop(applied.policy);
         crate::memory::release_freed();
         let daemon = Daemon {
             metrics,
@@ -421,16 +407,8 @@ impl Daemon {
             logs,
             _sweeper: sweeper,
             _events: events,
-            reloader: Reloader::new(
-                enforcer,
-                options,
-                hz,
-                state,
-                reloader::Published { sweep_every, book },
-                claim,
-                keeper,
-            )
-            .with_index(index, rows_notified),
+            reloader: Reloader::new(enforcer, options, hz, state, published, claim, keeper)
+                .with_index(index, rows_notified),
         };
         daemon.reloader.save_state();
         Ok(daemon)

@@ -4,20 +4,18 @@
 //! compile, the switch and the re-applying to existing connections run on a blocking thread, so
 //! the serve loop never waits on them. A failed automatic reload (after a table change) is
 //! retried after a second, doubling up to a minute, while the last good policy stays in force.
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::apply::{self, Published};
 use super::keeper::Keeper;
 use super::request::Request;
 use super::{DaemonError, Options, notify, read_valid};
-use crate::daemon::lifetime;
 use crate::daemon::status::{self, DaemonState, ReloadRecord};
 use crate::kernel::claim::Claim;
 use crate::kernel::{Enforcer, GRACE, SOCKETS_PIN};
-use crate::policy::compile::{Policy, compile_with};
+use crate::policy::compile::Policy;
 use crate::policy::listener::Listeners;
 use crate::policy::patch::{Index, MAX_PATCHED};
 use crate::policy::pipeline::PipelineError;
@@ -37,14 +35,6 @@ pub struct Reloader {
     index: Option<Index>,
     /// Whether notifications may name the changed rows (PostgreSQL).
     rows_notified: bool,
-}
-
-/// What each rule set in force tells the daemon's other tasks.
-pub struct Published {
-    /// The con_lifetime sweeper's interval, in ms.
-    pub sweep_every: Arc<AtomicU64>,
-    /// The rules, for the metrics.
-    pub book: super::metrics::RuleBook,
 }
 
 impl Reloader {
@@ -379,10 +369,8 @@ impl Reloader {
         self.state.source_health.read();
         let index = self.index.as_mut().expect("checked above");
         index.applied(&patch);
-        self.published.sweep_every.store(
-            lifetime::sweep_interval_ms(index.lifetimes(), &self.options.enforcement),
-            Ordering::Relaxed,
-        );
+        self.published
+            .set_sweep(index.lifetimes(), &self.options.enforcement);
         let generation = self.enforcer.as_ref().map_or(0, Enforcer::generation);
         let ids: Vec<String> = patch.ids.iter().map(u32::to_string).collect();
         let what = match ids.len() {
@@ -409,7 +397,6 @@ impl Reloader {
             _ => self.state.source_health.read(),
         }
         let set = set?;
-        let (mark, rows, listeners) = (set.mark, set.rows, set.listeners.clone());
         let read_ms = started.elapsed().as_millis();
         let mut enforcer = self.enforcer.take().expect("the reloader holds the policy");
         let hz = self.hz;
@@ -428,46 +415,36 @@ impl Reloader {
         let reapply = (self.options.reapply_existing && !enforcement.audit)
             .then(|| self.options.netns.clone());
         let keeper = self.keeper.clone();
+        let rows_notified = self.rows_notified;
         let (enforcer, result) = tokio::task::spawn_blocking(move || {
-            let result = compile_with(set.rules, &set.listeners, hz, enforcement)
-                .map_err(DaemonError::from)
-                .and_then(|policy| {
-                    let mut pins = keeper.hold();
-                    enforcer.replace(&policy)?;
-                    match enforcer.pins() {
-                        Ok(now) => *pins = now,
-                        Err(e) => tracing::warn!("holding the new pins: {e}"),
-                    }
-                    drop(pins);
-                    if let Some(netns) = reapply {
-                        reapply_existing(&enforcer, &policy, &set.listeners, netns);
-                    }
-                    Ok(policy)
-                });
+            let result = apply::apply(set, hz, enforcement, rows_notified, |policy, listeners| {
+                let mut pins = keeper.hold();
+                enforcer.replace(policy)?;
+                match enforcer.pins() {
+                    Ok(now) => *pins = now,
+                    Err(e) => tracing::warn!("holding the new pins: {e}"),
+                }
+                drop(pins);
+                if let Some(netns) = reapply {
+                    reapply_existing(&enforcer, policy, listeners, netns);
+                }
+                Ok(())
+            });
             (enforcer, result)
         })
         .await
         .expect("reloading does not panic");
         let generation = enforcer.generation();
         self.enforcer = Some(enforcer);
-        let policy = result?;
-        self.index = (mark.is_some() || self.rows_notified)
-            .then(|| Index::of(&policy, &listeners, enforcement, hz, rows, mark))
-            .flatten();
+        let ((), applied) = result?;
+        self.published.set(&applied.policy, &enforcement);
+        self.index = applied.index;
         self.options.enforcement = enforcement;
         self.state.audit = enforcement.audit;
-        self.state.rules = policy.rules.len();
-        self.published.book.set(&policy.rules);
-        self.published.sweep_every.store(
-            lifetime::sweep_interval_ms(
-                policy.rules.iter().map(|r| r.profile.con_lifetime_s),
-                &self.options.enforcement,
-            ),
-            Ordering::Relaxed,
-        );
+        self.state.rules = applied.policy.rules.len();
         Ok(format!(
             "generation {generation}: {} rules enforced ({} ms, {read_ms} of them reading the table)",
-            policy.rules.len(),
+            self.state.rules,
             started.elapsed().as_millis()
         ))
     }

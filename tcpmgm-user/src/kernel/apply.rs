@@ -37,7 +37,7 @@ pub(super) fn apply(
                     .and_then(|()| std::fs::create_dir_all(pin_dir))
                     .map_err(|e| KernelError::Pin {
                         path: pin_dir.to_path_buf(),
-                        reason: e.to_string(),
+                        source: e.into(),
                     })?;
                 undo.made_dir(pin_dir);
             }
@@ -180,7 +180,7 @@ pub(super) fn put_in_links(
                         program: hook.name,
                         what: "opening the program it holds, to put it back on failure",
                         needs: None,
-                        reason: e.to_string(),
+                        source: e.into(),
                     })?;
                 undo.swap(&link, program, old, hook.name)?;
                 link
@@ -192,7 +192,7 @@ pub(super) fn put_in_links(
                         program: hook.name,
                         what: "attaching it to the cgroup",
                         needs: Some(super::features::LINK_CREATE),
-                        reason: format!("{e} ({})", needs_all(hook.needs)),
+                        source: format!("{e} ({})", needs_all(hook.needs)).into(),
                     })?;
                 undo.attached(&link, hook.name)
                     .map_err(|source| KernelError::Step {

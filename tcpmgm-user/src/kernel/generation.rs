@@ -336,14 +336,14 @@ impl Generation {
                 return Err(KernelError::Map {
                     map: names::RANKS,
                     what: format!("patching rank {rank}"),
-                    reason: format!("the generation has {} ranks", self.ranks.len()),
+                    source: format!("the generation has {} ranks", self.ranks.len()).into(),
                 });
             };
             sys::map_update(fd, &next.to_ne_bytes(), bytes(&shared(profile))).map_err(|e| {
                 KernelError::Map {
                     map: names::PROFILES,
                     what: format!("writing profile {next}"),
-                    reason: e.to_string(),
+                    source: e.into(),
                 }
             })?;
             entry.profile = next;
@@ -433,7 +433,7 @@ fn fill(map: Map, name: &'static str, contents: &Contents) -> Result<Map, Kernel
         move |e: std::io::Error| KernelError::Map {
             map: name,
             what,
-            reason: e.to_string(),
+            source: e.into(),
         }
     };
     let mapped = matches!(&map, Map::Array(_))

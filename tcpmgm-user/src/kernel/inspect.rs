@@ -90,13 +90,13 @@ pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
         MapData::from_pin(dir.join(name)).map_err(|e| KernelError::Map {
             map: name,
             what: "opening its pin".into(),
-            reason: e.to_string(),
+            source: e.into(),
         })
     };
     let fail = |name: &'static str, e: aya::maps::MapError| KernelError::Map {
         map: name,
         what: "reading".into(),
-        reason: e.to_string(),
+        source: e.into(),
     };
     let (generation, loader) = header(dir)?;
     // Each rank's rule id: from the ranks, or, in pins of a version before them, from the
@@ -145,19 +145,19 @@ pub fn inspect(dir: &Path) -> Result<Pinned, KernelError> {
 pub fn counted(dir: &Path) -> Result<std::collections::HashMap<u32, RuleCount>, KernelError> {
     use aya::maps::{Map, MapData, PerCpuHashMap};
     use tcpmgm_common::RuleStats;
-    let fail = |name: &'static str, what: &str, e: String| KernelError::Map {
+    let fail = |name: &'static str, what: &str, e: super::Cause| KernelError::Map {
         map: name,
         what: what.into(),
-        reason: e,
+        source: e,
     };
     let pin = MapData::from_pin(dir.join(tcpmgm_common::RULE_STATS_PIN))
-        .map_err(|e| fail(names::RULE_STATS, "opening its pin", e.to_string()))?;
+        .map_err(|e| fail(names::RULE_STATS, "opening its pin", e.into()))?;
     let stats: PerCpuHashMap<MapData, u32, RuleStats> =
         PerCpuHashMap::try_from(Map::PerCpuHashMap(pin))
-            .map_err(|e| fail(names::RULE_STATS, "reading", e.to_string()))?;
+            .map_err(|e| fail(names::RULE_STATS, "reading", e.into()))?;
     let mut out = std::collections::HashMap::new();
     for entry in stats.iter() {
-        let (id, per_cpu) = entry.map_err(|e| fail(names::RULE_STATS, "reading", e.to_string()))?;
+        let (id, per_cpu) = entry.map_err(|e| fail(names::RULE_STATS, "reading", e.into()))?;
         let mut r = RuleCount::none(id);
         for c in per_cpu.iter() {
             r.matched += c.matched;
@@ -172,9 +172,9 @@ pub fn counted(dir: &Path) -> Result<std::collections::HashMap<u32, RuleCount>, 
     if let Ok(pin) = MapData::from_pin(dir.join(tcpmgm_common::OUTCOMES_PIN)) {
         let ends: aya::maps::HashMap<MapData, u32, tcpmgm_common::Outcomes> =
             aya::maps::HashMap::try_from(Map::HashMap(pin))
-                .map_err(|e| fail(names::OUTCOMES, "reading", e.to_string()))?;
+                .map_err(|e| fail(names::OUTCOMES, "reading", e.into()))?;
         for entry in ends.iter() {
-            let (id, o) = entry.map_err(|e| fail(names::OUTCOMES, "reading", e.to_string()))?;
+            let (id, o) = entry.map_err(|e| fail(names::OUTCOMES, "reading", e.into()))?;
             out.entry(id)
                 .or_insert_with(|| RuleCount::none(id))
                 .set_outcomes(&o);
@@ -182,8 +182,7 @@ pub fn counted(dir: &Path) -> Result<std::collections::HashMap<u32, RuleCount>, 
     }
     if let Ok(sweeps) = super::sweep_stats::open(dir, false) {
         for entry in sweeps.iter() {
-            let (id, swept) =
-                entry.map_err(|e| fail("sweep statistics", "reading", e.to_string()))?;
+            let (id, swept) = entry.map_err(|e| fail("sweep statistics", "reading", e.into()))?;
             let r = out.entry(id).or_insert_with(|| RuleCount::none(id));
             r.idle_closes = swept.idle_closes;
             r.would_close = swept.would_close;
@@ -256,13 +255,13 @@ fn header(dir: &Path) -> Result<(u32, Option<String>), KernelError> {
         MapData::from_pin(dir.join(names::HEADER)).map_err(|e| KernelError::Map {
             map: names::HEADER,
             what: "opening its pin".into(),
-            reason: e.to_string(),
+            source: e.into(),
         })
     };
     let fail = |e: MapError| KernelError::Map {
         map: names::HEADER,
         what: "reading".into(),
-        reason: e.to_string(),
+        source: e.into(),
     };
     match Array::<MapData, tcpmgm_common::Header>::try_from(Map::Array(open()?)) {
         Ok(header) => {

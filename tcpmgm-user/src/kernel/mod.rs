@@ -70,11 +70,11 @@ pub enum KernelError {
         #[source]
         source: Box<aya::EbpfError>,
     },
-    #[error("map {map}: {what}: {reason}")]
+    #[error("map {map}: {what}: {source}")]
     Map {
         map: &'static str,
         what: String,
-        reason: String,
+        source: Cause,
     },
     #[error(
         "program {program}: the verifier refused it ({io_error}); last lines of its log:\n{tail}"
@@ -99,27 +99,31 @@ pub enum KernelError {
         program: &'static str,
         source: std::io::Error,
     },
-    #[error("the {program} link: {what}{}: {reason}", .needs.map(|f| format!(" ({})", f.needs())).unwrap_or_default())]
+    #[error("the {program} link: {what}{}: {source}", .needs.map(|f| format!(" ({})", f.needs())).unwrap_or_default())]
     Link {
         program: &'static str,
         what: &'static str,
         /// The kernel feature the step takes, when its failure may mean the kernel lacks it.
         needs: Option<KernelFeature>,
-        reason: String,
+        source: Cause,
     },
     #[error("opening cgroup {path}: {source}")]
     Cgroup {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("pinning in {path}: {reason}")]
-    Pin { path: PathBuf, reason: String },
+    #[error("pinning in {path}: {source}")]
+    Pin { path: PathBuf, source: Cause },
     #[error("{what}: {source}")]
     Step {
         what: &'static str,
         source: std::io::Error,
     },
 }
+
+/// What a step failed on: the syscall's or aya's error, kept as the error's source (so that its
+/// errno survives), or a reason of tcpmgm's own.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 
 /// The programs' event stream (see `Enforcer::events`), and their count of events not written.
 pub type EventRing = aya::maps::RingBuf<aya::maps::MapData>;
@@ -300,7 +304,7 @@ impl Enforcer {
     fn restore_pins(&self) -> Result<(), KernelError> {
         let fail = |e: std::io::Error| KernelError::Pin {
             path: self.pin_dir.clone(),
-            reason: e.to_string(),
+            source: e.into(),
         };
         let restored = repin(&self.pin_dir, &self.pins().map_err(fail)?).map_err(fail)?;
         if !restored.is_empty() {
@@ -376,7 +380,7 @@ impl Enforcer {
                 program: hook.name,
                 what: "detaching it",
                 needs: Some(features::LINK_DETACH),
-                reason: e.to_string(),
+                source: e.into(),
             })?;
         }
         remove_pins(&self.pin_dir);
@@ -476,8 +480,12 @@ pub fn lpm_batch_supported() -> std::io::Result<bool> {
     sys::update_batch(trie.map().fd().as_fd(), &key, &1u32.to_ne_bytes(), 1, 8, 4)
 }
 
-/// A `KernelError::Map` about `map`, doing `what`, for the reason it is given.
-fn fail(map: &'static str, what: &str) -> impl FnOnce(String) -> KernelError {
+/// A `KernelError::Map` about `map`, doing `what`, for the cause it is given.
+fn fail<E: Into<Cause>>(map: &'static str, what: &str) -> impl FnOnce(E) -> KernelError {
     let what = what.to_owned();
-    move |reason| KernelError::Map { map, what, reason }
+    move |e| KernelError::Map {
+        map,
+        what,
+        source: e.into(),
+    }
 }

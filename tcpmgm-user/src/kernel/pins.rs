@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use tcpmgm_common::names;
 
-use super::{HOOKS, KernelError, fault, sys};
+use super::{Cause, HOOKS, KernelError, fault, sys};
 use crate::system::SystemError;
 
 /// Removes pins of names this version does not use (left by an older layout), now that the
@@ -74,11 +74,12 @@ pub(super) fn adopt_links(dir: &Path, cgroup: &Path) -> Result<Vec<Option<OwnedF
         if info.cgroup_id != want {
             return Err(KernelError::Pin {
                 path: dir.to_path_buf(),
-                reason: format!(
+                source: format!(
                     "its links belong to cgroup id {}, not to {} (id {want}); each cgroup needs a pin directory of its own",
                     info.cgroup_id,
                     cgroup.display()
-                ),
+                )
+                .into(),
             });
         }
         adopted.push(Some(fd));
@@ -97,14 +98,14 @@ pub(super) fn pinned_links(
             if !path.exists() {
                 return Ok(None);
             }
-            let fail = |what: &'static str, reason: String| KernelError::Link {
+            let fail = |what: &'static str, source: Cause| KernelError::Link {
                 program: hook.name,
                 what,
                 needs: None,
-                reason,
+                source,
             };
-            let fd = sys::obj_get(&path).map_err(|e| fail("opening its pin", e.to_string()))?;
-            let info = sys::link_info(fd.as_fd()).map_err(|e| fail("reading it", e.to_string()))?;
+            let fd = sys::obj_get(&path).map_err(|e| fail("opening its pin", e.into()))?;
+            let info = sys::link_info(fd.as_fd()).map_err(|e| fail("reading it", e.into()))?;
             Ok(Some((fd, info)))
         })
         .collect()
@@ -150,7 +151,7 @@ pub fn detach_pinned(dir: &Path) -> Result<bool, KernelError> {
                 program: hook.name,
                 what: "detaching it",
                 needs: Some(super::features::LINK_DETACH),
-                reason: e.to_string(),
+                source: e.into(),
             })?;
         }
     }

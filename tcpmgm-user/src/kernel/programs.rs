@@ -18,7 +18,7 @@ use tcpmgm_common::names;
 use super::generation::Generation;
 use super::templates::Templates;
 use super::undo::Undo;
-use super::{HOOKS, KernelError, OBJECT, SOCKETS_PIN, fail, fault, load_program, sys};
+use super::{Cause, HOOKS, KernelError, OBJECT, SOCKETS_PIN, fail, fault, load_program, sys};
 
 /// The maps every generation and every run share, with their pins in `pin_dir`: the per-socket
 /// decisions and start times, the rule statistics and outcomes, the sweeper's closing sockets
@@ -198,26 +198,25 @@ impl Programs {
     ) -> Result<(), KernelError> {
         use aya::maps::{HashMap as BpfHashMap, PerCpuHashMap};
         use tcpmgm_common::{Outcomes, RuleStats};
-        let fail = |what: &'static str| fail(name, what);
+        let fail = |what: &'static str| fail::<Cause>(name, what);
         let map = self.ebpf.map_mut(name).expect("the object defines it");
         let copied = if name == names::OUTCOMES {
             let old: BpfHashMap<MapData, u32, Outcomes> =
                 BpfHashMap::try_from(Map::HashMap(old))
-                    .map_err(|e| fail("opening the smaller one")(e.to_string()))?;
-            let mut new: BpfHashMap<&mut MapData, u32, Outcomes> = BpfHashMap::try_from(map)
-                .map_err(|e| fail("opening the larger one")(e.to_string()))?;
+                    .map_err(|e| fail("opening the smaller one")(e.into()))?;
+            let mut new: BpfHashMap<&mut MapData, u32, Outcomes> =
+                BpfHashMap::try_from(map).map_err(|e| fail("opening the larger one")(e.into()))?;
             copy(old.iter(), |id, v| new.insert(id, v, 0))
         } else {
             let old: PerCpuHashMap<MapData, u32, RuleStats> =
                 PerCpuHashMap::try_from(Map::PerCpuHashMap(old))
-                    .map_err(|e| fail("opening the smaller one")(e.to_string()))?;
+                    .map_err(|e| fail("opening the smaller one")(e.into()))?;
             let mut new: PerCpuHashMap<&mut MapData, u32, RuleStats> = PerCpuHashMap::try_from(map)
-                .map_err(|e| fail("opening the larger one")(e.to_string()))?;
+                .map_err(|e| fail("opening the larger one")(e.into()))?;
             copy(old.iter(), |id, v| new.insert(id, v, 0))
         }
-        .map_err(|(what, e)| fail(what)(e.to_string()))?;
-        fault::point("stats-copy")
-            .map_err(|e| fail("copying into the larger one")(e.to_string()))?;
+        .map_err(|(what, e)| fail(what)(e.into()))?;
+        fault::point("stats-copy").map_err(|e| fail("copying into the larger one")(e.into()))?;
         let fd = self.map_fd(name).expect("the object defines it");
         undo.pin(fd, pin)?;
         let what = if name == names::OUTCOMES {
@@ -331,7 +330,7 @@ impl Programs {
             return Err(fail(
                 outer,
                 &format!("putting generation {} in", next.number),
-            )(e.to_string()));
+            )(e));
         }
         for name in changed {
             self.slots[slot as usize].insert(name, next.shared(name).clone());
@@ -368,13 +367,13 @@ impl Programs {
             .ebpf
             .map_mut(names::CURRENT)
             .expect("the object defines it");
-        let mut current: Array<&mut MapData, u32> = Array::try_from(current)
-            .map_err(|e| fail(names::CURRENT, "opening it")(e.to_string()))?;
+        let mut current: Array<&mut MapData, u32> =
+            Array::try_from(current).map_err(|e| fail(names::CURRENT, "opening it")(e))?;
         fault::point("switch")
-            .map_err(|e| fail(names::CURRENT, "switching to the new generation")(e.to_string()))?;
+            .map_err(|e| fail(names::CURRENT, "switching to the new generation")(e))?;
         current
             .set(0, number, 0)
-            .map_err(|e| fail(names::CURRENT, "switching to the new generation")(e.to_string()))
+            .map_err(|e| fail(names::CURRENT, "switching to the new generation")(e))
     }
 
     /// Empties the slot of generation `number`, no longer in force, of the maps `current` does

@@ -80,7 +80,7 @@ impl Undo {
     ) -> Result<(), KernelError> {
         let fail = |e: std::io::Error| KernelError::Pin {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            source: e.into(),
         };
         let name = path.file_name().unwrap_or_default().to_string_lossy();
         fault::point(&format!("pin:{name}")).map_err(fail)?;
