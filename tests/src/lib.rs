@@ -539,6 +539,8 @@ pub struct Daemon {
     pub startup_log: String,
     /// Every log line after the start-up.
     pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The thread that fills `log`; it ends at the end of the daemon's stderr.
+    reader: std::thread::JoinHandle<()>,
 }
 
 impl Daemon {
@@ -615,7 +617,7 @@ impl Daemon {
         }
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = lines.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in log.lines().map_while(Result::ok) {
                 sink.lock().unwrap().push(line);
             }
@@ -625,6 +627,7 @@ impl Daemon {
             control,
             startup_log: seen,
             log: lines,
+            reader,
         }
     }
 
@@ -680,10 +683,15 @@ impl Daemon {
     }
 
     /// Waits up to `limit` for the daemon to exit: its exit status, or None if it still runs.
+    /// After an exit, `log` holds every line the daemon wrote (the reader has reached the end
+    /// of its stderr, or `limit` has passed).
     pub fn wait_exit(&mut self, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
         let start = std::time::Instant::now();
         while start.elapsed() < limit {
             if let Some(st) = self.child.try_wait().expect("try_wait") {
+                while !self.reader.is_finished() && start.elapsed() < limit {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
                 return Some(st);
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
@@ -933,6 +941,9 @@ pub fn wait_for_idle(
 /// `bpftool -j batch` process (a process each would take seconds apiece in a TCG guest): each
 /// command's JSON output, in order. Every command must succeed.
 pub fn bpftool_batch(commands: &[String]) -> Vec<serde_json::Value> {
+    if commands.is_empty() {
+        return Vec::new();
+    }
     static BATCHES: AtomicU32 = AtomicU32::new(0);
     let file = std::env::temp_dir().join(format!(
         "tcpmgm-{}-{}.bpftool-batch",
@@ -955,21 +966,35 @@ pub fn bpftool_batch(commands: &[String]) -> Vec<serde_json::Value> {
             String::from_utf8_lossy(&out.stderr)
         )
     });
-    let outputs: Vec<serde_json::Value> = results
+    let results: Vec<serde_json::Value> = results
         .into_iter()
         .filter(|r| r.get("command").is_some())
-        .map(|mut r| r["output"].take())
         .collect();
     assert_eq!(
-        outputs.len(),
+        results.len(),
         commands.len(),
         "bpftool batch of {commands:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for (command, output) in commands.iter().zip(&outputs) {
-        assert!(output.get("error").is_none(), "bpftool {command}: {output}");
-    }
-    outputs
+    commands
+        .iter()
+        .zip(results)
+        .map(|(command, mut result)| {
+            // Each result echoes its command, as words: it must be the one sent in its place.
+            let echoed = match &result["command"] {
+                serde_json::Value::Array(words) => words
+                    .iter()
+                    .map(|w| w.as_str().unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                other => other.as_str().unwrap_or_default().to_owned(),
+            };
+            assert_eq!(&echoed, command, "bpftool batch answered out of order");
+            let output = result["output"].take();
+            assert!(output.get("error").is_none(), "bpftool {command}: {output}");
+            output
+        })
+        .collect()
 }
 
 /// What the kernel and bpffs hold for a sandbox: the programs attached to its cgroup (ids
@@ -1001,10 +1026,8 @@ pub fn snapshot(sb: &Sandbox) -> String {
             format!("{kind} show pinned {}", sb.pin_dir.join(pin).display())
         })
         .collect();
-    if !commands.is_empty() {
-        for (pin, shown) in pins.iter().zip(bpftool_batch(&commands)) {
-            out.push_str(&format!("\n{pin} {}", shown["id"]));
-        }
+    for (pin, shown) in pins.iter().zip(bpftool_batch(&commands)) {
+        out.push_str(&format!("\n{pin} {}", shown["id"]));
     }
     out
 }

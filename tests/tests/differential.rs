@@ -199,7 +199,14 @@ fn each_key_of_the_match_order_decides_in_the_kernel() {
             row(better_id, &[better, &[("keepidle", "101")]].concat()),
             row(worse_id, &[worse, &[("keepidle", "202")]].concat()),
         ];
-        let (policy, enforcer) = sb.enforce(rules(&table, &listeners), &listeners);
+        // The reference's rules are the table's, validated and in match order; the compiler's
+        // output must be the same set.
+        let valid = tcpmgm_tests::in_match_order(rules(&table, &listeners));
+        let (policy, enforcer) = sb.enforce(valid.clone(), &listeners);
+        assert_eq!(
+            policy.rules, valid,
+            "{key}: the compiled rule set is not the table's"
+        );
         let mut probe = sb.probe();
         let reply = probe.ask(&format!("pair {server} {server} {bind}"));
         let out_key = listeners.lookup(
@@ -207,14 +214,13 @@ fn each_key_of_the_match_order_decides_in_the_kernel() {
             server.parse().unwrap(),
             Some(bind.parse().unwrap()),
         );
-        let reference = matcher::first_match(&policy.rules, &out_key).map(|r| r.id);
+        let reference = matcher::first_match(&valid, &out_key).map(|r| r.id);
         assert_eq!(
             reference,
             Some(better_id as u32),
             "{key}: the reference picked {reference:?}"
         );
-        let matching: Vec<&Rule> = policy
-            .rules
+        let matching: Vec<&Rule> = valid
             .iter()
             .filter(|r| matcher::matches(r, &out_key))
             .collect();
@@ -231,7 +237,7 @@ fn each_key_of_the_match_order_decides_in_the_kernel() {
             reply.get("client_port") as u16,
         );
         let in_key = listeners.lookup(Direction::Inbound, client, Some(server.parse().unwrap()));
-        let (_, want_server) = idle_of(matcher::first_match(&policy.rules, &in_key));
+        let (_, want_server) = idle_of(matcher::first_match(&valid, &in_key));
         assert_eq!(
             reply.get("server_idle"),
             want_server,

@@ -394,50 +394,91 @@ fn conns_lists_each_connection_with_its_rule() {
 }
 
 /// sock_diag as tcpmgm parses it, on this kernel's own messages: each socket with its addresses,
-/// state, inode, cgroup and tcpmgm record. With TCPMGM_WRITE_TESTDATA=1 the dump is also written
-/// to `tcpmgm-user/testdata/sock_diag_v4.bin`, which the parser's unit tests read.
+/// state, inode, cgroup and tcpmgm record, for an IPv4 dump and an IPv6 one (which holds the
+/// AF_INET6 sockets, v4-mapped ones included). With TCPMGM_WRITE_TESTDATA=1 the dumps are also
+/// written to `tcpmgm-user/testdata/sock_diag_v4.bin` and `sock_diag_v6.bin`, which the
+/// parser's unit tests read.
 #[test]
 fn sock_diag_answers_parse_into_sockets_with_their_records() {
     use std::os::fd::AsFd;
     use std::os::unix::fs::MetadataExt;
+    use tcpmgm::kernel::diag::{Socket, dump, parse_dump};
     let sb = Sandbox::new();
     let none = Listeners::default();
-    let table = [row(21, &[("remote_addr", "127.0.0.2"), ("keepidle", "46")])];
+    // IPv6 has one loopback address, so the IPv6 rule tells its two connections apart by port.
+    let table = [
+        row(21, &[("remote_addr", "127.0.0.2"), ("keepidle", "46")]),
+        row(
+            31,
+            &[
+                ("remote_addr", "::1"),
+                ("remote_port", "7031"),
+                ("keepidle", "47"),
+            ],
+        ),
+    ];
     let _e = sb.enforce(rules(&table, &none), &none);
     let mut p = sb.probe();
     p.ask("hold-pair 127.0.0.2:7021 127.0.0.2:7021 127.0.0.1:0");
     p.ask("hold-pair 127.0.0.3:7022 127.0.0.3:7022 127.0.0.1:0");
+    p.ask("hold-pair [::1]:7031 [::1]:7031 [::1]:0");
+    p.ask("hold-pair [::1]:7032 [::1]:7032 [::1]:0");
+    // An AF_INET6 client to a dual-stack listener over IPv4: both ends are AF_INET6 sockets with
+    // v4-mapped addresses, so they are in the IPv6 dump, and the IPv4 rule is theirs.
+    p.ask("hold-pair [::]:7023 [::ffff:127.0.0.2]:7023 [::ffff:127.0.0.1]:0");
     let map = aya::maps::MapData::from_pin(sb.pin_dir.join(tcpmgm::kernel::SOCKETS_PIN)).unwrap();
     let netns = sb.netns.path();
-    let raw = std::thread::scope(|s| {
+    let (af_inet, af_inet6) = (libc::AF_INET as u8, libc::AF_INET6 as u8);
+    let (raw4, raw6) = std::thread::scope(|s| {
         s.spawn(|| {
-            let ns = std::fs::File::open(&netns).unwrap();
-            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            tcpmgm::kernel::diag::dump(Some(map.fd().as_fd()), libc::AF_INET as u8).unwrap()
+            tcpmgm::netns::enter(std::path::Path::new(&netns)).unwrap();
+            let fd = map.fd().as_fd();
+            (
+                dump(Some(fd), af_inet).unwrap(),
+                dump(Some(fd), af_inet6).unwrap(),
+            )
         })
         .join()
         .unwrap()
     });
-    let sockets = tcpmgm::kernel::diag::parse_dump(&raw, libc::AF_INET as u8).unwrap();
     let cgroup = std::fs::metadata(&sb.cgroup).unwrap().ino();
-    let find = |local: &str, remote: &str| {
+    /// The socket from `local` to `remote` in a dump.
+    fn between<'a>(sockets: &'a [Socket], local: &str, remote: &str) -> &'a Socket {
         sockets
             .iter()
             .find(|s| s.local.to_string() == local && s.remote.to_string() == remote)
             .unwrap_or_else(|| panic!("{local} -> {remote} in {sockets:#?}"))
-    };
-    let listening = find("127.0.0.2:7021", "0.0.0.0:0");
-    assert!(listening.listening());
-    let client = sockets
-        .iter()
-        .find(|s| s.remote.to_string() == "127.0.0.2:7021")
-        .expect("the client end");
-    let server = find("127.0.0.2:7021", &client.local.to_string());
-    for end in [client, server] {
-        assert!(end.established(), "{end:?}");
-        assert_eq!(end.cgroup_id, Some(cgroup), "{end:?}");
-        assert_ne!(end.inode, 0);
     }
+
+    /// A connection of `hold-pair LISTEN REMOTE` in a dump, checked: its listener listens, and the
+    /// client and accepted ends are established in the cgroup `cgroup`. Returns (client, accepted).
+    fn held<'a>(
+        sockets: &'a [Socket],
+        cgroup: u64,
+        listen: &str,
+        remote: &str,
+    ) -> (&'a Socket, &'a Socket) {
+        let wildcard = if listen.starts_with('[') {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        };
+        assert!(between(sockets, listen, wildcard).listening());
+        let client = sockets
+            .iter()
+            .find(|s| s.remote.to_string() == remote)
+            .unwrap_or_else(|| panic!("the client to {remote} in {sockets:#?}"));
+        let server = between(sockets, remote, &client.local.to_string());
+        for end in [client, server] {
+            assert!(end.established(), "{end:?}");
+            assert_eq!(end.cgroup_id, Some(cgroup), "{end:?}");
+            assert_ne!(end.inode, 0, "{end:?}");
+        }
+        (client, server)
+    }
+
+    let v4 = parse_dump(&raw4, af_inet).unwrap();
+    let (client, server) = held(&v4, cgroup, "127.0.0.2:7021", "127.0.0.2:7021");
     // The client's peer is the rule's; the accepted end's peer, 127.0.0.1, is no rule's (and
     // accepted sockets are recorded only when a rule matched).
     assert_eq!(
@@ -447,16 +488,43 @@ fn sock_diag_answers_parse_into_sockets_with_their_records() {
     );
     assert_eq!(server.record.map(|r| r.state), None, "{server:?}");
     // An outbound socket no rule matched costs no storage either.
-    let unruled = sockets
-        .iter()
-        .find(|s| s.remote.to_string() == "127.0.0.3:7022")
-        .expect("the unruled client");
+    let (unruled, _) = held(&v4, cgroup, "127.0.0.3:7022", "127.0.0.3:7022");
     assert_eq!(unruled.record.map(|r| r.state), None, "{unruled:?}");
+
+    let v6 = parse_dump(&raw6, af_inet6).unwrap();
+    let (client, server) = held(&v6, cgroup, "[::1]:7031", "[::1]:7031");
+    assert_eq!(
+        client
+            .record
+            .map(|r| (r.state, r.profile.rule_id, r.profile.keepidle)),
+        Some((tcpmgm_common::SOCK_RULE, 31, 47)),
+        "{client:?}"
+    );
+    // The accepted end's peer is ::1 too, but from an ephemeral port, not the rule's.
+    assert_eq!(server.record.map(|r| r.state), None, "{server:?}");
+    let (unruled, _) = held(&v6, cgroup, "[::1]:7032", "[::1]:7032");
+    assert_eq!(unruled.record.map(|r| r.state), None, "{unruled:?}");
+    let (mapped, accepted) = held(&v6, cgroup, "[::]:7023", "[::ffff:127.0.0.2]:7023");
+    assert_eq!(
+        mapped.record.map(|r| r.profile.rule_id),
+        Some(21),
+        "{mapped:?}"
+    );
+    assert_eq!(accepted.record.map(|r| r.state), None, "{accepted:?}");
+    // Neither end of the v4-mapped connection is in the IPv4 dump: a dump is by socket family.
+    assert!(
+        !v4.iter()
+            .any(|s| s.local.port() == 7023 || s.remote.port() == 7023),
+        "{v4:#?}"
+    );
+
     if std::env::var_os("TCPMGM_WRITE_TESTDATA").is_some() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tcpmgm-user/testdata/sock_diag_v4.bin");
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, &raw).unwrap();
-        eprintln!("wrote {} ({} bytes)", path.display(), raw.len());
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tcpmgm-user/testdata");
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, raw) in [("sock_diag_v4.bin", &raw4), ("sock_diag_v6.bin", &raw6)] {
+            let path = dir.join(name);
+            std::fs::write(&path, raw).unwrap();
+            eprintln!("wrote {} ({} bytes)", path.display(), raw.len());
+        }
     }
 }

@@ -115,7 +115,7 @@ async fn check_match_and_db_init_honour_table() {
     let (code, _, err) = tcpmgm(&["check", "--db", &db, "--table", "carrier_rules"]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("1 rules valid, 0 rows bad"), "{err}");
-    let (code, out, _) = tcpmgm(&[
+    let (code, out, err) = tcpmgm(&[
         "match",
         "--db",
         &db,
@@ -124,7 +124,7 @@ async fn check_match_and_db_init_honour_table() {
         "--remote",
         "192.0.2.7:5060",
     ]);
-    assert_eq!(code, 0);
+    assert_eq!(code, 0, "{err}");
     assert!(out.contains("rule 5:"), "{out}");
     let (code, _, err) = tcpmgm(&["check", "--db", &db]);
     assert_eq!(

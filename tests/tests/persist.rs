@@ -225,8 +225,8 @@ async fn refusals_are_logged_rate_limited_and_all_counted() {
     let mut probe = sb.probe();
     const STORM: usize = 300;
     let started = std::time::Instant::now();
-    // In one tight loop of the probe's, so that the refusals outrun the limiter on a slow
-    // machine too.
+    // In one tight loop of the probe's, so that the refusals outrun the limiter, on a slow
+    // machine too; the bound below holds however long the storm takes.
     let storm = probe.ask(&format!("storm 127.0.0.3:7000 {STORM}"));
     assert_eq!(
         (storm.get("refused"), storm.get("connected")),
@@ -253,7 +253,7 @@ async fn refusals_are_logged_rate_limited_and_all_counted() {
     let cpus = std::thread::available_parallelism().unwrap().get();
     let ceiling = cpus * tcpmgm_common::LOG_EVENTS_PER_SECOND as usize * seconds as usize;
     assert!(
-        logged >= 1 && logged <= ceiling.min(STORM - 1),
+        logged >= 1 && logged <= ceiling.min(STORM),
         "{logged} lines for {STORM} refusals (ceiling {ceiling})"
     );
     eprintln!(

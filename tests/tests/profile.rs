@@ -7,8 +7,8 @@ use tcpmgm::policy::compile::Enforcement;
 use tcpmgm::policy::listener::Listeners;
 use tcpmgm::policy::source::TableVersion;
 use tcpmgm_tests::{
-    Backend, Daemon, Probe, Sandbox, TestDb, assert_samples, row, rules, sample, scrape, ss,
-    two_hosts,
+    Backend, Daemon, Probe, Sandbox, Scratch, TestDb, assert_samples, row, rules, sample, scrape,
+    ss, two_hosts,
 };
 
 /// 127.0.0.2 is kept without keepalive; 127.0.0.3 gets keepalive 41 s / 13 s / 5.
@@ -240,6 +240,108 @@ fn a_catch_all_rules_default_connect_timeout_leaves_other_connects_alone() {
     let mut p = sb.probe();
     let r = connect_after_300ms(&mut p);
     assert_eq!(r.get("errno"), libc::ETIMEDOUT as i64, "{r:?}");
+}
+
+/// `enforce_default_connect_timeout` as operators set it, in the configuration file: a catch-all
+/// rule keeping OpenSIPS's default connect_timeout (100 ms) then bounds a connect to a peer that
+/// never answers; with the key off the connect is left the kernel's own SYN retries (over a
+/// minute), while the rule's keepalive still applies. The daemon reads the key at its start (a
+/// reload re-reads only `audit` and `app_options`): the file is changed across a restart.
+#[tokio::test]
+async fn the_default_connect_timeout_follows_the_config_file() {
+    let db = TestDb::new(
+        Backend::Sqlite,
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, keepidle) VALUES (1, 30);",
+    )
+    .await;
+    let sb = Sandbox::new();
+    // 192.0.2.3: its SYNs vanish.
+    let (_b, _dev) = two_hosts(&sb);
+    let scratch = Scratch::new("default-connect-timeout");
+    let config = scratch.write("tcpmgm.toml", "enforce_default_connect_timeout = true\n");
+    let args = ["--config", config.as_str()];
+    let d = Daemon::start_with(&sb, &db.url, tcpmgm_tests::control_socket(&sb), &args);
+    let mut probe = sb.probe();
+    // Bounded: ETIMEDOUT soon after the rule's 100 ms. Unbounded, the kernel would not give up
+    // for over a minute (its first SYN retry alone comes after 1 s); the margin is for a slow
+    // emulated guest.
+    let r = probe.ask("connect 192.0.2.3:5060 - 10000");
+    assert_eq!(r.get("errno"), libc::ETIMEDOUT as i64, "{r:?}");
+    assert!(r.get("ms") < 5000, "{r:?}");
+    d.kill();
+    tcpmgm::kernel::detach_pinned(&sb.pin_dir).unwrap();
+
+    std::fs::write(&config, "enforce_default_connect_timeout = false\n").unwrap();
+    let _d = Daemon::start_with(&sb, &db.url, tcpmgm_tests::control_socket(&sb), &args);
+    let mut probe = sb.probe();
+    // Thirty times the rule's connect_timeout, and the connect is still trying.
+    let r = probe.ask("connect 192.0.2.3:5061 - 3000");
+    assert!(r.has("pending"), "bounded with the key off: {r:?}");
+    let r = probe.ask("pair 127.0.0.1:7301 127.0.0.1:7301");
+    assert_eq!(r.get("client_idle"), 30, "the rule applies: {r:?}");
+}
+
+/// Listeners from a file of OpenSIPS `socket=` lines, given to the daemon by `--sockets-from`
+/// and by the `sockets_from` key of its configuration file: a rule on the file's tagged tls
+/// listener (`local_addr` names its tag) and a rule on the protocol of its tcp listener apply to
+/// both ends of connections accepted on those listeners and made from their addresses; a
+/// connection on an address the file does not declare gets neither.
+#[tokio::test]
+async fn sockets_from_gives_the_daemon_its_listeners_by_flag_and_by_config_key() {
+    let db = TestDb::new(
+        Backend::Sqlite,
+        TableVersion::V1,
+        "INSERT INTO tcp_mgm (id, proto, local_addr, keepalive, keepidle, keepinterval, keepcount)
+           VALUES (1, 'tls', 'trunks', 1, 41, 13, 5);
+         INSERT INTO tcp_mgm (id, proto, keepalive, keepidle, keepinterval, keepcount)
+           VALUES (2, 'tcp', 1, 42, 14, 6);",
+    )
+    .await;
+    let sb = Sandbox::new();
+    let scratch = Scratch::new("sockets-from-run");
+    let sockets = scratch.write(
+        "opensips.cfg",
+        "socket = udp:127.0.0.5:5060\n\
+         socket = tcp:127.0.0.5:5060\n\
+         socket = tls:127.0.0.4:5061 tag trunks\n",
+    );
+    let config = scratch.write("tcpmgm.toml", &format!("sockets_from = [\"{sockets}\"]\n"));
+    let mut probe = sb.probe();
+    // Each pair's client is bound to the server's address, so that both ends meet the listener.
+    // (The probe keeps its listeners: the second daemon's pairs are accepted on the same ones.)
+    let mut check = |how: &str| {
+        let tls = probe.ask("pair 127.0.0.4:5061 127.0.0.4:5061 127.0.0.4:0");
+        let tcp = probe.ask("pair 127.0.0.5:5060 127.0.0.5:5060 127.0.0.5:0");
+        let elsewhere = probe.ask("pair 127.0.0.6:7400 127.0.0.6:7400 127.0.0.6:0");
+        for side in ["client", "server"] {
+            assert_eq!(
+                tls.keepalive(side),
+                (1, 41, 13, 5),
+                "{how}: tls {side}: {tls:?}"
+            );
+            assert_eq!(
+                tcp.keepalive(side),
+                (1, 42, 14, 6),
+                "{how}: tcp {side}: {tcp:?}"
+            );
+            assert_eq!(
+                elsewhere.keepalive(side),
+                (0, 7200, 75, 9),
+                "{how}: no listener, {side}: {elsewhere:?}"
+            );
+        }
+    };
+
+    let flag = ["--sockets-from", sockets.as_str()];
+    let d = Daemon::start_with(&sb, &db.url, tcpmgm_tests::control_socket(&sb), &flag);
+    check("--sockets-from");
+    d.kill();
+    tcpmgm::kernel::detach_pinned(&sb.pin_dir).unwrap();
+
+    let key = ["--config", config.as_str()];
+    let _d = Daemon::start_with(&sb, &db.url, tcpmgm_tests::control_socket(&sb), &key);
+    check("sockets_from in the config file");
 }
 
 fn rt() -> tokio::runtime::Runtime {

@@ -363,6 +363,7 @@ fn vm_task(root: &Path, task: VmTask) -> anyhow::Result<()> {
         } => {
             let series = vm::kernel::series(&kernel)?;
             let build = vm::build(root, &tests)?;
+            let plan = vm::plan::plan(&build.tests, &args)?;
             let limit = Duration::from_secs(vm.minutes * 60);
             let mut results = Vec::new();
             let mut broken = Vec::new();
@@ -372,6 +373,7 @@ fn vm_task(root: &Path, task: VmTask) -> anyhow::Result<()> {
                 let run = vm::kernel::get(&vm_dir, s, vm.refresh).and_then(|kernel| {
                     let guest = vm::Guest::Test {
                         harness_args: args.clone(),
+                        plan: plan.clone(),
                     };
                     let outcome = vm::run(&vm_dir, &kernel, &build, &guest, &vm.accel, limit)?;
                     Ok((kernel, outcome))
@@ -387,10 +389,17 @@ fn vm_task(root: &Path, task: VmTask) -> anyhow::Result<()> {
             for line in &broken {
                 println!("{line}");
             }
+            let by_filters: u64 = plan.iter().map(|p| p.by_filters).sum();
+            let host_only: u64 = plan.iter().map(|p| p.host_only).sum();
+            let planned: u64 = plan.iter().map(|p| p.run).sum();
             for (kernel, o) in &results {
                 let table = vm::table::differences(&readme, kernel.series.name, &o.features);
                 for d in &table {
                     println!("vm {}: README kernel table: {d}", kernel.series.name);
+                }
+                let departures = o.departures(&plan);
+                for d in &departures {
+                    println!("vm {}: not as planned: {d}", kernel.series.name);
                 }
                 let verdict = if !o.finished {
                     "did not finish"
@@ -398,6 +407,8 @@ fn vm_task(root: &Path, task: VmTask) -> anyhow::Result<()> {
                     "FAILED"
                 } else if o.passed == 0 {
                     "FAILED (no test ran)"
+                } else if !departures.is_empty() {
+                    "FAILED (the tests run differ from the plan)"
                 } else if !table.is_empty() {
                     "FAILED (the README's kernel table differs from tcpmgm features)"
                 } else {
@@ -405,13 +416,14 @@ fn vm_task(root: &Path, task: VmTask) -> anyhow::Result<()> {
                 };
                 ok &= verdict == "ok";
                 println!(
-                    "vm {} ({}, {}): {verdict}. {} passed; {} failed; {} filtered out (filters, and the PostgreSQL and MariaDB tests){}",
+                    "vm {} ({}, {}): {verdict}. {} passed; {} failed; {} filtered out ({by_filters} by the filters given, {host_only} host-only); {planned} planned in {} binaries{}",
                     kernel.series.name,
                     kernel.series.debian,
                     kernel.release,
                     o.passed,
                     o.failed,
                     o.filtered,
+                    plan.len(),
                     if o.failed_binaries.is_empty() {
                         String::new()
                     } else {

@@ -187,7 +187,11 @@ pub(super) fn put_in_links(
             }
             None => {
                 let link = fault::point(&format!("link-create:{}", hook.name))
-                    .and_then(|()| sys::link_create(program, cgroup_file.as_fd(), hook.attach_type))
+                    .map_err(super::Cause::from)
+                    .and_then(|()| {
+                        sys::link_create(program, cgroup_file.as_fd(), hook.attach_type)
+                            .map_err(super::Cause::from)
+                    })
                     .map_err(|e| KernelError::Link {
                         program: hook.name,
                         what: "attaching it to the cgroup",

@@ -415,50 +415,119 @@ pub fn destroy(socket: &Socket) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    /// A dump of this kernel's IPv4 TCP sockets in a test's namespace (written by the kernel
-    /// test `sock_diag_answers_parse_into_sockets_with_their_records`): two held connections,
-    /// one to 127.0.0.2:7021 (rule 21) and one to 127.0.0.3:7022 (no rule), with their
-    /// listeners and accepted ends.
-    const CAPTURED: &[u8] = include_bytes!("../../testdata/sock_diag_v4.bin");
+    /// Dumps of this kernel's TCP sockets in a test's namespace (written by the kernel test
+    /// `sock_diag_answers_parse_into_sockets_with_their_records`), with their listeners and
+    /// accepted ends. Rule 21 is for 127.0.0.2 and rule 31 for [::1]:7031. IPv4: a connection to
+    /// 127.0.0.2:7021 (rule 21) and one to 127.0.0.3:7022 (no rule).
+    const CAPTURED_V4: &[u8] = include_bytes!("../../testdata/sock_diag_v4.bin");
+    /// IPv6: connections to [::1]:7031 (rule 31) and [::1]:7032 (no rule), and an AF_INET6
+    /// client to a dual-stack listener on [::]:7023 at ::ffff:127.0.0.2 (rule 21, the IPv4
+    /// rule), from ::ffff:127.0.0.1.
+    const CAPTURED_V6: &[u8] = include_bytes!("../../testdata/sock_diag_v6.bin");
     const AF_INET: u8 = libc::AF_INET as u8;
+    const AF_INET6: u8 = libc::AF_INET6 as u8;
+
+    /// The socket whose peer is `remote`.
+    fn to<'a>(sockets: &'a [Socket], remote: &str) -> &'a Socket {
+        sockets
+            .iter()
+            .find(|s| s.remote.to_string() == remote)
+            .unwrap_or_else(|| panic!("{remote} in {sockets:#?}"))
+    }
+
+    /// The state, rule id and keepidle of a socket's record; None when it has no record.
+    fn rule(s: &Socket) -> Option<(u32, u32, u32)> {
+        s.record
+            .map(|r| (r.state, r.profile.rule_id, r.profile.keepidle))
+    }
 
     #[test]
     fn a_captured_dump_gives_each_socket_its_record() {
-        let sockets = parse_dump(CAPTURED, AF_INET).unwrap();
+        let sockets = parse_dump(CAPTURED_V4, AF_INET).unwrap();
         assert_eq!(sockets.len(), 6, "{sockets:#?}");
-        let to = |remote: &str| {
-            sockets
-                .iter()
-                .find(|s| s.remote.to_string() == remote)
-                .unwrap_or_else(|| panic!("{remote} in {sockets:#?}"))
-        };
-        let ruled = to("127.0.0.2:7021");
+        let ruled = to(&sockets, "127.0.0.2:7021");
         assert!(ruled.established());
-        assert_eq!(ruled.record.map(|r| r.profile.rule_id), Some(21));
-        assert_eq!(ruled.record.map(|r| r.profile.keepidle), Some(46));
+        assert_eq!(rule(ruled), Some((tcpmgm_common::SOCK_RULE, 21, 46)));
         assert!(ruled.cgroup_id.is_some());
-        assert_eq!(
-            to("127.0.0.3:7022").record.map(|r| r.state),
-            Some(tcpmgm_common::SOCK_NO_RULE)
-        );
+        // The accepted end's peer (127.0.0.1) is no rule's, and a socket no rule matched has
+        // no storage, outbound or accepted.
+        assert_eq!(to(&sockets, &ruled.local.to_string()).record, None);
+        let unruled = to(&sockets, "127.0.0.3:7022");
+        assert!(unruled.established());
+        assert_eq!(unruled.record, None, "{unruled:?}");
+        assert_eq!(to(&sockets, &unruled.local.to_string()).record, None);
         let listening = sockets.iter().filter(|s| s.listening()).count();
         assert_eq!(listening, 2);
         assert!(sockets.iter().all(|s| s.inode != 0));
     }
 
     #[test]
+    fn a_captured_ipv6_dump_gives_each_socket_its_addresses_and_record() {
+        let sockets = parse_dump(CAPTURED_V6, AF_INET6).unwrap();
+        assert_eq!(sockets.len(), 9, "{sockets:#?}");
+        let loopback = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        let mapped = |last: u8| IpAddr::V6(Ipv4Addr::new(127, 0, 0, last).to_ipv6_mapped());
+
+        let ruled = to(&sockets, "[::1]:7031");
+        assert_eq!(ruled.remote, SocketAddr::new(loopback, 7031));
+        assert_eq!(ruled.local.ip(), loopback);
+        assert!(ruled.established());
+        assert_eq!(rule(ruled), Some((tcpmgm_common::SOCK_RULE, 31, 47)));
+        // The accepted end's peer is ::1 as well, but from an ephemeral port, not 7031.
+        let accepted = to(&sockets, &ruled.local.to_string());
+        assert_eq!(accepted.local, SocketAddr::new(loopback, 7031));
+        assert!(accepted.established());
+        assert_eq!(accepted.record, None, "{accepted:?}");
+
+        let unruled = to(&sockets, "[::1]:7032");
+        assert!(unruled.established());
+        assert_eq!(unruled.record, None, "{unruled:?}");
+        let accepted = to(&sockets, &unruled.local.to_string());
+        assert_eq!(accepted.local, SocketAddr::new(loopback, 7032));
+        assert_eq!(accepted.record, None, "{accepted:?}");
+
+        // An IPv4 connection between AF_INET6 sockets: the addresses stay v4-mapped IPv6 ones,
+        // and the IPv4 rule is the client's.
+        let v4_mapped = to(&sockets, "[::ffff:127.0.0.2]:7023");
+        assert_eq!(v4_mapped.remote, SocketAddr::new(mapped(2), 7023));
+        assert_eq!(v4_mapped.local.ip(), mapped(1));
+        assert!(v4_mapped.established());
+        assert_eq!(rule(v4_mapped), Some((tcpmgm_common::SOCK_RULE, 21, 46)));
+        let accepted = to(&sockets, &v4_mapped.local.to_string());
+        assert_eq!(accepted.local, SocketAddr::new(mapped(2), 7023));
+        assert_eq!(accepted.record, None, "{accepted:?}");
+
+        let mut listeners: Vec<String> = sockets
+            .iter()
+            .filter(|s| s.listening())
+            .map(|s| format!("{} {}", s.local, s.remote))
+            .collect();
+        listeners.sort();
+        assert_eq!(
+            listeners,
+            ["[::1]:7031 [::]:0", "[::1]:7032 [::]:0", "[::]:7023 [::]:0"]
+        );
+        // Every socket is in the test's cgroup, which only sock_diag reports.
+        let cgroup = ruled.cgroup_id.expect("a cgroup id");
+        assert!(sockets.iter().all(|s| s.cgroup_id == Some(cgroup)));
+        assert!(sockets.iter().all(|s| s.inode != 0 && s.cookie() != 0));
+    }
+
+    #[test]
     fn truncated_or_corrupt_messages_never_panic() {
-        for end in 0..CAPTURED.len() {
-            let _ = parse_dump(&CAPTURED[..end], AF_INET);
-        }
-        let mut bytes = CAPTURED.to_vec();
-        for i in 0..bytes.len() {
-            let kept = bytes[i];
-            for garbage in [0x00, 0x03, 0xff] {
-                bytes[i] = garbage;
-                let _ = parse_dump(&bytes, AF_INET);
+        for (captured, family) in [(CAPTURED_V4, AF_INET), (CAPTURED_V6, AF_INET6)] {
+            for end in 0..captured.len() {
+                let _ = parse_dump(&captured[..end], family);
             }
-            bytes[i] = kept;
+            let mut bytes = captured.to_vec();
+            for i in 0..bytes.len() {
+                let kept = bytes[i];
+                for garbage in [0x00, 0x03, 0xff] {
+                    bytes[i] = garbage;
+                    let _ = parse_dump(&bytes, family);
+                }
+                bytes[i] = kept;
+            }
         }
     }
 

@@ -430,7 +430,7 @@ fn fill(map: Map, name: &'static str, contents: &Contents) -> Result<Map, Kernel
         contents.values.len() / contents.len,
     );
     let fail = |what: String| {
-        move |e: std::io::Error| KernelError::Map {
+        move |e: sys::SyscallError| KernelError::Map {
             map: name,
             what,
             source: e.into(),

@@ -478,6 +478,7 @@ pub fn lpm_batch_supported() -> std::io::Result<bool> {
         .map_err(std::io::Error::other)?;
     let key = [8u32.to_ne_bytes(), [10, 0, 0, 0]].concat();
     sys::update_batch(trie.map().fd().as_fd(), &key, &1u32.to_ne_bytes(), 1, 8, 4)
+        .map_err(std::io::Error::other)
 }
 
 /// A `KernelError::Map` about `map`, doing `what`, for the cause it is given.

@@ -134,7 +134,7 @@ pub fn repin(pin_dir: &Path, pins: &[(PathBuf, OwnedFd)]) -> std::io::Result<Vec
     let mut done = Vec::new();
     for (path, fd) in missing {
         fault::point("repin")?;
-        sys::obj_pin(fd.as_fd(), path)?;
+        sys::obj_pin(fd.as_fd(), path).map_err(std::io::Error::other)?;
         done.push(path.clone());
     }
     Ok(done)

@@ -324,6 +324,7 @@ impl Programs {
             fault::point(&format!("stage:{name}"))?;
             let inner = next.map(name).fd().as_fd().as_raw_fd() as u32;
             sys::map_update(outer, &slot.to_ne_bytes(), &inner.to_ne_bytes())
+                .map_err(std::io::Error::other)
         });
         if let Some((outer, e)) = failed.into_iter().next() {
             self.unstage(next.number, &changed);
@@ -341,7 +342,9 @@ impl Programs {
     /// Empties generation `number`'s slot of the maps `kinds`: nothing reads it yet.
     fn unstage(&mut self, number: u32, kinds: &[&'static str]) {
         let slot = number % 2;
-        self.on_outers(kinds, |_, fd| sys::map_delete(fd, &slot));
+        self.on_outers(kinds, |_, fd| {
+            sys::map_delete(fd, &slot).map_err(std::io::Error::other)
+        });
         for name in kinds {
             self.slots[slot as usize].remove(name);
         }
@@ -385,7 +388,9 @@ impl Programs {
             .filter(|(name, map)| !Arc::ptr_eq(map, current.shared(name)))
             .map(|(name, _)| *name)
             .collect();
-        let failed = self.on_outers(&stale, |_, fd| sys::map_delete(fd, &(slot as u32)));
+        let failed = self.on_outers(&stale, |_, fd| {
+            sys::map_delete(fd, &(slot as u32)).map_err(std::io::Error::other)
+        });
         for (outer, e) in failed {
             tracing::warn!("freeing generation {number} from {outer}: {e}");
         }

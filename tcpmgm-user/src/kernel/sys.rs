@@ -3,16 +3,40 @@
 //! reading a link's cgroup, replacing the program of a cgroup link (BPF_LINK_UPDATE) and
 //! detaching it. None of them needs CAP_SYS_ADMIN: objects are opened through their pins
 //! (BPF_OBJ_GET), never by id (the *_GET_FD_BY_ID commands do need it).
+//!
+//! Each error is a [`SyscallError`]: the call's name ("bpf(BPF_LINK_UPDATE)") with its
+//! `io::Error` (and errno) as the source.
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::Path;
 
+/// A system call that failed: its name, and what it returned as the source. Unlike aya's
+/// error of the same name, the text carries the errno's too ("bpf(BPF_OBJ_PIN): File exists
+/// (os error 17)"), as the log lines that show only an error's own text need.
+#[derive(Debug, thiserror::Error)]
+#[error("{call}: {source}")]
+pub struct SyscallError {
+    pub call: &'static str,
+    pub source: io::Error,
+}
+
+impl SyscallError {
+    /// The errno the call returned.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+
+    pub fn kind(&self) -> io::ErrorKind {
+        self.source.kind()
+    }
+}
+
 // The command numbers of `enum bpf_cmd`, from aya's bindings of include/uapi/linux/bpf.h.
 use aya_obj::generated::bpf_cmd::{
     self, BPF_BTF_LOAD, BPF_LINK_CREATE, BPF_LINK_DETACH, BPF_LINK_UPDATE, BPF_MAP_DELETE_ELEM,
-    BPF_MAP_UPDATE_BATCH, BPF_MAP_UPDATE_ELEM, BPF_OBJ_GET_INFO_BY_FD, BPF_OBJ_PIN,
+    BPF_MAP_UPDATE_BATCH, BPF_MAP_UPDATE_ELEM, BPF_OBJ_GET, BPF_OBJ_GET_INFO_BY_FD, BPF_OBJ_PIN,
     BPF_RAW_TRACEPOINT_OPEN,
 };
 /// The kernel's internal "operation not supported" (include/linux/errno.h), which the bpf
@@ -78,9 +102,31 @@ const _: () = {
     assert!(size_of::<RawTracepointAttr>() == 8 + 2 * 4);
 };
 
+/// A system call's result: its value, or its name and `io::Error`.
+pub type Result<T> = std::result::Result<T, SyscallError>;
+
+/// The name errors give a bpf(2) command. Static, so that making an error allocates nothing
+/// (a probe calls bpf(2) in a forked child).
+fn call(cmd: bpf_cmd) -> &'static str {
+    match cmd {
+        BPF_BTF_LOAD => "bpf(BPF_BTF_LOAD)",
+        BPF_LINK_CREATE => "bpf(BPF_LINK_CREATE)",
+        BPF_LINK_DETACH => "bpf(BPF_LINK_DETACH)",
+        BPF_LINK_UPDATE => "bpf(BPF_LINK_UPDATE)",
+        BPF_MAP_DELETE_ELEM => "bpf(BPF_MAP_DELETE_ELEM)",
+        BPF_MAP_UPDATE_BATCH => "bpf(BPF_MAP_UPDATE_BATCH)",
+        BPF_MAP_UPDATE_ELEM => "bpf(BPF_MAP_UPDATE_ELEM)",
+        BPF_OBJ_GET_INFO_BY_FD => "bpf(BPF_OBJ_GET_INFO_BY_FD)",
+        BPF_OBJ_PIN => "bpf(BPF_OBJ_PIN)",
+        BPF_OBJ_GET => "bpf(BPF_OBJ_GET)",
+        BPF_RAW_TRACEPOINT_OPEN => "bpf(BPF_RAW_TRACEPOINT_OPEN)",
+        _ => "bpf",
+    }
+}
+
 /// bpf(2) with `attr`, a bpf_attr member of its own size: every bpf(2) call tcpmgm makes
 /// itself goes through here (aya makes its own), the probes' included.
-pub(super) fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<libc::c_long> {
+pub(super) fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> Result<libc::c_long> {
     // SAFETY: `attr` is a live, initialised bpf_attr member of the size passed.
     let r = unsafe {
         libc::syscall(
@@ -91,7 +137,10 @@ pub(super) fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<libc::c_long> {
         )
     };
     if r < 0 {
-        Err(io::Error::last_os_error())
+        Err(SyscallError {
+            call: call(cmd),
+            source: io::Error::last_os_error(),
+        })
     } else {
         Ok(r)
     }
@@ -107,7 +156,7 @@ pub fn update_batch(
     len: usize,
     key_size: usize,
     value_size: usize,
-) -> io::Result<bool> {
+) -> Result<bool> {
     const CHUNK: usize = 1 << 16;
     let mut done = 0;
     while done < len {
@@ -142,7 +191,7 @@ pub fn update_batch(
 /// (an array made with BPF_F_MMAPABLE, Linux 5.5; its values of 8 bytes or a multiple, so end
 /// to end): one copy. Ok(false), with nothing written, when the map cannot be mapped (made
 /// without the flag).
-pub fn write_mapped(map: BorrowedFd<'_>, values: &[u8]) -> io::Result<bool> {
+pub fn write_mapped(map: BorrowedFd<'_>, values: &[u8]) -> Result<bool> {
     if values.is_empty() {
         return Ok(true);
     }
@@ -165,7 +214,10 @@ pub fn write_mapped(map: BorrowedFd<'_>, values: &[u8]) -> io::Result<bool> {
         let e = io::Error::last_os_error();
         return match e.raw_os_error() {
             Some(libc::EINVAL | libc::ENODEV) => Ok(false),
-            _ => Err(e),
+            _ => Err(SyscallError {
+                call: "mmap",
+                source: e,
+            }),
         };
     }
     // SAFETY: the mapping is `len` >= `values.len()` bytes, writable, and this one's alone.
@@ -177,7 +229,7 @@ pub fn write_mapped(map: BorrowedFd<'_>, values: &[u8]) -> io::Result<bool> {
 }
 
 /// Writes one entry (BPF_MAP_UPDATE_ELEM, BPF_ANY).
-pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
+pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> Result<()> {
     let mut attr = ElemAttr {
         map_fd: map.as_raw_fd() as u32,
         key: key.as_ptr() as u64,
@@ -193,7 +245,7 @@ pub fn link_create(
     program: BorrowedFd<'_>,
     cgroup: BorrowedFd<'_>,
     attach_type: aya_obj::generated::bpf_attach_type,
-) -> io::Result<OwnedFd> {
+) -> Result<OwnedFd> {
     let mut attr = LinkCreateAttr {
         prog_fd: program.as_raw_fd() as u32,
         target_fd: cgroup.as_raw_fd() as u32,
@@ -216,7 +268,7 @@ struct RawTracepointAttr {
 
 /// Attaches a loaded BTF tracing program (fentry, tp_btf: its target was given at load) and
 /// returns its link (BPF_RAW_TRACEPOINT_OPEN, which makes a link a pin can hold from Linux 5.7).
-pub fn tracing_attach(program: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+pub fn tracing_attach(program: BorrowedFd<'_>) -> Result<OwnedFd> {
     let mut attr = RawTracepointAttr {
         prog_fd: program.as_raw_fd() as u32,
         ..RawTracepointAttr::default()
@@ -227,9 +279,11 @@ pub fn tracing_attach(program: BorrowedFd<'_>) -> io::Result<OwnedFd> {
 }
 
 /// Pins an object at a bpffs path.
-pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
-    let name = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
+    let name = CString::new(path.as_os_str().as_bytes()).map_err(|e| SyscallError {
+        call: call(BPF_OBJ_PIN),
+        source: io::Error::new(io::ErrorKind::InvalidInput, e),
+    })?;
     let mut attr = ObjAttr {
         pathname: name.as_ptr() as u64,
         bpf_fd: fd.as_raw_fd() as u32,
@@ -267,7 +321,7 @@ struct BtfLoadAttr {
 
 /// Loads BTF type information into the kernel. A refusal carries the last lines of the
 /// kernel's log of it.
-pub fn btf_load(data: &[u8]) -> io::Result<OwnedFd> {
+pub fn btf_load(data: &[u8]) -> Result<OwnedFd> {
     let mut log = vec![0u8; 1 << 16];
     let mut attr = BtfLoadAttr {
         btf: data.as_ptr() as u64,
@@ -285,16 +339,16 @@ pub fn btf_load(data: &[u8]) -> io::Result<OwnedFd> {
             let text = text.trim_end_matches('\0');
             let tail: Vec<&str> = text.lines().rev().take(3).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            Err(io::Error::new(
-                e.kind(),
-                format!("{e}: {}", tail.join(" / ")),
-            ))
+            Err(SyscallError {
+                call: e.call,
+                source: io::Error::new(e.kind(), format!("{}: {}", e.source, tail.join(" / "))),
+            })
         }
     }
 }
 
 /// Deletes one element (aya 0.14 has no delete for arrays of maps).
-pub fn map_delete<K>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+pub fn map_delete<K>(map: BorrowedFd<'_>, key: &K) -> Result<()> {
     let mut attr = ElemAttr {
         map_fd: map.as_raw_fd() as u32,
         key: key as *const K as u64,
@@ -304,8 +358,11 @@ pub fn map_delete<K>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
 }
 
 /// Opens a pinned object (a link, a program or a map) through its bpffs path.
-pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    tcpmgm_common::client::obj_get(path, 0)
+pub fn obj_get(path: &Path) -> Result<OwnedFd> {
+    tcpmgm_common::client::obj_get(path, 0).map_err(|source| SyscallError {
+        call: call(BPF_OBJ_GET),
+        source,
+    })
 }
 
 /// `struct bpf_link_info` up to its cgroup member.
@@ -330,7 +387,7 @@ pub struct CgroupLink {
     pub cgroup_id: u64,
 }
 
-pub fn link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLink> {
+pub fn link_info(link: BorrowedFd<'_>) -> Result<CgroupLink> {
     let mut info = LinkInfo::default();
     #[repr(C)]
     struct InfoAttr {
@@ -352,13 +409,13 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<CgroupLink> {
 }
 
 /// Detaches a link from its cgroup now, whoever else holds it (Linux 5.9).
-pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+pub fn link_detach(link: BorrowedFd<'_>) -> Result<()> {
     let mut attr = [link.as_raw_fd() as u32, 0];
     bpf(BPF_LINK_DETACH, &mut attr).map(drop)
 }
 
 /// Replaces the program of a link, atomically for that hook.
-pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
+pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> Result<()> {
     let mut attr = LinkUpdateAttr {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: new_prog.as_raw_fd() as u32,

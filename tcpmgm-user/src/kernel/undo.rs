@@ -56,7 +56,7 @@ impl Undo {
         hook: &'static str,
     ) -> Result<(), KernelError> {
         fault::point(&format!("link-update:{hook}"))
-            .and_then(|()| sys::link_update(link.as_fd(), program))
+            .and_then(|()| sys::link_update(link.as_fd(), program).map_err(std::io::Error::other))
             .map_err(|source| KernelError::LinkUpdate {
                 program: hook,
                 source,
@@ -78,19 +78,19 @@ impl Undo {
         fd: std::os::fd::BorrowedFd<'_>,
         path: &Path,
     ) -> Result<(), KernelError> {
-        let fail = |e: std::io::Error| KernelError::Pin {
+        let fail = |e: super::Cause| KernelError::Pin {
             path: path.to_path_buf(),
-            source: e.into(),
+            source: e,
         };
         let name = path.file_name().unwrap_or_default().to_string_lossy();
-        fault::point(&format!("pin:{name}")).map_err(fail)?;
+        fault::point(&format!("pin:{name}")).map_err(|e| fail(e.into()))?;
         let old = match sys::obj_get(path) {
             Ok(old) => {
-                std::fs::remove_file(path).map_err(fail)?;
+                std::fs::remove_file(path).map_err(|e| fail(e.into()))?;
                 Some(old)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(fail(e)),
+            Err(e) => return Err(fail(e.into())),
         };
         let pinned = sys::obj_pin(fd, path);
         match old {
@@ -101,7 +101,7 @@ impl Undo {
             None if pinned.is_ok() => self.made_pin(path),
             None => {}
         }
-        pinned.map_err(fail)
+        pinned.map_err(|e| fail(e.into()))
     }
 
     /// Keeps every change.
@@ -121,11 +121,13 @@ impl Drop for Undo {
                 },
                 Step::Repin { path, old } => {
                     let _ = std::fs::remove_file(path);
-                    sys::obj_pin(old.as_fd(), path)
+                    sys::obj_pin(old.as_fd(), path).map_err(std::io::Error::other)
                 }
-                Step::Detach { link, .. } => sys::link_detach(link.as_fd()),
+                Step::Detach { link, .. } => {
+                    sys::link_detach(link.as_fd()).map_err(std::io::Error::other)
+                }
                 Step::PutBack { link, program, .. } => {
-                    sys::link_update(link.as_fd(), program.as_fd())
+                    sys::link_update(link.as_fd(), program.as_fd()).map_err(std::io::Error::other)
                 }
                 Step::Rmdir(dir) => std::fs::remove_dir(dir),
             };

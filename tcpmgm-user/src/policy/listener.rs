@@ -4,7 +4,6 @@
 //! `tcpmgm-ebpf/src/decide.rs`), from the `LISTENERS` map that `compile` builds from this.
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
 
 use crate::policy::values::{Proto, fold_v4_mapped};
 
@@ -193,27 +192,6 @@ impl Listeners {
             });
         }
         self.list.push(l);
-        Ok(())
-    }
-
-    /// Reads the `socket=` and `listen=` lines of a file (an opensips.cfg, or a file of such
-    /// lines). Sockets of protocols that are not TCP-based (udp, sctp, hep_udp) are skipped.
-    pub fn read_file(&mut self, path: &Path) -> Result<(), ListenerError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ListenerError {
-            spec: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        for line in text.lines() {
-            let line = line.split('#').next().unwrap_or_default().trim();
-            let Some(value) = ["socket", "listen"].iter().find_map(|k| {
-                line.strip_prefix(k)
-                    .map(str::trim_start)
-                    .and_then(|r| r.strip_prefix('='))
-            }) else {
-                continue;
-            };
-            self.add_socket(value)?;
-        }
         Ok(())
     }
 

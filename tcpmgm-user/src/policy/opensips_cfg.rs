@@ -30,6 +30,29 @@ pub struct Setting {
     pub line: usize,
 }
 
+/// The value of the `socket=` or `listen=` at `tokens[i]`, which runs to the end of its line,
+/// and the index after it; None when no `=` follows.
+fn socket_value(tokens: &[Token], i: usize) -> Option<(Setting, usize)> {
+    let eq = tokens.get(i + 1)?;
+    if eq.kind != Kind::Punct('=') {
+        return None;
+    }
+    let line = tokens[i].line;
+    let mut value = String::new();
+    let mut i = i + 2;
+    while let Some(tok) = tokens.get(i).filter(|tok| tok.line == line) {
+        value.push_str(&tok.text());
+        if tokens
+            .get(i + 1)
+            .is_some_and(|n| n.line == line && n.spaced)
+        {
+            value.push(' ');
+        }
+        i += 1;
+    }
+    Some((Setting { value, line }, i))
+}
+
 /// What an OpenSIPS configuration file gives tcpmgm.
 #[derive(Clone, Debug, Default)]
 pub struct OpenSipsCfg {
@@ -206,24 +229,9 @@ impl OpenSipsCfg {
                     }
                 }
                 Kind::Word(w) if w == "socket" || w == "listen" => {
-                    if let Some(eq) = tokens.get(i + 1)
-                        && eq.kind == Kind::Punct('=')
-                    {
-                        // The value runs to the end of the line.
-                        let line = t.line;
-                        let mut value = String::new();
-                        i += 2;
-                        while let Some(tok) = tokens.get(i).filter(|tok| tok.line == line) {
-                            value.push_str(&tok.text());
-                            if tokens
-                                .get(i + 1)
-                                .is_some_and(|n| n.line == line && n.spaced)
-                            {
-                                value.push(' ');
-                            }
-                            i += 1;
-                        }
-                        cfg.sockets.push(Setting { value, line });
+                    if let Some((socket, next)) = socket_value(&tokens, i) {
+                        cfg.sockets.push(socket);
+                        i = next;
                         continue;
                     }
                 }
@@ -232,6 +240,45 @@ impl OpenSipsCfg {
             i += 1;
         }
         Ok(cfg)
+    }
+
+    /// The `socket=` / `listen=` values of a file and their lines, read as `parse` reads them
+    /// (comments of both kinds, and included files refused), and nothing else of it: for
+    /// `--sockets-from`, which takes an opensips.cfg or a file of such lines.
+    pub fn read_sockets(path: &Path) -> Result<Vec<Setting>, CfgError> {
+        let fail = |line: Option<usize>, reason: String| CfgError {
+            path: path.to_path_buf(),
+            line,
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(None, e.to_string()))?;
+        let tokens = tokenize(&text).map_err(|(line, reason)| fail(Some(line), reason))?;
+        let mut sockets = Vec::new();
+        let mut i = 0;
+        while i < tokens.len() {
+            match &tokens[i].kind {
+                Kind::Directive(w) | Kind::Word(w)
+                    if matches!(tokens[i].kind, Kind::Directive(_))
+                        || w == "include_file"
+                        || w == "import_file" =>
+                {
+                    return Err(fail(
+                        Some(tokens[i].line),
+                        format!("{w}: tcpmgm does not follow included files"),
+                    ));
+                }
+                Kind::Word(w) if w == "socket" || w == "listen" => {
+                    if let Some((socket, next)) = socket_value(&tokens, i) {
+                        sockets.push(socket);
+                        i = next;
+                        continue;
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        Ok(sockets)
     }
 
     /// The rule database URL, as tcpmgm takes it: the module's db_url, else db_default_url.
@@ -501,6 +548,43 @@ modparam("usrloc", "db_url", "mysql://other@host/db")
             .db()
             .unwrap_err();
         assert!(err.to_string().contains("give --db"), "{err}");
+    }
+
+    /// `--sockets-from` reads a file's sockets as the configuration reader does: comments of
+    /// both kinds left out, values to the end of the line, an included file refused.
+    #[test]
+    fn a_sockets_file_is_read_as_the_configuration_is() {
+        let dir = std::env::temp_dir().join(format!("tcpmgm-sockets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("opensips.cfg");
+        let text = "socket=tcp:10.0.0.1:5060 # SIP\n/* socket=tcp:10.9.9.9:5060\nlisten=tls:10.9.9.9:5061 */\nlisten = tls:10.0.0.1:5061 tag trunks\n";
+        std::fs::write(&file, text).unwrap();
+        let sockets = OpenSipsCfg::read_sockets(&file).unwrap();
+        assert_eq!(sockets, parse(text).unwrap().sockets);
+        let values: Vec<(&str, usize)> =
+            sockets.iter().map(|s| (s.value.as_str(), s.line)).collect();
+        assert_eq!(
+            values,
+            [
+                ("tcp:10.0.0.1:5060", 1),
+                ("tls:10.0.0.1:5061 tag trunks", 4)
+            ]
+        );
+        for included in [
+            "include_file \"more.cfg\"\n",
+            "#!import_file \"more.cfg\"\n",
+        ] {
+            std::fs::write(&file, format!("socket=tcp:10.0.0.1:5060\n{included}")).unwrap();
+            let err = OpenSipsCfg::read_sockets(&file).unwrap_err();
+            assert_eq!(err.line, Some(2), "{err}");
+            assert!(
+                err.reason.contains("does not follow included files"),
+                "{err}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        let err = OpenSipsCfg::read_sockets(&dir.join("opensips.cfg")).unwrap_err();
+        assert_eq!((err.line, err.path), (None, dir.join("opensips.cfg")));
     }
 
     #[test]

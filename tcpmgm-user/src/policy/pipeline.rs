@@ -1,9 +1,9 @@
 //! The steps every command shares: read the table, validate, and (for `run`) compile.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::memory::{Budget, TooLarge};
 use crate::policy::listener::{ListenerError, Listeners};
-use crate::policy::opensips_cfg::OpenSipsCfg;
+use crate::policy::opensips_cfg::{OpenSipsCfg, Setting};
 use crate::policy::rule::{Row, RowError, Rule, validate_row};
 use crate::policy::source::{Changes, ColumnMap, Mark, Source, SourceError, TableName};
 
@@ -94,18 +94,29 @@ impl RuleArgs {
 
     pub fn listeners(&self) -> Result<Listeners, ListenerError> {
         let mut listeners = Listeners::parse_all(self.listeners.iter().map(String::as_str))?;
-        for file in &self.sockets_from {
-            listeners.read_file(file)?;
-        }
-        if let Some(cfg) = &self.opensips {
-            for socket in &cfg.sockets {
+        // Each socket line of a file, named by the file and line where it is at fault.
+        let mut add = |path: &Path, sockets: &[Setting]| {
+            sockets.iter().try_for_each(|socket| {
                 listeners
                     .add_socket(&socket.value)
                     .map_err(|e| ListenerError {
-                        spec: format!("{}:{}: {}", cfg.path.display(), socket.line, e.spec),
+                        spec: format!("{}:{}: {}", path.display(), socket.line, e.spec),
                         reason: e.reason,
-                    })?;
-            }
+                    })
+            })
+        };
+        for file in &self.sockets_from {
+            let sockets = OpenSipsCfg::read_sockets(file).map_err(|e| ListenerError {
+                spec: match e.line {
+                    Some(line) => format!("{}:{line}", e.path.display()),
+                    None => e.path.display().to_string(),
+                },
+                reason: e.reason,
+            })?;
+            add(file, &sockets)?;
+        }
+        if let Some(cfg) = &self.opensips {
+            add(&cfg.path, &cfg.sockets)?;
         }
         Ok(listeners)
     }

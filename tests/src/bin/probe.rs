@@ -49,8 +49,8 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(format!("{cg}/cgroup.procs"), std::process::id().to_string())?;
     }
     if let Some(ns) = &args.netns {
-        let f = std::fs::File::open(ns)?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        // The probe has one thread: the whole process moves.
+        tcpmgm::netns::enter(std::path::Path::new(ns))?;
     }
     let mut listeners: HashMap<SocketAddr, TcpListener> = HashMap::new();
     let mut held: Vec<(Socket, Socket)> = Vec::new();

@@ -9,10 +9,12 @@
 //! KVM does not run guests on this kind of machine, so the guest runs under TCG (software
 //! emulation) unless `--accel kvm` is given: about 2.5 s to userspace.
 //!
-//! The tests that need PostgreSQL or MariaDB (their names say so) run on the host only: the guest
-//! has no database servers, and those tests exercise the databases, not the kernel.
+//! The tests that need PostgreSQL or MariaDB run on the host only (`plan::HOST_ONLY` names them):
+//! the guest has no database servers, and those tests exercise the databases, not the kernel.
+//! Each guest's run is held to the plan: every other selected test of every binary must run.
 pub mod initramfs;
 pub mod kernel;
+pub mod plan;
 pub mod systemd;
 pub mod table;
 
@@ -29,8 +31,11 @@ use kernel::Kernel;
 
 /// What the guest's init does after setting up.
 pub enum Guest {
-    /// Run the test binaries with these harness arguments, then power off.
-    Test { harness_args: Vec<String> },
+    /// Run the test binaries with these harness arguments, each as `plan` says, then power off.
+    Test {
+        harness_args: Vec<String>,
+        plan: Vec<plan::Planned>,
+    },
     /// An interactive shell on the console; `poweroff -f` (or exit) ends it.
     Shell,
 }
@@ -240,21 +245,22 @@ setsid cttyhack sh -l
 poweroff -f
 "#,
         ),
-        Guest::Test { harness_args } => {
-            let args: Vec<String> = harness_args.iter().map(|a| sh_quote(a)).collect();
-            s.push_str(&format!(
-                r#"cd /t
-for t in deps/*; do
-  name=${{t#deps/}}
-  echo "==> $name"
-  ./$t --test-threads=2 --skip postgres --skip mariadb {args} 2>&1
-  echo "{EXIT_MARK} $name $?"
-done
-echo {DONE_MARK}
-poweroff -f
-"#,
-                args = args.join(" ")
-            ));
+        Guest::Test { harness_args, plan } => {
+            s.push_str("cd /t\n");
+            for planned in plan {
+                let name = &planned.name;
+                let args: Vec<String> = ["--test-threads=2".to_owned()]
+                    .iter()
+                    .chain(&planned.skips)
+                    .chain(harness_args)
+                    .map(|a| sh_quote(a))
+                    .collect();
+                s.push_str(&format!(
+                    "echo \"==> {name}\"\n./deps/{name} {args} 2>&1\necho \"{EXIT_MARK} {name} $?\"\n",
+                    args = args.join(" ")
+                ));
+            }
+            s.push_str(&format!("echo {DONE_MARK}\npoweroff -f\n"));
         }
     }
     s
@@ -269,15 +275,63 @@ fn sh_quote(s: &str) -> String {
 pub struct Outcome {
     pub passed: u64,
     pub failed: u64,
-    /// Tests the harness left out: the filters given, and the PostgreSQL and MariaDB tests (the
-    /// guest runs no database server).
+    /// Tests the harness left out: the filters given, and the host-only tests.
     pub filtered: u64,
+    /// What each test binary's harness reported, by the binary's name.
+    pub binaries: Vec<(String, Counts)>,
     /// Test binaries that exited non-zero.
     pub failed_binaries: Vec<String>,
     /// Each panic the guest printed: the test, where, and the first line of its message.
     pub failures: Vec<String>,
     pub finished: bool,
     pub features: Vec<String>,
+}
+
+/// One harness's "test result" line.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Counts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+    pub filtered: u64,
+}
+
+impl Counts {
+    fn read(result: &str) -> Counts {
+        Counts {
+            passed: count(result, " passed"),
+            failed: count(result, " failed"),
+            ignored: count(result, " ignored"),
+            filtered: count(result, " filtered out"),
+        }
+    }
+}
+
+impl Outcome {
+    /// How this run departs from `plan`: a binary with no result, or one that ran (passed,
+    /// failed or ignored) or left out a number of tests other than planned.
+    pub fn departures(&self, plan: &[plan::Planned]) -> Vec<String> {
+        let mut out = Vec::new();
+        for p in plan {
+            let Some((_, c)) = self.binaries.iter().find(|(name, _)| *name == p.name) else {
+                out.push(format!("{}: no test result", p.name));
+                continue;
+            };
+            let ran = c.passed + c.failed + c.ignored;
+            if ran != p.run || c.filtered != p.by_filters + p.host_only {
+                out.push(format!(
+                    "{}: ran {ran} and left out {}, planned {} and {} ({} by the filters, {} host-only)",
+                    p.name,
+                    c.filtered,
+                    p.run,
+                    p.by_filters + p.host_only,
+                    p.by_filters,
+                    p.host_only
+                ));
+            }
+        }
+        out
+    }
 }
 
 /// The QEMU command line for a guest that boots `kernel` with `initrd`.
@@ -337,6 +391,8 @@ pub fn run(
     let mut outcome = Outcome::default();
     let mut in_features = false;
     let mut panicked: Option<String> = None;
+    // The binary whose output this is, until its harness reports its result.
+    let mut binary: Option<String> = None;
     let reader = BufReader::new(child.stdout.take().context("qemu's stdout")?);
     for line in reader.split(b'\n') {
         let line = String::from_utf8_lossy(&line?)
@@ -347,8 +403,9 @@ pub fn run(
         println!("[{series}] {clean}");
         if clean.starts_with("tcpmgm features") || clean.starts_with("kernel ") {
             in_features = true;
-        } else if clean.starts_with("==> ") {
+        } else if let Some(name) = clean.strip_prefix("==> ") {
             in_features = false;
+            binary = Some(name.to_owned());
         }
         if in_features {
             outcome.features.push(clean.clone());
@@ -361,9 +418,13 @@ pub fn run(
             panicked = Some(at);
         }
         if let Some(rest) = clean.strip_prefix("test result: ") {
-            outcome.passed += count(rest, " passed");
-            outcome.failed += count(rest, " failed");
-            outcome.filtered += count(rest, " filtered out");
+            let counts = Counts::read(rest);
+            outcome.passed += counts.passed;
+            outcome.failed += counts.failed;
+            outcome.filtered += counts.filtered;
+            if let Some(name) = binary.take() {
+                outcome.binaries.push((name, counts));
+            }
         } else if let Some(rest) = clean.strip_prefix(EXIT_MARK) {
             let mut words = rest.split_whitespace();
             if let (Some(name), Some(code)) = (words.next(), words.next())
@@ -421,7 +482,40 @@ fn count(text: &str, what: &str) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{count, panic_site};
+    use super::{Counts, Outcome, count, panic_site, plan::Planned};
+
+    #[test]
+    fn a_run_is_held_to_its_plan() {
+        let plan = |name: &str, run, host_only| Planned {
+            name: name.to_owned(),
+            skips: Vec::new(),
+            run,
+            by_filters: 1,
+            host_only,
+        };
+        let plans = [plan("kernel", 20, 0), plan("push", 3, 6)];
+        let result = |r: &str| Counts::read(r);
+        let mut o = Outcome::default();
+        o.binaries.push((
+            "kernel".into(),
+            result(
+                "ok. 20 passed; 0 failed; 0 ignored; 0 measured; 1 filtered out; finished in 9s",
+            ),
+        ));
+        assert_eq!(o.departures(&plans), ["push: no test result"]);
+        // A run that left out more than the plan (a skip that matched too much) departs.
+        o.binaries.push((
+            "push".into(),
+            result("ok. 2 passed; 0 failed; 0 ignored; 0 measured; 8 filtered out; finished in 1s"),
+        ));
+        assert_eq!(
+            o.departures(&plans),
+            ["push: ran 2 and left out 8, planned 3 and 7 (1 by the filters, 6 host-only)"]
+        );
+        o.binaries[1].1 =
+            result("ok. 3 passed; 0 failed; 0 ignored; 0 measured; 7 filtered out; finished in 1s");
+        assert!(o.departures(&plans).is_empty());
+    }
 
     #[test]
     fn the_harness_counts_are_read() {

@@ -392,10 +392,7 @@ struct LeaveCgroup {
 /// the guard returned is dropped.
 fn become_workload(sb: &Sandbox) -> anyhow::Result<LeaveCgroup> {
     let netns = std::fs::File::open("/proc/thread-self/ns/net")?;
-    nix::sched::setns(
-        std::fs::File::open(sb.netns.path())?,
-        nix::sched::CloneFlags::CLONE_NEWNET,
-    )?;
+    tcpmgm::netns::enter(std::path::Path::new(&sb.netns.path()))?;
     let leave = LeaveCgroup { netns };
     std::fs::write(
         sb.cgroup.join("cgroup.procs"),
