@@ -970,6 +970,10 @@ pub fn bpftool_batch(commands: &[String]) -> Vec<serde_json::Value> {
         .into_iter()
         .filter(|r| r.get("command").is_some())
         .collect();
+    // bpftool stops at the first command that fails: its error says why the rest are missing.
+    if let Some(failed) = results.iter().find(|r| r["output"].get("error").is_some()) {
+        panic!("bpftool batch: {failed}");
+    }
     assert_eq!(
         results.len(),
         commands.len(),

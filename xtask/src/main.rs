@@ -363,7 +363,7 @@ fn vm_task(root: &Path, task: VmTask) -> anyhow::Result<()> {
         } => {
             let series = vm::kernel::series(&kernel)?;
             let build = vm::build(root, &tests)?;
-            let plan = vm::plan::plan(&build.tests, &args)?;
+            let plan = vm::plan::plan(&build.tests, &args, tests.is_empty())?;
             let limit = Duration::from_secs(vm.minutes * 60);
             let mut results = Vec::new();
             let mut broken = Vec::new();

@@ -9,7 +9,7 @@ use super::generation::Generation;
 use super::pins::{adopt_links, remove_stale_pins};
 use super::programs::{self, Programs};
 use super::undo::Undo;
-use super::{Enforcer, HOOKS, KernelError, Timings, fault, needs_all, sys};
+use super::{Enforcer, HOOKS, KernelError, Timings, fault, sys};
 use crate::policy::compile::Policy;
 use tcpmgm_common::Profile;
 
@@ -192,11 +192,10 @@ pub(super) fn put_in_links(
                         sys::link_create(program, cgroup_file.as_fd(), hook.attach_type)
                             .map_err(super::Cause::from)
                     })
-                    .map_err(|e| KernelError::Link {
+                    .map_err(|source| KernelError::LinkCreate {
                         program: hook.name,
-                        what: "attaching it to the cgroup",
-                        needs: Some(super::features::LINK_CREATE),
-                        source: format!("{e} ({})", needs_all(hook.needs)).into(),
+                        needs: hook.needs,
+                        source,
                     })?;
                 undo.attached(&link, hook.name)
                     .map_err(|source| KernelError::Step {

@@ -218,7 +218,7 @@ fn command(cmd: bpf_cmd, fd_word: usize) -> Result<bool, String> {
         Ok(_) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(true),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
-        Err(e) => Err(format!("{cmd:?}: unexpected answer: {e}")),
+        Err(e) => Err(format!("unexpected answer: {e}")),
     }
 }
 

@@ -99,6 +99,18 @@ pub enum KernelError {
         program: &'static str,
         source: std::io::Error,
     },
+    /// Attaching a program: the link's own needs, and the program's (which the kernel may
+    /// check only now, at the attach).
+    #[error(
+        "the {program} link: attaching it to the cgroup ({}; {}): {source}",
+        features::LINK_CREATE.needs(),
+        needs_all(.needs)
+    )]
+    LinkCreate {
+        program: &'static str,
+        needs: &'static [KernelFeature],
+        source: Cause,
+    },
     #[error("the {program} link: {what}{}: {source}", .needs.map(|f| format!(" ({})", f.needs())).unwrap_or_default())]
     Link {
         program: &'static str,

@@ -264,7 +264,11 @@ impl OpenSipsCfg {
                 {
                     return Err(fail(
                         Some(tokens[i].line),
-                        format!("{w}: tcpmgm does not follow included files"),
+                        format!(
+                            "{w}: tcpmgm does not follow included files, whose sockets it \
+                             would miss; give --sockets-from a file of socket= lines (or the \
+                             included file itself), or the listeners with --listener"
+                        ),
                     ));
                 }
                 Kind::Word(w) if w == "socket" || w == "listen" => {

@@ -76,11 +76,23 @@ pub struct Planned {
     pub host_only: u64,
 }
 
-/// The plan for `tests` (target name, executable) under the harness arguments `args`.
+/// The plan for `tests` (target name, executable) under the harness arguments `args`. With
+/// `every_binary` (no `--test` given), a binary of the host-only list that was not built is a
+/// stale name too.
 pub fn plan(
     tests: &[(String, std::path::PathBuf)],
     args: &[String],
+    every_binary: bool,
 ) -> anyhow::Result<Vec<Planned>> {
+    if every_binary
+        && let Some((stale, _)) = HOST_ONLY
+            .iter()
+            .find(|(binary, _)| !tests.iter().any(|(name, _)| name == binary))
+    {
+        bail!(
+            "xtask's host-only list names the test binary {stale}, which the workspace does not have"
+        );
+    }
     let mut plans = Vec::new();
     for (name, exe) in tests {
         let host_only: &[&str] = HOST_ONLY
