@@ -1,6 +1,7 @@
 //! The decision in the kernel: `tcpmgm_common::decide` (shared with the host, where the property
 //! tests check it against the match order) over this generation's maps, behind two BPF global
 //! functions that the verifier checks once each.
+use aya_ebpf::bindings::{BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, bpf_sock_ops};
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use tcpmgm_common::decide::{Conn, PolicyMaps, Search, best_in};
 use tcpmgm_common::{
@@ -8,6 +9,8 @@ use tcpmgm_common::{
 };
 
 use crate::generation::Gen;
+
+const AF_INET6: u32 = 10;
 
 /// Reads an IPv6 address field of a context as four fixed-offset loads. Left to itself LLVM may
 /// merge neighbouring ctx loads into one at a variable offset, which the verifier refuses.
@@ -230,4 +233,43 @@ pub extern "C" fn tcpmgm_decide(a: u64, b: u64, c: u64, d: u64, e: u64) -> u32 {
     };
     let maps = Maps(Gen::at_slot(((a >> 34) & 1) as u32));
     tcpmgm_common::decide::decide(&maps, &conn)
+}
+
+/// The connection a sock_ops callback is about (sock_ops and the outcome counters both ask).
+/// Reads the addresses with one fixed-offset load per field (see `load_words`); for a v4-mapped
+/// peer the kernel fills `remote_ip4`/`local_ip4` too, so those are read instead of picking
+/// words out of the v6 fields.
+#[inline(always)]
+pub(crate) fn conn(ops: *const bpf_sock_ops) -> Conn {
+    // SAFETY: `ops` is the program's context; each read is a plain ctx field load.
+    unsafe {
+        let rd = |p: *const u32| core::ptr::read_volatile(p);
+        let passive = rd(&(*ops).op) == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
+        let family = rd(&(*ops).family);
+        let remote_port = u32::from_be(rd(&(*ops).remote_port)) as u16;
+        let local_port = rd(&(*ops).local_port) as u16;
+        let remote4 = rd(&(*ops).remote_ip4);
+        let local4 = rd(&(*ops).local_ip4);
+        let remote6 = load_words(&(*ops).remote_ip6);
+        let local6 = load_words(&(*ops).local_ip6);
+        if family == AF_INET6 && !is_v4_mapped(&remote6) {
+            Conn {
+                v6: true,
+                remote: remote6,
+                remote_port,
+                local: local6,
+                local_port,
+                passive,
+            }
+        } else {
+            Conn {
+                v6: false,
+                remote: [remote4, 0, 0, 0],
+                remote_port,
+                local: [local4, 0, 0, 0],
+                local_port,
+                passive,
+            }
+        }
+    }
 }

@@ -97,7 +97,7 @@ pub fn closed(ctx: &SockOpsContext, sk: *mut bpf_sock, d: &Decided, old: u32) {
         )
     };
     count(d.rule_id, which, lived_ms.unwrap_or(u64::MAX));
-    let mut conn = crate::sock_ops::conn(ctx.ops);
+    let mut conn = crate::decide::conn(ctx.ops);
     conn.passive = inbound;
     crate::events::emit(
         event::ENDED,

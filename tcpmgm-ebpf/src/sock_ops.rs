@@ -7,7 +7,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_RTO_CB, BPF_SOCK_OPS_RTO_CB_FLAG, BPF_SOCK_OPS_RTT_CB,
         BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TIMEOUT_INIT, BPF_TCP_CLOSE, BPF_TCP_SYN_SENT,
-        bpf_sock, bpf_sock_ops,
+        bpf_sock,
     },
     helpers::generated::bpf_setsockopt,
     macros::sock_ops,
@@ -17,16 +17,13 @@ use tcpmgm_common::{Profile, event, flags, marks};
 
 use aya_log_ebpf::info;
 
-use crate::decide::{is_v4_mapped, load_words};
+use crate::decide::conn;
 use crate::endings;
 use crate::events;
 use crate::logbook;
 use crate::sockets::{self, Decided};
 use crate::stats;
-use tcpmgm_common::decide::Conn;
 use tcpmgm_common::options::{self, SOL_TCP, TCP_USER_TIMEOUT};
-
-const AF_INET6: u32 = 10;
 
 /// The kernel ignores `reply` unless a sock_ops program returns 1, so every path returns 1.
 ///
@@ -114,44 +111,6 @@ fn state(ctx: &SockOpsContext) -> u32 {
 fn op(ctx: &SockOpsContext) -> u32 {
     // SAFETY: plain ctx field load.
     unsafe { core::ptr::read_volatile(&(*ctx.ops).op) }
-}
-
-/// Reads the addresses with one fixed-offset load per field (see `load_words`); for a v4-mapped
-/// peer the kernel fills `remote_ip4`/`local_ip4` too, so those are read instead of picking
-/// words out of the v6 fields.
-#[inline(always)]
-pub(crate) fn conn(ops: *const bpf_sock_ops) -> Conn {
-    // SAFETY: `ops` is the program's context; each read is a plain ctx field load.
-    unsafe {
-        let rd = |p: *const u32| core::ptr::read_volatile(p);
-        let passive = rd(&(*ops).op) == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
-        let family = rd(&(*ops).family);
-        let remote_port = u32::from_be(rd(&(*ops).remote_port)) as u16;
-        let local_port = rd(&(*ops).local_port) as u16;
-        let remote4 = rd(&(*ops).remote_ip4);
-        let local4 = rd(&(*ops).local_ip4);
-        let remote6 = load_words(&(*ops).remote_ip6);
-        let local6 = load_words(&(*ops).local_ip6);
-        if family == AF_INET6 && !is_v4_mapped(&remote6) {
-            Conn {
-                v6: true,
-                remote: remote6,
-                remote_port,
-                local: local6,
-                local_port,
-                passive,
-            }
-        } else {
-            Conn {
-                v6: false,
-                remote: [remote4, 0, 0, 0],
-                remote_port,
-                local: [local4, 0, 0, 0],
-                local_port,
-                passive,
-            }
-        }
-    }
 }
 
 /// The decision of this socket (see `sockets`), or None: no rule, or no full socket.
