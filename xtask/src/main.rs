@@ -9,6 +9,7 @@
 mod deb;
 mod fuzz;
 mod header;
+mod imports;
 mod setup;
 mod vm;
 
@@ -55,7 +56,7 @@ enum Task {
         args: Vec<String>,
     },
     /// rustfmt and clippy (-D warnings) on every crate, the eBPF one on its own target; the C
-    /// header of the application ABI checked against its source.
+    /// header of the application ABI checked against its source; no import loop between modules.
     Lint,
     /// Write the C header of the application ABI (tcpmgm-common/include/tcpmgm.h).
     Header,
@@ -203,6 +204,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Task::Lint => {
             setup::toolchain()?;
             header::check(&root)?;
+            imports::check(&root)?;
             status(cargo(&root).args(["fmt", "--all", "--", "--check"]))?;
             status(cargo(&root).args([
                 "clippy",
