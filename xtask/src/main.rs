@@ -377,7 +377,18 @@ fn vm_task(root: &Path, task: VmTask) -> anyhow::Result<()> {
                         harness_args: args.clone(),
                         plan: plan.clone(),
                     };
-                    let outcome = vm::run(&vm_dir, &kernel, &build, &guest, &vm.accel, limit)?;
+                    let mut outcome = vm::run(&vm_dir, &kernel, &build, &guest, &vm.accel, limit)?;
+                    // A kernel that stops while booting, before anything of the suite runs, is
+                    // booted once more: once only, and said, so a kernel that cannot boot still
+                    // fails the run.
+                    if outcome.died_before_init() {
+                        eprintln!(
+                            "xtask: VM {}: the kernel stopped before the guest's init ran (its \
+                             console is above); booting it once more",
+                            s.name
+                        );
+                        outcome = vm::run(&vm_dir, &kernel, &build, &guest, &vm.accel, limit)?;
+                    }
                     Ok((kernel, outcome))
                 });
                 match run {

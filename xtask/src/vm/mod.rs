@@ -308,6 +308,13 @@ impl Counts {
 }
 
 impl Outcome {
+    /// Whether the guest's kernel stopped before its init printed anything (a panic or an oops
+    /// while booting, as QEMU's emulation has caused on 6.12: an `int3` oops in the scheduler's
+    /// clock, no tcpmgm code loaded yet). Such a run says nothing of the tests.
+    pub fn died_before_init(&self) -> bool {
+        !self.finished && self.features.is_empty() && self.binaries.is_empty() && self.passed == 0
+    }
+
     /// How this run departs from `plan`: a binary with no result, or one that ran (passed,
     /// failed or ignored) or left out a number of tests other than planned.
     pub fn departures(&self, plan: &[plan::Planned]) -> Vec<String> {
@@ -496,6 +503,12 @@ mod tests {
         let plans = [plan("kernel", 20, 0), plan("push", 3, 6)];
         let result = |r: &str| Counts::read(r);
         let mut o = Outcome::default();
+        // Nothing from the guest's init: its kernel stopped while booting.
+        assert!(o.died_before_init());
+        // The init's report came: the kernel booted, whatever happened next.
+        o.features.push("kernel 6.12.117+deb13-cloud-amd64".into());
+        assert!(!o.died_before_init());
+        o.features.clear();
         o.binaries.push((
             "kernel".into(),
             result(
@@ -512,6 +525,7 @@ mod tests {
             o.departures(&plans),
             ["push: ran 2 and left out 8, planned 3 and 7 (1 by the filters, 6 host-only)"]
         );
+        assert!(!o.died_before_init(), "binaries reported");
         o.binaries[1].1 =
             result("ok. 3 passed; 0 failed; 0 ignored; 0 measured; 7 filtered out; finished in 1s");
         assert!(o.departures(&plans).is_empty());
