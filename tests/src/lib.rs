@@ -994,9 +994,7 @@ pub fn bpftool_batch(commands: &[String]) -> Vec<serde_json::Value> {
                 other => other.as_str().unwrap_or_default().to_owned(),
             };
             assert_eq!(&echoed, command, "bpftool batch answered out of order");
-            let output = result["output"].take();
-            assert!(output.get("error").is_none(), "bpftool {command}: {output}");
-            output
+            result["output"].take()
         })
         .collect()
 }

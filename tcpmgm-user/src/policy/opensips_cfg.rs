@@ -30,6 +30,16 @@ pub struct Setting {
     pub line: usize,
 }
 
+/// The text of a token that includes another file (`include_file`, `import_file`, or their
+/// `#!` directive forms), which tcpmgm does not follow.
+fn included(kind: &Kind) -> Option<&str> {
+    match kind {
+        Kind::Directive(w) => Some(w),
+        Kind::Word(w) if w == "include_file" || w == "import_file" => Some(w),
+        _ => None,
+    }
+}
+
 /// The value of the `socket=` or `listen=` at `tokens[i]`, which runs to the end of its line,
 /// and the index after it; None when no `=` follows.
 fn socket_value(tokens: &[Token], i: usize) -> Option<(Setting, usize)> {
@@ -109,21 +119,17 @@ impl OpenSipsCfg {
         let mut i = 0;
         while i < tokens.len() {
             let t = &tokens[i];
+            if let Some(w) = included(&t.kind) {
+                return Err(fail(
+                    t.line,
+                    format!(
+                        "{w}: tcpmgm does not follow included files; give the table with \
+                         --db and --table and the listeners with --listener or \
+                         --sockets-from"
+                    ),
+                ));
+            }
             match &t.kind {
-                Kind::Directive(w) | Kind::Word(w)
-                    if matches!(t.kind, Kind::Directive(_))
-                        || w == "include_file"
-                        || w == "import_file" =>
-                {
-                    return Err(fail(
-                        t.line,
-                        format!(
-                            "{w}: tcpmgm does not follow included files; give the table with \
-                             --db and --table and the listeners with --listener or \
-                             --sockets-from"
-                        ),
-                    ));
-                }
                 Kind::Word(w) if w == "modparam" => {
                     let (args, next) = call_args(&tokens, i + 1);
                     i = next;
@@ -256,21 +262,17 @@ impl OpenSipsCfg {
         let mut sockets = Vec::new();
         let mut i = 0;
         while i < tokens.len() {
+            if let Some(w) = included(&tokens[i].kind) {
+                return Err(fail(
+                    Some(tokens[i].line),
+                    format!(
+                        "{w}: tcpmgm does not follow included files, whose sockets it \
+                         would miss; give --sockets-from a file of socket= lines (or the \
+                         included file itself), or the listeners with --listener"
+                    ),
+                ));
+            }
             match &tokens[i].kind {
-                Kind::Directive(w) | Kind::Word(w)
-                    if matches!(tokens[i].kind, Kind::Directive(_))
-                        || w == "include_file"
-                        || w == "import_file" =>
-                {
-                    return Err(fail(
-                        Some(tokens[i].line),
-                        format!(
-                            "{w}: tcpmgm does not follow included files, whose sockets it \
-                             would miss; give --sockets-from a file of socket= lines (or the \
-                             included file itself), or the listeners with --listener"
-                        ),
-                    ));
-                }
                 Kind::Word(w) if w == "socket" || w == "listen" => {
                     if let Some((socket, next)) = socket_value(&tokens, i) {
                         sockets.push(socket);
